@@ -1,0 +1,3 @@
+from drtool.cli import main_entry
+
+main_entry()

@@ -1,0 +1,82 @@
+"""drtool's public Python API: what the CLI and the Ansible modules call.
+
+Every function takes the state root (None: ``$DRTOOL_STATE_ROOT`` or
+/var/lib/drtool), does one operation, and returns plain data or a report
+object with ``to_json()``.  Errors are raised from :mod:`drtool.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drtool import detect
+from drtool.progress import NoProgress, Progress
+from drtool.regions import DEFAULT_REGION_SIZE
+from drtool.status import volume_status
+from drtool.storage.paths import list_volumes, state_root, validate_name
+from drtool.storage.volume import Volume
+
+
+def init_volume(
+    name: str, device: str, region_size: int | str = DEFAULT_REGION_SIZE,
+    force: bool = False, root: str | None = None, progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Register a volume and digest every region of its device."""
+    progress = progress or NoProgress()
+    root = state_root(root)
+    volume = Volume.create(root, name, device, region_size, force=force)
+    try:
+        progress.start(volume.geometry.size, f"digesting {name}")
+        try:
+            detect.digest_new_volume(volume, progress.advance)
+        except BaseException:
+            # A half-registered volume must not look registered.
+            import shutil
+            shutil.rmtree(volume.paths.dir, ignore_errors=True)
+            raise
+        finally:
+            progress.finish()
+        return {
+            "volume": name, "device": volume.record.device, "size": volume.record.size,
+            "region_size": volume.record.region_size, "regions_total": volume.geometry.count,
+            "era": volume.record.era, "state_dir": volume.paths.dir, "changed": True,
+        }
+    finally:
+        volume.close()
+
+
+def scrub_volume(name: str, root: str | None = None, progress: Progress | None = None) -> detect.ScrubReport:
+    progress = progress or NoProgress()
+    with Volume.open(state_root(root), name) as volume:
+        progress.start(volume.geometry.size, f"scrubbing {name}")
+        try:
+            return detect.scrub(volume, progress.advance)
+        finally:
+            progress.finish()
+
+
+def scan_volume(name: str, root: str | None = None, progress: Progress | None = None) -> detect.ScanReport:
+    progress = progress or NoProgress()
+    with Volume.open(state_root(root), name) as volume:
+        progress.start(volume.geometry.size, f"scanning {name}")
+        try:
+            return detect.scan(volume, progress.advance)
+        finally:
+            progress.finish()
+
+
+def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
+    with Volume.open(state_root(root), name) as volume:
+        era = volume.checkpoint(next_seq=1)
+        return {"volume": name, "era": era}
+
+
+def status(name: str | None = None, root: str | None = None) -> list[dict[str, Any]]:
+    """Status of one volume, or of every volume under the state root."""
+    root = state_root(root)
+    names = [validate_name(name)] if name else list_volumes(root)
+    out = []
+    for each in names:
+        volume = Volume.inspect(root, each)
+        out.append(volume_status(volume))
+    return out

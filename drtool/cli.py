@@ -1,0 +1,184 @@
+"""The ``drtool`` command line: parse, call drtool.api, render.  No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from rich.console import Console
+
+from drtool import __version__, api, report
+from drtool.errors import DrtoolError, ExitCode, UsageError
+from drtool.progress import NoProgress, Progress
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of exiting, so main() stays callable."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, stdout: Any, stderr: Any) -> None:
+        self.args = args
+        self.json = bool(getattr(args, "json", False))
+        self.out = Console(file=stdout, highlight=False, soft_wrap=False)
+        self.err = Console(file=stderr, highlight=False)
+        self.stdout = stdout
+
+    @property
+    def root(self) -> str | None:
+        return self.args.state_root
+
+    def progress(self) -> Progress:
+        if self.json or not self.err.is_terminal:
+            return NoProgress()
+        return report.RichProgress(self.err)
+
+    def emit_json(self, data: Any) -> None:
+        self.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_init(ctx: Context) -> int:
+    a = ctx.args
+    result = api.init_volume(a.name, a.device, a.region_size, force=a.force, root=ctx.root,
+                             progress=ctx.progress())
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        ctx.out.print(f"volume {result['volume']} registered: {result['regions_total']} regions of "
+                      f"{result['region_size']} bytes on {result['device']} (era {result['era']})")
+    return ExitCode.OK
+
+
+def cmd_scrub(ctx: Context) -> int:
+    result = api.scrub_volume(ctx.args.name, root=ctx.root, progress=ctx.progress()).to_json()
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        report.render_scrub(ctx.out, result)
+    if result["faulted"]:
+        return ExitCode.FAULTED
+    return ExitCode.BAD_REGIONS if result["bad_count"] else ExitCode.OK
+
+
+def cmd_scan(ctx: Context) -> int:
+    result = api.scan_volume(ctx.args.name, root=ctx.root, progress=ctx.progress()).to_json()
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        report.render_scan(ctx.out, result)
+    return ExitCode.OK
+
+
+def cmd_checkpoint(ctx: Context) -> int:
+    result = api.checkpoint(ctx.args.name, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        ctx.out.print(result["era"])
+    return ExitCode.OK
+
+
+def cmd_status(ctx: Context) -> int:
+    statuses = api.status(ctx.args.name, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(statuses[0] if ctx.args.name else statuses)
+    elif ctx.args.name:
+        report.render_status(ctx.out, statuses[0])
+    else:
+        report.render_summary(ctx.out, statuses)
+    return ExitCode.OK
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--state-root", metavar="DIR", default=argparse.SUPPRESS,
+                        help="state directory root (default $DRTOOL_STATE_ROOT or /var/lib/drtool)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print machine-readable JSON")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+    parser = _Parser(prog="drtool", parents=[common],
+                     description="Disaster recovery for block volumes.")
+    parser.add_argument("--version", action="version", version=f"drtool {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command(name: str, handler: Callable[[Context], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("init", cmd_init, "register a volume and digest every region")
+    p.add_argument("name")
+    p.add_argument("--device", required=True, help="regular file or block device")
+    p.add_argument("--region-size", default="64K", help="power of two, 4K-64M (default 64K)")
+    p.add_argument("--force", action="store_true", help="re-register a volume that exists")
+
+    p = command("scrub", cmd_scrub, "read and verify every region; update the bad map")
+    p.add_argument("name")
+
+    p = command("scan", cmd_scan, "accept regions changed outside drtool as the new truth")
+    p.add_argument("name")
+
+    p = command("checkpoint", cmd_checkpoint, "start a new era and print its number")
+    p.add_argument("name")
+
+    p = command("status", cmd_status, "show the status of one volume or all")
+    p.add_argument("name", nargs="?")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stdout: Any = None, stderr: Any = None) -> int:
+    """Run one command; return its exit code.  Never raises for a DrtoolError."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    wants_json = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        for flag, default in (("state_root", None), ("json", False), ("debug", False)):
+            if not hasattr(args, flag):
+                setattr(args, flag, default)
+        return int(args.handler(Context(args, stdout, stderr)))
+    except DrtoolError as exc:
+        return _fail(exc, exc.exit_code, debug, wants_json, stdout, stderr)
+    except KeyboardInterrupt:
+        stderr.write("drtool: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return ExitCode.OK
+    except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
+        return _fail(exc, ExitCode.ERROR, debug, wants_json, stdout, stderr,
+                     prefix="internal error: ")
+
+
+def _fail(exc: BaseException, code: int, debug: bool, wants_json: bool, stdout: Any, stderr: Any,
+          prefix: str = "") -> int:
+    if debug:
+        traceback.print_exception(exc, file=stderr)
+    message = f"{prefix}{exc}" if str(exc) else f"{prefix}{type(exc).__name__}"
+    stderr.write(f"drtool: {message}\n")
+    if wants_json:
+        error = {"type": type(exc).__name__, "message": message, "exit_code": int(code)}
+        stdout.write(json.dumps({"error": error}) + "\n")
+    return int(code)
+
+
+def main_entry() -> NoReturn:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The volume's device: a regular file or a block device, read and written by offset."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from drtool.errors import DeviceError, DeviceIOError, UsageError
+
+BLKGETSIZE64 = 0x80081272
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """What a quick look at the device path found."""
+
+    path: str
+    state: str  # "ok", "missing", "unreadable", "wrong-size", "not-a-device"
+    size: int | None
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return None
+
+
+def device_size(fd: int, path: str) -> int:
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode):
+        return info.st_size
+    if stat.S_ISBLK(info.st_mode):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("<Q", buf)[0]
+    raise UsageError(f"{path} is not a regular file or a block device")
+
+
+def check_device_path(path: str) -> int:
+    """Validate a device path for ``init``; return its size.  Raises UsageError/DeviceError."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DeviceError(f"device {path} does not exist") from None
+    except OSError as exc:
+        raise DeviceError(f"device {path}: {exc.strerror}") from None
+    if _kind(info.st_mode) is None:
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file or block device"
+        raise UsageError(f"device {path} is {what}")
+    with Device(path) as device:
+        if device.size == 0:
+            raise UsageError(f"device {path} is empty (size 0)")
+        return device.size
+
+
+def probe(path: str, expected_size: int | None = None) -> DeviceProbe:
+    """Open the device, find its size and read its first and last bytes."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return DeviceProbe(path, "missing", None, "device does not exist")
+    except OSError as exc:
+        return DeviceProbe(path, "unreadable", None, exc.strerror or str(exc))
+    if _kind(info.st_mode) is None:
+        return DeviceProbe(path, "not-a-device", None, "not a regular file or block device")
+    try:
+        with Device(path) as device:
+            size = device.size
+            if size:
+                device.pread(min(4096, size), 0)
+                device.pread(1, size - 1)
+    except (DeviceError, OSError) as exc:
+        return DeviceProbe(path, "unreadable", None, str(exc))
+    if expected_size is not None and size < expected_size:
+        return DeviceProbe(path, "wrong-size", size, f"device has {size} bytes, volume needs {expected_size}")
+    return DeviceProbe(path, "ok", size, "")
+
+
+class Device:
+    """An open device.  Every failure names the path and the byte range."""
+
+    def __init__(self, path: str, writable: bool = False) -> None:
+        self.path = path
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise DeviceError(f"device {path} does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"device {path} is a directory") from None
+        except OSError as exc:
+            raise DeviceError(f"cannot open device {path}: {exc.strerror}") from None
+        self.writable = writable
+        try:
+            self.size = device_size(self.fd, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def readinto(self, buffer: bytearray | memoryview, offset: int) -> None:
+        """Fill ``buffer`` from ``offset``; a short read or EIO raises DeviceIOError."""
+        view = memoryview(buffer)
+        want = len(view)
+        done = 0
+        while done < want:
+            try:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise DeviceIOError(self.path, offset + done, want - done,
+                                    f"I/O error ({errno.errorcode.get(exc.errno, exc.errno)})") from None
+            if got == 0:
+                raise DeviceIOError(self.path, offset + done, want - done, "short read (device ends early)")
+            done += got
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buffer = bytearray(length)
+        self.readinto(buffer, offset)
+        return bytes(buffer)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DeviceError(f"{self.path}: no space left writing at offset {offset + done}") from None
+                raise DeviceIOError(self.path, offset + done, len(view) - done,
+                                    f"write error ({errno.errorcode.get(exc.errno, exc.errno)})") from None
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise DeviceError(f"{self.path}: fsync failed: {exc.strerror}") from None
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True when ``[offset, offset+length)`` is a hole in a sparse file (reads as zeros)."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            # ENXIO: no data at or after offset, so the rest of the file is a hole.
+            return exc.errno == errno.ENXIO
+        return data >= offset + length
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range of a regular file (it then reads as zeros); False if unsupported."""
+        result = _libc().fallocate(
+            self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            ctypes.c_longlong(offset), ctypes.c_longlong(length),
+        )
+        return result == 0
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _LIBC

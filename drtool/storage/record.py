@@ -1,0 +1,117 @@
+"""``volume.json``: a volume's identity, geometry, mode and bookkeeping.
+
+The file is replaced atomically and checked on load: a file that is not JSON,
+has another ``format``, or lacks a field is refused, never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from drtool.errors import CorruptStateFile
+from drtool.storage.atomic import write_atomic
+
+FORMAT = "drtool.volume/1"
+MODES = ("normal", "degraded", "resync")
+ROLES = ("primary", "secondary")
+
+
+@dataclass
+class EraStart:
+    era: int
+    started: float
+    seq: int  # first replication-log sequence number written in this era
+
+
+@dataclass
+class VolumeRecord:
+    name: str
+    volume_id: str
+    device: str
+    size: int
+    region_size: int
+    created: float
+    mode: str = "normal"
+    role: str = "primary"
+    era: int = 1
+    eras: list[EraStart] = field(default_factory=list)
+    faulted: dict[str, Any] | None = None
+    last_scrub: dict[str, Any] | None = None
+    peer: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    recovery: dict[str, Any] | None = None
+    failback: dict[str, Any] | None = None
+    replication: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, name: str, device: str, size: int, region_size: int) -> VolumeRecord:
+        now = time.time()
+        return cls(
+            name=name, volume_id=uuid.uuid4().hex, device=device, size=size,
+            region_size=region_size, created=now, eras=[EraStart(1, now, 1)],
+        )
+
+    @property
+    def volume_id_bytes(self) -> bytes:
+        return bytes.fromhex(self.volume_id)
+
+    def era_start(self, era: int) -> EraStart | None:
+        for start in self.eras:
+            if start.era == era:
+                return start
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"format": FORMAT, **data}
+
+    def save(self, path: str) -> None:
+        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        write_atomic(path, text.encode())
+
+    @classmethod
+    def load(cls, path: str) -> VolumeRecord:
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except FileNotFoundError:
+            raise CorruptStateFile(path, "the volume record is missing") from None
+        except OSError as exc:
+            raise CorruptStateFile(path, f"cannot read the volume record: {exc.strerror}") from None
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptStateFile(path, f"volume record is not valid JSON (torn or foreign): {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CorruptStateFile(path, f"not a drtool volume record (format {found!r}, expected {FORMAT!r})")
+        return cls._from_json(path, data)
+
+    @classmethod
+    def _from_json(cls, path: str, data: dict[str, Any]) -> VolumeRecord:
+        required = {
+            "name": str, "volume_id": str, "device": str, "size": int, "region_size": int,
+            "created": (int, float), "mode": str, "role": str, "era": int, "eras": list,
+        }
+        for key, kind in required.items():
+            if key not in data:
+                raise CorruptStateFile(path, f"volume record lacks {key!r}")
+            if not isinstance(data[key], kind) or isinstance(data[key], bool):
+                raise CorruptStateFile(path, f"volume record field {key!r} has the wrong type")
+        if data["mode"] not in MODES:
+            raise CorruptStateFile(path, f"unknown mode {data['mode']!r}")
+        if data["role"] not in ROLES:
+            raise CorruptStateFile(path, f"unknown role {data['role']!r}")
+        try:
+            bytes.fromhex(data["volume_id"])
+            eras = [EraStart(int(e["era"]), float(e["started"]), int(e["seq"])) for e in data["eras"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptStateFile(path, f"volume record is malformed: {exc}") from None
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["eras"] = eras
+        return cls(**fields)

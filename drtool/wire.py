@@ -1,0 +1,141 @@
+"""The byte formats shared by the primary and the secondary: records and frames.
+
+This is the one place that defines them.  The replication log on the primary,
+the replication stream, the secondary's journal and the change-log replica all
+carry **records**; batched region reads are answered with **frames**.
+
+Record (68-byte header, then ``length`` bytes of data unless the kind is ZERO)::
+
+    magic    4s  b"DRTR"
+    kind     H   WRITE=1 (data follows), ZERO=2 (the range reads as zeros)
+    flags    H   OVERLAY=1: belongs to the overlay replica, not the mirror
+    seq      Q   replication-log sequence number, from 1, strictly increasing
+    offset   Q   byte offset in the volume
+    length   I   bytes covered; a record never crosses a region boundary
+    era      I   the primary's era when it was written
+    digest   32s blake3 of the data (all zeros for ZERO records)
+    hcrc     I   crc32 of the 64 bytes above
+
+Frame (56-byte header, then ``length`` bytes for DATA and ERROR)::
+
+    magic    4s  b"DRTF"
+    kind     H   DATA=1, ZERO=2 (region is all zeros, no bytes follow),
+                 ERROR=3 (utf-8 message follows), END=4 (region = frames sent)
+    flags    H   reserved
+    region   Q   region number
+    length   I   bytes of the region (DATA, ZERO) or of the message (ERROR)
+    digest   32s blake3 of the region's bytes as the server holds them
+    hcrc     I   crc32 of the 52 bytes above
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+RECORD_MAGIC = b"DRTR"
+RECORD_HEAD = struct.Struct("<4sHHQQII32s")
+RECORD_HEADER_SIZE = RECORD_HEAD.size + 4  # 68
+
+KIND_WRITE = 1
+KIND_ZERO = 2
+FLAG_OVERLAY = 1
+
+FRAME_MAGIC = b"DRTF"
+FRAME_HEAD = struct.Struct("<4sHHQI32s")
+FRAME_HEADER_SIZE = FRAME_HEAD.size + 4  # 56
+
+FRAME_DATA = 1
+FRAME_ZERO = 2
+FRAME_ERROR = 3
+FRAME_END = 4
+
+NO_DIGEST = b"\0" * 32
+RECORDS_CONTENT_TYPE = "application/x-drtool-records"
+FRAMES_CONTENT_TYPE = "application/x-drtool-frames"
+
+_CRC = struct.Struct("<I")
+
+
+class WireError(ValueError):
+    """Bytes that are not a valid record or frame (the message says which check failed)."""
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    kind: int
+    flags: int
+    seq: int
+    offset: int
+    length: int
+    era: int
+    digest: bytes
+
+    @property
+    def data_length(self) -> int:
+        return self.length if self.kind == KIND_WRITE else 0
+
+    @property
+    def total_size(self) -> int:
+        return RECORD_HEADER_SIZE + self.data_length
+
+    @property
+    def overlay(self) -> bool:
+        return bool(self.flags & FLAG_OVERLAY)
+
+
+def encode_record_header(
+    kind: int, seq: int, offset: int, length: int, era: int, digest: bytes, flags: int = 0
+) -> bytes:
+    head = RECORD_HEAD.pack(RECORD_MAGIC, kind, flags, seq, offset, length, era, digest)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
+    if len(buf) < RECORD_HEADER_SIZE:
+        raise WireError(f"record header needs {RECORD_HEADER_SIZE} bytes, got {len(buf)}")
+    head = bytes(buf[:RECORD_HEAD.size])
+    (crc,) = _CRC.unpack_from(buf, RECORD_HEAD.size)
+    magic, kind, flags, seq, offset, length, era, digest = RECORD_HEAD.unpack(head)
+    if magic != RECORD_MAGIC:
+        raise WireError(f"bad record magic {magic!r}")
+    if zlib.crc32(head) != crc:
+        raise WireError("record header checksum mismatch")
+    if kind not in (KIND_WRITE, KIND_ZERO):
+        raise WireError(f"unknown record kind {kind}")
+    if seq == 0 or length == 0:
+        raise WireError("record with sequence 0 or length 0")
+    return RecordHeader(kind, flags, seq, offset, length, era, digest)
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    kind: int
+    region: int
+    length: int
+    digest: bytes
+
+    @property
+    def payload_length(self) -> int:
+        return self.length if self.kind in (FRAME_DATA, FRAME_ERROR) else 0
+
+
+def encode_frame_header(kind: int, region: int, length: int, digest: bytes = NO_DIGEST) -> bytes:
+    head = FRAME_HEAD.pack(FRAME_MAGIC, kind, 0, region, length, digest)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def decode_frame_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
+    if len(buf) < FRAME_HEADER_SIZE:
+        raise WireError(f"frame header needs {FRAME_HEADER_SIZE} bytes, got {len(buf)}")
+    head = bytes(buf[:FRAME_HEAD.size])
+    (crc,) = _CRC.unpack_from(buf, FRAME_HEAD.size)
+    magic, kind, _flags, region, length, digest = FRAME_HEAD.unpack(head)
+    if magic != FRAME_MAGIC:
+        raise WireError(f"bad frame magic {magic!r}")
+    if zlib.crc32(head) != crc:
+        raise WireError("frame header checksum mismatch")
+    if kind not in (FRAME_DATA, FRAME_ZERO, FRAME_ERROR, FRAME_END):
+        raise WireError(f"unknown frame kind {kind}")
+    return FrameHeader(kind, region, length, digest)
