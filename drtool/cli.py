@@ -100,6 +100,19 @@ def cmd_status(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def cmd_serve(ctx: Context) -> int:
+    from drtool.replica.server import serve
+
+    a = ctx.args
+
+    def announce(address: str) -> None:
+        ctx.out.print(f"drtool replica server listening on {address}")
+        ctx.out.file.flush()
+
+    return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
+                 tls_key=a.tls_key, announce=announce)
+
+
 # -- parser -----------------------------------------------------------------------------
 
 
@@ -136,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("checkpoint", cmd_checkpoint, "start a new era and print its number")
     p.add_argument("name")
+
+    p = command("serve", cmd_serve, "run the secondary's replica server")
+    p.add_argument("--root", required=True, help="directory holding the replicas")
+    p.add_argument("--listen", default="127.0.0.1:8470", help="HOST:PORT (port 0 picks one and prints it)")
+    p.add_argument("--token-file", help="file (mode 0600) holding the bearer token clients must send")
+    p.add_argument("--tls-cert", help="PEM certificate; with --tls-key, serve HTTPS")
+    p.add_argument("--tls-key", help="PEM private key")
 
     p = command("status", cmd_status, "show the status of one volume or all")
     p.add_argument("name", nargs="?")
