@@ -1,0 +1,156 @@
+"""Scrub finds exactly the damaged regions; scan accepts outside writes; faults are faults."""
+
+import os
+
+import pytest
+
+from drtool import api, detect
+from drtool.errors import DeviceError, DeviceIOError
+from drtool.storage.device import Device
+from drtool.storage.volume import Volume
+from tests.conftest import corrupt, make_image
+
+RS = 65536
+SIZE = 40 * RS + 1000  # a partial last region (region 40, 1000 bytes)
+
+
+@pytest.fixture
+def device(tmp_path, state_root):
+    path = tmp_path / "dev.img"
+    make_image(path, SIZE)
+    api.init_volume("vol", str(path), "64K")
+    return path
+
+
+def scrub():
+    return api.scrub_volume("vol").to_json()
+
+
+def test_clean_volume_scrubs_clean(device):
+    report = scrub()
+    assert report["bad_regions"] == [] and report["health"] == "ONLINE"
+    assert report["bytes_scanned"] == SIZE and report["regions_total"] == 41
+
+
+def test_single_byte_marks_one_region(device):
+    corrupt(device, 5 * RS + 17)
+    assert scrub()["bad_regions"] == [[5, 1]]
+
+
+def test_several_whole_regions(device):
+    for region in (2, 3, 4, 30):
+        corrupt(device, region * RS, b"\0" * RS)
+    report = scrub()
+    assert report["bad_regions"] == [[2, 3], [30, 1]]
+    assert report["errors"]["checksum"] == 4
+
+
+def test_partial_last_region(device):
+    corrupt(device, SIZE - 1)
+    assert scrub()["bad_regions"] == [[40, 1]]
+
+
+def test_region_rewritten_clean_leaves_the_bad_map(device):
+    original = device.read_bytes()[7 * RS:8 * RS]
+    corrupt(device, 7 * RS + 9)
+    assert scrub()["bad_regions"] == [[7, 1]]
+    with open(device, "r+b") as handle:
+        handle.seek(7 * RS)
+        handle.write(original)
+    report = scrub()
+    assert report["bad_regions"] == [] and report["cleared_regions"] == [[7, 1]]
+
+
+class FlakyDevice(Device):
+    """Raises EIO for reads touching [start, end): a test double around the read call."""
+
+    span = (0, 0)
+
+    def readinto(self, buffer, offset):
+        start, end = self.span
+        if offset < end and offset + len(buffer) > start:
+            raise DeviceIOError(self.path, offset, len(buffer), "I/O error (EIO)")
+        super().readinto(buffer, offset)
+
+
+def test_eio_marks_exactly_the_regions_hit(device, monkeypatch):
+    FlakyDevice.span = (12 * RS + 100, 14 * RS + 1)  # touches 12, 13, 14
+    monkeypatch.setattr(Volume, "open_device",
+                        lambda self, writable=False, path=None: FlakyDevice(path or self.record.device))
+    report = scrub()
+    assert report["bad_regions"] == [[12, 3]]
+    assert report["errors"]["io-error"] == 3 and report["errors"]["checksum"] == 0
+
+
+def test_truncated_device_short_reads_fault(device):
+    with open(device, "r+b") as handle:
+        handle.truncate(SIZE - 2 * RS)
+    report = scrub()
+    assert report["health"] == "FAULTED"
+    assert "needs" in report["faulted"]
+
+
+def test_deleted_device_faults_the_volume(device):
+    os.unlink(device)
+    report = scrub()
+    assert report["health"] == "FAULTED"
+    assert "does not exist" in report["faulted"]
+    status = api.status("vol")[0]
+    assert status["health"] == "FAULTED" and status["bad_count"] == 41
+
+
+def test_device_returns_and_scrubs_online(device):
+    data = device.read_bytes()
+    os.unlink(device)
+    assert scrub()["health"] == "FAULTED"
+    device.write_bytes(data)
+    report = scrub()
+    assert report["health"] == "ONLINE" and report["bad_regions"] == []
+
+
+def test_scan_accepts_outside_writes(device):
+    corrupt(device, 3 * RS, b"new!")
+    corrupt(device, 20 * RS + 5, b"x")
+    api.checkpoint("vol")
+    report = api.scan_volume("vol").to_json()
+    assert report["changed_regions"] == [[3, 1], [20, 1]] and report["era"] == 2
+    assert scrub()["bad_regions"] == []
+    with Volume.open(os.environ["DRTOOL_STATE_ROOT"], "vol") as vol:
+        assert vol.eras[3] == 2 and vol.eras[4] == 1
+
+
+def test_scan_never_clears_io_error_regions(device, monkeypatch):
+    FlakyDevice.span = (9 * RS, 10 * RS)
+    monkeypatch.setattr(Volume, "open_device",
+                        lambda self, writable=False, path=None: FlakyDevice(path or self.record.device))
+    assert scrub()["bad_regions"] == [[9, 1]]
+    FlakyDevice.span = (0, 0)  # the device reads again, with changed bytes
+    corrupt(device, 9 * RS)
+    report = api.scan_volume("vol").to_json()
+    assert report["changed_regions"] == []
+    assert api.status("vol")[0]["bad_regions"] == [[9, 1]]
+
+
+def test_init_refuses_unreadable_device(tmp_path, state_root, monkeypatch):
+    path = tmp_path / "d.img"
+    make_image(path, 4 * RS)
+    FlakyDevice.span = (RS, RS + 1)
+    monkeypatch.setattr(Volume, "open_device",
+                        lambda self, writable=False, path=None: FlakyDevice(path or self.record.device))
+    with pytest.raises(DeviceError, match="1 unreadable regions"):
+        api.init_volume("vol", str(path), "64K")
+    assert api.status() == []
+
+
+def test_sparse_volume_digests_holes_as_zeros(tmp_path, state_root):
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * RS)
+        handle.seek(10 * RS)
+        handle.write(b"data")
+    api.init_volume("sp", str(path), "64K")
+    report = api.scrub_volume("sp").to_json()
+    assert report["bad_regions"] == []
+    assert report["bytes_scanned"] <= 1 << 20  # only the 1 MiB chunk holding data is read
+    corrupt(path, 50 * RS)  # fill a hole with a non-zero byte
+    assert api.scrub_volume("sp").to_json()["bad_regions"] == [[50, 1]]
