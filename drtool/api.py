@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from drtool import detect
+from drtool import detect, replication
+from drtool.engine import Engine
 from drtool.progress import NoProgress, Progress
-from drtool.regions import DEFAULT_REGION_SIZE
+from drtool.regions import DEFAULT_REGION_SIZE, from_runs, parse_runs
 from drtool.status import volume_status
 from drtool.storage.paths import list_volumes, state_root, validate_name
 from drtool.storage.volume import Volume
@@ -47,28 +48,67 @@ def init_volume(
 
 def scrub_volume(name: str, root: str | None = None, progress: Progress | None = None) -> detect.ScrubReport:
     progress = progress or NoProgress()
-    with Volume.open(state_root(root), name) as volume:
-        progress.start(volume.geometry.size, f"scrubbing {name}")
+    with Engine.open(root, name) as engine:
+        progress.start(engine.geometry.size, f"scrubbing {name}")
         try:
-            return detect.scrub(volume, progress.advance)
+            return detect.scrub(engine.volume, progress.advance)
         finally:
             progress.finish()
 
 
 def scan_volume(name: str, root: str | None = None, progress: Progress | None = None) -> detect.ScanReport:
     progress = progress or NoProgress()
-    with Volume.open(state_root(root), name) as volume:
-        progress.start(volume.geometry.size, f"scanning {name}")
+    with Engine.open(root, name) as engine:
+        progress.start(engine.geometry.size, f"scanning {name}")
         try:
-            return detect.scan(volume, progress.advance)
+            return detect.scan(engine.volume, progress.advance)
         finally:
             progress.finish()
 
 
 def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
-    with Volume.open(state_root(root), name) as volume:
-        era = volume.checkpoint(next_seq=1)
-        return {"volume": name, "era": era}
+    with Engine.open(root, name) as engine:
+        return {"volume": name, "era": engine.checkpoint()}
+
+
+def protect(name: str, peer: str, token_file: str | None = None, ca: str | None = None,
+            root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Pair a volume with its replica and run (or resume) the initial full sync."""
+    progress = progress or NoProgress()
+    with Engine.open(root, name) as engine:
+        progress.start(engine.volume.norecord.popcount() * engine.geometry.region_size or engine.geometry.size,
+                       f"initial sync of {name}")
+        try:
+            return replication.protect(engine, peer, token_file, ca, progress=progress.advance)
+        finally:
+            progress.finish()
+
+
+def write(name: str, offset: int, data: bytes, sync: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Write through drtool: logged, applied, digested, marked for replication."""
+    with Engine.open(root, name) as engine:
+        engine.write(offset, data, fua=sync)
+        return {"volume": name, "offset": offset, "length": len(data), "synced": sync,
+                "last_seq": engine.log.next_seq - 1, "mode": engine.mode}
+
+
+def replicate(name: str, wait: bool = False, regions: str | None = None, timeout: float = 300.0,
+              root: str | None = None) -> dict[str, Any]:
+    """Ship pending records (all, or force exactly the given regions' records)."""
+    with Engine.open(root, name) as engine:
+        replicator = replication.Replicator(engine)
+        forced: list[list[int]] = []
+        if regions:
+            runs = parse_runs(regions, engine.geometry)
+            replicator.force(list(from_runs(runs)))
+            forced = [list(run) for run in runs]
+        elif wait:
+            replicator.wait_caught_up(timeout)
+        else:
+            replicator.ship()
+        return {"volume": name, "records_shipped": replicator.shipped_records,
+                "bytes_shipped": replicator.shipped_bytes, "forced_regions": forced,
+                "lag": replication.lag_of(engine)}
 
 
 def status(name: str | None = None, root: str | None = None) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from rich.console import Console
 from drtool import __version__, api, report
 from drtool.errors import DrtoolError, ExitCode, UsageError
 from drtool.progress import NoProgress, Progress
+from drtool.units import parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +101,40 @@ def cmd_status(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def cmd_protect(ctx: Context) -> int:
+    a = ctx.args
+    result = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, progress=ctx.progress())
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        ctx.out.print(f"volume {a.name} protected by {result['peer']}: {result['regions_synced']} regions "
+                      f"synced, {result['records_shipped']} records shipped")
+    return ExitCode.OK
+
+
+def cmd_write(ctx: Context) -> int:
+    a = ctx.args
+    data = sys.stdin.buffer.read() if a.input == "-" else open(a.input, "rb").read()
+    result = api.write(a.name, parse_size(a.offset, "offset"), data, sync=a.sync, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        ctx.out.print(f"wrote {result['length']} bytes at {result['offset']} (last sequence {result['last_seq']})")
+    return ExitCode.OK
+
+
+def cmd_replicate(ctx: Context) -> int:
+    a = ctx.args
+    result = api.replicate(a.name, wait=a.wait, regions=a.regions, timeout=a.timeout, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        lag = result["lag"]
+        ctx.out.print(f"shipped {result['records_shipped']} records ({result['bytes_shipped']} bytes); "
+                      f"lag: {lag['records']} records, {lag['regions']} regions")
+    return ExitCode.OK
+
+
 def cmd_serve(ctx: Context) -> int:
     from drtool.replica.server import serve
 
@@ -149,6 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("checkpoint", cmd_checkpoint, "start a new era and print its number")
     p.add_argument("name")
+
+    p = command("protect", cmd_protect, "pair a volume with its replica and run the initial sync")
+    p.add_argument("name")
+    p.add_argument("--peer", required=True, help="replica server URL, e.g. https://dr-site:8470")
+    p.add_argument("--token-file", help="file holding the bearer token")
+    p.add_argument("--ca", help="CA certificate to verify the peer's TLS certificate")
+
+    p = command("write", cmd_write, "write bytes through drtool (logged and replicated)")
+    p.add_argument("name")
+    p.add_argument("--offset", required=True, help="byte offset (units allowed: 1M)")
+    p.add_argument("--input", default="-", help="file to write (default: standard input)")
+    p.add_argument("--sync", action="store_true", help="durable before returning (like FUA)")
+
+    p = command("replicate", cmd_replicate, "ship pending writes to the secondary")
+    p.add_argument("name")
+    p.add_argument("--wait", action="store_true", help="keep shipping until the lag is zero")
+    p.add_argument("--regions", help="force exactly these regions' records (e.g. 3,10-12)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait may take")
 
     p = command("serve", cmd_serve, "run the secondary's replica server")
     p.add_argument("--root", required=True, help="directory holding the replicas")

@@ -12,12 +12,58 @@ from typing import Any
 
 from drtool.regions import runs_total
 from drtool.storage.lock import is_locked
+from drtool.storage.replog import summarize
 from drtool.storage.volume import Volume
 
 SCHEMA = "drtool.status/1"
 
 
-def volume_status(volume: Volume) -> dict[str, Any]:
+def lag_from_disk(volume: Volume) -> dict[str, Any]:
+    """Replication lag as the files show it (no agent running)."""
+    acked = (volume.record.replication or {}).get("acked_through", 0)
+    pending = summarize(volume.paths.log_dir, after=acked)
+    norecord = volume.norecord.popcount()
+    since = (volume.record.replication or {}).get("bitmap_mode_since") if norecord else None
+    stamps = [t for t in (pending["oldest"], since) if t]
+    return {
+        "records": pending["records"],
+        "bytes": pending["bytes"] + sum(volume.geometry.region_length(r) for r in volume.norecord),
+        "regions": volume.unreplicated.popcount(),
+        "oldest_seconds": round(time.time() - min(stamps), 3) if stamps else 0.0,
+        "bitmap_mode": norecord > 0,
+        "bitmap_regions": norecord,
+    }
+
+
+def peer_status(peer: dict[str, Any] | None, probe: bool = True) -> dict[str, Any] | None:
+    if not peer:
+        return None
+    out: dict[str, Any] = {"url": peer["url"], "reachable": None, "error": None}
+    if probe:
+        from drtool.client import ReplicaClient
+        from drtool.errors import DrtoolError
+
+        try:
+            ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"),
+                          timeout=(1.0, 2.0), retries=0).health()
+            out["reachable"] = True
+        except DrtoolError as exc:
+            out["reachable"] = False
+            out["error"] = str(exc)
+    return out
+
+
+def lag_summary(lag: dict[str, Any]) -> str:
+    if not lag["regions"] and not lag["records"]:
+        return "in sync"
+    text = (f"{lag['records']} records, {lag['regions']} regions, {lag['bytes']} bytes pending, "
+            f"oldest {lag['oldest_seconds']:.1f}s")
+    if lag.get("bitmap_mode"):
+        text += f"; BITMAP MODE (log overflowed): {lag['bitmap_regions']} regions to ship from the volume"
+    return text
+
+
+def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer: bool = True) -> dict[str, Any]:
     record = volume.record
     geometry = volume.geometry
     bad = volume.bad.runs()
@@ -25,6 +71,9 @@ def volume_status(volume: Volume) -> dict[str, Any]:
     overlay = volume.overlay.runs()
     bad_bytes = sum(geometry.run_bounds(a, n)[1] for a, n in bad)
     holder = is_locked(volume.paths.dir)
+    if lag is None:
+        lag = lag_from_disk(volume)
+    lag = {**lag, "summary": lag_summary(lag)}
     agent_socket = volume.paths.control_socket
     return {
         "schema": SCHEMA,
@@ -60,6 +109,11 @@ def volume_status(volume: Volume) -> dict[str, Any]:
         "locked_by": holder,
         "agent": {"running": os.path.exists(agent_socket) and holder is not None, "socket": agent_socket},
         "generated": time.time(),
+        "peer": peer_status(volume.record.peer, probe_peer),
+        "lag": lag,
+        "replication": volume.record.replication,
+        "recovery": volume.record.recovery,
+        "failback": volume.record.failback,
     }
 
 

@@ -1,0 +1,242 @@
+"""Replication: shipping the log to the secondary, acknowledgements, lag, forced replication.
+
+Records go out in sequence order, in batches; the secondary's acknowledgement
+removes them from the log and clears the regions' unreplicated bits.  Mirror
+records and overlay records (degraded mode) go to separate endpoints but keep
+one sequence space.
+
+Bitmap mode (VVR's DCM): when the pending log outgrows its limit, its records
+are dropped and their regions marked ``norecord``; such regions are later
+*re-logged* from the volume itself (their current bytes, one whole-region record
+each) a batch at a time, and shipped like any record.  The initial full sync of
+``protect`` is the same mechanism with every region marked.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from drtool.errors import OperationTimeout, PeerError, UsageError
+from drtool.regions import to_runs
+from drtool.storage.replog import LogEntry
+
+log = logging.getLogger("drtool.replication")
+
+BATCH_BYTES = 16 << 20
+
+
+def make_client(peer: dict[str, Any] | None) -> Any:
+    """A client for the volume's peer (drtool.client.ReplicaClient)."""
+    if not peer:
+        raise UsageError("the volume has no peer: run drtool protect first")
+    from drtool.client import ReplicaClient
+
+    return ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"))
+
+
+class Replicator:
+    """Ships one engine's log.  Safe to call from several threads (one batch at a time)."""
+
+    def __init__(self, engine: Any, client: Any = None, batch_bytes: int = BATCH_BYTES) -> None:
+        self.engine = engine
+        self.client = client or make_client(engine.record.peer)
+        self.batch_bytes = batch_bytes
+        self.lock = threading.Lock()
+        self.reachable: bool | None = None
+        self.last_error: str | None = None
+        self.last_ack: float | None = None
+        self.shipped_records = 0
+        self.shipped_bytes = 0
+        engine.replicator = self
+
+    # -- shipping ---------------------------------------------------------------------
+
+    def ship_batch(self) -> int:
+        """Ship one batch of pending records (re-logging bitmap-mode regions first).
+
+        Returns the volume bytes the batch covered (0: nothing was pending)."""
+        with self.lock:
+            self._relog(self.batch_bytes)
+            entries = self.engine.log.pending(limit_bytes=self.batch_bytes)
+            if not entries:
+                return 0
+            # A batch goes to one endpoint: cut it where the flag changes.
+            overlay = entries[0].header.overlay
+            batch = []
+            for entry in entries:
+                if entry.header.overlay != overlay:
+                    break
+                batch.append(entry)
+            return self._send(batch, complete=True)
+
+    def ship(self, progress: Callable[[int], None] | None = None, deadline: float | None = None) -> int:
+        """Ship until nothing is pending (or the deadline passes); return the volume bytes covered."""
+        total = 0
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise OperationTimeout(f"volume {self.engine.name}: replication did not catch up in time "
+                                       f"({self.pending_summary()})")
+            sent = self.ship_batch()
+            if not sent:
+                return total
+            total += sent
+            if progress:
+                progress(sent)
+
+    def force(self, regions: list[int]) -> None:
+        """Ship exactly these regions' pending records now and wait for the acknowledgement."""
+        wanted = set(regions)
+        with self.lock:
+            for region in sorted(wanted):
+                if self.engine.volume.norecord.test(region):
+                    self.engine.relog_region(region)
+            entries = self.engine.log.pending(regions=wanted)
+            for overlay in (False, True):
+                batch = [e for e in entries if e.header.overlay == overlay]
+                for start in range(0, len(batch), 4096):
+                    self._send(batch[start:start + 4096], complete=False)
+        log.info("volume %s: force-replicated regions %s", self.engine.name, to_runs(wanted))
+
+    def _send(self, batch: list[LogEntry], complete: bool) -> int:
+        engine = self.engine
+        chunks = engine.log.read(batch)
+        overlay = batch[0].header.overlay
+        complete_through = None
+        if complete:
+            # Every record before this batch is acknowledged (in-order shipping), so the
+            # secondary may advance its watermark past sequence numbers sent elsewhere.
+            oldest = engine.log.oldest_seq()
+            if oldest == batch[0].seq:
+                complete_through = batch[-1].seq
+        try:
+            self.client.send_records(engine.name, chunks, complete_through=complete_through, overlay=overlay)
+        except PeerError as exc:
+            self.reachable = False
+            self.last_error = str(exc)
+            raise
+        self.reachable = True
+        self.last_error = None
+        self.last_ack = time.time()
+        self.shipped_records += len(batch)
+        self.shipped_bytes += sum(e.size for e in batch)
+        emptied = engine.log.acknowledge([e.seq for e in batch])
+        engine.region_acknowledged(emptied)
+        oldest = engine.log.oldest_seq()
+        engine.record.replication["acked_through"] = (oldest - 1) if oldest else engine.log.next_seq - 1
+        return sum(e.header.length for e in batch)
+
+    def _relog(self, budget: int) -> None:
+        """Turn up to ``budget`` bytes of bitmap-mode regions into log records."""
+        engine = self.engine
+        if engine.log.pending_bytes >= budget or not engine.volume.norecord.any():
+            return
+        used = engine.log.pending_bytes
+        for region in list(engine.volume.norecord):
+            if used >= budget:
+                break
+            if engine.relog_region(region) is not None:
+                used += engine.geometry.region_length(region)
+
+    def overflow(self) -> None:
+        """The log outgrew its limit: drop its records, keep their regions marked (bitmap mode)."""
+        engine = self.engine
+        with self.lock:
+            covered = engine.covered_seq()
+            engine.save()
+            regions = engine.log.drop_through(covered)
+            with engine.meta:
+                for region in regions:
+                    engine.volume.norecord.set(region)
+                    engine.volume.unreplicated.set(region)
+                engine.record.replication["bitmap_mode_since"] = time.time()
+                engine.record.replication["overflows"] = engine.record.replication.get("overflows", 0) + 1
+            engine.save_bitmaps()
+        log.warning("volume %s: replication log over its limit; bitmap mode for %d regions",
+                    engine.name, len(regions))
+
+    # -- lag ----------------------------------------------------------------------------
+
+    def pending_summary(self) -> str:
+        lag = lag_of(self.engine)
+        return f"{lag['records']} records, {lag['regions']} regions pending"
+
+    def wait_caught_up(self, timeout: float) -> None:
+        self.ship(deadline=time.monotonic() + timeout)
+        if self.engine.volume.unreplicated.any():
+            raise OperationTimeout(f"volume {self.engine.name}: {self.pending_summary()} after shipping")
+
+    def run(self, stop: threading.Event, interval: float = 0.2, on_error: Callable[[Exception], None] | None = None) -> None:
+        """Background loop for the agent: ship whenever something is pending."""
+        backoff = interval
+        while not stop.is_set():
+            try:
+                sent = self.ship_batch()
+                backoff = interval
+                if sent:
+                    continue
+            except PeerError as exc:
+                if on_error:
+                    on_error(exc)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:  # keep replicating; the agent logs it
+                log.exception("volume %s: replication error", self.engine.name)
+                if on_error:
+                    on_error(exc)
+                backoff = min(backoff * 2, 5.0)
+            stop.wait(backoff)
+
+
+def lag_of(engine: Any) -> dict[str, Any]:
+    """Pending records, bytes, regions and the age of the oldest unacknowledged write."""
+    log_ = engine.log
+    volume = engine.volume
+    oldest = log_.oldest_entry()
+    since = engine.record.replication.get("bitmap_mode_since") if volume.norecord.any() else None
+    stamps = [t for t in (oldest.stamp if oldest else None, since) if t]
+    norecord = volume.norecord.popcount()
+    return {
+        "records": len(log_.entries),
+        "bytes": log_.pending_bytes + sum(engine.geometry.region_length(r) for r in volume.norecord),
+        "regions": volume.unreplicated.popcount(),
+        "oldest_seconds": round(time.time() - min(stamps), 3) if stamps else 0.0,
+        "bitmap_mode": norecord > 0,
+        "bitmap_regions": norecord,
+        "next_seq": log_.next_seq,
+    }
+
+
+def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None,
+            progress: Callable[[int], None] | None = None, client: Any = None) -> dict[str, Any]:
+    """Pair the volume with its replica on ``url`` and run (or resume) the initial full sync."""
+    peer = {"url": url.rstrip("/"), "token_file": token_file, "ca": ca}
+    client = client or make_client(peer)
+    record = engine.record
+    client.ensure_volume(engine.name, engine.geometry.size, engine.geometry.region_size, record.volume_id)
+    same_peer = record.peer is not None and record.peer.get("url") == peer["url"]
+    changed = not same_peer
+    with engine.meta:
+        if not same_peer:
+            record.peer = {**peer, "paired": time.time()}
+            record.replication = {"initial_sync": "running", "started": time.time()}
+            # Every region is shipped from the volume itself: the initial sync is bitmap mode.
+            engine.volume.unreplicated.set_all()
+            engine.volume.norecord.set_all()
+        else:
+            record.peer.update({"token_file": token_file, "ca": ca})
+        engine.save()
+    replicator = Replicator(engine, client)
+    before = engine.volume.norecord.popcount()
+    replicator.ship(progress=progress)
+    with engine.meta:
+        if record.replication.get("initial_sync") != "done":
+            record.replication["initial_sync"] = "done"
+            record.replication["finished"] = time.time()
+            changed = True
+        engine.save()
+    return {"volume": engine.name, "peer": peer["url"], "changed": changed,
+            "regions_synced": before - engine.volume.norecord.popcount(),
+            "records_shipped": replicator.shipped_records, "bytes_shipped": replicator.shipped_bytes}
