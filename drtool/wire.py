@@ -26,13 +26,23 @@ Frame (56-byte header, then ``length`` bytes for DATA and ERROR)::
     length   I   bytes of the region (DATA, ZERO) or of the message (ERROR)
     digest   32s blake3 of the region's bytes as the server holds them
     hcrc     I   crc32 of the 52 bytes above
+
+A batched read answers one frame per requested region, in request order, then
+END.  An ERROR frame that replaces a DATA frame the server had announced keeps
+its length (the region's) and carries the message NUL-padded, so the response
+length the server declared up front stays true; an ERROR frame with an empty
+message means the region changed while it was being read (read it again).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
+
+import blake3
 
 RECORD_MAGIC = b"DRTR"
 RECORD_HEAD = struct.Struct("<4sHHQQII32s")
@@ -92,6 +102,15 @@ def encode_record_header(
     return head + _CRC.pack(zlib.crc32(head))
 
 
+def encode_record(kind: int, seq: int, offset: int, data: bytes | None = None, length: int = 0,
+                  era: int = 0, flags: int = 0) -> list[bytes]:
+    """A record as chunks (header, data): WRITE when ``data`` is given, else ZERO of ``length``."""
+    if data is None:
+        return [encode_record_header(KIND_ZERO, seq, offset, length, era, NO_DIGEST, flags)]
+    digest = blake3.blake3(data).digest()
+    return [encode_record_header(KIND_WRITE, seq, offset, len(data), era, digest, flags), data]
+
+
 def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
     if len(buf) < RECORD_HEADER_SIZE:
         raise WireError(f"record header needs {RECORD_HEADER_SIZE} bytes, got {len(buf)}")
@@ -139,3 +158,41 @@ def decode_frame_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     if kind not in (FRAME_DATA, FRAME_ZERO, FRAME_ERROR, FRAME_END):
         raise WireError(f"unknown frame kind {kind}")
     return FrameHeader(kind, region, length, digest)
+
+
+def iter_records(body: bytes | bytearray | memoryview) -> Iterator[tuple[RecordHeader, memoryview]]:
+    """Split concatenated records; check each header and each WRITE's data digest.
+
+    Raises WireError naming the record's position on the first bad one.
+    """
+    view = memoryview(body)
+    pos = 0
+    index = 0
+    while pos < len(view):
+        try:
+            header = decode_record_header(view[pos:pos + RECORD_HEADER_SIZE])
+        except WireError as exc:
+            raise WireError(f"record {index} at byte {pos}: {exc}") from None
+        end = pos + header.total_size
+        if end > len(view):
+            raise WireError(f"record {index} (seq {header.seq}) is truncated: needs {header.total_size} "
+                            f"bytes, {len(view) - pos} left")
+        data = view[pos + RECORD_HEADER_SIZE:end]
+        if header.kind == KIND_WRITE and blake3.blake3(data).digest() != header.digest:
+            raise WireError(f"record {index} (seq {header.seq}): data does not match its digest")
+        yield header, data
+        pos = end
+        index += 1
+
+
+@lru_cache(maxsize=64)
+def zero_digest(length: int) -> bytes:
+    """blake3 of ``length`` zero bytes: the digest a ZERO frame or an all-zero region carries."""
+    hasher = blake3.blake3()
+    chunk = bytes(min(length, 1 << 20))
+    left = length
+    while left:
+        step = min(left, len(chunk))
+        hasher.update(memoryview(chunk)[:step])
+        left -= step
+    return hasher.digest()

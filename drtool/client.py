@@ -1,0 +1,438 @@
+"""HTTP client of the replica server (the secondary), used by the primary.
+
+One ``requests.Session`` per client, so connections are kept alive.  Every
+failure becomes a drtool error naming the server's URL: PeerUnreachable
+(refused, timed out, vanished mid-stream), PeerAuthError (401/403, TLS
+verification), PeerProtocolError (bad frames, unexpected answers).  Only
+idempotent calls are retried; sending records is idempotent by sequence number.
+
+Batched reads verify every region before it is handed out: the bytes are
+hashed (blake3, in worker threads, while the next bytes arrive) and compared
+with the digest the caller expects, or else with the digest the server sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import blake3
+import requests
+import urllib3
+
+from drtool import wire
+from drtool.errors import (DataUnavailable, DrtoolError, NotPermitted, PeerAuthError, PeerError,
+                           PeerProtocolError, PeerUnreachable, UsageError, VolumeNotFound)
+from drtool.regions import Run
+
+Chunk = bytes | bytearray | memoryview
+MAX_REGIONS_PER_READ = 65536  # the server's default limit
+_SLICE = 1 << 20  # read the response in slices of this size (one huge read is slow in urllib3)
+_BLOCK = 8 << 20  # frames are parsed and hashed a block at a time
+_SEND_COALESCE = 1 << 20  # small record chunks are joined up to this size before sending
+_RETRY_STATUSES = (502, 503, 504)
+
+
+@dataclass(frozen=True)
+class RegionResult:
+    """One region of a batched read.  ``data`` is valid until the next iteration."""
+
+    region: int
+    data: memoryview | None
+    digest: bytes  # blake3 of ``data`` as received (NO_DIGEST when there is no data)
+    ok: bool
+    reason: str | None
+
+
+class _Body:
+    """A request body made of chunks: known length (so no chunked encoding), re-iterable (retries)."""
+
+    def __init__(self, chunks: Sequence[Chunk]) -> None:
+        self.chunks = chunks
+        self.length = sum(len(memoryview(c).cast("B")) for c in chunks)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Chunk]:
+        pending: list[Chunk] = []
+        pending_bytes = 0
+        for chunk in self.chunks:
+            size = len(memoryview(chunk).cast("B"))
+            if size >= _SEND_COALESCE:
+                if pending:
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
+                yield chunk
+                continue
+            pending.append(chunk)
+            pending_bytes += size
+            if pending_bytes >= _SEND_COALESCE:
+                yield b"".join(pending)
+                pending, pending_bytes = [], 0
+        if pending:
+            yield b"".join(pending)
+
+
+class ReplicaClient:
+    def __init__(self, url: str, token: str | None = None, token_file: str | None = None,
+                 ca: str | None = None, timeout: tuple[float, float] = (5.0, 60.0), retries: int = 3) -> None:
+        self.url = url.rstrip("/")
+        if token is None and token_file is not None:
+            try:
+                with open(token_file, encoding="utf-8") as handle:
+                    token = handle.read().strip()
+            except OSError as exc:
+                raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
+        self.timeout = timeout
+        self.retries = retries
+        self.session = requests.Session()
+        self.session.verify = ca if ca else True
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self._hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="drtool-verify")
+
+    def close(self) -> None:
+        self.session.close()
+        self._hashers.shutdown(wait=False)
+
+    def __enter__(self) -> ReplicaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _path(self, name: str, *rest: str) -> str:
+        return "/v1/volumes/" + "/".join(quote(p, safe="") for p in (name, *rest))
+
+    def _request(self, method: str, path: str, *, retry: bool = True, stream: bool = False,
+                 **kwargs: Any) -> requests.Response:
+        url = self.url + path
+        attempts = 1 + (self.retries if retry else 0)
+        for attempt in range(attempts):
+            try:
+                response = self.session.request(method, url, timeout=self.timeout, stream=stream, **kwargs)
+            except requests.exceptions.SSLError as exc:
+                raise PeerAuthError(f"TLS with the replica server {url} failed: {_reason(exc)}") from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                error: PeerError = PeerUnreachable(f"replica server {url} is unreachable: {_reason(exc)}")
+            else:
+                if response.status_code not in _RETRY_STATUSES or attempt == attempts - 1:
+                    if response.status_code >= 400:
+                        raise _http_error(method, url, response)
+                    return response
+                response.close()
+                error = PeerError(f"replica server {url} answered {response.status_code}")
+            if attempt < attempts - 1:
+                time.sleep(min(0.2 * 2 ** attempt, 2.0))
+        raise error
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = self._request(method, path, **kwargs)
+        try:
+            data = response.json()
+        except ValueError:
+            raise PeerProtocolError(f"replica server {response.url} answered {response.status_code} "
+                                    "with a body that is not JSON") from None
+        if not isinstance(data, dict):
+            raise PeerProtocolError(f"replica server {response.url} answered JSON that is not an object")
+        return data
+
+    # -- volumes ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/v1/health")
+
+    def ensure_volume(self, name: str, size: int, region_size: int, volume_id: str) -> dict[str, Any]:
+        """Create the replica, or accept an identical one; NotPermitted if it differs."""
+        body = {"size": size, "region_size": region_size, "volume_id": volume_id}
+        return self._json("PUT", self._path(name), json=body)
+
+    def volume_info(self, name: str) -> dict[str, Any]:
+        return self._json("GET", self._path(name))
+
+    def list_volumes(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/volumes")["volumes"]
+
+    def delete_volume(self, name: str) -> None:
+        self._json("DELETE", self._path(name), retry=False)
+
+    def drop_overlay(self, name: str) -> None:
+        """Forget the overlay replica (after failback)."""
+        self._json("DELETE", self._path(name, "overlay"))
+
+    # -- records ------------------------------------------------------------------------
+
+    def send_records(self, name: str, chunks: Sequence[Chunk], complete_through: int | None = None,
+                     overlay: bool = False) -> dict[str, Any]:
+        """Ship concatenated records; returns {"applied_seq", "applied", "skipped"}."""
+        headers = {"Content-Type": wire.RECORDS_CONTENT_TYPE}
+        if complete_through is not None:
+            headers["X-Drtool-Complete-Through"] = str(int(complete_through))
+        path = self._path(name, "overlay", "records") if overlay else self._path(name, "records")
+        return self._json("POST", path, data=_Body(chunks), headers=headers)
+
+    def changes(self, name: str, after_seq: int, runs: Iterable[Run]) -> Iterator[tuple[wire.RecordHeader, bytes]]:
+        """The journal's records after ``after_seq`` touching ``runs``, in seq order, each verified.
+
+        DataUnavailable when the journal no longer reaches back that far.
+        """
+        text = ",".join(f"{a}+{n}" for a, n in runs)
+        response = self._request("GET", self._path(name, "changes"), params={"after": after_seq, "runs": text})
+        _expect_type(response, wire.RECORDS_CONTENT_TYPE)
+        try:
+            records = [(header, bytes(data)) for header, data in wire.iter_records(response.content)]
+        except wire.WireError as exc:
+            raise PeerProtocolError(f"replica server {response.url} sent a bad record: {exc}") from None
+        yield from records
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def create_snapshot(self, name: str, snap: str) -> dict[str, Any]:
+        return self._json("POST", self._path(name, "snapshots"), json={"name": snap}, retry=False)
+
+    def list_snapshots(self, name: str) -> list[dict[str, Any]]:
+        return self._json("GET", self._path(name, "snapshots"))["snapshots"]
+
+    def delete_snapshot(self, name: str, snap: str) -> None:
+        self._json("DELETE", self._path(name, "snapshots", snap), retry=False)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def read_range(self, name: str, offset: int, length: int, snapshot: str | None = None,
+                   overlay: bool = False) -> bytes:
+        """Bytes ``[offset, offset+length)`` as the server holds them (not verified: use read_regions)."""
+        if offset < 0 or length <= 0:
+            raise UsageError(f"bad range {offset}+{length}")
+        params: dict[str, str] = {}
+        if snapshot is not None:
+            params["snapshot"] = snapshot
+        if overlay:
+            params["overlay"] = "1"
+        response = self._request("GET", self._path(name, "data"), params=params,
+                                 headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        if response.status_code != 206 or len(response.content) != length:
+            raise PeerProtocolError(f"replica server {response.url} answered {response.status_code} with "
+                                    f"{len(response.content)} bytes for a range of {length}")
+        return response.content
+
+    def read_regions(self, name: str, runs: Iterable[Run], expected: Callable[[int], bytes | None] | None = None,
+                     snapshot: str | None = None, overlay: bool = False) -> Iterator[RegionResult]:
+        """Each region of ``runs`` in order, verified; see RegionResult.
+
+        ``expected(region)`` gives the digest the caller trusts (None: trust the
+        server's).  Raises PeerError when the stream breaks; never yields
+        unverified data as ok.
+        """
+        for batch in _split_runs(list(runs), MAX_REGIONS_PER_READ):
+            body = {"runs": [list(r) for r in batch], "snapshot": snapshot, "overlay": overlay}
+            response = self._request("POST", self._path(name, "read"), stream=True, json=body)
+            complete = False
+            try:
+                _expect_type(response, wire.FRAMES_CONTENT_TYPE)
+                yield from _FrameReader(self, response, batch, expected).results()
+                complete = True
+            finally:
+                # A fully read response leaves the connection reusable; anything else closes it.
+                if complete:
+                    response.raw.release_conn()
+                else:
+                    response.close()
+
+
+def _split_runs(runs: list[Run], limit: int) -> Iterator[list[Run]]:
+    batch: list[Run] = []
+    total = 0
+    for first, count in runs:
+        while count:
+            step = min(count, limit - total)
+            batch.append((first, step))
+            first, count, total = first + step, count - step, total + step
+            if total == limit:
+                yield batch
+                batch, total = [], 0
+    if batch:
+        yield batch
+
+
+Frame = tuple[wire.FrameHeader, memoryview, "bytes | None"]
+
+
+class _FrameReader:
+    """Parses one frames response a block at a time; each block is hashed in a worker
+    thread while the next one is received, and its regions are yielded once verified."""
+
+    def __init__(self, client: ReplicaClient, response: requests.Response, runs: list[Run],
+                 expected: Callable[[int], bytes | None] | None) -> None:
+        self.client = client
+        self.response = response
+        self.url = response.url
+        self.expected = expected
+        self.regions = (r for first, count in runs for r in range(first, first + count))
+        self.total = sum(count for _, count in runs)
+        self.seen = 0
+        self.pending: wire.FrameHeader | None = None  # parsed header whose payload is incomplete
+        self.free: list[bytearray] = []
+        self.zeros = memoryview(b"")
+
+    def results(self) -> Iterator[RegionResult]:
+        inflight: deque[tuple[bytearray, Future[list[RegionResult]]]] = deque()
+        block, filled, ended = bytearray(_BLOCK), 0, False
+        while not ended:
+            block, filled, ended, frames, leftover, need = self._fill(block, filled)
+            inflight.append((block, self.client._hashers.submit(self._verify, frames)))
+            if not ended:
+                nxt = self._take_block(max(_BLOCK, len(leftover) + need + _SLICE))
+                nxt[:len(leftover)] = leftover
+                block, filled = nxt, len(leftover)
+            # Keep one block hashing while the next is received; drain all at the end.
+            while len(inflight) > (0 if ended else 1):
+                done_block, future = inflight.popleft()
+                yield from future.result()
+                self.free.append(done_block)
+
+    def _take_block(self, size: int) -> bytearray:
+        while self.free:
+            block = self.free.pop()
+            if len(block) >= size:
+                return block
+        return bytearray(size)
+
+    def _read(self, view: memoryview) -> int:
+        try:
+            return self.response.raw.readinto(view)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise PeerUnreachable(f"replica server {self.url} vanished mid-stream after {self.seen} of "
+                                  f"{self.total} regions: {_reason(exc)}") from None
+
+    def _fill(self, block: bytearray, filled: int) -> tuple[bytearray, int, bool, list[Frame], bytes, int]:
+        """Receive into ``block`` until it holds a block's worth of complete frames.
+
+        Returns (block, filled, ended, frames, partial tail, bytes the pending frame needs).
+        """
+        view = memoryview(block)
+        frames: list[Frame] = []
+        parsed = 0
+        while True:
+            while True:
+                if self.pending is None:
+                    if filled - parsed < wire.FRAME_HEADER_SIZE:
+                        break
+                    self.pending = self._header(view[parsed:parsed + wire.FRAME_HEADER_SIZE])
+                    if self.pending.kind == wire.FRAME_END:
+                        self._check_end(filled - parsed)
+                        return block, filled, True, frames, b"", 0
+                end = parsed + wire.FRAME_HEADER_SIZE + self.pending.payload_length
+                if end > filled:
+                    break
+                frames.append((self.pending, view[end - self.pending.payload_length:end],
+                               self._expect(self.pending.region)))
+                self.pending, parsed = None, end
+            need = wire.FRAME_HEADER_SIZE + (self.pending.payload_length if self.pending else 0)
+            room = len(block) - filled
+            if frames and (room < _SLICE or parsed + need > len(block)):
+                return block, filled, False, frames, bytes(view[parsed:filled]), need
+            if parsed + need > len(block):  # a frame larger than the block: grow it
+                bigger = bytearray(need + _SLICE)
+                bigger[:filled - parsed] = view[parsed:filled]
+                block, view, filled, parsed = bigger, memoryview(bigger), filled - parsed, 0
+                room = len(block) - filled
+            got = self._read(view[filled:filled + min(room, 4 * _SLICE)])
+            if not got:
+                raise PeerProtocolError(f"replica server {self.url} ended the stream after {self.seen} of "
+                                        f"{self.total} regions (peer vanished?)")
+            filled += got
+
+    def _check_end(self, left: int) -> None:
+        assert self.pending is not None
+        if self.pending.region != self.total or self.seen != self.total or left != wire.FRAME_HEADER_SIZE:
+            raise PeerProtocolError(f"replica server {self.url} ended the stream badly (END after "
+                                    f"{self.pending.region} frames, expected {self.total})")
+
+    def _header(self, raw: memoryview) -> wire.FrameHeader:
+        try:
+            header = wire.decode_frame_header(raw)
+        except wire.WireError as exc:
+            raise PeerProtocolError(f"replica server {self.url} sent a bad frame: {exc}") from None
+        if header.kind != wire.FRAME_END:
+            want = next(self.regions, None)
+            if header.region != want:
+                raise PeerProtocolError(f"replica server {self.url} sent region {header.region}, "
+                                        f"expected {want}")
+            self.seen += 1
+        return header
+
+    def _expect(self, region: int) -> bytes | None:
+        return self.expected(region) if self.expected is not None else None
+
+    def _zeros(self, length: int) -> memoryview:
+        if len(self.zeros) < length:
+            self.zeros = memoryview(bytes(length))
+        return self.zeros[:length]
+
+    def _verify(self, frames: list[Frame]) -> list[RegionResult]:
+        results = []
+        for header, payload, expected in frames:
+            region = header.region
+            if header.kind == wire.FRAME_ERROR:
+                message = bytes(payload).rstrip(b"\0").decode("utf-8", "replace")
+                results.append(RegionResult(region, None, wire.NO_DIGEST, False,
+                                            message or "the region changed while it was read; read it again"))
+                continue
+            if header.kind == wire.FRAME_ZERO:
+                data, actual = self._zeros(header.length), wire.zero_digest(header.length)
+            else:
+                data, actual = payload, blake3.blake3(payload).digest()
+            reason = None
+            if actual != header.digest:
+                reason = "the replica's bytes do not match its own digest (damaged on the secondary)"
+            elif expected is not None and actual != expected:
+                reason = "the replica holds other data than expected (stale or newer than the manifest)"
+            results.append(RegionResult(region, data if reason is None else None, actual, reason is None, reason))
+        return results
+
+
+def _expect_type(response: requests.Response, content_type: str) -> None:
+    got = response.headers.get("Content-Type", "")
+    if response.status_code != 200 or got.split(";")[0].strip() != content_type:
+        response.close()
+        raise PeerProtocolError(f"replica server {response.url} answered {response.status_code} "
+                                f"{got or 'without a content type'}, expected {content_type}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    for noise in ("HTTPConnectionPool", "HTTPSConnectionPool"):
+        if noise in text and "(Caused by" in text:
+            text = text[text.index("(Caused by") + 11:].rstrip(")")
+    return text or type(exc).__name__
+
+
+def _http_error(method: str, url: str, response: requests.Response) -> DrtoolError:
+    status = response.status_code
+    try:
+        problem = response.json()
+        detail = problem.get("detail") or problem.get("title") or ""
+        title = problem.get("title", "")
+    except (ValueError, AttributeError):
+        detail, title = response.text[:200], ""
+    message = f"replica server {url}: {method} answered {status} {title}: {detail}".replace(": :", ":")
+    if status in (401, 403):
+        return PeerAuthError(message)
+    if status == 404 and title == "No such replica":
+        return VolumeNotFound(url.rsplit("/v1/volumes/", 1)[-1].split("/")[0], url)
+    if status == 409:
+        return NotPermitted(message)
+    if status == 410:
+        return DataUnavailable(message)
+    if status in (400, 404, 405, 411, 413, 416):
+        return UsageError(message)
+    return PeerProtocolError(message)
+

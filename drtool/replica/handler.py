@@ -1,0 +1,217 @@
+"""HTTP requests of the replica server: routing, auth, limits, problem responses.
+
+Every error leaves as ``application/problem+json``; a request the server could
+not read to its end closes the connection, so keep-alive never desynchronises.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+import sys
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from drtool import __version__
+from drtool.errors import DrtoolError
+from drtool.replica import routes
+from drtool.replica.problems import Problem, problem_body, status_of
+
+if TYPE_CHECKING:
+    from drtool.replica.server import ReplicaHTTPServer
+
+_SMALL_BODY = 1 << 20  # JSON requests
+
+
+class ReplicaHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"drtool-replica/{__version__}"
+    server: ReplicaHTTPServer
+
+    # -- connection -------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.timeout = self.server.limits.idle_timeout
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle(self) -> None:
+        self.close_connection = False
+        try:
+            while not self.close_connection:
+                self.server.watch(self.connection, self.client_address)
+                self._started = time.monotonic()
+                self.handle_one_request()
+        except (OSError, ValueError):
+            pass  # the client went away or the watchdog cut it off: nothing left to answer
+        finally:
+            self.server.unwatch(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stderr.write(f"drtool-replica: {self.client_address[0]}: {format % args}\n")
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # one line per request is written when it finishes (_access_log)
+
+    def _access_log(self, status: int, sent: int) -> None:
+        ms = (time.monotonic() - self._started) * 1000
+        sys.stderr.write(f'drtool-replica: {self.client_address[0]}:{self.client_address[1]} '
+                         f'"{self.command} {self.path}" {status} {sent} {ms:.1f}ms\n')
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found by http.server itself (bad request line, huge headers) as problems too."""
+        self.close_connection = True
+        self._send_problem(Problem(code, message or self.responses.get(code, ("Error",))[0],
+                                   explain or message or "the request could not be parsed"))
+
+    # -- responses ----------------------------------------------------------------------
+
+    def send_head(self, status: int, content_type: str, length: int, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._status, self._sent = status, length
+
+    def send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
+        self.send_head(status, "application/json", len(body), headers)
+        self.wfile.write(body)
+
+    def _send_problem(self, problem: Problem) -> None:
+        body = json.dumps(problem_body(problem)).encode() + b"\n"
+        self.send_head(problem.status, "application/problem+json", len(body), problem.headers)
+        self.wfile.write(body)
+        self._access_log(problem.status, len(body))
+
+    # -- request plumbing ---------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+    def _dispatch(self) -> None:
+        self._status, self._sent, self._body_read = 0, 0, False
+        self._started = time.monotonic()
+        try:
+            try:
+                self._route()
+            finally:
+                if not self._body_read:
+                    self._discard_body()
+            self._access_log(self._status, self._sent)
+        except Problem as problem:
+            self._fail(problem)
+        except DrtoolError as exc:
+            status, title = status_of(exc)
+            self._fail(Problem(status, title, str(exc)))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as exc:  # a bug: answer 500, keep serving, log the traceback
+            traceback.print_exc(file=sys.stderr)
+            self._fail(Problem(500, "Replica server error", f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _fail(self, problem: Problem) -> None:
+        if self._status:  # the response had started: the only honest signal left is to hang up
+            self.close_connection = True
+            self._access_log(self._status, -1)
+            return
+        if not self._body_read:
+            self.close_connection = True
+        self._send_problem(problem)
+
+    def _content_length(self) -> int | None:
+        if self.headers.get("Transfer-Encoding"):
+            self._body_read = True  # never read: the connection closes instead
+            raise Problem(411, "Length required", "chunked request bodies are not accepted; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return None
+        if not raw.isdigit():
+            self._body_read = True
+            raise Problem(400, "Bad request", f"Content-Length {raw!r} is not a number")
+        return int(raw)
+
+    def _discard_body(self) -> None:
+        """Skip a small body nobody read, or hang up rather than read a large one."""
+        self._body_read = True
+        try:
+            length = self._content_length() or 0
+        except Problem:
+            length = -1
+        if 0 < length <= _SMALL_BODY:
+            self.rfile.read(length)
+        elif length:
+            self.close_connection = True
+
+    def read_body(self, limit: int) -> memoryview:
+        length = self._content_length()
+        if length is None:
+            self._body_read = True
+            raise Problem(411, "Length required", "this request needs a body with Content-Length")
+        if length > limit:
+            raise Problem(413, "Request body too large", f"body of {length} bytes exceeds the limit of {limit}")
+        body = bytearray(length)
+        view = memoryview(body)
+        done = 0
+        while done < length:
+            got = self.rfile.readinto(view[done:done + (8 << 20)])
+            if not got:
+                raise ConnectionError("client closed the connection mid-body")
+            done += got
+        self._body_read = True
+        self.server.unwatch(self.connection)
+        return view
+
+    def read_json(self) -> dict[str, Any]:
+        body = self.read_body(_SMALL_BODY)
+        try:
+            data = json.loads(bytes(body))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Problem(400, "Bad request", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise Problem(400, "Bad request", "the body must be a JSON object")
+        return data
+
+    def authorize(self) -> None:
+        token = self.server.token
+        if token is None:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise Problem(401, "Unauthorized", "the bearer token is wrong" if given else
+                          "this server needs an 'Authorization: Bearer TOKEN' header",
+                          {"WWW-Authenticate": 'Bearer realm="drtool-replica"'})
+
+    def _route(self) -> None:
+        parts = urlsplit(self.path)
+        self.query = _parse_query(parts.query)
+        try:
+            segments = [unquote(s, errors="strict") for s in parts.path.split("/")[1:]]
+        except UnicodeDecodeError:
+            raise Problem(400, "Bad request", "the path is not valid percent-encoded UTF-8") from None
+        routes.route(self, self.command, segments)
+
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    """Parse without turning '+' into a space: region runs are written 'first+count'."""
+    out: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        try:
+            out[unquote(key, errors="strict")] = unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise Problem(400, "Bad request", "the query is not valid percent-encoded UTF-8") from None
+    return out
+

@@ -1,0 +1,156 @@
+"""The journal of applied mirror records: the change-log replica.
+
+Records are appended, exactly as received, to segment files.  The journal
+keeps everything applied since its retention point ``base_seq``: when the
+segments outgrow the size limit the oldest are deleted and ``base_seq`` rises
+to the highest seq they held, so "changes after S" can be answered exactly
+when S >= base_seq.  The in-memory index is rebuilt by scanning the segments
+on start; a torn record at the very end (a crash during an unacknowledged
+append) is cut off, anything else damaged is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from drtool.errors import CorruptStateFile, DataUnavailable, DeviceError
+from drtool.regions import Geometry
+from drtool.replica.jsonstate import load_json, save_json
+from drtool.wire import RECORD_HEADER_SIZE, WireError, decode_record_header
+
+DEFAULT_JOURNAL_LIMIT = 256 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    region: int
+    segment: int
+    position: int
+    size: int
+
+
+class Journal:
+    def __init__(self, directory: str, geometry: Geometry, volume_id: str,
+                 limit: int = DEFAULT_JOURNAL_LIMIT) -> None:
+        self.directory = directory
+        self.geometry = geometry
+        self.volume_id = volume_id
+        self.limit = limit
+        self.segment_limit = max(1 << 20, min(64 << 20, limit // 4))
+        self.base_seq = 0
+        self.entries: dict[int, Entry] = {}
+        self._segment_sizes: dict[int, int] = {}
+
+    @property
+    def _base_path(self) -> str:
+        return os.path.join(self.directory, "journal.json")
+
+    def _segment_path(self, segment: int) -> str:
+        return os.path.join(self.directory, f"segment-{segment:08d}.log")
+
+    def create(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        save_json(self._base_path, "journal", self.volume_id, {"base_seq": 0})
+
+    def open(self) -> None:
+        self.base_seq = int(load_json(self._base_path, "journal", self.volume_id)["base_seq"])
+        segments = sorted(int(n[8:16]) for n in os.listdir(self.directory)
+                          if n.startswith("segment-") and n.endswith(".log"))
+        for segment in segments:
+            self._scan(segment, last=segment == segments[-1])
+
+    def _scan(self, segment: int, last: bool) -> None:
+        path = self._segment_path(segment)
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            position = 0
+            while position < size:
+                raw = handle.read(RECORD_HEADER_SIZE)
+                try:
+                    header = decode_record_header(raw)
+                    if position + header.total_size > size:
+                        raise WireError("record runs past the end of the segment")
+                except WireError as exc:
+                    if not last:
+                        raise CorruptStateFile(path, f"damaged journal record at byte {position}: {exc}") from None
+                    print(f"drtool: journal {path}: cutting a torn record at byte {position} ({exc}); "
+                          "it was never acknowledged", file=sys.stderr)
+                    os.truncate(path, position)
+                    size = position
+                    break
+                if header.seq not in self.entries:
+                    self.entries[header.seq] = Entry(header.seq, self.geometry.region_of(header.offset),
+                                                     segment, position, header.total_size)
+                position += header.total_size
+                handle.seek(position)
+        self._segment_sizes[segment] = size
+
+    def append(self, records: Iterable[tuple[int, int, list[memoryview]]]) -> None:
+        """Append ``(seq, region, chunks)`` records durably, then trim to the size limit."""
+        segment = max(self._segment_sizes, default=0)
+        if segment == 0 or self._segment_sizes[segment] >= self.segment_limit:
+            segment += 1
+            self._segment_sizes[segment] = 0
+        path = self._segment_path(segment)
+        position = self._segment_sizes[segment]
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                for seq, region, chunks in records:
+                    size = sum(len(c) for c in chunks)
+                    _write_all(fd, chunks)
+                    if seq not in self.entries:
+                        self.entries[seq] = Entry(seq, region, segment, position, size)
+                    position += size
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise DeviceError(f"cannot append to the journal {path}: {exc.strerror}") from None
+        self._segment_sizes[segment] = position
+        self._trim()
+
+    def _trim(self) -> None:
+        while sum(self._segment_sizes.values()) > self.limit and len(self._segment_sizes) > 1:
+            oldest = min(self._segment_sizes)
+            dropped = [e for e in self.entries.values() if e.segment == oldest]
+            new_base = max([self.base_seq, *(e.seq for e in dropped)])
+            # The retention point is durable before the records go, so a crash can
+            # only make the journal claim less than it holds, never more.
+            save_json(self._base_path, "journal", self.volume_id, {"base_seq": new_base})
+            self.base_seq = new_base
+            os.unlink(self._segment_path(oldest))
+            del self._segment_sizes[oldest]
+            for entry in dropped:
+                del self.entries[entry.seq]
+
+    def range(self) -> tuple[int | None, int | None]:
+        if not self.entries:
+            return None, None
+        return min(self.entries), max(self.entries)
+
+    def changes(self, after: int, regions: set[int]) -> list[Entry]:
+        """Entries after seq ``after`` touching ``regions``, in seq order."""
+        if after < self.base_seq:
+            raise DataUnavailable(f"the journal no longer reaches back to seq {after}: it keeps "
+                                  f"records after seq {self.base_seq} only")
+        return sorted((e for e in self.entries.values() if e.seq > after and e.region in regions),
+                      key=lambda e: e.seq)
+
+    def read(self, entry: Entry) -> bytes:
+        with open(self._segment_path(entry.segment), "rb") as handle:
+            return os.pread(handle.fileno(), entry.size, entry.position)
+
+    def total_bytes(self) -> int:
+        return sum(self._segment_sizes.values())
+
+
+def _write_all(fd: int, chunks: list[memoryview]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]

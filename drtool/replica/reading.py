@@ -1,0 +1,149 @@
+"""Reading a replica for a client: batched frames and plain byte ranges.
+
+Sources: the mirror, a snapshot (preserved regions, else the mirror) or the
+overlay replica merged over the mirror.  The volume's shared lock is held only
+while the bytes of one batch are copied into a buffer, together with their
+digests, so each frame is consistent and a slow client never stalls applies.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+from collections.abc import Callable
+
+from drtool.errors import DeviceError
+from drtool.replica.snapshots import Snapshot
+from drtool.replica.store import ReplicaVolume
+from drtool.replica.tables import DigestTable
+from drtool.storage.device import Device
+from drtool.wire import (FRAME_DATA, FRAME_END, FRAME_ERROR, FRAME_HEADER_SIZE, FRAME_ZERO,
+                         encode_frame_header, zero_digest)
+
+Resolver = Callable[[int], tuple[Device, DigestTable]]
+BATCH_BYTES = 4 << 20
+_IOV_MAX = 1024
+
+
+def resolver(volume: ReplicaVolume, snapshot: Snapshot | None, overlay: bool) -> Resolver:
+    """Where each region's bytes and digest come from."""
+    mirror = (volume.mirror.image, volume.mirror.table)
+    if snapshot is not None:
+        preserved = (snapshot.data, snapshot.table)
+        return lambda r: preserved if snapshot.table.present(r) else mirror  # type: ignore[return-value]
+    if overlay:
+        top = (volume.overlay.image, volume.overlay.table)
+        return lambda r: top if volume.overlay.table.present(r) else mirror  # type: ignore[return-value]
+    return lambda r: mirror  # type: ignore[return-value]
+
+
+def plan_frames(volume: ReplicaVolume, regions: list[int], resolve: Resolver) -> tuple[list[bool], int]:
+    """Which regions go out as ZERO frames, and the exact response length."""
+    geometry = volume.geometry
+    with volume.lock.shared():
+        zero = [resolve(r)[1].is_zero(r) for r in regions]
+    data = sum(geometry.region_length(r) for r, z in zip(regions, zero) if not z)
+    return zero, data + FRAME_HEADER_SIZE * (len(regions) + 1)
+
+
+def stream_frames(volume: ReplicaVolume, regions: list[int], zero: list[bool], resolve: Resolver,
+                  sock: socket.socket) -> None:
+    """Send one frame per region (as planned), then END."""
+    geometry = volume.geometry
+    buffer = memoryview(bytearray(max(BATCH_BYTES, geometry.region_size)))
+    index = 0
+    while index < len(regions):
+        views: list[bytes | memoryview] = []
+        used = 0
+        with volume.lock.shared():
+            while index < len(regions) and len(views) < _IOV_MAX - 2:
+                region = regions[index]
+                length = geometry.region_length(region)
+                if not zero[index] and used + length > len(buffer):
+                    break
+                device, table = resolve(region)
+                if zero[index]:
+                    if table.is_zero(region):
+                        views.append(encode_frame_header(FRAME_ZERO, region, length, zero_digest(length)))
+                    else:  # written since the plan: no room for its bytes, ask for a re-read
+                        views.append(encode_frame_header(FRAME_ERROR, region, 0))
+                else:
+                    slot = buffer[used:used + length]
+                    used += length
+                    views.extend(_data_frame(device, table, region, geometry.region_start(region), slot))
+                index += 1
+        send_views(sock, views)
+    send_views(sock, [encode_frame_header(FRAME_END, len(regions), 0)])
+
+
+def _data_frame(device: Device, table: DigestTable, region: int, offset: int,
+                slot: memoryview) -> list[bytes | memoryview]:
+    try:
+        device.readinto(slot, offset)
+    except DeviceError as exc:
+        # Same length as the DATA frame it replaces, so the declared Content-Length holds.
+        message = str(exc).encode()[:len(slot)]
+        slot[:len(message)] = message
+        slot[len(message):] = bytes(len(slot) - len(message))
+        return [encode_frame_header(FRAME_ERROR, region, len(slot)), slot]
+    return [encode_frame_header(FRAME_DATA, region, len(slot), table.digest(region)), slot]
+
+
+def stream_range(volume: ReplicaVolume, start: int, length: int, resolve: Resolver | None,
+                 sock: socket.socket) -> None:
+    """Send bytes [start, start+length) of the source; ``resolve`` None = the mirror by sendfile."""
+    if resolve is None and not isinstance(sock, ssl.SSLSocket):
+        assert volume.mirror.image is not None
+        _sendfile(sock, volume.mirror.image.fd, start, length)
+        return
+    resolve = resolve or resolver(volume, None, False)
+    geometry = volume.geometry
+    buffer = memoryview(bytearray(BATCH_BYTES))
+    position, end = start, start + length
+    while position < end:
+        step = min(end - position, len(buffer))
+        with volume.lock.shared():
+            for region, in_region, count in geometry.split(position, step):
+                device, _ = resolve(region)
+                at = geometry.region_start(region) + in_region
+                device.readinto(buffer[at - position:at - position + count], at)
+        send_views(sock, [buffer[:step]])
+        position += step
+
+
+def _sendfile(sock: socket.socket, fd: int, offset: int, count: int) -> None:
+    out = sock.fileno()
+    while count:
+        try:
+            sent = os.sendfile(out, fd, offset, min(count, 1 << 30))
+        except BlockingIOError:
+            _wait_writable(sock)
+            continue
+        if sent == 0:
+            raise ConnectionError("the replica image ended early")
+        offset += sent
+        count -= sent
+
+
+def _wait_writable(sock: socket.socket) -> None:
+    _, ready, _ = select.select([], [sock], [], sock.gettimeout())
+    if not ready:
+        raise TimeoutError("client stopped reading")
+
+
+def send_views(sock: socket.socket, views: list[bytes | memoryview]) -> None:
+    """Send buffers in as few syscalls as possible (sendmsg gathers them; TLS cannot)."""
+    if isinstance(sock, ssl.SSLSocket):
+        for view in views:
+            sock.sendall(view)
+        return
+    pending = [memoryview(v).cast("B") for v in views]
+    while pending:
+        sent = sock.sendmsg(pending[:_IOV_MAX])
+        while pending and sent >= len(pending[0]):
+            sent -= len(pending[0])
+            pending.pop(0)
+        if sent:
+            pending[0] = pending[0][sent:]

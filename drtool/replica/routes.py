@@ -1,0 +1,244 @@
+"""The endpoints of the replica server (documented in docs/api.md)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from drtool import __version__
+from drtool.errors import NotPermitted, UsageError
+from drtool.regions import from_runs, parse_runs
+from drtool.replica import reading
+from drtool.replica.apply import apply_batch, parse_batch
+from drtool.replica.problems import Problem
+from drtool.replica.snapshots import Snapshot
+from drtool.replica.store import ReplicaVolume
+from drtool.storage.paths import validate_name
+from drtool.wire import FRAMES_CONTENT_TYPE, RECORDS_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from drtool.replica.handler import ReplicaHandler
+
+Handler = Callable[["ReplicaHandler", str], None]
+
+
+def route(req: ReplicaHandler, method: str, segments: list[str]) -> None:
+    if segments == ["v1", "health"]:
+        _allow(method, "GET")
+        req.send_json(200, {"status": "ok", "service": "drtool-replica", "version": __version__})
+        return
+    if segments[:2] != ["v1", "volumes"] or len(segments) > 5:
+        raise Problem(404, "Not found", f"no such endpoint: /{'/'.join(segments)}")
+    req.authorize()
+    rest = segments[2:]
+    if not rest:
+        _allow(method, "GET")
+        replicas = req.server.replicas
+        req.send_json(200, {"volumes": [replicas.get(n).describe() for n in replicas.names()]})
+        return
+    name = validate_name(rest[0])
+    if len(rest) == 3 and rest[1] == "snapshots":
+        _allow(method, "DELETE")
+        _delete_snapshot(req, name, validate_name(rest[2], "snapshot name"))
+        return
+    handlers = _ROUTES.get(tuple(rest[1:]))
+    if handlers is None:
+        raise Problem(404, "Not found", f"no such endpoint: /{'/'.join(segments)}")
+    _allow(method, *handlers)
+    handlers[method](req, name)
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise Problem(405, "Method not allowed", f"{method} is not allowed here (use {', '.join(allowed)})",
+                      {"Allow": ", ".join(allowed)})
+
+
+# -- volumes ------------------------------------------------------------------------------
+
+
+def _put_volume(req: ReplicaHandler, name: str) -> None:
+    body = req.read_json()
+    try:
+        size, region_size, volume_id = int(body["size"]), int(body["region_size"]), body["volume_id"]
+    except (KeyError, TypeError, ValueError):
+        raise Problem(400, "Bad request", 'body must be {"size": N, "region_size": N, "volume_id": "32 hex"}') from None
+    created, volume = req.server.replicas.ensure(name, size, region_size, volume_id)
+    req.send_json(201 if created else 200, volume.describe())
+
+
+def _get_volume(req: ReplicaHandler, name: str) -> None:
+    req.send_json(200, req.server.replicas.get(name).describe())
+
+
+def _delete_volume(req: ReplicaHandler, name: str) -> None:
+    req.server.replicas.delete(name)
+    req.send_json(200, {"deleted": name})
+
+
+# -- reads --------------------------------------------------------------------------------
+
+
+def _source(volume: ReplicaVolume, snapshot_name: str | None, overlay: bool) -> Snapshot | None:
+    if snapshot_name is None:
+        return None
+    if overlay:
+        raise UsageError("read either a snapshot or the overlay, not both")
+    snapshot = volume.snapshots.get(validate_name(snapshot_name, "snapshot name"))
+    if snapshot is None:
+        raise Problem(404, "No such snapshot", f"replica {volume.name} has no snapshot {snapshot_name}")
+    return snapshot
+
+
+def _flag(text: str | None) -> bool:
+    if text in (None, "", "0", "false", "no"):
+        return False
+    if text in ("1", "true", "yes"):
+        return True
+    raise UsageError(f"flag value {text!r} is not 0/1/true/false")
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _get_data(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    overlay = _flag(req.query.get("overlay"))
+    snapshot = _source(volume, req.query.get("snapshot"), overlay)
+    size = volume.geometry.size
+    header = req.headers.get("Range")
+    if header is None:
+        start, length, status, extra = 0, size, 200, {}
+    else:
+        match = _RANGE.match(header.strip())
+        first, last = (match.group(1), match.group(2)) if match else ("", "")
+        if not match or (not first and not last):
+            raise Problem(416, "Range not satisfiable", f"unsupported Range {header!r} (one bytes=A-B range)",
+                          {"Content-Range": f"bytes */{size}"})
+        if first:
+            start, end = int(first), min(int(last), size - 1) if last else size - 1
+        else:  # bytes=-N: the last N bytes
+            start, end = max(size - int(last), 0), size - 1
+        if start >= size or end < start:
+            raise Problem(416, "Range not satisfiable", f"range {header!r} is outside the volume ({size} bytes)",
+                          {"Content-Range": f"bytes */{size}"})
+        start, length, status = start, end - start + 1, 206
+        extra = {"Content-Range": f"bytes {start}-{end}/{size}"}
+    extra["Accept-Ranges"] = "bytes"
+    req.send_head(status, "application/octet-stream", length, extra)
+    if req.command != "HEAD":
+        resolve = None if snapshot is None and not overlay else reading.resolver(volume, snapshot, overlay)
+        reading.stream_range(volume, start, length, resolve, req.connection)
+
+
+def _post_read(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    body = req.read_json()
+    overlay = bool(body.get("overlay", False))
+    snapshot = _source(volume, body.get("snapshot"), overlay)
+    runs = body.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise UsageError('"runs" must be a non-empty list of [first, count] pairs')
+    limit = req.server.limits.max_read_regions
+    total = 0
+    for run in runs:
+        if (not isinstance(run, list) or len(run) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in run)):
+            raise UsageError(f"run {run!r} is not a [first, count] pair of integers")
+        volume.geometry.check_run(*run)
+        total += run[1]
+        if total > limit:
+            raise UsageError(f"a read may ask for at most {limit} regions")
+    regions = list(from_runs(runs))
+    resolve = reading.resolver(volume, snapshot, overlay)
+    zero, length = reading.plan_frames(volume, regions, resolve)
+    req.send_head(200, FRAMES_CONTENT_TYPE, length)
+    reading.stream_frames(volume, regions, zero, resolve, req.connection)
+
+
+def _get_changes(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    try:
+        after = int(req.query["after"])
+        text = req.query["runs"]
+    except (KeyError, ValueError):
+        raise UsageError("changes needs ?after=SEQ&runs=FIRST+COUNT,...") from None
+    regions = set(from_runs(parse_runs(text, volume.geometry)))
+    with volume.lock.shared():
+        entries = volume.journal.changes(after, regions)
+    req.send_head(200, RECORDS_CONTENT_TYPE, sum(e.size for e in entries),
+                  {"X-Drtool-Journal-Base": str(volume.journal.base_seq)})
+    for entry in entries:
+        with volume.lock.shared():
+            data = volume.journal.read(entry)
+        req.wfile.write(data)
+
+
+# -- writes -------------------------------------------------------------------------------
+
+
+def _records(req: ReplicaHandler, name: str, overlay: bool) -> None:
+    volume = req.server.replicas.get(name)
+    raw = req.headers.get("X-Drtool-Complete-Through")
+    if raw is not None and not raw.strip().isdigit():
+        raise UsageError(f"X-Drtool-Complete-Through {raw!r} is not a sequence number")
+    limits = req.server.limits
+    body = req.read_body(limits.max_body)
+    records = parse_batch(volume, body, overlay, limits.max_records)
+    req.send_json(200, apply_batch(volume, records, int(raw) if raw is not None else None, overlay))
+
+
+def _post_records(req: ReplicaHandler, name: str) -> None:
+    _records(req, name, overlay=False)
+
+
+def _post_overlay_records(req: ReplicaHandler, name: str) -> None:
+    _records(req, name, overlay=True)
+
+
+def _delete_overlay(req: ReplicaHandler, name: str) -> None:
+    req.server.replicas.get(name).drop_overlay()
+    req.send_json(200, {"dropped": "overlay"})
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+
+def _post_snapshot(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    snap = validate_name(req.read_json().get("name"), "snapshot name")
+    with volume.lock.exclusive():
+        if volume.snapshots.get(snap) is not None:
+            raise NotPermitted(f"replica {name} already has a snapshot {snap}")
+        snapshot = volume.snapshots.create(snap, volume.mirror.applied.watermark)
+    req.send_json(201, snapshot.describe())
+
+
+def _get_snapshots(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    with volume.lock.shared():
+        listing = [s.describe() for s in volume.snapshots.by_name.values()]
+    req.send_json(200, {"snapshots": sorted(listing, key=lambda s: s["name"])})
+
+
+def _delete_snapshot(req: ReplicaHandler, name: str, snap: str) -> None:
+    volume = req.server.replicas.get(name)
+    with volume.lock.exclusive():
+        if volume.snapshots.get(snap) is None:
+            raise Problem(404, "No such snapshot", f"replica {name} has no snapshot {snap}")
+        volume.snapshots.delete(snap)
+    req.send_json(200, {"deleted": snap})
+
+
+_ROUTES: dict[tuple[str, ...], dict[str, Handler]] = {
+    (): {"GET": _get_volume, "PUT": _put_volume, "DELETE": _delete_volume},
+    ("data",): {"GET": _get_data, "HEAD": _get_data},
+    ("read",): {"POST": _post_read},
+    ("changes",): {"GET": _get_changes},
+    ("records",): {"POST": _post_records},
+    ("overlay", "records"): {"POST": _post_overlay_records},
+    ("overlay",): {"DELETE": _delete_overlay},
+    ("snapshots",): {"GET": _get_snapshots, "POST": _post_snapshot},
+}
+

@@ -1,0 +1,117 @@
+"""Copy-on-write snapshots of a mirror.
+
+A snapshot starts empty (creating one is instant).  Before a record changes a
+region that a snapshot has not preserved yet, the region's current bytes and
+digest are copied into the snapshot, durably; only then is the mirror written.
+Reading a snapshot takes preserved regions from the snapshot and every other
+region from the mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+from drtool.errors import CorruptStateFile
+from drtool.regions import Geometry
+from drtool.replica.jsonstate import load_json, save_json
+from drtool.replica.tables import DigestTable
+from drtool.storage.device import Device
+from drtool.storage.paths import validate_name
+
+SNAPSHOT_MAGIC = b"DRTRSNP\0"
+
+
+class Snapshot:
+    def __init__(self, directory: str, name: str, geometry: Geometry, volume_id: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.geometry = geometry
+        self.volume_id = volume_id
+        self.table = DigestTable(os.path.join(directory, "preserved"), SNAPSHOT_MAGIC,
+                                 f"snapshot {name} table", geometry, bytes.fromhex(volume_id), lazy=True)
+        self.data_path = os.path.join(directory, "data.img")
+        self.info: dict[str, Any] = {}
+        self.data: Device | None = None
+
+    @property
+    def _info_path(self) -> str:
+        return os.path.join(self.directory, "snapshot.json")
+
+    def create(self, applied_seq: int) -> None:
+        os.makedirs(self.directory)
+        self.table.create()
+        with open(self.data_path, "wb") as handle:
+            handle.truncate(self.geometry.size)
+        self.info = {"name": self.name, "created": time.time(), "applied_seq": applied_seq}
+        save_json(self._info_path, "snapshot", self.volume_id, self.info)
+        self.data = Device(self.data_path, writable=True)
+
+    def open(self) -> None:
+        self.info = load_json(self._info_path, "snapshot", self.volume_id)
+        if self.info.get("name") != self.name:
+            raise CorruptStateFile(self._info_path, f"snapshot file names {self.info.get('name')!r}, "
+                                   f"directory is {self.name!r}")
+        self.table.check()
+        self.data = Device(self.data_path, writable=True)
+
+    def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "created": self.info["created"], "applied_seq": self.info["applied_seq"],
+                "preserved_regions": len(self.table.present_regions())}
+
+
+class SnapshotSet:
+    """The snapshots of one replica volume."""
+
+    def __init__(self, directory: str, geometry: Geometry, volume_id: str) -> None:
+        self.directory = directory
+        self.geometry = geometry
+        self.volume_id = volume_id
+        self.by_name: dict[str, Snapshot] = {}
+
+    def open(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        for name in sorted(os.listdir(self.directory)):
+            snapshot = Snapshot(os.path.join(self.directory, name), name, self.geometry, self.volume_id)
+            snapshot.open()
+            self.by_name[name] = snapshot
+
+    def close(self) -> None:
+        for snapshot in self.by_name.values():
+            snapshot.close()
+
+    def get(self, name: str) -> Snapshot | None:
+        return self.by_name.get(name)
+
+    def create(self, name: str, applied_seq: int) -> Snapshot:
+        validate_name(name, "snapshot name")
+        snapshot = Snapshot(os.path.join(self.directory, name), name, self.geometry, self.volume_id)
+        snapshot.create(applied_seq)
+        self.by_name[name] = snapshot
+        return snapshot
+
+    def delete(self, name: str) -> None:
+        snapshot = self.by_name.pop(name)
+        snapshot.close()
+        shutil.rmtree(snapshot.directory)
+
+    def preserve(self, regions: set[int], mirror: Device, manifest: DigestTable) -> None:
+        """Copy each region's current mirror content into every snapshot lacking it, durably."""
+        for snapshot in self.by_name.values():
+            missing = sorted(r for r in regions if not snapshot.table.present(r))
+            if not missing:
+                continue
+            assert snapshot.data is not None
+            for region in missing:
+                if not manifest.is_zero(region):
+                    offset, length = self.geometry.region_bounds(region)
+                    snapshot.data.pwrite(mirror.pread(length, offset), offset)
+                snapshot.table.set(region, manifest.digest(region))
+            snapshot.data.sync()
+            snapshot.table.save(0)
