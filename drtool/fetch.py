@@ -45,6 +45,18 @@ class RemoteFetcher:
 
     def fetch_into(self, regions: list[int], base: int, view: memoryview) -> None:
         """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``."""
+        got = self.fetch(regions)
+        shift = self.engine.geometry.shift
+        for region, (data, _digest) in got.items():
+            lo = (region - base) << shift
+            view[lo:lo + len(data)] = data
+        self._account(got, force_copy=self.source() != "mirror")
+
+    def source(self) -> str:
+        return (self.engine.record.recovery or {}).get("source") or "mirror"
+
+    def fetch(self, regions: list[int]) -> dict[int, tuple[bytes, bytes]]:
+        """Verified ``{region: (bytes, digest)}`` for every region, or an exception."""
         engine = self.engine
         lost = [r for r in regions if engine.volume.norecord.test(r)]
         if lost:
@@ -56,22 +68,16 @@ class RemoteFetcher:
                                       "replicated yet and no replicator is running")
             engine.replicator.force(lagging)
         recovery = engine.record.recovery or {}
-        source = recovery.get("source") or "mirror"
+        source = self.source()
         try:
             if source.startswith("snapshot:"):
-                got = self._from_replica(regions, snapshot=source.split(":", 1)[1])
-            elif source == "journal":
-                got = self._from_journal(regions, recovery["local_era"])
-            else:
-                got = self._from_replica(regions)
+                return self._from_replica(regions, snapshot=source.split(":", 1)[1])
+            if source == "journal":
+                return self._from_journal(regions, recovery["local_era"])
+            return self._from_replica(regions)
         except PeerError as exc:
             raise DataUnavailable(f"volume {engine.name}: cannot fetch regions {to_runs(regions)} "
                                   f"from the replica: {exc}") from None
-        shift = engine.geometry.shift
-        for region, (data, digest) in got.items():
-            lo = (region - base) << shift
-            view[lo:lo + len(data)] = data
-        self._account(got, force_copy=source != "mirror")
 
     def _from_replica(self, regions: list[int], snapshot: str | None = None) -> dict[int, tuple[bytes, bytes]]:
         engine = self.engine

@@ -95,3 +95,66 @@ def corrupt(path: Path, offset: int, data: bytes = b"\xff") -> None:
             data = bytes(b ^ 0x55 for b in data)
         handle.seek(offset)
         handle.write(data)
+
+
+class ReplicaServer:
+    """A real `drtool serve` subprocess on 127.0.0.1 with a token; restartable."""
+
+    def __init__(self, root: Path, token_file: Path, extra: list[str] | None = None) -> None:
+        self.root = root
+        self.token_file = token_file
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def start(self) -> ReplicaServer:
+        import re
+        import time
+
+        listen = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [*DRTOOL, "serve", "--root", str(self.root), "--listen", listen,
+             "--token-file", str(self.token_file), *self.extra],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 20
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on [\d.]+:(\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"replica server did not start: {line!r}")
+        self.port = int(match.group(1))
+        assert time.monotonic() < deadline
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(timeout=20)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.proc = None
+
+    def client(self):
+        from drtool.client import ReplicaClient
+
+        return ReplicaClient(self.url, token_file=str(self.token_file))
+
+
+@pytest.fixture
+def replica_server(tmp_path: Path):
+    token = tmp_path / "token"
+    token.write_text("t0ken-" + "x" * 26 + "\n")
+    token.chmod(0o600)
+    server = ReplicaServer(tmp_path / "replica-root", token).start()
+    yield server
+    server.stop(kill=True)

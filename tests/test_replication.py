@@ -1,0 +1,128 @@
+"""Primary-to-secondary replication over real HTTP to a real `drtool serve`."""
+
+import json
+
+import pytest
+
+from drtool import api
+from drtool.engine import Engine
+from drtool.errors import ExitCode
+from drtool.replication import Replicator
+from tests.conftest import make_image
+
+RS = 65536
+SIZE = 24 * RS + 777  # partial last region
+
+
+@pytest.fixture
+def protected(tmp_path, state_root, replica_server):
+    path = tmp_path / "dev.img"
+    data = bytearray(make_image(path, SIZE, sparse_every=3))
+    api.init_volume("vol", str(path), "64K")
+    result = api.protect("vol", replica_server.url, str(replica_server.token_file))
+    assert result["changed"] and result["regions_synced"] == 25
+    return path, data
+
+
+def replica_bytes(server, size=SIZE):
+    return server.client().read_range("vol", 0, size)
+
+
+WRITES = [(RS - 3, b"A" * 10), (2 * RS, b"B" * RS), (5 * RS + 100, b"C" * (3 * RS)),
+          (SIZE - 50, b"D" * 50), (10, b"E" * 5)]
+
+
+def test_initial_sync_copies_the_volume_and_keeps_zeros_sparse(protected, replica_server):
+    _, data = protected
+    assert replica_bytes(replica_server) == bytes(data)
+    info = replica_server.client().volume_info("vol")
+    assert info["size"] == SIZE
+
+
+def test_writes_then_replicate_make_the_replica_exact(protected, replica_server, cli):
+    path, data = protected
+    for offset, chunk in WRITES:
+        api.write("vol", offset, chunk)
+        data[offset:offset + len(chunk)] = chunk
+    status = cli("status", "vol", "--json").json()
+    assert status["lag"]["records"] == 9 and status["lag"]["regions"] == 8  # regions 0-2, 5-8, 24
+    assert status["peer"] == {"url": replica_server.url, "reachable": True, "error": None}
+    result = cli("replicate", "vol", "--json")
+    assert result.code == 0 and result.json()["lag"]["records"] == 0
+    assert replica_bytes(replica_server) == bytes(data) == path.read_bytes()
+    assert cli("status", "vol", "--json").json()["lag"]["regions"] == 0
+
+
+def test_restart_both_sides_between_writes(protected, replica_server):
+    _, data = protected
+    api.write("vol", 3 * RS + 5, b"before restart")
+    data[3 * RS + 5:3 * RS + 19] = b"before restart"
+    replica_server.stop()
+    replica_server.start()
+    api.write("vol", 7 * RS, b"after")
+    data[7 * RS:7 * RS + 5] = b"after"
+    api.replicate("vol")
+    assert replica_bytes(replica_server) == bytes(data)
+
+
+def test_unreachable_peer_keeps_the_lag_and_converges_later(protected, replica_server, cli):
+    _, data = protected
+    api.write("vol", 4 * RS, b"q" * 1000)
+    data[4 * RS:4 * RS + 1000] = b"q" * 1000
+    replica_server.stop(kill=True)
+    result = cli("replicate", "vol")
+    assert result.code == ExitCode.PEER and "drtool: " in result.err
+    status = cli("status", "vol", "--json").json()
+    assert status["peer"]["reachable"] is False and status["lag"]["regions"] == 1
+    replica_server.start()
+    assert cli("replicate", "vol", "--wait").code == 0
+    assert replica_bytes(replica_server) == bytes(data)
+
+
+def test_forced_regions_leave_other_records_pending(protected, replica_server):
+    _, data = protected
+    api.write("vol", 1 * RS, b"one")
+    api.write("vol", 8 * RS, b"eight")
+    api.write("vol", 1 * RS + 10, b"one again")
+    result = api.replicate("vol", regions="1")
+    assert result["forced_regions"] == [[1, 1]]
+    assert result["lag"]["regions"] == 1 and result["lag"]["records"] == 1
+    mirror = replica_bytes(replica_server)
+    assert mirror[RS:RS + 3] == b"one" and mirror[RS + 10:RS + 19] == b"one again"
+    assert mirror[8 * RS:8 * RS + 5] == bytes(data[8 * RS:8 * RS + 5])  # still the old bytes
+    api.replicate("vol")
+    assert replica_bytes(replica_server)[8 * RS:8 * RS + 5] == b"eight"
+
+
+def test_log_overflow_switches_to_bitmap_mode_and_converges(protected, replica_server, state_root):
+    _, data = protected
+    with Engine.open(None, "vol") as engine:
+        engine.record.settings["log_limit"] = 3 * RS
+        Replicator(engine)
+        for region in range(2, 12):
+            chunk = bytes([region]) * RS
+            engine.write(region * RS, chunk)
+            data[region * RS:(region + 1) * RS] = chunk
+        assert engine.record.replication.get("overflows", 0) >= 1
+        assert engine.volume.norecord.popcount() > 0
+    status = api.status("vol")[0]
+    assert status["lag"]["bitmap_mode"] and "BITMAP MODE" in status["lag"]["summary"]
+    api.replicate("vol", wait=True)
+    assert replica_bytes(replica_server) == bytes(data)
+    assert not api.status("vol")[0]["lag"]["bitmap_mode"]
+
+
+def test_protect_again_is_idempotent(protected, replica_server):
+    again = api.protect("vol", replica_server.url, str(replica_server.token_file))
+    assert again["changed"] is False and again["records_shipped"] == 0
+
+
+def test_write_command_reads_stdin(protected, replica_server, state_root):
+    from tests.conftest import run_drtool
+
+    done = run_drtool("write", "vol", "--offset", "64K", "--sync", "--json", input=b"hello",
+                      env={"DRTOOL_STATE_ROOT": str(state_root)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["length"] == 5
+    api.replicate("vol")
+    assert replica_bytes(replica_server)[RS:RS + 5] == b"hello"
