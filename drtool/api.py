@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from drtool import detect, replication
+from drtool import failback as failback_mod
+from drtool.errors import UsageError
 from drtool.engine import Engine
 from drtool.progress import NoProgress, Progress
-from drtool.regions import DEFAULT_REGION_SIZE, from_runs, parse_runs
+from drtool.regions import DEFAULT_REGION_SIZE, from_runs, parse_runs, to_runs
+from drtool.units import parse_rate
 from drtool.status import volume_status
 from drtool.storage.paths import list_volumes, state_root, validate_name
 from drtool.storage.volume import Volume
@@ -92,11 +95,69 @@ def write(name: str, offset: int, data: bytes, sync: bool = False, root: str | N
                 "last_seq": engine.log.next_seq - 1, "mode": engine.mode}
 
 
+def _engine(root: str | None, name: str) -> Engine:
+    """Open a volume's engine, with a replicator attached when it has a peer."""
+    engine = Engine.open(root, name)
+    if engine.protected:
+        replication.Replicator(engine)
+    return engine
+
+
+def parse_source(source: str | None) -> str:
+    source = source or "mirror"
+    if source in ("mirror", "journal"):
+        return source
+    if source.startswith("snapshot:"):
+        validate_name(source.split(":", 1)[1], "snapshot name")
+        return source
+    raise UsageError(f"--source {source!r} is not mirror, journal or snapshot:NAME")
+
+
+def recover(name: str, local_era: int | None = None, source: str | None = None,
+            root: str | None = None) -> dict[str, Any]:
+    """Enter degraded mode: create the overlay, redirect writes, merge reads.  Idempotent."""
+    source = parse_source(source)
+    with _engine(root, name) as engine:
+        changed = engine.enter_degraded("operator ran recover", local_era=local_era, source=source)
+        return {"volume": name, "changed": changed, "mode": engine.mode,
+                "recovery": engine.record.recovery, "bad_count": engine.volume.bad.popcount(),
+                "requested_count": engine.requested_regions().popcount(),
+                "lost_regions": [list(r) for r in to_runs(engine.lost_regions())]}
+
+
+def read(name: str, offset: int, length: int, root: str | None = None) -> bytes:
+    """A merged, verified read (the bytes a block client would get)."""
+    with _engine(root, name) as engine:
+        return bytes(engine.read(offset, length))
+
+
+def failback(name: str, device: str | None = None, rate: int | str | None = None,
+             root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Copy bad and overlay regions back into the (repaired or new) device; back to normal."""
+    progress = progress or NoProgress()
+    with _engine(root, name) as engine:
+        started = False
+
+        def start(total: int) -> None:
+            nonlocal started
+            started = True
+            progress.start(total, f"failback of {name}")
+
+        try:
+            return failback_mod.failback(engine, device=device, rate=parse_rate(rate),
+                                         progress_start=start, progress=progress.advance)
+        finally:
+            if started:
+                progress.finish()
+
+
 def replicate(name: str, wait: bool = False, regions: str | None = None, timeout: float = 300.0,
               root: str | None = None) -> dict[str, Any]:
     """Ship pending records (all, or force exactly the given regions' records)."""
-    with Engine.open(root, name) as engine:
-        replicator = replication.Replicator(engine)
+    with _engine(root, name) as engine:
+        replicator = engine.replicator
+        if replicator is None:
+            raise UsageError(f"volume {name} has no peer: run drtool protect first")
         forced: list[list[int]] = []
         if regions:
             runs = parse_runs(regions, engine.geometry)

@@ -1,0 +1,224 @@
+"""Incident recovery at the engine level: merged verified reads, overlay writes, failback."""
+
+import os
+import random
+
+import pytest
+
+from drtool import api
+from drtool.engine import Engine
+from drtool.errors import DataUnavailable, NotPermitted, RegionsLost
+from drtool.replication import Replicator
+from tests.conftest import corrupt, make_image
+
+RS = 65536
+REGIONS = 40
+SIZE = REGIONS * RS - 1000  # partial last region
+
+
+@pytest.fixture
+def protected(tmp_path, state_root, replica_server):
+    path = tmp_path / "dev.img"
+    data = bytearray(make_image(path, SIZE, seed=7, sparse_every=5))
+    api.init_volume("vol", str(path), "64K")
+    api.protect("vol", replica_server.url, str(replica_server.token_file))
+    return path, data
+
+
+def damage(path, regions):
+    for region in regions:
+        corrupt(path, region * RS + 11, b"\xde\xad")
+
+
+def test_recover_serves_exact_data_over_corrupted_regions(protected, replica_server):
+    path, data = protected
+    bad = random.Random(3).sample(range(REGIONS), 4)
+    damage(path, bad)
+    assert sorted(r for r, n in api.scrub_volume("vol").bad_regions for r in range(r, r + n)) == sorted(bad)
+    result = api.recover("vol")
+    assert result["changed"] and result["mode"] == "degraded" and result["requested_count"] == 4
+    assert api.recover("vol")["changed"] is False  # idempotent
+    assert api.read("vol", 0, SIZE) == bytes(data)
+    status = api.status("vol")[0]
+    assert status["recovery"]["fetched_regions"] == 4
+    assert status["overlay"]["regions"] == 4  # copy-on-read kept them
+
+
+def test_self_healing_read_marks_newly_corrupted_region(protected):
+    path, data = protected
+    api.recover("vol")
+    damage(path, [9])
+    assert api.read("vol", 9 * RS, RS) == bytes(data[9 * RS:10 * RS])
+    assert api.status("vol")[0]["bad_regions"] == [[9, 1]]
+
+
+def test_auto_degrade_on_a_bad_read_in_normal_mode(protected):
+    path, data = protected
+    damage(path, [3])
+    assert api.read("vol", 3 * RS, 100) == bytes(data[3 * RS:3 * RS + 100])
+    status = api.status("vol")[0]
+    assert status["mode"] == "degraded" and status["recovery"]["auto"] is True
+
+
+def test_auto_degrade_off_gives_eio(protected, state_root):
+    path, _ = protected
+    with Engine.open(None, "vol") as engine:
+        engine.record.settings["auto_degrade"] = False
+    damage(path, [3])
+    with pytest.raises(DataUnavailable, match="not in recovery"):
+        api.read("vol", 3 * RS, 100)
+
+
+def test_degraded_writes_go_to_the_overlay_and_its_replica(protected, replica_server):
+    path, data = protected
+    damage(path, [2])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    device_before = path.read_bytes()
+    writes = [(2 * RS + 5, b"partial into a bad region"), (6 * RS, b"W" * RS), (SIZE - 10, b"tail!")]
+    for offset, chunk in writes:
+        api.write("vol", offset, chunk)
+        data[offset:offset + len(chunk)] = chunk
+    assert path.read_bytes() == device_before  # the device is not touched in degraded mode
+    assert api.read("vol", 0, SIZE) == bytes(data)
+    api.replicate("vol")
+    overlay = replica_server.client().read_range("vol", 0, SIZE, overlay=True)
+    for region in (2, 6, REGIONS - 1):
+        lo, hi = region * RS, min((region + 1) * RS, SIZE)
+        assert overlay[lo:hi] == bytes(data[lo:hi])
+
+
+def test_bad_and_lagging_region_is_force_replicated_first(protected, replica_server):
+    path, data = protected
+    api.write("vol", 12 * RS, b"latest" * 100)  # not replicated yet
+    data[12 * RS:12 * RS + 600] = b"latest" * 100
+    damage(path, [12])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    assert api.read("vol", 12 * RS, 600) == b"latest" * 100
+
+
+def test_lost_region_fails_alone(protected, replica_server):
+    path, data = protected
+    with Engine.open(None, "vol") as engine:
+        Replicator(engine)
+        engine.record.settings["log_limit"] = RS
+        for region in (20, 21, 22):
+            engine.write(region * RS, bytes([region]) * RS)  # overflow: records dropped
+            data[region * RS:(region + 1) * RS] = bytes([region]) * RS
+        assert engine.volume.norecord.test(20)
+    damage(path, [21])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    status = api.status("vol")[0]
+    assert status["lost_regions"] == [[21, 1]]
+    with pytest.raises(RegionsLost, match="regions 21 are lost"):
+        api.read("vol", 21 * RS + 100, 10)
+    assert api.read("vol", 19 * RS, RS) == bytes(data[19 * RS:20 * RS])
+    assert api.read("vol", 22 * RS, RS) == bytes(data[22 * RS:23 * RS])
+    with pytest.raises(NotPermitted, match="lost"):
+        api.failback("vol")
+
+
+def test_failback_restores_the_device_and_returns_to_normal(protected, replica_server):
+    path, data = protected
+    damage(path, [1, 7, 30])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    api.write("vol", 15 * RS + 3, b"during the incident")
+    data[15 * RS + 3:15 * RS + 22] = b"during the incident"
+    result = api.failback("vol", rate="1G")
+    assert result["regions_copied"] == 4 and result["mode"] == "normal"
+    assert path.read_bytes() == bytes(data)
+    assert not os.path.exists(os.path.join(os.environ["DRTOOL_STATE_ROOT"], "vol", "overlay.img"))
+    assert api.scrub_volume("vol").bad_regions == []
+    status = api.status("vol")[0]
+    assert status["health"] == "ONLINE" and status["mode"] == "normal"
+    api.replicate("vol")
+    assert replica_server.client().read_range("vol", 0, SIZE) == bytes(data)
+    assert api.failback("vol")["changed"] is False
+
+
+def test_deleted_device_serves_from_replica_then_fails_back_to_new_device(protected, replica_server, tmp_path):
+    path, data = protected
+    os.unlink(path)
+    assert api.scrub_volume("vol").health == "FAULTED"
+    api.recover("vol")
+    assert api.read("vol", RS, 3 * RS) == bytes(data[RS:4 * RS])
+    blank = tmp_path / "new.img"
+    with open(blank, "wb") as handle:
+        handle.truncate(SIZE)
+    result = api.failback("vol", device=str(blank))
+    assert result["mode"] == "normal"
+    assert blank.read_bytes() == bytes(data)
+    # Only what differs was copied: the new device's zero regions already matched.
+    assert result["regions_copied"] == REGIONS - len(range(0, REGIONS, 5))
+    assert api.scrub_volume("vol").bad_regions == []
+
+
+def test_interrupted_failback_resumes(protected, replica_server, monkeypatch):
+    from drtool import failback as failback_mod
+
+    path, data = protected
+    damage(path, list(range(0, 30)))
+    api.scrub_volume("vol")
+    api.recover("vol")
+    monkeypatch.setattr(failback_mod, "BATCH_BYTES", 4 * RS)
+    calls = []
+    real = failback_mod._copy_region
+
+    def crash_after_some(engine, region, fetched):
+        calls.append(region)
+        if len(calls) == 10:
+            raise KeyboardInterrupt("operator pressed ^C")
+        return real(engine, region, fetched)
+
+    monkeypatch.setattr(failback_mod, "_copy_region", crash_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        api.failback("vol")
+    status = api.status("vol")[0]
+    remaining = sum(n for _, n in status["maps"]["resync"])
+    assert status["mode"] == "resync" and status["failback"]["done_regions"] == 8
+    assert remaining == 21  # two whole batches and one region of the third were copied
+    monkeypatch.setattr(failback_mod, "_copy_region", real)
+    result = api.failback("vol")
+    assert result["regions_copied"] == remaining
+    assert path.read_bytes() == bytes(data)
+
+
+def test_local_era_fetches_the_changed_set(protected, replica_server, tmp_path):
+    path, data = protected
+    backup = path.read_bytes()  # a local backup taken now ...
+    era = api.checkpoint("vol")["era"]  # ... at the start of this era
+    for region in (4, 9):
+        api.write("vol", region * RS, b"new" * 10)
+        data[region * RS:region * RS + 30] = b"new" * 10
+    api.replicate("vol")
+    path.write_bytes(backup)  # the device is restored from the older backup
+    api.recover("vol", local_era=era)
+    assert api.read("vol", 0, SIZE) == bytes(data)
+    assert api.status("vol")[0]["recovery"]["fetched_regions"] == 2
+
+
+def test_journal_source_applies_changes_over_local_data(protected, replica_server):
+    path, data = protected
+    backup = path.read_bytes()
+    era = api.checkpoint("vol")["era"]
+    api.write("vol", 4 * RS + 100, b"journal!")
+    data[4 * RS + 100:4 * RS + 108] = b"journal!"
+    api.replicate("vol")
+    path.write_bytes(backup)
+    api.recover("vol", local_era=era, source="journal")
+    assert api.read("vol", 4 * RS, RS) == bytes(data[4 * RS:5 * RS])
+
+
+def test_snapshot_source_rolls_bad_regions_back(protected, replica_server):
+    path, data = protected
+    old = bytes(data[5 * RS:6 * RS])
+    replica_server.client().create_snapshot("vol", "before")
+    api.write("vol", 5 * RS, b"N" * RS)
+    api.replicate("vol")
+    damage(path, [5])
+    api.scrub_volume("vol")
+    api.recover("vol", source="snapshot:before")
+    assert api.read("vol", 5 * RS, RS) == old
