@@ -92,7 +92,8 @@ class ReplicaClient:
         self.timeout = timeout
         self.retries = retries
         self.session = requests.Session()
-        self.session.verify = ca if ca else True
+        # Passed with every request: a session-wide setting loses to $REQUESTS_CA_BUNDLE.
+        self.verify: str | bool = ca if ca else True
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self._hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="drtool-verify")
@@ -118,7 +119,8 @@ class ReplicaClient:
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(attempts):
             try:
-                response = self.session.request(method, url, timeout=self.timeout, stream=stream, **kwargs)
+                response = self.session.request(method, url, timeout=self.timeout, stream=stream,
+                                                verify=self.verify, **kwargs)
             except requests.exceptions.SSLError as exc:
                 raise PeerAuthError(f"TLS with the replica server {url} failed: {_reason(exc)}") from None
             except (requests.ConnectionError, requests.Timeout) as exc:

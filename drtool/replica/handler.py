@@ -65,8 +65,9 @@ class ReplicaHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors found by http.server itself (bad request line, huge headers) as problems too."""
         self.close_connection = True
-        self._send_problem(Problem(code, message or self.responses.get(code, ("Error",))[0],
-                                   explain or message or "the request could not be parsed"))
+        self.request_version = "HTTP/1.1"  # an unparsable request line leaves HTTP/0.9: no status line
+        title = self.responses.get(code, ("Error",))[0]
+        self._send_problem(Problem(code, title, message or explain or "the request could not be parsed"))
 
     # -- responses ----------------------------------------------------------------------
 

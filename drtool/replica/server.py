@@ -196,7 +196,7 @@ def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str |
         raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from None
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True)
+    worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     worker.start()
     try:
         if token is None:

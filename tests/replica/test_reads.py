@@ -1,0 +1,133 @@
+"""Reads: batched verified frames, plain ranges (curl), snapshots, the change log."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+
+import blake3
+import pytest
+
+from drtool import wire
+from drtool.client import ReplicaClient
+from drtool.errors import DataUnavailable, UsageError
+from tests.conftest import corrupt, require_tool
+from tests.replica.conftest import VOLUME_ID, ServerProcess, write, zero
+
+RS = 4096
+COUNT = 300
+SIZE = COUNT * RS - 1000  # partial last region
+
+
+@pytest.fixture
+def content(client: ReplicaClient) -> bytearray:
+    """A volume whose every third region is zero, the rest random."""
+    client.ensure_volume("vol", SIZE, RS, VOLUME_ID)
+    rng = random.Random(3)
+    data = bytearray(SIZE)
+    chunks: list[bytes] = []
+    for region in range(COUNT):
+        if region % 3 == 0:
+            continue
+        start = region * RS
+        piece = rng.randbytes(min(RS, SIZE - start))
+        data[start:start + len(piece)] = piece
+        chunks += write(region + 1, start, piece)
+    client.send_records("vol", chunks, complete_through=COUNT)
+    return data
+
+
+def digests(data: bytes | bytearray) -> dict[int, bytes]:
+    return {r: blake3.blake3(bytes(data[r * RS:(r + 1) * RS])).digest() for r in range(COUNT)}
+
+
+def test_batched_read_of_many_runs_verifies(client: ReplicaClient, content: bytearray) -> None:
+    expected = digests(content)
+    runs = [(0, 10), (20, 1), (50, 100), (299, 1), (5, 3)]  # request order is kept, even unsorted
+    wanted = [r for a, n in runs for r in range(a, a + n)]
+    results = list(client.read_regions("vol", runs, expected=expected.__getitem__))
+    assert [r.region for r in results] == wanted
+    for result in results:
+        assert result.ok, result.reason
+        assert bytes(result.data) == content[result.region * RS:(result.region + 1) * RS]
+        assert result.digest == expected[result.region]
+
+
+def test_expected_digest_mismatch_is_not_ok(client: ReplicaClient, content: bytearray) -> None:
+    results = list(client.read_regions("vol", [(0, 3)], expected=lambda r: b"\1" * 32 if r == 1 else None))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].data is None and "other data than expected" in (results[1].reason or "")
+
+
+def test_corrupted_mirror_byte_fails_exactly_that_region(server: ServerProcess, client: ReplicaClient,
+                                                         content: bytearray) -> None:
+    corrupt(server.root / "vol" / "mirror.img", 41 * RS + 17)
+    results = list(client.read_regions("vol", [(0, COUNT)]))
+    assert [r.region for r in results if not r.ok] == [41]
+    assert "damaged on the secondary" in (results[41].reason or "")
+
+
+def test_runs_outside_the_volume_are_refused(client: ReplicaClient, content: bytearray) -> None:
+    with pytest.raises(UsageError, match="outside the volume"):
+        list(client.read_regions("vol", [(COUNT - 1, 2)]))
+    assert all(r.ok for r in client.read_regions("vol", [(COUNT - 1, 1)]))
+
+
+def test_curl_range_reads(server: ServerProcess, content: bytearray) -> None:
+    require_tool("curl")
+    url = f"{server.url}/v1/volumes/vol/data"
+    auth = ["-H", f"Authorization: Bearer {server.token}"]
+    got = subprocess.run(["curl", "-sf", *auth, "-r", "0-1048575", url], capture_output=True, check=True)
+    assert got.stdout == content[:1048576]
+    got = subprocess.run(["curl", "-sf", *auth, "-r", f"{SIZE - 10}-", url], capture_output=True, check=True)
+    assert got.stdout == content[-10:]
+    got = subprocess.run(["curl", "-sf", *auth, url], capture_output=True, check=True)
+    assert got.stdout == content
+    past = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *auth, "-r",
+                           f"{SIZE}-{SIZE + 10}", url], capture_output=True, check=True)
+    assert past.stdout == b"416"
+
+
+def test_snapshot_reads_do_not_see_later_writes(client: ReplicaClient, content: bytearray) -> None:
+    client.create_snapshot("vol", "before")
+    client.create_snapshot("vol", "other")
+    client.send_records("vol", write(COUNT + 1, RS, b"n" * RS) + zero(COUNT + 2, 2 * RS, RS)
+                        + write(COUNT + 3, 3 * RS + 5, b"t" * 7))
+    assert client.read_range("vol", 0, 4 * RS, snapshot="before") == content[:4 * RS]
+    now = client.read_range("vol", 0, 4 * RS)
+    assert now[RS:2 * RS] == b"n" * RS and now[2 * RS:3 * RS] == bytes(RS)
+    snap = list(client.read_regions("vol", [(0, 5)], snapshot="before", expected=digests(content).get))
+    assert all(r.ok for r in snap)
+    assert {s["name"]: s["preserved_regions"] for s in client.list_snapshots("vol")} == {"before": 3, "other": 3}
+    client.delete_snapshot("vol", "before")
+    assert [s["name"] for s in client.list_snapshots("vol")] == ["other"]
+    with pytest.raises(UsageError, match="no snapshot before"):
+        client.read_range("vol", 0, 10, snapshot="before")
+
+
+def test_changes_after_seq_for_given_regions(client: ReplicaClient, content: bytearray) -> None:
+    c = COUNT
+    client.send_records("vol", write(c + 1, RS + 1, b"a" * 10) + write(c + 2, 2 * RS, b"b" * RS)
+                        + write(c + 3, RS + 1, b"c" * 5) + write(c + 4, 7 * RS + 1, b"d" * 3))
+    got = list(client.changes("vol", c + 1, [(1, 2)]))
+    assert [(h.seq, h.offset, data) for h, data in got] == [(c + 2, 2 * RS, b"b" * RS), (c + 3, RS + 1, b"c" * 5)]
+    everything = [h.seq for h, _ in client.changes("vol", 0, [(0, COUNT)])]
+    assert everything == [r + 1 for r in range(COUNT) if r % 3] + [c + 1, c + 2, c + 3, c + 4]
+
+
+def test_changes_older_than_the_journal_are_gone(start_server) -> None:  # type: ignore[no-untyped-def]
+    big = 1 << 20  # with a zero limit, each 1 MiB record fills a journal segment of its own
+    server = start_server(limits={"journal_limit": 0})
+    with server.client() as c:
+        c.ensure_volume("vol", 4 * big, big, VOLUME_ID)
+        for seq in range(1, 5):
+            c.send_records("vol", write(seq, 0, bytes([seq]) * big))
+        assert c.volume_info("vol")["journal"]["base_seq"] == 3
+        with pytest.raises(DataUnavailable, match="no longer reaches back"):
+            list(c.changes("vol", 2, [(0, 1)]))
+        assert [h.seq for h, _ in c.changes("vol", 3, [(0, 1)])] == [4]
+
+
+def test_frames_layout() -> None:
+    frame = wire.encode_frame_header(wire.FRAME_DATA, 3, 10, b"x" * 32)
+    assert wire.decode_frame_header(frame).region == 3
