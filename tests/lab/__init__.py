@@ -1,0 +1,1 @@
+"""The two-host network-namespace lab (lab.py) and its tests."""
