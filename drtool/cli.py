@@ -62,7 +62,7 @@ def cmd_init(ctx: Context) -> int:
 
 
 def cmd_scrub(ctx: Context) -> int:
-    result = api.scrub_volume(ctx.args.name, root=ctx.root, progress=ctx.progress()).to_json()
+    result = api.scrub_volume(ctx.args.name, root=ctx.root, progress=ctx.progress())
     if ctx.json:
         ctx.emit_json(result)
     else:
@@ -73,7 +73,7 @@ def cmd_scrub(ctx: Context) -> int:
 
 
 def cmd_scan(ctx: Context) -> int:
-    result = api.scan_volume(ctx.args.name, root=ctx.root, progress=ctx.progress()).to_json()
+    result = api.scan_volume(ctx.args.name, root=ctx.root, progress=ctx.progress())
     if ctx.json:
         ctx.emit_json(result)
     else:

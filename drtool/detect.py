@@ -9,6 +9,7 @@ faults the whole volume.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,8 +119,13 @@ def fault(volume: Volume, found: DeviceProbe | str) -> None:
     volume.ioerror.set_all()
 
 
-def scrub(volume: Volume, progress: ProgressFn | None = None) -> ScrubReport:
-    """Read and verify every region; update the bad map; save; report."""
+def scrub(volume: Volume, progress: ProgressFn | None = None,
+          recheck: Callable[[int], bool] | None = None) -> ScrubReport:
+    """Read and verify every region; update the bad map; save; report.
+
+    ``recheck(region)`` (given by a running engine) re-reads a failed region under
+    its write lock: a write in flight is not damage.
+    """
     started = time.time()
     clock = time.perf_counter()
     geometry = volume.geometry
@@ -143,7 +149,7 @@ def scrub(volume: Volume, progress: ProgressFn | None = None) -> ScrubReport:
         else:
             bytes_scanned = result.bytes_read
             volume.record.faulted = None
-            _apply_scrub(volume, targets, result, errors)
+            _apply_scrub(volume, targets, result, errors, recheck)
     seconds = time.perf_counter() - clock
     new_bad = [r for r in volume.bad if not before.test(r)]
     cleared = [r for r in before if not volume.bad.test(r)]
@@ -164,22 +170,27 @@ def scrub(volume: Volume, progress: ProgressFn | None = None) -> ScrubReport:
     return report
 
 
-def _apply_scrub(volume: Volume, targets: list[Run], result: Any, errors: dict[str, int]) -> None:
+def _apply_scrub(volume: Volume, targets: list[Run], result: Any, errors: dict[str, int],
+                 recheck: Callable[[int], bool] | None) -> None:
     manifest = volume.manifest
     bad, ioerror = volume.bad, volume.ioerror
     for first, count in targets:
         for region in range(first, first + count):
             reason = result.errors.get(region)
-            if reason is not None:
+            suspect = reason is not None or not manifest.matches(region, result.digest(region))
+            if suspect and recheck is not None and recheck(region):
+                reason = None
+                suspect = False
+            if not suspect:
+                bad.clear(region)
+                ioerror.clear(region)
+            elif reason is not None:
                 errors[reason] = errors.get(reason, 0) + 1
                 bad.set(region)
                 ioerror.set(region)
-            elif not manifest.matches(region, result.digest(region)):
+            else:
                 errors[CHECKSUM] += 1
                 bad.set(region)
-                ioerror.clear(region)
-            else:
-                bad.clear(region)
                 ioerror.clear(region)
 
 

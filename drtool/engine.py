@@ -104,13 +104,24 @@ class Engine:
         if self.device is not None:
             return
         try:
-            self.device = Device(self.record.device, writable=True)
+            self.device = self.volume.open_device(writable=True)
         except (DeviceError, UsageError):
             try:
-                self.device = Device(self.record.device, writable=False)
+                self.device = self.volume.open_device(writable=False)
             except (DeviceError, UsageError) as exc:
                 self.device = None
                 log.warning("volume %s: device unavailable: %s", self.name, exc)
+
+    def reopen_device(self) -> None:
+        if self.device is None:
+            self._open_device()
+
+    def drop_device(self) -> None:
+        """The device is gone: stop using its file descriptor (it may point at a deleted file)."""
+        with self.meta:
+            if self.device is not None:
+                self.device.close()
+                self.device = None
 
     def close(self) -> None:
         try:
@@ -380,6 +391,15 @@ class Engine:
             except DeviceIOError:
                 return False
             return self.volume.manifest.matches(region, blake3.blake3(region_view).digest())
+
+    def recheck_region(self, region: int) -> bool:
+        """Does the device hold the region's expected bytes?  (Read under the region's lock.)"""
+        if self.device is None:
+            self._open_device()
+        if self.device is None:
+            return False
+        buffer = bytearray(self.geometry.region_length(region))
+        return self._recheck(self.device, region, memoryview(buffer))
 
     def _local_failure(self, regions: list[int]) -> None:
         """Self-healing: a device region failed while serving: mark it bad, maybe degrade."""

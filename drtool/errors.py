@@ -163,3 +163,14 @@ class OperationTimeout(DrtoolError):
 class NotPermitted(DrtoolError):
     exit_code = ExitCode.NOT_PERMITTED
     errno = errno.EPERM
+
+
+def rebuild(type_name: str, message: str) -> DrtoolError:
+    """The error a remote drtool process (the agent) reported, as the same class here."""
+    cls = globals().get(type_name)
+    if not (isinstance(cls, type) and issubclass(cls, DrtoolError)):
+        cls = DrtoolError
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.message = message
+    return error

@@ -23,7 +23,7 @@ def device(tmp_path, state_root):
 
 
 def scrub():
-    return api.scrub_volume("vol").to_json()
+    return api.scrub_volume("vol")
 
 
 def test_clean_volume_scrubs_clean(device):
@@ -112,7 +112,7 @@ def test_scan_accepts_outside_writes(device):
     corrupt(device, 3 * RS, b"new!")
     corrupt(device, 20 * RS + 5, b"x")
     api.checkpoint("vol")
-    report = api.scan_volume("vol").to_json()
+    report = api.scan_volume("vol")
     assert report["changed_regions"] == [[3, 1], [20, 1]] and report["era"] == 2
     assert scrub()["bad_regions"] == []
     with Volume.open(os.environ["DRTOOL_STATE_ROOT"], "vol") as vol:
@@ -126,7 +126,7 @@ def test_scan_never_clears_io_error_regions(device, monkeypatch):
     assert scrub()["bad_regions"] == [[9, 1]]
     FlakyDevice.span = (0, 0)  # the device reads again, with changed bytes
     corrupt(device, 9 * RS)
-    report = api.scan_volume("vol").to_json()
+    report = api.scan_volume("vol")
     assert report["changed_regions"] == []
     assert api.status("vol")[0]["bad_regions"] == [[9, 1]]
 
@@ -149,8 +149,8 @@ def test_sparse_volume_digests_holes_as_zeros(tmp_path, state_root):
         handle.seek(10 * RS)
         handle.write(b"data")
     api.init_volume("sp", str(path), "64K")
-    report = api.scrub_volume("sp").to_json()
+    report = api.scrub_volume("sp")
     assert report["bad_regions"] == []
     assert report["bytes_scanned"] <= 1 << 20  # only the 1 MiB chunk holding data is read
     corrupt(path, 50 * RS)  # fill a hole with a non-zero byte
-    assert api.scrub_volume("sp").to_json()["bad_regions"] == [[50, 1]]
+    assert api.scrub_volume("sp")["bad_regions"] == [[50, 1]]

@@ -34,7 +34,8 @@ def test_recover_serves_exact_data_over_corrupted_regions(protected, replica_ser
     path, data = protected
     bad = random.Random(3).sample(range(REGIONS), 4)
     damage(path, bad)
-    assert sorted(r for r, n in api.scrub_volume("vol").bad_regions for r in range(r, r + n)) == sorted(bad)
+    runs = api.scrub_volume("vol")["bad_regions"]
+    assert sorted(r for first, n in runs for r in range(first, first + n)) == sorted(bad)
     result = api.recover("vol")
     assert result["changed"] and result["mode"] == "degraded" and result["requested_count"] == 4
     assert api.recover("vol")["changed"] is False  # idempotent
@@ -131,7 +132,7 @@ def test_failback_restores_the_device_and_returns_to_normal(protected, replica_s
     assert result["regions_copied"] == 4 and result["mode"] == "normal"
     assert path.read_bytes() == bytes(data)
     assert not os.path.exists(os.path.join(os.environ["DRTOOL_STATE_ROOT"], "vol", "overlay.img"))
-    assert api.scrub_volume("vol").bad_regions == []
+    assert api.scrub_volume("vol")["bad_regions"] == []
     status = api.status("vol")[0]
     assert status["health"] == "ONLINE" and status["mode"] == "normal"
     api.replicate("vol")
@@ -142,7 +143,7 @@ def test_failback_restores_the_device_and_returns_to_normal(protected, replica_s
 def test_deleted_device_serves_from_replica_then_fails_back_to_new_device(protected, replica_server, tmp_path):
     path, data = protected
     os.unlink(path)
-    assert api.scrub_volume("vol").health == "FAULTED"
+    assert api.scrub_volume("vol")["health"] == "FAULTED"
     api.recover("vol")
     assert api.read("vol", RS, 3 * RS) == bytes(data[RS:4 * RS])
     blank = tmp_path / "new.img"
@@ -153,7 +154,7 @@ def test_deleted_device_serves_from_replica_then_fails_back_to_new_device(protec
     assert blank.read_bytes() == bytes(data)
     # Only what differs was copied: the new device's zero regions already matched.
     assert result["regions_copied"] == REGIONS - len(range(0, REGIONS, 5))
-    assert api.scrub_volume("vol").bad_regions == []
+    assert api.scrub_volume("vol")["bad_regions"] == []
 
 
 def test_interrupted_failback_resumes(protected, replica_server, monkeypatch):

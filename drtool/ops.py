@@ -1,0 +1,136 @@
+"""Operations on an open engine.  One implementation, two callers: drtool.api opens the
+engine itself when no agent runs; the agent calls the same functions on the engine it
+already holds, on behalf of its control socket.  Every function returns JSON-able data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drtool import detect, replication
+from drtool import failback as failback_mod
+from drtool.engine import Engine
+from drtool.errors import UsageError
+from drtool.progress import NoProgress, Progress
+from drtool.regions import from_runs, parse_runs, to_runs
+from drtool.status import volume_status
+from drtool.units import parse_rate
+from drtool.storage.paths import validate_name
+
+
+def parse_source(source: str | None) -> str:
+    source = source or "mirror"
+    if source in ("mirror", "journal"):
+        return source
+    if source.startswith("snapshot:"):
+        validate_name(source.split(":", 1)[1], "snapshot name")
+        return source
+    raise UsageError(f"--source {source!r} is not mirror, journal or snapshot:NAME")
+
+
+def status(engine: Engine, probe_peer: bool = True) -> dict[str, Any]:
+    lag = replication.lag_of(engine)
+    result = volume_status(engine.volume, lag=lag, probe_peer=probe_peer)
+    replicator = engine.replicator
+    if replicator is not None and result.get("peer"):
+        if replicator.reachable is not None:
+            result["peer"]["reachable"] = replicator.reachable
+            result["peer"]["error"] = replicator.last_error
+        result["peer"]["last_ack"] = replicator.last_ack
+    result["read_only"] = engine.read_only_reason
+    return result
+
+
+def scrub(engine: Engine, progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NoProgress()
+    progress.start(engine.geometry.size, f"scrubbing {engine.name}")
+    try:
+        report = detect.scrub(engine.volume, progress.advance, recheck=engine.recheck_region)
+    finally:
+        progress.finish()
+    if report.faulted:
+        engine.drop_device()
+    else:
+        engine.reopen_device()  # the device may be back after a fault
+    return report.to_json()
+
+
+def scan(engine: Engine, progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NoProgress()
+    progress.start(engine.geometry.size, f"scanning {engine.name}")
+    try:
+        return detect.scan(engine.volume, progress.advance).to_json()
+    finally:
+        progress.finish()
+
+
+def checkpoint(engine: Engine) -> dict[str, Any]:
+    return {"volume": engine.name, "era": engine.checkpoint()}
+
+
+def write(engine: Engine, offset: int, data: bytes, sync: bool = False) -> dict[str, Any]:
+    engine.write(offset, data, fua=sync)
+    return {"volume": engine.name, "offset": offset, "length": len(data), "synced": sync,
+            "last_seq": engine.log.next_seq - 1, "mode": engine.mode}
+
+
+def read(engine: Engine, offset: int, length: int) -> bytes:
+    return bytes(engine.read(offset, length))
+
+
+def replicate(engine: Engine, wait: bool = False, regions: str | None = None,
+              timeout: float = 300.0) -> dict[str, Any]:
+    replicator = engine.replicator
+    if replicator is None:
+        raise UsageError(f"volume {engine.name} has no peer: run drtool protect first")
+    before = (replicator.shipped_records, replicator.shipped_bytes)
+    forced: list[list[int]] = []
+    if regions:
+        runs = parse_runs(regions, engine.geometry)
+        replicator.force(list(from_runs(runs)))
+        forced = [list(run) for run in runs]
+    elif wait:
+        replicator.wait_caught_up(timeout)
+    else:
+        replicator.ship()
+    return {"volume": engine.name, "records_shipped": replicator.shipped_records - before[0],
+            "bytes_shipped": replicator.shipped_bytes - before[1], "forced_regions": forced,
+            "lag": replication.lag_of(engine)}
+
+
+def protect(engine: Engine, peer: str, token_file: str | None = None, ca: str | None = None,
+            progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NoProgress()
+    pending = engine.volume.norecord.popcount() if engine.protected else engine.geometry.count
+    progress.start(pending * engine.geometry.region_size, f"initial sync of {engine.name}")
+    try:
+        return replication.protect(engine, peer, token_file, ca, progress=progress.advance)
+    finally:
+        progress.finish()
+
+
+def recover(engine: Engine, local_era: int | None = None, source: str | None = None) -> dict[str, Any]:
+    source = parse_source(source)
+    changed = engine.enter_degraded("operator ran recover", local_era=local_era, source=source)
+    return {"volume": engine.name, "changed": changed, "mode": engine.mode,
+            "recovery": engine.record.recovery, "bad_count": engine.volume.bad.popcount(),
+            "requested_count": engine.requested_regions().popcount(),
+            "lost_regions": [list(r) for r in to_runs(engine.lost_regions())]}
+
+
+def failback(engine: Engine, device: str | None = None, rate: int | str | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NoProgress()
+    started = False
+
+    def start(total: int) -> None:
+        nonlocal started
+        started = True
+        progress.start(total, f"failback of {engine.name}")
+
+    try:
+        return failback_mod.failback(engine, device=device, rate=parse_rate(rate),
+                                     progress_start=start, progress=progress.advance)
+    finally:
+        if started:
+            progress.finish()
