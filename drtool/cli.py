@@ -135,17 +135,117 @@ def cmd_replicate(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def cmd_recover(ctx: Context) -> int:
+    a = ctx.args
+    result = api.recover(a.name, local_era=a.local_era, source=a.source, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        verb = "entered degraded mode" if result["changed"] else "was already in " + result["mode"] + " mode"
+        ctx.out.print(f"volume {a.name} {verb}: writes go to the overlay, {result['requested_count']} regions "
+                      f"are served from the replica (source {result['recovery']['source']})")
+        if result["lost_regions"]:
+            ctx.err.print(f"[red]lost regions (reads fail with EIO): {result['lost_regions']}[/red]")
+    return ExitCode.OK
+
+
+def cmd_failback(ctx: Context) -> int:
+    a = ctx.args
+    result = api.failback(a.name, device=a.device, rate=a.rate, root=ctx.root, progress=ctx.progress())
+    if ctx.json:
+        ctx.emit_json(result)
+    elif not result["changed"]:
+        ctx.out.print(f"volume {a.name} is in normal mode; nothing to fail back")
+    else:
+        ctx.out.print(f"volume {a.name}: {result['regions_copied']} regions copied onto {result['device']}; "
+                      f"mode {result['mode']}")
+    return ExitCode.OK
+
+
+def cmd_read(ctx: Context) -> int:
+    a = ctx.args
+    data = api.read(a.name, parse_size(a.offset, "offset"), parse_size(a.length, "length"), root=ctx.root)
+    if a.output and a.output != "-":
+        with open(a.output, "wb") as handle:
+            handle.write(data)
+    else:
+        ctx.stdout.flush()
+        target = getattr(ctx.stdout, "buffer", None)
+        if target is None:
+            ctx.stdout.write(data.decode("latin-1"))
+        else:
+            target.write(data)
+            target.flush()
+    return ExitCode.OK
+
+
+def _setup_logging(debug: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _maybe_daemonize(ctx: Context):
+    """With --daemon: detach; returns a function that tells the waiting parent we are ready."""
+    a = ctx.args
+    if not a.daemon:
+        return None
+    from drtool.daemon import daemonize
+
+    if not a.pid_file or not a.log_file:
+        raise UsageError("--daemon needs --pid-file and --log-file")
+    return daemonize(os.path.abspath(a.pid_file), os.path.abspath(a.log_file))
+
+
 def cmd_serve(ctx: Context) -> int:
     from drtool.replica.server import serve
 
     a = ctx.args
+    notify = _maybe_daemonize(ctx)
+    _setup_logging(a.debug)
 
     def announce(address: str) -> None:
-        ctx.out.print(f"drtool replica server listening on {address}")
+        line = f"drtool replica server listening on {address}"
+        if notify:
+            notify(True, line + "\n")
+        ctx.out.print(line)
         ctx.out.file.flush()
 
-    return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
-                 tls_key=a.tls_key, announce=announce)
+    try:
+        return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
+                     tls_key=a.tls_key, announce=announce)
+    except DrtoolError as exc:
+        if notify:
+            notify(False, str(exc), int(exc.exit_code))
+        raise
+
+
+def cmd_agent(ctx: Context) -> int:
+    from drtool import agent
+
+    a = ctx.args
+    listen = agent.parse_listen(a.listen)
+    nbd_socket = os.path.abspath(a.nbd_socket) if a.nbd_socket else None
+    notify = _maybe_daemonize(ctx)
+    _setup_logging(a.debug)
+
+    def announce(addresses: dict) -> None:
+        lines = [f"drtool agent (pid {addresses['pid']}) serving"]
+        for name, uris in addresses["uris"].items():
+            lines.append(f"  {name}: " + "  ".join(uris))
+        text = "\n".join(lines) + "\n"
+        if notify:
+            notify(True, text)
+        ctx.out.print(text, end="")
+        ctx.out.file.flush()
+
+    try:
+        return agent.run(ctx.root, a.names, nbd_socket, listen, announce)
+    except DrtoolError as exc:
+        if notify:
+            notify(False, str(exc), int(exc.exit_code))
+        raise
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -203,12 +303,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regions", help="force exactly these regions' records (e.g. 3,10-12)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait may take")
 
+    p = command("recover", cmd_recover, "enter degraded mode: overlay writes, merged verified reads")
+    p.add_argument("name")
+    p.add_argument("--local-era", type=int, help="the local copy is older: it holds writes before this era")
+    p.add_argument("--source", default="mirror", help="mirror (default), journal or snapshot:NAME")
+
+    p = command("failback", cmd_failback, "copy bad and overlay regions back into the device")
+    p.add_argument("name")
+    p.add_argument("--device", help="a replacement device of the same size")
+    p.add_argument("--rate", help="throttle, bytes per second (e.g. 200M)")
+
+    p = command("read", cmd_read, "a merged, verified read (for scripts)")
+    p.add_argument("name")
+    p.add_argument("--offset", required=True)
+    p.add_argument("--length", required=True)
+    p.add_argument("-o", "--output", help="file to write (default standard output)")
+
+    def daemon_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--daemon", action="store_true", help="detach (for hosts without systemd)")
+        p.add_argument("--pid-file", help="with --daemon: where to write the pid")
+        p.add_argument("--log-file", help="with --daemon: where to write the log")
+
+    p = command("agent", cmd_agent, "serve volumes over NBD, replicate, answer the CLI")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--nbd-socket", help="Unix socket path for NBD clients")
+    p.add_argument("--listen", default="127.0.0.1:10809", help="TCP HOST:PORT for NBD ('none' to disable)")
+    daemon_options(p)
+
     p = command("serve", cmd_serve, "run the secondary's replica server")
     p.add_argument("--root", required=True, help="directory holding the replicas")
     p.add_argument("--listen", default="127.0.0.1:8470", help="HOST:PORT (port 0 picks one and prints it)")
     p.add_argument("--token-file", help="file (mode 0600) holding the bearer token clients must send")
     p.add_argument("--tls-cert", help="PEM certificate; with --tls-key, serve HTTPS")
     p.add_argument("--tls-key", help="PEM private key")
+    daemon_options(p)
 
     p = command("status", cmd_status, "show the status of one volume or all")
     p.add_argument("name", nargs="?")

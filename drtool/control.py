@@ -111,32 +111,40 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as stream:
-            try:
-                line = stream.readline(MAX_REQUEST + 1)
-                if not line.endswith(b"\n"):
-                    raise DrtoolError("control request is truncated or larger than 1 MiB")
-                request = json.loads(line)
-                op = request.get("op")
-                handler = self.handlers.get(op)
-                if handler is None:
-                    raise DrtoolError(f"unknown control operation {op!r}")
-                result = handler(request.get("args") or {}, _StreamProgress(stream))
-                if isinstance(result, RawResult):
-                    stream.write(json.dumps({"ok": True, "result": result.meta}, default=str).encode() + b"\n")
-                    stream.write(result.data)
-                else:
-                    stream.write(json.dumps({"ok": True, "result": result}, default=str).encode() + b"\n")
-                stream.flush()
-            except (ValueError, AttributeError) as exc:
-                self._error(stream, DrtoolError(f"malformed control request: {exc}"))
-            except DrtoolError as exc:
-                self._error(stream, exc)
-            except OSError:
+        try:
+            with conn, conn.makefile("rwb") as stream:
+                self._answer(stream)
+        except OSError:
+            pass  # the client went away (is_listening() probes do exactly that)
+
+    def _answer(self, stream: BinaryIO) -> None:
+        try:
+            line = stream.readline(MAX_REQUEST + 1)
+            if not line:
                 return
-            except Exception as exc:  # keep the agent alive; report the bug to the caller
-                log.exception("control operation failed")
-                self._error(stream, DrtoolError(f"internal error in the agent: {exc}"))
+            if not line.endswith(b"\n"):
+                raise DrtoolError("control request is truncated or larger than 1 MiB")
+            request = json.loads(line)
+            op = request.get("op")
+            handler = self.handlers.get(op)
+            if handler is None:
+                raise DrtoolError(f"unknown control operation {op!r}")
+            result = handler(request.get("args") or {}, _StreamProgress(stream))
+            if isinstance(result, RawResult):
+                stream.write(json.dumps({"ok": True, "result": result.meta}, default=str).encode() + b"\n")
+                stream.write(result.data)
+            else:
+                stream.write(json.dumps({"ok": True, "result": result}, default=str).encode() + b"\n")
+            stream.flush()
+        except (ValueError, AttributeError, TypeError) as exc:
+            self._error(stream, DrtoolError(f"malformed control request: {exc}"))
+        except DrtoolError as exc:
+            self._error(stream, exc)
+        except OSError:
+            raise
+        except Exception as exc:  # keep the agent alive; report the bug to the caller
+            log.exception("control operation failed")
+            self._error(stream, DrtoolError(f"internal error in the agent: {exc}"))
 
     @staticmethod
     def _error(stream: BinaryIO, exc: DrtoolError) -> None:
