@@ -90,6 +90,28 @@ def cmd_checkpoint(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def cmd_report(ctx: Context) -> int:
+    """Render status JSON gathered elsewhere (e.g. by playbooks/status.yml) as one report."""
+    path = ctx.args.file
+    try:
+        raw = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        gathered = json.loads(raw)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from None
+    hosts = gathered if isinstance(gathered, dict) else {"": gathered}
+    if not all(isinstance(v, list) and all(isinstance(s, dict) and "volume" in s for s in v)
+               for v in hosts.values()):
+        raise UsageError(f"{path} must map host names to lists of drtool status objects")
+    if ctx.json:
+        ctx.emit_json(hosts)
+        return ExitCode.OK
+    report.render_fleet(ctx.out, hosts, detail=ctx.args.detail)
+    worst = [s["health"] for v in hosts.values() for s in v]
+    return ExitCode.OK if all(h == "ONLINE" for h in worst) else ExitCode.BAD_REGIONS
+
+
 def cmd_status(ctx: Context) -> int:
     statuses = api.status(ctx.args.name, root=ctx.root)
     if ctx.json:
@@ -337,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="PEM certificate; with --tls-key, serve HTTPS")
     p.add_argument("--tls-key", help="PEM private key")
     daemon_options(p)
+
+    p = command("report", cmd_report, "render status JSON gathered from many hosts")
+    p.add_argument("file", help="JSON: {host: [status, ...]} or [status, ...] ('-' for stdin)")
+    p.add_argument("--detail", action="store_true", help="a full panel for every volume")
 
     p = command("status", cmd_status, "show the status of one volume or all")
     p.add_argument("name", nargs="?")

@@ -157,22 +157,47 @@ def render_status(console: Console, status: dict[str, Any]) -> None:
                         title=f"drtool status: {status['volume']}", width=width, expand=False))
 
 
-def render_summary(console: Console, statuses: list[dict[str, Any]]) -> None:
+def render_summary(console: Console, statuses: list[dict[str, Any]], host: str | None = None) -> None:
     if not statuses:
         console.print("no volumes registered")
         return
     table = Table(title="drtool volumes")
-    for column in ("volume", "health", "mode", "role", "size", "bad", "lost", "era", "device"):
+    columns = ("host",) if host is not None else ()
+    for column in (*columns, "volume", "health", "mode", "role", "size", "bad", "lost", "lag", "era", "device"):
         table.add_column(column)
     for status in statuses:
         health = status["health"]
+        lag = (status.get("lag") or {}).get("summary", "")
         table.add_row(
+            *((host,) if host is not None else ()),
             status["volume"], Text(health, style=HEALTH_STYLE.get(health, "")),
             Text(status["mode"], style=MODE_STYLE.get(status["mode"], "")), status.get("role", ""),
             format_bytes(status["size"]), str(status["bad_count"]), str(status.get("lost_count", 0)),
-            str(status["era"]), status["device"],
+            lag, str(status["era"]), status["device"],
         )
     console.print(table)
+
+
+def render_fleet(console: Console, hosts: dict[str, list[dict[str, Any]]], detail: bool = False) -> None:
+    """One report for statuses gathered from many hosts."""
+    table = Table(title="drtool fleet status")
+    for column in ("host", "volume", "health", "mode", "role", "bad", "lost", "replication", "peer"):
+        table.add_column(column)
+    for host, statuses in sorted(hosts.items()):
+        for status in statuses:
+            health = status["health"]
+            peer = status.get("peer") or {}
+            reach = {True: "reachable", False: "UNREACHABLE"}.get(peer.get("reachable"), "")
+            table.add_row(host, status["volume"], Text(health, style=HEALTH_STYLE.get(health, "")),
+                          Text(status["mode"], style=MODE_STYLE.get(status["mode"], "")),
+                          status.get("role", ""), str(status["bad_count"]), str(status.get("lost_count", 0)),
+                          (status.get("lag") or {}).get("summary", ""),
+                          f"{peer.get('url', '')} {reach}".strip())
+    console.print(table)
+    if detail:
+        for statuses in hosts.values():
+            for status in statuses:
+                render_status(console, status)
 
 
 def render_scrub(console: Console, report: dict[str, Any]) -> None:
