@@ -17,8 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import blake3
@@ -38,8 +37,7 @@ _SEND_COALESCE = 1 << 20  # small record chunks are joined up to this size befor
 _RETRY_STATUSES = (502, 503, 504)
 
 
-@dataclass(frozen=True)
-class RegionResult:
+class RegionResult(NamedTuple):
     """One region of a batched read.  ``data`` is valid until the next iteration."""
 
     region: int
@@ -283,6 +281,13 @@ class _FrameReader:
         self.pending: wire.FrameHeader | None = None  # parsed header whose payload is incomplete
         self.free: list[bytearray] = []
         self.zeros = memoryview(b"")
+        # urllib3's readinto reads into a temporary bytes and copies; http.client's
+        # response under it (bounded by Content-Length, no content coding here) reads
+        # straight into our buffer, which doubles the throughput measured here.
+        raw = response.raw
+        fp = getattr(raw, "_fp", None)
+        plain = not response.headers.get("Content-Encoding") and hasattr(fp, "readinto")
+        self._readinto: Callable[[memoryview], int] = fp.readinto if plain else raw.readinto
 
     def results(self) -> Iterator[RegionResult]:
         inflight: deque[tuple[bytearray, Future[list[RegionResult]]]] = deque()
@@ -294,8 +299,8 @@ class _FrameReader:
                 nxt = self._take_block(max(_BLOCK, len(leftover) + need + _SLICE))
                 nxt[:len(leftover)] = leftover
                 block, filled = nxt, len(leftover)
-            # Keep one block hashing while the next is received; drain all at the end.
-            while len(inflight) > (0 if ended else 1):
+            # Keep up to two blocks hashing (one per worker) while the next is received.
+            while len(inflight) > (0 if ended else 2):
                 done_block, future = inflight.popleft()
                 yield from future.result()
                 self.free.append(done_block)
@@ -309,7 +314,7 @@ class _FrameReader:
 
     def _read(self, view: memoryview) -> int:
         try:
-            return self.response.raw.readinto(view)
+            return self._readinto(view)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise PeerUnreachable(f"replica server {self.url} vanished mid-stream after {self.seen} of "
                                   f"{self.total} regions: {_reason(exc)}") from None

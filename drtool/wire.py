@@ -41,6 +41,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import blake3
 
@@ -128,8 +129,8 @@ def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
     return RecordHeader(kind, flags, seq, offset, length, era, digest)
 
 
-@dataclass(frozen=True)
-class FrameHeader:
+class FrameHeader(NamedTuple):
+    # A tuple, not a dataclass: a batched read parses one per region, and this is cheaper.
     kind: int
     region: int
     length: int
@@ -148,12 +149,11 @@ def encode_frame_header(kind: int, region: int, length: int, digest: bytes = NO_
 def decode_frame_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     if len(buf) < FRAME_HEADER_SIZE:
         raise WireError(f"frame header needs {FRAME_HEADER_SIZE} bytes, got {len(buf)}")
-    head = bytes(buf[:FRAME_HEAD.size])
+    magic, kind, _flags, region, length, digest = FRAME_HEAD.unpack_from(buf)
     (crc,) = _CRC.unpack_from(buf, FRAME_HEAD.size)
-    magic, kind, _flags, region, length, digest = FRAME_HEAD.unpack(head)
     if magic != FRAME_MAGIC:
         raise WireError(f"bad frame magic {magic!r}")
-    if zlib.crc32(head) != crc:
+    if zlib.crc32(memoryview(buf)[:FRAME_HEAD.size]) != crc:
         raise WireError("frame header checksum mismatch")
     if kind not in (FRAME_DATA, FRAME_ZERO, FRAME_ERROR, FRAME_END):
         raise WireError(f"unknown frame kind {kind}")

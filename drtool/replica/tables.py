@@ -22,6 +22,7 @@ from drtool.storage import mapfile
 from drtool.wire import NO_DIGEST, zero_digest
 
 PAGE_REGIONS = 4096
+_PAGE_SHIFT = 12
 _BITMAP_BYTES = PAGE_REGIONS // 8
 
 
@@ -87,9 +88,9 @@ class DigestTable:
 
     def stored(self, region: int) -> bytes:
         """The raw slot: NO_DIGEST for an all-zero region."""
-        page, index = divmod(region, PAGE_REGIONS)
-        start = _BITMAP_BYTES + 32 * index
-        return bytes(self._page(page)[start:start + 32])
+        body = self._pages.get(region >> _PAGE_SHIFT) or self._page(region >> _PAGE_SHIFT)
+        start = _BITMAP_BYTES + 32 * (region & (PAGE_REGIONS - 1))
+        return bytes(body[start:start + 32])
 
     def digest(self, region: int) -> bytes:
         slot = self.stored(region)
