@@ -1,0 +1,158 @@
+"""ReplicaClient against scripted peers: real sockets that answer with exactly the bytes a
+test needs (early ends, bad frames, wrong regions, retries), where a real server never would."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import blake3
+import pytest
+
+from drtool import wire
+from drtool.client import ReplicaClient
+from drtool.errors import PeerAuthError, PeerError, PeerProtocolError, PeerUnreachable
+
+
+class ScriptedPeer:
+    """Answers the n-th request with the n-th canned response, then hangs up."""
+
+    def __init__(self, responses: list[bytes]) -> None:
+        self.responses = responses
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for response in self.responses:
+            conn, _ = self.listener.accept()
+            with conn:
+                self.requests.append(_read_request(conn))
+                conn.sendall(response)
+        self.listener.close()
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head
+
+
+def http(status: str, body: bytes, content_type: str = wire.FRAMES_CONTENT_TYPE, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {size}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+def data_frame(region: int, data: bytes, digest: bytes | None = None) -> bytes:
+    return wire.encode_frame_header(wire.FRAME_DATA, region, len(data), digest or blake3.blake3(data).digest()) + data
+
+
+def end(count: int) -> bytes:
+    return wire.encode_frame_header(wire.FRAME_END, count, 0)
+
+
+@pytest.fixture
+def regions() -> list[bytes]:
+    return [bytes([i]) * 4096 for i in range(1, 4)]
+
+
+def client_for(peer: ScriptedPeer) -> ReplicaClient:
+    return ReplicaClient(peer.url, token="t" * 16, timeout=(2, 5))
+
+
+def test_frames_verified_zero_frames_and_mismatches(regions: list[bytes]) -> None:
+    body = (data_frame(0, regions[0]) + wire.encode_frame_header(wire.FRAME_ZERO, 1, 4096, wire.zero_digest(4096))
+            + data_frame(2, regions[2], digest=b"\7" * 32) + end(3))
+    peer = ScriptedPeer([http("200 OK", body)])
+    with client_for(peer) as client:
+        results = list(client.read_regions("v", [(0, 3)], expected=lambda r: None))
+    assert [r.ok for r in results] == [True, True, False]
+    assert bytes(results[1].data) == bytes(4096)
+    assert results[2].data is None and "damaged" in (results[2].reason or "")
+    assert b"Authorization: Bearer tttt" in peer.requests[0]
+
+
+def test_stream_ending_early_raises(regions: list[bytes]) -> None:
+    full = data_frame(0, regions[0]) + data_frame(1, regions[1]) + end(2)
+    peer = ScriptedPeer([http("200 OK", full[:5000], length=len(full))])
+    got = []
+    with client_for(peer) as client, pytest.raises(PeerError, match="127.0.0.1"):
+        for result in client.read_regions("v", [(0, 2)]):
+            got.append(result)
+    assert all(r.ok for r in got) and len(got) < 2
+
+
+def test_stream_without_end_frame_raises(regions: list[bytes]) -> None:
+    peer = ScriptedPeer([http("200 OK", data_frame(0, regions[0]))])
+    with client_for(peer) as client, pytest.raises(PeerProtocolError, match="ended the stream"):
+        list(client.read_regions("v", [(0, 1)]))
+
+
+@pytest.mark.parametrize("damage", ["crc", "region", "end"])
+def test_bad_frames_raise(regions: list[bytes], damage: str) -> None:
+    frame = bytearray(data_frame(0, regions[0]))
+    if damage == "crc":
+        frame[10] ^= 1
+    elif damage == "region":
+        frame = bytearray(data_frame(5, regions[0]))
+    body = bytes(frame) + end(7 if damage == "end" else 1)
+    peer = ScriptedPeer([http("200 OK", body)])
+    with client_for(peer) as client, pytest.raises(PeerProtocolError):
+        list(client.read_regions("v", [(0, 1)]))
+
+
+def test_region_larger_than_a_receive_block() -> None:
+    big = bytes(range(256)) * (16 << 12)  # 16 MiB
+    peer = ScriptedPeer([http("200 OK", data_frame(0, big) + data_frame(1, big[:100]) + end(2))])
+    with client_for(peer) as client:
+        digests = {0: blake3.blake3(big).digest(), 1: blake3.blake3(big[:100]).digest()}
+        results = list(client.read_regions("v", [(0, 2)], expected=digests.get))
+    assert [r.ok for r in results] == [True, True] and len(results[0].data) == len(big)
+
+
+def test_error_frames_are_not_ok(regions: list[bytes]) -> None:
+    message = b"I/O error at offset 4096".ljust(4096, b"\0")
+    body = (data_frame(0, regions[0]) + wire.encode_frame_header(wire.FRAME_ERROR, 1, len(message)) + message
+            + wire.encode_frame_header(wire.FRAME_ERROR, 2, 0) + end(3))
+    peer = ScriptedPeer([http("200 OK", body)])
+    with client_for(peer) as client:
+        results = list(client.read_regions("v", [(0, 3)]))
+    assert [(r.ok, r.reason) for r in results] == [
+        (True, None), (False, "I/O error at offset 4096"),
+        (False, "the region changed while it was read; read it again")]
+
+
+def test_retries_idempotent_calls_on_503() -> None:
+    busy = http("503 Service Unavailable", b"{}", "application/problem+json")
+    peer = ScriptedPeer([busy, http("200 OK", b'{"status": "ok"}', "application/json")])
+    with client_for(peer) as client:
+        assert client.health() == {"status": "ok"}
+    assert len(peer.requests) == 2
+
+
+def test_problem_details_become_errors() -> None:
+    problem = b'{"type": "x", "title": "Unauthorized", "status": 401, "detail": "the bearer token is wrong"}'
+    peer = ScriptedPeer([http("401 Unauthorized", problem, "application/problem+json"),
+                         http("500 Internal Server Error", b"oops", "text/plain")])
+    with client_for(peer) as client:
+        with pytest.raises(PeerAuthError, match="bearer token is wrong"):
+            client.volume_info("v")
+        with pytest.raises(PeerProtocolError, match="500"):
+            client.delete_volume("v")
+
+
+def test_unreachable_peer_names_the_url() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+    with ReplicaClient(f"http://127.0.0.1:{port}", retries=1, timeout=(1, 1)) as client:
+        with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{port}"):
+            client.health()
