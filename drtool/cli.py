@@ -231,8 +231,8 @@ def cmd_serve(ctx: Context) -> int:
         line = f"drtool replica server listening on {address}"
         if notify:
             notify(True, line + "\n")
-        ctx.out.print(line)
-        ctx.out.file.flush()
+        ctx.stdout.write(line + "\n")  # plain text: scripts parse it, rich would wrap it
+        ctx.stdout.flush()
 
     try:
         return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
@@ -259,8 +259,8 @@ def cmd_agent(ctx: Context) -> int:
         text = "\n".join(lines) + "\n"
         if notify:
             notify(True, text)
-        ctx.out.print(text, end="")
-        ctx.out.file.flush()
+        ctx.stdout.write(text)
+        ctx.stdout.flush()
 
     try:
         return agent.run(ctx.root, a.names, nbd_socket, listen, announce)

@@ -427,7 +427,23 @@ class Engine:
                 raise DataUnavailable(f"volume {self.name}: regions {to_runs(regions)} are bad "
                                       "and the volume is not in recovery (drtool recover)")
             self.enter_degraded(f"read of bad regions {to_runs(regions)}", auto=True)
-        self._fetcher().fetch_into(regions, base, view)
+        fetcher = self._fetcher()
+        fetcher.prepare(regions)  # lost check and forced replication: no region lock may be held
+        stripes = sorted({region % STRIPES for region in regions})
+        for stripe in stripes:
+            self.stripes[stripe].acquire()
+        try:
+            # A write may have moved a region into the overlay meanwhile: it is local now.
+            moved = [r for r in regions if self.volume.overlay.test(r)]
+            for run_first, run_count in to_runs(moved):
+                if self._read_local(self.overlay, run_first, run_count, base, view):
+                    raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
+            rest = [r for r in regions if not self.volume.overlay.test(r)]
+            if rest:
+                fetcher.fetch_into(rest, base, view, prepared=True)
+        finally:
+            for stripe in reversed(stripes):
+                self.stripes[stripe].release()
 
     def _fetcher(self) -> Any:
         if self.fetcher is None:

@@ -43,9 +43,9 @@ class RemoteFetcher:
             self._local.client = client
         return client
 
-    def fetch_into(self, regions: list[int], base: int, view: memoryview) -> None:
+    def fetch_into(self, regions: list[int], base: int, view: memoryview, prepared: bool = False) -> None:
         """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``."""
-        got = self.fetch(regions)
+        got = self.fetch(regions, prepared=prepared)
         shift = self.engine.geometry.shift
         for region, (data, _digest) in got.items():
             lo = (region - base) << shift
@@ -55,8 +55,8 @@ class RemoteFetcher:
     def source(self) -> str:
         return (self.engine.record.recovery or {}).get("source") or "mirror"
 
-    def fetch(self, regions: list[int]) -> dict[int, tuple[bytes, bytes]]:
-        """Verified ``{region: (bytes, digest)}`` for every region, or an exception."""
+    def prepare(self, regions: list[int]) -> None:
+        """Refuse lost regions; force-replicate lagging ones so the replica has their latest bytes."""
         engine = self.engine
         lost = [r for r in regions if engine.volume.norecord.test(r)]
         if lost:
@@ -66,7 +66,17 @@ class RemoteFetcher:
             if engine.replicator is None:
                 raise DataUnavailable(f"volume {engine.name}: regions {to_runs(lagging)} are not "
                                       "replicated yet and no replicator is running")
-            engine.replicator.force(lagging)
+            try:
+                engine.replicator.force(lagging)
+            except PeerError as exc:
+                raise DataUnavailable(f"volume {engine.name}: cannot force-replicate regions "
+                                      f"{to_runs(lagging)} before fetching them: {exc}") from None
+
+    def fetch(self, regions: list[int], prepared: bool = False) -> dict[int, tuple[bytes, bytes]]:
+        """Verified ``{region: (bytes, digest)}`` for every region, or an exception."""
+        engine = self.engine
+        if not prepared:
+            self.prepare(regions)
         recovery = engine.record.recovery or {}
         source = self.source()
         try:

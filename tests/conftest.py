@@ -158,3 +158,61 @@ def replica_server(tmp_path: Path):
     server = ReplicaServer(tmp_path / "replica-root", token).start()
     yield server
     server.stop(kill=True)
+
+
+class AgentProcess:
+    """A real `drtool agent` subprocess serving volumes over a Unix socket and TCP."""
+
+    def __init__(self, state_root: Path, names: list[str], sock: Path) -> None:
+        self.state_root = state_root
+        self.names = names
+        self.sock = sock
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log = sock.with_suffix(".log")
+
+    def uri(self, name: str | None = None, tcp: bool = False) -> str:
+        name = name or self.names[0]
+        if tcp:
+            return f"nbd://127.0.0.1:{self.port}/{name}"
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def start(self) -> AgentProcess:
+        import re
+
+        env = {**os.environ, "DRTOOL_STATE_ROOT": str(self.state_root)}
+        self.proc = subprocess.Popen(
+            [*DRTOOL, "agent", *self.names, "--nbd-socket", str(self.sock), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), text=True, env=env)
+        lines = [self.proc.stdout.readline() for _ in range(1 + len(self.names))]
+        found = re.search(r"nbd://127\.0\.0\.1:(\d+)/", "".join(lines))
+        if not found:
+            self.stop(kill=True)
+            raise RuntimeError(f"agent did not start: {lines!r}; log: {self.log.read_text()[-2000:]}")
+        self.port = int(found.group(1))
+        return self
+
+    def stop(self, kill: bool = False) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+        code = self.proc.wait(timeout=60)
+        self.proc.stdout.close()
+        self.proc = None
+        return code
+
+
+@pytest.fixture
+def start_agent(state_root: Path, tmp_path: Path):
+    """start_agent("vol", ...) -> a running AgentProcess, stopped at the end of the test."""
+    started: list[AgentProcess] = []
+
+    def start(*names: str) -> AgentProcess:
+        agent = AgentProcess(state_root, list(names), tmp_path / f"nbd{len(started)}.sock").start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop(kill=True)
