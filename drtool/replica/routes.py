@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from drtool import __version__
-from drtool.errors import NotPermitted, UsageError
+from drtool.errors import DrtoolError, NotPermitted, UsageError
 from drtool.regions import from_runs, parse_runs
 from drtool.replica import reading
 from drtool.replica.apply import apply_batch, parse_batch
@@ -34,8 +34,7 @@ def route(req: ReplicaHandler, method: str, segments: list[str]) -> None:
     rest = segments[2:]
     if not rest:
         _allow(method, "GET")
-        replicas = req.server.replicas
-        req.send_json(200, {"volumes": [replicas.get(n).describe() for n in replicas.names()]})
+        req.send_json(200, {"volumes": [_describe(req, n) for n in req.server.replicas.names()]})
         return
     name = validate_name(rest[0])
     if len(rest) == 3 and rest[1] == "snapshots":
@@ -47,6 +46,14 @@ def route(req: ReplicaHandler, method: str, segments: list[str]) -> None:
         raise Problem(404, "Not found", f"no such endpoint: /{'/'.join(segments)}")
     _allow(method, *handlers)
     handlers[method](req, name)
+
+
+def _describe(req: ReplicaHandler, name: str) -> dict[str, object]:
+    """One replica for the listing; a broken one is listed with its error, not fatal to the list."""
+    try:
+        return req.server.replicas.get(name).describe()
+    except DrtoolError as exc:
+        return {"name": name, "error": str(exc)}
 
 
 def _allow(method: str, *allowed: str) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
-from drtool.errors import CorruptStateFile
+from drtool.errors import CorruptStateFile, NotPermitted
 from drtool.regions import Geometry
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.tables import DigestTable
@@ -37,7 +38,7 @@ class Snapshot:
         self.data: Device | None = None
 
     @property
-    def _info_path(self) -> str:
+    def info_path(self) -> str:
         return os.path.join(self.directory, "snapshot.json")
 
     def create(self, applied_seq: int) -> None:
@@ -46,13 +47,13 @@ class Snapshot:
         with open(self.data_path, "wb") as handle:
             handle.truncate(self.geometry.size)
         self.info = {"name": self.name, "created": time.time(), "applied_seq": applied_seq}
-        save_json(self._info_path, "snapshot", self.volume_id, self.info)
+        save_json(self.info_path, "snapshot", self.volume_id, self.info)
         self.data = Device(self.data_path, writable=True)
 
     def open(self) -> None:
-        self.info = load_json(self._info_path, "snapshot", self.volume_id)
+        self.info = load_json(self.info_path, "snapshot", self.volume_id)
         if self.info.get("name") != self.name:
-            raise CorruptStateFile(self._info_path, f"snapshot file names {self.info.get('name')!r}, "
+            raise CorruptStateFile(self.info_path, f"snapshot file names {self.info.get('name')!r}, "
                                    f"directory is {self.name!r}")
         self.table.check()
         self.data = Device(self.data_path, writable=True)
@@ -79,6 +80,12 @@ class SnapshotSet:
         os.makedirs(self.directory, exist_ok=True)
         for name in sorted(os.listdir(self.directory)):
             snapshot = Snapshot(os.path.join(self.directory, name), name, self.geometry, self.volume_id)
+            if not os.path.exists(snapshot.info_path):
+                # snapshot.json is written last: without it the creation never finished
+                # (and was never acknowledged).  Left in place for the operator to remove.
+                print(f"drtool-replica: ignoring {snapshot.directory}: an unfinished snapshot creation",
+                      file=sys.stderr)
+                continue
             snapshot.open()
             self.by_name[name] = snapshot
 
@@ -91,6 +98,9 @@ class SnapshotSet:
 
     def create(self, name: str, applied_seq: int) -> Snapshot:
         validate_name(name, "snapshot name")
+        if os.path.exists(os.path.join(self.directory, name)):
+            raise NotPermitted(f"{os.path.join(self.directory, name)} exists (an unfinished snapshot?); "
+                               "remove it by hand")
         snapshot = Snapshot(os.path.join(self.directory, name), name, self.geometry, self.volume_id)
         snapshot.create(applied_seq)
         self.by_name[name] = snapshot

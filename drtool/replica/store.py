@@ -23,6 +23,7 @@ from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT, Journal
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.snapshots import SnapshotSet
 from drtool.replica.tables import DigestTable
+from drtool.storage.atomic import fsync_dir
 from drtool.storage.device import Device
 from drtool.storage.paths import validate_name
 
@@ -233,6 +234,7 @@ class ReplicaRoot:
             volume.create()
             # replica.json last: a crash before it leaves a directory that is refused, not half-used.
             save_json(self._meta_path(name), "replica", volume_id, meta)
+            fsync_dir(self.root)
             self._volumes[name] = volume.open()
             return True, volume
 

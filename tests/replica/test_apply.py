@@ -9,7 +9,7 @@ import pytest
 
 from drtool import wire
 from drtool.client import ReplicaClient
-from drtool.errors import NotPermitted, UsageError
+from drtool.errors import NotPermitted, PeerProtocolError, UsageError
 from tests.replica.conftest import VOLUME_ID, ServerProcess, write, zero
 
 RS = 65536
@@ -146,9 +146,11 @@ def test_torn_state_is_refused_not_reset(server: ServerProcess, vol: str) -> Non
     applied = server.root / vol / "applied.json"
     applied.write_bytes(applied.read_bytes()[:20])
     server.start()
-    with server.client() as c, pytest.raises(Exception, match="applied-state"):
-        c.volume_info(vol)
-    assert applied.read_bytes()[:20] == applied.read_bytes()  # still torn: nothing was reset
+    with server.client() as c:
+        with pytest.raises(PeerProtocolError, match="refusing state file .*applied.json.*not valid JSON"):
+            c.volume_info(vol)
+        assert "applied.json" in c.list_volumes()[0]["error"]
+    assert len(applied.read_bytes()) == 20  # still torn: nothing was reset
 
 
 def test_records_header_layout_is_unchanged() -> None:
