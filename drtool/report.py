@@ -164,10 +164,11 @@ def render_summary(console: Console, statuses: list[dict[str, Any]], host: str |
     table = Table(title="drtool volumes")
     columns = ("host",) if host is not None else ()
     for column in (*columns, "volume", "health", "mode", "role", "size", "bad", "lost", "lag", "era", "device"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "device", overflow="fold")
     for status in statuses:
         health = status["health"]
-        lag = (status.get("lag") or {}).get("summary", "")
+        lag_info = status.get("lag") or {}
+        lag = f"{lag_info['regions']} regions" if lag_info.get("regions") else ("in sync" if lag_info else "")
         table.add_row(
             *((host,) if host is not None else ()),
             status["volume"], Text(health, style=HEALTH_STYLE.get(health, "")),
