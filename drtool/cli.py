@@ -204,7 +204,7 @@ def cmd_read(ctx: Context) -> int:
 def _setup_logging(debug: bool) -> None:
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
@@ -376,6 +376,12 @@ def main(argv: Sequence[str] | None = None, stdout: Any = None, stderr: Any = No
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     wants_json = "--json" in argv
+    import logging
+
+    if not logging.getLogger().handlers:
+        # Engine warnings (a region failed verification, degraded mode entered by itself)
+        # reach the operator as one line each; the long-running commands log fully.
+        logging.basicConfig(level=logging.WARNING, format="drtool: warning: %(message)s")
     try:
         args = build_parser().parse_args(argv)
         for flag, default in (("state_root", None), ("json", False), ("debug", False)):

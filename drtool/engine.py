@@ -275,7 +275,7 @@ class Engine:
             }
             self.record.history.append({"event": "degraded", "time": time.time(), "reason": reason})
             self.save_bitmaps()
-        log.warning("volume %s: entered degraded mode: %s", self.name, reason)
+        log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)
         return True
 
     def requested(self, region: int) -> bool:
