@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import secrets
 import shutil
 import statistics
@@ -87,6 +88,16 @@ def _curl_read(url: str, token: str, size: int, range_size: int) -> None:
     subprocess.run(command, check=True)
 
 
+def _server_cpu(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
@@ -111,14 +122,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             client.ensure_volume("bench", size, region_size, VOLUME_ID)
             digests = _fill(client, size, region_size)
             drtool_times, curl_times = [], []
+            # CPU seconds (server, reader) per run: on a small machine the two
+            # processes share the cores, so CPU per byte explains the wall times.
+            drtool_cpu, curl_cpu = [], []
             for _ in range(args.runs):
-                started = time.perf_counter()
+                server, reader, started = _server_cpu(proc.pid), _cpu(resource.RUSAGE_SELF), time.perf_counter()
                 if _drtool_read(client, count, digests) != size:
                     raise SystemExit("drtool read returned the wrong number of bytes")
                 drtool_times.append(time.perf_counter() - started)
-                started = time.perf_counter()
+                drtool_cpu.append((_server_cpu(proc.pid) - server, _cpu(resource.RUSAGE_SELF) - reader))
+                server, reader, started = _server_cpu(proc.pid), _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
                 _curl_read(url, token, size, parse_size(args.range_size))
                 curl_times.append(time.perf_counter() - started)
+                curl_cpu.append((_server_cpu(proc.pid) - server, _cpu(resource.RUSAGE_CHILDREN) - reader))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -129,13 +145,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "drtool_gb_s": round(drtool_gbs, 3), "curl_gb_s": round(curl_gbs, 3),
               "ratio": round(drtool_gbs / curl_gbs, 3),
               "drtool_seconds": [round(t, 4) for t in drtool_times],
-              "curl_seconds": [round(t, 4) for t in curl_times]}
+              "curl_seconds": [round(t, 4) for t in curl_times],
+              "cpu_s_per_gib": {
+                  "drtool_server": _per_gib(drtool_cpu, 0, size), "drtool_client": _per_gib(drtool_cpu, 1, size),
+                  "curl_server": _per_gib(curl_cpu, 0, size), "curl_client": _per_gib(curl_cpu, 1, size)}}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{'bytes':>12} {'drtool GB/s':>12} {'curl GB/s':>10} {'ratio':>6}")
         print(f"{size:>12} {drtool_gbs:>12.2f} {curl_gbs:>10.2f} {result['ratio']:>6.2f}")
+        cpu = result["cpu_s_per_gib"]
+        print(f"CPU s/GiB (server + reader): drtool {cpu['drtool_server']} + {cpu['drtool_client']}, "
+              f"curl {cpu['curl_server']} + {cpu['curl_client']}")
     return result
+
+
+def _per_gib(samples: list[tuple[float, float]], index: int, size: int) -> float:
+    return round(statistics.median(s[index] for s in samples) * (1 << 30) / size, 3)
 
 
 if __name__ == "__main__":

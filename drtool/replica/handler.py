@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import socket
+import ssl
 import sys
 import time
 import traceback
@@ -103,6 +104,10 @@ class ReplicaHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         self._status, self._sent, self._body_read = 0, 0, False
         self._started = time.monotonic()
+        if self.headers.get("Content-Length", "0").strip() == "0" and not self.headers.get("Transfer-Encoding"):
+            # The whole request is in: from here on only the idle timeout applies, so a
+            # long response to a slow (but moving) reader is not cut off.
+            self.server.unwatch(self.connection)
         try:
             try:
                 self._route()
@@ -115,8 +120,8 @@ class ReplicaHandler(BaseHTTPRequestHandler):
         except DrtoolError as exc:
             status, title = status_of(exc)
             self._fail(Problem(status, title, str(exc)))
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            self.close_connection = True  # the client went away mid-request
         except Exception as exc:  # a bug: answer 500, keep serving, log the traceback
             traceback.print_exc(file=sys.stderr)
             self._fail(Problem(500, "Replica server error", f"internal error: {type(exc).__name__}: {exc}"))
@@ -151,6 +156,7 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             length = -1
         if 0 < length <= _SMALL_BODY:
             self.rfile.read(length)
+            self.server.unwatch(self.connection)
         elif length:
             self.close_connection = True
 
