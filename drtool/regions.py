@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from drtool.errors import UsageError
 from drtool.units import parse_size
@@ -46,11 +47,11 @@ class Geometry:
         if self.size <= 0:
             raise UsageError(f"volume size must be positive, not {self.size}")
 
-    @property
+    @cached_property
     def shift(self) -> int:
         return self.region_size.bit_length() - 1
 
-    @property
+    @cached_property
     def count(self) -> int:
         return (self.size + self.region_size - 1) >> self.shift
 

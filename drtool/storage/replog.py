@@ -80,6 +80,8 @@ class ReplicationLog:
         self.pending_bytes = 0
         self.lock = threading.RLock()
         self.cut_bytes = 0  # torn tail removed when opened
+        self.unsynced: set[int] = set()  # segments appended to since the last sync()
+        self.new_files = False
 
     # -- opening ------------------------------------------------------------------
 
@@ -183,10 +185,10 @@ class ReplicationLog:
         head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, 1, 0, self.volume_id, first_seq, b"\0" * 8)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.write(fd, head + _CRC.pack(zlib.crc32(head)))
-        os.fsync(fd)
-        fsync_dir(self.directory)
         segment = Segment(path, first_seq, fd, SEGMENT_HEADER_SIZE)
         self.segments[first_seq] = segment
+        self.unsynced.add(first_seq)
+        self.new_files = True
         return segment
 
     def append(self, kind: int, offset: int, length: int, era: int, data: memoryview | bytes | None = None,
@@ -205,8 +207,6 @@ class ReplicationLog:
             seq = self.next_seq
             segment = next(reversed(self.segments.values()), None) if self.segments else None
             if segment is None or segment.size >= SEGMENT_BYTES:
-                if segment is not None:
-                    os.fsync(segment.fd)  # sync() only reaches the newest segment
                 segment = self._new_segment(seq)
             head = encode_record_header(kind, seq, offset, length, era, digest, flags)
             buffers = [head, data] if kind == KIND_WRITE else [head]
@@ -222,6 +222,7 @@ class ReplicationLog:
                     f"cannot append to the replication log {segment.path}: {exc.strerror}; nothing was written"
                 ) from None
             segment.size += total
+            self.unsynced.add(segment.first_seq)
             segment.last_seq = seq
             segment.pending += 1
             self.next_seq = seq + 1
@@ -231,10 +232,16 @@ class ReplicationLog:
             return entry
 
     def sync(self) -> None:
+        """Make every appended record durable (segments written since the last sync, and new files)."""
         with self.lock:
-            segment = next(reversed(self.segments.values()), None)
-        if segment is not None:
-            os.fsync(segment.fd)
+            dirty = [self.segments[first] for first in self.unsynced if first in self.segments]
+            self.unsynced = set()
+            new_files, self.new_files = self.new_files, False
+        for segment in dirty:
+            if segment.fd >= 0:
+                os.fsync(segment.fd)
+        if new_files:
+            fsync_dir(self.directory)
 
     # -- reading for shipment ------------------------------------------------------
 
