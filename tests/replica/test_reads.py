@@ -131,3 +131,14 @@ def test_changes_older_than_the_journal_are_gone(start_server) -> None:  # type:
 def test_frames_layout() -> None:
     frame = wire.encode_frame_header(wire.FRAME_DATA, 3, 10, b"x" * 32)
     assert wire.decode_frame_header(frame).region == 3
+
+
+def test_one_kept_alive_connection_serves_every_call(server: ServerProcess, client: ReplicaClient,
+                                                     content: bytearray) -> None:
+    client.volume_info("vol")
+    list(client.read_regions("vol", [(0, 20)]))
+    client.read_range("vol", 0, 100)
+    list(client.changes("vol", 0, [(1, 1)]))
+    client.volume_info("vol")
+    peers = {line.split()[1] for line in server.log.read_text().splitlines() if '"' in line and "/v1/" in line}
+    assert len(peers) == 1, peers
