@@ -1,0 +1,284 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drtool contributors
+# Apache License 2.0 (see the project's pyproject.toml)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: drtool_volume
+short_description: A drtool primary volume registered and paired with its replica
+description:
+  - Registers a block device or a regular file as a drtool volume on the primary (C(drtool init)),
+    which digests every region, and pairs it with its replica server (C(drtool protect)), which runs
+    or resumes the initial full sync.
+  - With O(state=absent), unregisters the volume on the primary. The device and the replica on the
+    secondary are left alone.
+  - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module
+    (the C(drtool_install) role sets C(ansible_python_interpreter) to its venv).
+  - Registration is never repeated over an existing volume unless O(force=true); a volume registered
+    with another device or region size is a clear failure, because re-registering discards its state.
+version_added: "0.1.0"
+author:
+  - drtool contributors
+options:
+  name:
+    description:
+      - The volume's name (1-64 letters, digits, C(-), C(_) or C(.)).
+    type: str
+    required: true
+    aliases: [volume]
+  state:
+    description:
+      - V(present) registers the volume (if it is not) and pairs it with O(peer) (if given and not yet paired
+        with it, or if the initial sync did not finish).
+      - V(absent) unregisters it. It fails while an agent serves the volume (stop the agent first).
+    type: str
+    choices: [present, absent]
+    default: present
+  device:
+    description:
+      - The volume's device, a block device or a regular file. Required with O(state=present).
+    type: path
+  region_size:
+    description:
+      - The unit of tracking, a power of two from 4K to 64M, fixed at registration.
+    type: str
+    default: 64K
+  peer:
+    description:
+      - URL of the secondary's replica server, for example V(https://dr-site:8470).
+      - When omitted, the volume is registered but not paired (an existing pairing is kept).
+    type: str
+  token_file:
+    description:
+      - File holding the bearer token the replica server expects.
+      - With O(token), the module writes the token there (mode 0600).
+    type: path
+  token:
+    description:
+      - The bearer token. Written to O(token_file), mode 0600, only when it differs. Never logged.
+    type: str
+  ca:
+    description:
+      - CA certificate (PEM file) that signed the replica server's TLS certificate, for an V(https) peer.
+    type: path
+  force:
+    description:
+      - Re-register a volume registered with another device or region size.
+      - This discards the volume's drtool state (maps, log, overlay, pairing) and digests the device again.
+    type: bool
+    default: false
+  state_root:
+    description:
+      - drtool's state root on the host. Default C($DRTOOL_STATE_ROOT), else C(/var/lib/drtool).
+    type: path
+requirements:
+  - drtool (in the Python running the module)
+attributes:
+  check_mode:
+    support: full
+    description: Reports what would be registered, paired or removed; changes nothing.
+  diff_mode:
+    support: full
+    description: Shows the registration and pairing before and after.
+notes:
+  - Pairing runs the initial full sync before the task returns; for a large volume the task takes that long.
+  - After a failback onto a replacement device the volume is registered with the new device; update the
+    device in your inventory then, or the next run fails with "registered with another device".
+seealso:
+  - module: drtool_agent
+  - module: drtool_replica
+"""
+
+EXAMPLES = r"""
+- name: Register and protect the database volume
+  drtool_volume:
+    name: db
+    device: /dev/vg0/db
+    peer: https://dr-site.example.com:8470
+    token_file: /etc/drtool/peer.token
+    token: "{{ drtool_token }}"
+    ca: /etc/drtool/dr-ca.pem
+
+- name: Register a volume without a replica yet
+  drtool_volume:
+    name: scratch
+    device: /srv/images/scratch.img
+    region_size: 1M
+
+- name: Unregister a volume (stop its agent first)
+  drtool_volume:
+    name: scratch
+    state: absent
+"""
+
+RETURN = r"""
+volume:
+  description: The volume's name.
+  returned: always
+  type: str
+  sample: db
+actions:
+  description: What the task did (or would do, in check mode), in order.
+  returned: always
+  type: list
+  elements: str
+  sample: [registered, paired]
+registered:
+  description: Whether the volume is registered after the task.
+  returned: always
+  type: bool
+  sample: true
+device:
+  description: The device the volume is registered with.
+  returned: when registered
+  type: str
+  sample: /dev/vg0/db
+region_size:
+  description: Region size in bytes.
+  returned: when registered
+  type: int
+  sample: 65536
+peer:
+  description: The replica server the volume is paired with.
+  returned: when registered
+  type: str
+  sample: https://dr-site.example.com:8470
+initial_sync:
+  description: State of the initial sync (V(running), V(done)), or null when not paired.
+  returned: when registered
+  type: str
+  sample: done
+init:
+  description: What C(drtool init) returned.
+  returned: when the volume was registered by this task
+  type: dict
+protect:
+  description: What C(drtool protect) returned (regions synced, records and bytes shipped).
+  returned: when the volume was paired or its sync resumed by this task
+  type: dict
+  sample: {"volume": "db", "peer": "https://dr-site.example.com:8470", "changed": true, "regions_synced": 64}
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drtool_common import (
+    STATE_ROOT_OPTION, call, ensure_secret_file, require_drtool, volume_status)
+
+
+def _view(status):
+    """The part of a volume's status this module manages (also its diff)."""
+    if status is None:
+        return {"registered": False}
+    replication = status.get("replication") or {}
+    return {
+        "registered": True,
+        "device": status["device"],
+        "region_size": status["region_size"],
+        "peer": (status.get("peer") or {}).get("url"),
+        "initial_sync": replication.get("initial_sync"),
+    }
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True, aliases=["volume"]),
+            state=dict(type="str", default="present", choices=["present", "absent"]),
+            device=dict(type="path"),
+            region_size=dict(type="str", default="64K"),
+            peer=dict(type="str"),
+            token_file=dict(type="path"),
+            token=dict(type="str", no_log=True),
+            ca=dict(type="path"),
+            force=dict(type="bool", default=False),
+            state_root=STATE_ROOT_OPTION,
+        ),
+        required_if=[("state", "present", ["device"])],
+        required_by={"token": "token_file"},
+        supports_check_mode=True,
+    )
+    api = require_drtool(module)
+    from drtool.units import parse_size
+
+    p = module.params
+    name, root = p["name"], p["state_root"]
+    before = volume_status(module, name, root)
+    actions = []
+    result = {}
+
+    if p["state"] == "absent":
+        if before is not None:
+            actions.append("unregistered")
+            if not module.check_mode:
+                _remove(module, api, name, root)
+        predicted = _view(None)
+    else:
+        region_size = call(module, parse_size, p["region_size"], "region_size")
+        device = os.path.abspath(p["device"])
+        if p["token"] is not None and ensure_secret_file(module, p["token_file"], p["token"]):
+            actions.append("token written")
+        view = _view(before)
+        differs = before is not None and (view["device"] != device or view["region_size"] != region_size)
+        if differs and not p["force"]:
+            module.fail_json(
+                msg="volume %s is registered with device %s and region size %d, not %s and %d; set force=true "
+                    "to re-register it (this discards its drtool state)"
+                    % (name, view["device"], view["region_size"], device, region_size),
+                volume=name, device=view["device"], region_size=view["region_size"])
+        if before is None or differs:
+            actions.append("re-registered" if differs else "registered")
+            if not module.check_mode:
+                result["init"] = call(module, api.init_volume, name, device, region_size,
+                                      force=differs, root=root)
+        peer = p["peer"].rstrip("/") if p["peer"] else None
+        fresh = before is None or differs
+        if peer and (fresh or view["peer"] != peer or view["initial_sync"] != "done"):
+            actions.append("paired" if fresh or view["peer"] != peer else "sync resumed")
+            if not module.check_mode:
+                result["protect"] = call(module, api.protect, name, peer, p["token_file"], p["ca"], root=root)
+        if not actions:
+            predicted = _view(before)
+        elif module.check_mode:
+            predicted = dict(_view(before), registered=True, device=device, region_size=region_size)
+            if peer:
+                predicted.update(peer=peer, initial_sync="done")
+        else:
+            predicted = _view(volume_status(module, name, root))
+
+    changed = bool(actions)
+    output = dict(changed=changed, volume=name, actions=actions, **predicted, **result)
+    if module._diff:
+        output["diff"] = dict(before=_view(before), after=predicted,
+                              before_header="volume %s" % name, after_header="volume %s" % name)
+    module.exit_json(**output)
+
+
+def _remove(module, api, name, root):
+    """Unregister: drtool.api.remove_volume when this drtool has it, else the same steps here."""
+    remove = getattr(api, "remove_volume", None)
+    if remove is not None:
+        call(module, remove, name, root=root)
+        return
+    # Interim shim (drtool.api has no remove_volume yet): refuse while an agent serves
+    # the volume, take the volume's lock like any mutating process, then delete its
+    # state directory.
+    import shutil
+
+    from drtool.storage.paths import state_root
+    from drtool.storage.volume import Volume
+
+    if api.agent_socket(name, root):
+        module.fail_json(msg="volume %s is served by a running agent; stop the agent before removing it" % name)
+    volume = call(module, Volume.open, state_root(root), name)
+    try:
+        shutil.rmtree(volume.paths.dir)
+    finally:
+        volume.close()
+
+
+if __name__ == "__main__":
+    main()
