@@ -158,10 +158,11 @@ def send_views(sock: socket.socket, views: list[bytes | memoryview]) -> None:
             sock.sendall(b"".join(views[start:start + 64]))
         return
     pending = [memoryview(v).cast("B") for v in views]
-    while pending:
-        sent = sock.sendmsg(pending[:_IOV_MAX])
-        while pending and sent >= len(pending[0]):
-            sent -= len(pending[0])
-            pending.pop(0)
+    first = 0
+    while first < len(pending):
+        sent = sock.sendmsg(pending[first:first + _IOV_MAX])
+        while first < len(pending) and sent >= len(pending[first]):
+            sent -= len(pending[first])
+            first += 1
         if sent:
-            pending[0] = pending[0][sent:]
+            pending[first] = pending[first][sent:]
