@@ -21,7 +21,8 @@ and exits with the error's code; the Ansible modules pass the message to
     │   ├── RegionsLost
     │   └── VerificationFailed
     ├── OperationTimeout             9  a wait did not finish in time
-    └── NotPermitted                10  the volume's mode or role forbids this
+    ├── NotPermitted                10  the volume's mode or role forbids this
+    └── Conflict                    11  the request contradicts existing state
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ExitCode(IntEnum):
     DATA_UNAVAILABLE = 8
     TIMEOUT = 9
     NOT_PERMITTED = 10
+    CONFLICT = 11
 
 
 class DrtoolError(Exception):
@@ -163,6 +165,13 @@ class OperationTimeout(DrtoolError):
 class NotPermitted(DrtoolError):
     exit_code = ExitCode.NOT_PERMITTED
     errno = errno.EPERM
+
+
+class Conflict(DrtoolError):
+    """E.g. a replica that exists with another geometry or identity, a snapshot name taken."""
+
+    exit_code = ExitCode.CONFLICT
+    errno = errno.EEXIST
 
 
 def rebuild(type_name: str, message: str) -> DrtoolError:
