@@ -161,6 +161,7 @@ class Agent:
             "recover": lambda a, p: ops.recover(engine, **a),
             "failback": lambda a, p: ops.failback(engine, progress=p, **a),
             "protect": lambda a, p: self._protect(engine, a, p),
+            "demote": lambda a, p: ops.demote(engine, **a),
         }
 
     def _protect(self, engine: Engine, args: dict[str, Any], progress: Progress) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from drtool import control, detect, ops
+from drtool import control, detect, ops, roles
 from drtool.engine import Engine
 from drtool.progress import NoProgress, Progress
 from drtool.regions import DEFAULT_REGION_SIZE
@@ -88,9 +88,12 @@ def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
 
 
 def protect(name: str, peer: str, token_file: str | None = None, ca: str | None = None,
-            root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Pair a volume with its replica and run (or resume) the initial full sync."""
-    args = {"peer": peer, "token_file": token_file, "ca": ca}
+            root: str | None = None, progress: Progress | None = None, plan_only: bool = False) -> dict[str, Any]:
+    """Pair a volume with its replica and run (or resume) the initial sync.
+
+    After a role swap the sync is incremental (fast failback); ``plan_only`` reports what
+    would be copied and copies nothing."""
+    args = {"peer": peer, "token_file": token_file, "ca": ca, "plan_only": plan_only}
     return _run(name, root, "protect", args, lambda e: ops.protect(e, progress=progress, **args), progress)
 
 
@@ -128,6 +131,31 @@ def failback(name: str, device: str | None = None, rate: int | str | None = None
     """Copy bad and overlay regions back into the (repaired or new) device; back to normal."""
     args = {"device": device, "rate": rate}
     return _run(name, root, "failback", args, lambda e: ops.failback(e, progress=progress, **args), progress)
+
+
+def demote(name: str, timeout: float = 60.0, force: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Hand the primary role over: refuse writes, drain replication, release."""
+    args = {"timeout": timeout, "force": force}
+    return _run(name, root, "demote", args, lambda e: ops.demote(e, **args))
+
+
+def adopt(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
+          root: str | None = None) -> dict[str, Any]:
+    """Serve a demoted volume from this host's replica server (the agent must be stopped)."""
+    return roles.adopt(root, name, replica_url, token_file, ca)
+
+
+def promote(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
+            force: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Turn this host's replica into the primary volume (``force``: takeover)."""
+    return roles.promote(root, name, replica_url, token_file, ca, force=force)
+
+
+def replica_status(replica_root: str) -> list[dict[str, Any]]:
+    """The replicas a secondary host keeps, read from disk (no server needed)."""
+    from drtool.replica.store import describe_root
+
+    return [{**info, "role": "secondary"} for info in describe_root(replica_root)]
 
 
 def status(name: str | None = None, root: str | None = None, probe_peer: bool = True) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from rich.console import Console
 from drtool import __version__, api, report
 from drtool.errors import DrtoolError, ExitCode, UsageError
 from drtool.progress import NoProgress, Progress
-from drtool.units import parse_size
+from drtool.units import format_bytes, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,6 +113,13 @@ def cmd_report(ctx: Context) -> int:
 
 
 def cmd_status(ctx: Context) -> int:
+    if ctx.args.replica_root:
+        replicas = api.replica_status(ctx.args.replica_root)
+        if ctx.json:
+            ctx.emit_json(replicas)
+        else:
+            report.render_replicas(ctx.out, replicas)
+        return ExitCode.OK
     statuses = api.status(ctx.args.name, root=ctx.root)
     if ctx.json:
         ctx.emit_json(statuses[0] if ctx.args.name else statuses)
@@ -123,14 +130,78 @@ def cmd_status(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def _plan_text(plan: dict) -> str:
+    if plan["mode"] == "incremental":
+        lost = plan.get("lost") or {}
+        text = (f"fast failback: {plan['regions']} regions ({format_bytes(plan['bytes'])}) to copy, "
+                f"{plan.get('divergent', 0)} of them divergent on the peer")
+        if lost.get("records"):
+            text += f"; the peer lost {lost['records']} records ({format_bytes(lost['bytes'])}) at the takeover"
+        return text
+    if plan["mode"] == "resume":
+        return f"resuming: {plan['regions']} regions left to copy"
+    return f"full sync: {plan['regions']} regions ({format_bytes(plan['bytes'])}) to copy"
+
+
 def cmd_protect(ctx: Context) -> int:
     a = ctx.args
-    result = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, progress=ctx.progress())
+    if not ctx.json:
+        # The plan is known only once the peer answered; show it before the copying starts.
+        plan = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, plan_only=True)["plan"]
+        ctx.err.print(_plan_text(plan))
+        if a.plan:
+            return ExitCode.OK
+    result = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, progress=ctx.progress(),
+                         plan_only=a.plan)
     if ctx.json:
         ctx.emit_json(result)
     else:
         ctx.out.print(f"volume {a.name} protected by {result['peer']}: {result['regions_synced']} regions "
                       f"synced, {result['records_shipped']} records shipped")
+    return ExitCode.OK
+
+
+def cmd_demote(ctx: Context) -> int:
+    a = ctx.args
+    result = api.demote(a.name, timeout=a.timeout, force=a.force, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    elif not result["changed"]:
+        ctx.out.print(f"volume {a.name} is already the secondary here")
+    else:
+        demoted = result["demoted"]
+        lost = demoted["lost"]
+        ctx.out.print(f"volume {a.name} demoted at era {demoted['era']}, sequence {demoted['seq']}; "
+                      f"primary role handed to {demoted['peer']}")
+        if lost.get("records") or lost.get("regions"):
+            ctx.err.print(f"[red]lost: {lost['records']} records, {format_bytes(lost['bytes'])} in "
+                          f"{lost['regions']} regions never reached the new primary[/red]")
+    return ExitCode.OK
+
+
+def cmd_adopt(ctx: Context) -> int:
+    a = ctx.args
+    result = api.adopt(a.name, a.replica_url, a.token_file, a.ca, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        verb = "now served" if result["changed"] else "already served"
+        ctx.out.print(f"volume {a.name} is {verb} as a replica by {a.replica_url}")
+    return ExitCode.OK
+
+
+def cmd_promote(ctx: Context) -> int:
+    a = ctx.args
+    result = api.promote(a.name, a.replica_url, a.token_file, a.ca, force=a.force, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    elif not result["changed"]:
+        ctx.out.print(f"volume {a.name} is already the primary here")
+    else:
+        promoted = result["promoted"]
+        kind = "TAKEOVER" if promoted["takeover"] else "planned"
+        ctx.out.print(f"volume {a.name} promoted ({kind}) at sequence {promoted['applied_seq']}, era "
+                      f"{promoted['era']}; device {result['device']}")
     return ExitCode.OK
 
 
@@ -313,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding the bearer token")
     p.add_argument("--ca", help="CA certificate to verify the peer's TLS certificate")
 
+    p.add_argument("--plan", action="store_true", help="show what would be copied; copy nothing")
+
+    p = command("demote", cmd_demote, "hand the primary role over: stop writes, drain, release")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to drain replication")
+    p.add_argument("--force", action="store_true", help="the secondary already took over: count the loss")
+
+    p = command("adopt", cmd_adopt, "serve a demoted volume from this host's replica server")
+    p.add_argument("name")
+    p.add_argument("--replica-url", required=True, help="this host's replica server")
+    p.add_argument("--token-file")
+    p.add_argument("--ca")
+
+    p = command("promote", cmd_promote, "turn this host's replica into the primary volume")
+    p.add_argument("name")
+    p.add_argument("--replica-url", required=True, help="this host's replica server")
+    p.add_argument("--token-file")
+    p.add_argument("--ca")
+    p.add_argument("--force", action="store_true", help="takeover: the old primary is unreachable")
+
     p = command("write", cmd_write, "write bytes through drtool (logged and replicated)")
     p.add_argument("name")
     p.add_argument("--offset", required=True, help="byte offset (units allowed: 1M)")
@@ -366,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("status", cmd_status, "show the status of one volume or all")
     p.add_argument("name", nargs="?")
+    p.add_argument("--replica-root", help="on a secondary: show the replicas kept under this directory")
     return parser
 
 

@@ -75,6 +75,8 @@ class Engine:
         self.fetcher: Any = None  # drtool.fetch.RemoteFetcher, created on first need
         self.replicator: Any = None  # drtool.replication.Replicator, set by the caller
         self.read_only_reason: str | None = None
+        if self.record.role == "secondary":
+            self.read_only_reason = "this host is the secondary for this volume"
         self._open_device()
         if self.record.mode != "normal":
             self.overlay = overlay_file.open_overlay(volume.paths.overlay, self.geometry.size)

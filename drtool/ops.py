@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drtool import detect, replication
+from drtool import detect, replication, roles
 from drtool import failback as failback_mod
 from drtool.engine import Engine
 from drtool.errors import UsageError
@@ -99,14 +99,27 @@ def replicate(engine: Engine, wait: bool = False, regions: str | None = None,
 
 
 def protect(engine: Engine, peer: str, token_file: str | None = None, ca: str | None = None,
-            progress: Progress | None = None) -> dict[str, Any]:
+            progress: Progress | None = None, plan_only: bool = False) -> dict[str, Any]:
     progress = progress or NoProgress()
-    pending = engine.volume.norecord.popcount() if engine.protected else engine.geometry.count
-    progress.start(pending * engine.geometry.region_size, f"initial sync of {engine.name}")
+    started = False
+
+    def on_plan(plan: dict[str, Any]) -> None:
+        nonlocal started
+        if not plan_only:
+            label = {"incremental": "fast failback", "resume": "resumed sync"}.get(plan["mode"], "initial sync")
+            progress.start(plan["bytes"], f"{label} of {engine.name}: {plan['regions']} regions")
+            started = True
+
     try:
-        return replication.protect(engine, peer, token_file, ca, progress=progress.advance)
+        return replication.protect(engine, peer, token_file, ca, progress=progress.advance,
+                                   on_plan=on_plan, plan_only=plan_only)
     finally:
-        progress.finish()
+        if started:
+            progress.finish()
+
+
+def demote(engine: Engine, timeout: float = 60.0, force: bool = False) -> dict[str, Any]:
+    return roles.demote(engine, timeout=timeout, force=force)
 
 
 def recover(engine: Engine, local_era: int | None = None, source: str | None = None) -> dict[str, Any]:

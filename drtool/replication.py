@@ -209,22 +209,78 @@ def lag_of(engine: Any) -> dict[str, Any]:
     }
 
 
+def fast_sync_plan(engine: Any, peer_info: dict[str, Any]) -> Any:
+    """After a role swap: the regions the returning peer lacks, or None when it needs everything.
+
+    The peer adopted this volume (same identity) when it stepped down; it lacks the regions
+    written here since the promotion (their era is the promotion's or later) and holds stale
+    bytes in the regions it marked divergent (written there, never shipped here).
+    """
+    from drtool.storage.maps import RegionBitmap
+
+    promoted = engine.record.promoted
+    adopted = peer_info.get("adopted")
+    if not promoted or not adopted or peer_info.get("volume_id") != engine.record.volume_id:
+        return None
+    wanted = RegionBitmap(engine.geometry.count)
+    era = promoted["era"]
+    for region in range(engine.geometry.count):
+        if engine.volume.eras[region] >= era:
+            wanted.set(region)
+    for first, count in adopted.get("divergent") or []:
+        wanted.set_run(first, count)
+    return wanted
+
+
 def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None,
-            progress: Callable[[int], None] | None = None, client: Any = None) -> dict[str, Any]:
-    """Pair the volume with its replica on ``url`` and run (or resume) the initial full sync."""
+            progress: Callable[[int], None] | None = None, client: Any = None,
+            on_plan: Callable[[dict[str, Any]], None] | None = None, plan_only: bool = False) -> dict[str, Any]:
+    """Pair the volume with its replica on ``url`` and run (or resume) the initial sync.
+
+    The sync is incremental when the peer is this volume's former primary coming back
+    (fast failback), full otherwise.  ``on_plan`` hears what will be copied before it starts.
+    """
     peer = {"url": url.rstrip("/"), "token_file": token_file, "ca": ca}
     client = client or make_client(peer)
     record = engine.record
-    client.ensure_volume(engine.name, engine.geometry.size, engine.geometry.region_size, record.volume_id)
     same_peer = record.peer is not None and record.peer.get("url") == peer["url"]
+    if same_peer:
+        plan = {"mode": "resume", "regions": engine.volume.norecord.popcount()}
+    else:
+        peer_info = _peer_info(client, engine.name)
+        wanted = fast_sync_plan(engine, peer_info) if peer_info else None
+        if wanted is None:
+            plan = {"mode": "full", "regions": engine.geometry.count}
+        else:
+            divergent = sum(n for _, n in (peer_info["adopted"].get("divergent") or []))
+            plan = {"mode": "incremental", "regions": wanted.popcount(), "divergent": divergent,
+                    "lost": peer_info["adopted"].get("lost")}
+    plan["bytes"] = plan["regions"] * engine.geometry.region_size
+    if on_plan:
+        on_plan(plan)
+    if plan_only:
+        return {"volume": engine.name, "peer": peer["url"], "changed": False, "plan": plan}
+    client.ensure_volume(engine.name, engine.geometry.size, engine.geometry.region_size, record.volume_id)
     changed = not same_peer
     with engine.meta:
         if not same_peer:
             record.peer = {**peer, "paired": time.time()}
-            record.replication = {"initial_sync": "running", "started": time.time()}
-            # Every region is shipped from the volume itself: the initial sync is bitmap mode.
-            engine.volume.unreplicated.set_all()
-            engine.volume.norecord.set_all()
+            record.replication = {"initial_sync": "running", "started": time.time(), "mode": plan["mode"],
+                                  "regions": plan["regions"]}
+            if plan["mode"] == "incremental":
+                # The returning peer's sequence numbers end where ours begin again.
+                client.rebase(engine.name, engine.log.next_seq - 1)
+                engine.volume.unreplicated.clear_all()
+                engine.volume.norecord.clear_all()
+                for region in wanted:
+                    engine.volume.unreplicated.set(region)
+                    engine.volume.norecord.set(region)
+                if record.promoted is not None:
+                    record.promoted["lost"] = plan.get("lost")
+            else:
+                # Every region is shipped from the volume itself: the initial sync is bitmap mode.
+                engine.volume.unreplicated.set_all()
+                engine.volume.norecord.set_all()
         else:
             record.peer.update({"token_file": token_file, "ca": ca})
         engine.save()
@@ -237,6 +293,15 @@ def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None
             record.replication["finished"] = time.time()
             changed = True
         engine.save()
-    return {"volume": engine.name, "peer": peer["url"], "changed": changed,
+    return {"volume": engine.name, "peer": peer["url"], "changed": changed, "plan": plan,
             "regions_synced": before - engine.volume.norecord.popcount(),
             "records_shipped": replicator.shipped_records, "bytes_shipped": replicator.shipped_bytes}
+
+
+def _peer_info(client: Any, name: str) -> dict[str, Any] | None:
+    from drtool.errors import VolumeNotFound
+
+    try:
+        return client.volume_info(name)
+    except VolumeNotFound:
+        return None

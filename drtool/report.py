@@ -126,6 +126,20 @@ def render_status(console: Console, status: dict[str, Any]) -> None:
     table.add_row("health", Text(health, style=HEALTH_STYLE.get(health, "")))
     table.add_row("mode", Text(status["mode"], style=MODE_STYLE.get(status["mode"], "")))
     table.add_row("role", status.get("role", "primary"))
+    if status.get("direction"):
+        table.add_row("replication to", status["direction"])
+    swap = status.get("last_swap")
+    if swap:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(swap["time"]))
+        lost = swap.get("lost") or {}
+        text = f"{swap['event']} at sequence {swap.get('seq')} on {when}"
+        if lost.get("records") or lost.get("regions"):
+            text += f"; lost {lost['records']} records ({format_bytes(lost['bytes'])})"
+        elif swap["event"] == "takeover" and not lost:
+            text += "; loss unknown until the old primary returns"
+        table.add_row("last swap", Text(text, style="yellow" if "lost" in text or "unknown" in text else ""))
+    if status.get("read_only"):
+        table.add_row("writes", Text(f"refused: {status['read_only']}", style="yellow"))
     table.add_row("device", status["device"])
     table.add_row("size", f"{format_bytes(status['size'])} ({status['size']} bytes)")
     table.add_row("regions", f"{status['regions_total']} of {format_bytes(status['region_size'])}")
@@ -199,6 +213,21 @@ def render_fleet(console: Console, hosts: dict[str, list[dict[str, Any]]], detai
         for statuses in hosts.values():
             for status in statuses:
                 render_status(console, status)
+
+
+def render_replicas(console: Console, replicas: list[dict[str, Any]]) -> None:
+    """The replicas a secondary host keeps (drtool status --replica-root)."""
+    table = Table(title="drtool replicas (this host is the secondary)")
+    for column in ("volume", "state", "size", "applied seq", "last record", "snapshots", "primary"):
+        table.add_column(column)
+    for info in replicas:
+        last = info.get("last_record_at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "-"
+        primary = info.get("primary") or {}
+        table.add_row(info["name"], info.get("state", "replica"), format_bytes(info["size"]),
+                      str(info.get("applied_seq")), when, str(len(info.get("snapshots") or [])),
+                      primary.get("state", "active"))
+    console.print(table)
 
 
 def render_scrub(console: Console, report: dict[str, Any]) -> None:

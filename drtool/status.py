@@ -112,9 +112,37 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "peer": peer_status(volume.record.peer, probe_peer),
         "lag": lag,
         "replication": volume.record.replication,
+        "direction": direction(volume.record),
+        "last_swap": last_swap(volume.record),
+        "promoted": volume.record.promoted,
+        "demoted": volume.record.demoted,
         "recovery": volume.record.recovery,
         "failback": volume.record.failback,
     }
+
+
+def direction(record: Any) -> str:
+    peer = (record.peer or {}).get("url")
+    if record.role == "secondary":
+        demoted = record.demoted or {}
+        adopted = demoted.get("adopted")
+        source = demoted.get("peer") or "the primary"
+        return f"{source} -> this host" + (f" (replica served by {adopted['url']})" if adopted else
+                                            " (not serving yet: run drtool adopt)")
+    return f"this host -> {peer}" if peer else "not replicated"
+
+
+def last_swap(record: Any) -> dict[str, Any] | None:
+    events = []
+    if record.promoted:
+        events.append({"event": "takeover" if record.promoted.get("takeover") else "promoted",
+                       "time": record.promoted["time"], "seq": record.promoted.get("applied_seq"),
+                       "lost": record.promoted.get("lost")})
+    if record.demoted:
+        events.append({"event": "demoted (forced)" if record.demoted.get("forced") else "demoted",
+                       "time": record.demoted["time"], "seq": record.demoted.get("seq"),
+                       "lost": record.demoted.get("lost")})
+    return max(events, key=lambda e: e["time"]) if events else None
 
 
 def summary_row(status: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class VolumeRecord:
     recovery: dict[str, Any] | None = None
     failback: dict[str, Any] | None = None
     replication: dict[str, Any] = field(default_factory=dict)
+    promoted: dict[str, Any] | None = None  # this host took the primary role (from its replica)
+    demoted: dict[str, Any] | None = None  # this host handed the primary role over
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod

@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Iterator
 
-from drtool.errors import CorruptStateFile, VolumeExists, VolumeNotFound
+from drtool.errors import CorruptStateFile, UsageError, VolumeExists, VolumeNotFound
 from drtool.regions import Geometry, validate_region_size
 from drtool.storage import mapfile
 from drtool.storage.device import Device, check_device_path
@@ -64,13 +64,22 @@ class Volume:
 
     @classmethod
     def create(
-        cls, root: str, name: str, device: str, region_size: int | str, force: bool = False
+        cls, root: str, name: str, device: str, region_size: int | str, force: bool = False,
+        size: int | None = None, volume_id: str | None = None,
     ) -> Volume:
-        """Register a new volume (maps empty: the caller digests the device)."""
+        """Register a volume (maps empty: the caller fills the manifest).
+
+        ``size`` and ``volume_id`` are given when the volume continues an existing one
+        (a promoted replica keeps its identity); otherwise the device's size and a new id.
+        """
         paths = StatePaths(root, validate_name(name))
         region_size = validate_region_size(region_size)
         device = os.path.abspath(device)
-        size = check_device_path(device)
+        device_size = check_device_path(device)
+        if size is None:
+            size = device_size
+        elif device_size < size:
+            raise UsageError(f"device {device} has {device_size} bytes, the volume needs {size}")
         os.makedirs(root, mode=0o700, exist_ok=True)
         existed = os.path.exists(paths.record)
         if existed and not force:
@@ -81,6 +90,8 @@ class Volume:
             if existed:
                 _clear_state_dir(paths)
             record = VolumeRecord.new(name, device, size, region_size)
+            if volume_id is not None:
+                record.volume_id = volume_id
             volume = cls(paths, record, lock)
             volume.save_all()
             return volume

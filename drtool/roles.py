@@ -1,0 +1,177 @@
+"""Role changes: planned failover, takeover, and the old primary becoming the secondary.
+
+Planned failover of volume V from host A to host B::
+
+    A: demote V          writes refused, replication drained to zero, role handed over (release)
+    A: stop the agent;   adopt V --replica-url (A's own replica server now serves V from A's device)
+    B: promote V         B's replica becomes a primary volume (same identity, a new era); agent
+    B: protect V --peer A   fast failback: only regions written on B since the swap (and, after a
+                            takeover, the regions A wrote but never shipped) travel back
+
+Takeover is ``promote --force`` while A is unreachable; when A returns, ``demote --force``
+counts exactly what A wrote that B never applied (the loss) and marks those regions divergent,
+so the reverse sync overwrites them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from drtool.errors import NotPermitted, OperationTimeout, PeerError
+from drtool.regions import to_runs
+from drtool.replication import make_client
+from drtool.storage.atomic import write_atomic
+from drtool.storage.paths import state_root
+from drtool.storage.volume import Volume
+
+log = logging.getLogger("drtool.roles")
+
+
+# -- the old primary ------------------------------------------------------------------
+
+
+def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str, Any]:
+    """Stop writes, drain replication, hand the role to the secondary.  Idempotent.
+
+    ``force``: the secondary has already taken over (it is fenced); nothing is drained,
+    and what this host wrote beyond the secondary's last applied record is reported lost.
+    """
+    record = engine.record
+    if record.role == "secondary":
+        return {"volume": engine.name, "changed": False, "role": "secondary", "demoted": record.demoted}
+    if not engine.protected:
+        raise NotPermitted(f"volume {engine.name} has no secondary to hand over to")
+    previous = engine.read_only_reason
+    engine.read_only_reason = "being demoted: writes are refused"
+    client = make_client(record.peer)
+    try:
+        if force:
+            lost, divergent = _takeover_loss(engine, client)
+        else:
+            try:
+                engine.replicator.wait_caught_up(timeout)
+            except OperationTimeout as exc:
+                raise OperationTimeout(f"{exc}; volume {engine.name} was not demoted and accepts writes again") \
+                    from None
+            engine.flush()
+            acked = record.replication.get("acked_through", engine.log.next_seq - 1)
+            client.release(engine.name, record.era, acked)
+            lost = {"records": 0, "bytes": 0, "regions": 0}
+            divergent = _stale_on_device(engine)
+    except BaseException:
+        engine.read_only_reason = previous
+        raise
+    with engine.meta:
+        record.role = "secondary"
+        record.demoted = {"time": time.time(), "era": record.era, "seq": engine.log.next_seq - 1,
+                          "peer": record.peer["url"], "forced": force, "lost": lost,
+                          "divergent": [list(r) for r in to_runs(divergent)]}
+        record.history.append({"event": "demoted", "time": time.time(), "forced": force})
+        engine.read_only_reason = "this host is the secondary for this volume"
+        engine.save()
+    log.warning("volume %s: demoted (%s); lost %s", engine.name, "forced" if force else "planned", lost)
+    return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted}
+
+
+def _stale_on_device(engine: Any) -> set[int]:
+    """Regions whose device bytes are not the volume's (bad, or living in the overlay)."""
+    return set(engine.volume.bad) | set(engine.volume.overlay)
+
+
+def _takeover_loss(engine: Any, client: Any) -> tuple[dict[str, int], set[int]]:
+    """What this host wrote that the new primary never applied: records, bytes, regions."""
+    applied = None
+    try:
+        info = client.volume_info(engine.name)
+        applied = (info.get("promoted") or {}).get("applied_seq", info.get("applied_seq"))
+    except PeerError as exc:
+        log.warning("volume %s: peer unreachable (%s); counting every pending write as lost", engine.name, exc)
+    entries = [e for e in engine.log.pending() if applied is None or e.seq > applied]
+    regions = {e.region for e in entries} | set(engine.volume.norecord)
+    lost_bytes = sum(e.header.length for e in entries)
+    lost_bytes += sum(engine.geometry.region_length(r) for r in engine.volume.norecord)
+    lost = {"records": len(entries), "bytes": lost_bytes, "regions": len(regions),
+            "exact": applied is not None, "after_seq": applied}
+    return lost, regions | _stale_on_device(engine)
+
+
+def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
+          ca: str | None = None) -> dict[str, Any]:
+    """Let this host's replica server serve the demoted volume from its own device.
+
+    The agent must be stopped (this takes the volume's lock): from now on the replica
+    server writes the device as the new primary ships records.
+    """
+    with Volume.open(state_root(root), name) as volume:
+        record = volume.record
+        if record.role != "secondary" or not record.demoted:
+            raise NotPermitted(f"volume {name} is a primary here: demote it first")
+        adopted = record.demoted.get("adopted")
+        if adopted and adopted.get("url") == replica_url:
+            return {"volume": name, "changed": False, "adopted": adopted}
+        manifest = volume.paths.file("adopt-manifest.bin")
+        write_atomic(manifest, volume.manifest.to_bytes())
+        client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
+        demoted = record.demoted
+        result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
+                              size=record.size, region_size=record.region_size, volume_id=record.volume_id,
+                              applied_seq=demoted["seq"], era=demoted["era"],
+                              divergent=demoted.get("divergent", []), lost=demoted.get("lost"))
+        demoted["adopted"] = {"url": replica_url, "time": time.time()}
+        volume.save_record()
+        return {"volume": name, "changed": True, "adopted": demoted["adopted"], "replica": result}
+
+
+# -- the new primary ----------------------------------------------------------------------
+
+
+def promote(root: str | None, name: str, replica_url: str, token_file: str | None,
+            ca: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Turn this host's replica of ``name`` into a primary volume.  Idempotent.
+
+    Refused while the old primary still claims the role, unless ``force`` (takeover).
+    """
+    root = state_root(root)
+    try:
+        current = Volume.inspect(root, name)
+    except Exception:
+        current = None
+    if current is not None and current.record.role == "primary":
+        if current.record.promoted:
+            return {"volume": name, "changed": False, "role": "primary", "promoted": current.record.promoted}
+        raise NotPermitted(f"volume {name} is already a primary on this host")
+    client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
+    info = client.promote(name, force=force)
+    digests = client.manifest(name)
+    era = int(info.get("max_era") or 0) + 1
+    volume = Volume.create(root, name, info["image"], info["region_size"], force=True,
+                           size=info["size"], volume_id=info["volume_id"])
+    try:
+        if len(digests) != 32 * volume.geometry.count:
+            raise PeerError(f"replica manifest of {name} has {len(digests)} bytes, "
+                            f"expected {32 * volume.geometry.count}")
+        volume.manifest = type(volume.manifest)(volume.geometry.count, digests)
+        for region in range(volume.geometry.count):
+            volume.eras[region] = era - 1
+        record = volume.record
+        applied = int(info["applied_seq"])
+        record.era = era
+        record.eras[0].era = era
+        record.eras[0].seq = applied + 1
+        takeover = not info.get("released")
+        record.promoted = {
+            "time": time.time(), "era": era, "applied_seq": applied, "forced": bool(force),
+            "takeover": takeover, "released": info.get("released"),
+            "last_record_at": info.get("last_record_at"), "lost": None,
+            "overlay_regions_merged": info.get("overlay_regions_merged", 0),
+        }
+        record.history.append({"event": "promoted", "time": time.time(), "takeover": takeover})
+        # The new primary's log continues after the last sequence it applied.
+        volume.save_all(seq=applied)
+        return {"volume": name, "changed": True, "role": "primary", "device": info["image"],
+                "promoted": record.promoted}
+    finally:
+        volume.close()
