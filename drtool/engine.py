@@ -292,6 +292,9 @@ class Engine:
         return False
 
     def requested_regions(self) -> RegionBitmap:
+        recovery = self.record.recovery
+        if not recovery or recovery.get("local_era") is None:
+            return self.volume.bad.difference(self.volume.overlay)
         wanted = RegionBitmap(self.geometry.count)
         for region in range(self.geometry.count):
             if self.requested(region):
