@@ -100,6 +100,12 @@ volumes:
     device:
       description: The volume's device.
       type: str
+    size:
+      description: The volume's size in bytes.
+      type: int
+    region_size:
+      description: The volume's region size in bytes.
+      type: int
     bad_regions:
       description: Runs of bad regions, as [first, count] pairs.
       type: list
@@ -146,7 +152,7 @@ healthy:
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool
 
-KEYS = ("volume", "health", "mode", "faulted", "device", "bad_regions", "bad_count", "lost_regions",
+KEYS = ("volume", "health", "mode", "faulted", "device", "size", "region_size", "bad_regions", "bad_count", "lost_regions",
         "lost_count", "lag", "peer", "agent", "era", "last_scrub")
 
 
