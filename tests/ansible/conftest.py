@@ -1,0 +1,166 @@
+"""Helpers for the Ansible tests: the modules in-process, playbooks and molecule as subprocesses.
+
+Modules run in-process with ``ansible.module_utils.testing.patch_module_args``
+(ansible-core 2.19; the old ``_ANSIBLE_ARGS`` trick is broken there).  Playbooks
+run as real ``ansible-playbook`` processes against ``inventory/local`` with every
+path under a temporary ``drtool_base`` and free ports, so nothing outside the
+test's directory is touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LIBRARY = ROOT / "roles" / "drtool_common" / "library"
+MODULE_UTILS = ROOT / "roles" / "drtool_common" / "module_utils"
+VENV_BIN = Path(sys.executable).parent
+MODULES = sorted(p.stem for p in LIBRARY.glob("drtool_*.py"))
+
+# -- modules in-process --------------------------------------------------------------------
+
+
+def load_module(name: str) -> ModuleType:
+    """Import a module from the role's library/, its module_utils as Ansible would ship them."""
+    if "ansible.module_utils.drtool_common" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ansible.module_utils.drtool_common",
+                                                      MODULE_UTILS / "drtool_common.py")
+        utils = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = utils
+        spec.loader.exec_module(utils)
+    spec = importlib.util.spec_from_file_location(f"drtool_ansible_modules.{name}", LIBRARY / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class ModuleResult:
+    rc: int
+    data: dict[str, Any]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.data.get("changed"))
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.data.get("failed"))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
+@pytest.fixture
+def run_module(capsys: pytest.CaptureFixture[str]):
+    """run_module("drtool_volume", {...}, check=True, diff=True) -> ModuleResult (never raises SystemExit)."""
+    from ansible.module_utils.testing import patch_module_args
+
+    def run(name: str, args: dict[str, Any], check: bool = False, diff: bool = False) -> ModuleResult:
+        module = load_module(name)
+        args = dict(args)
+        if check:
+            args["_ansible_check_mode"] = True
+        if diff:
+            args["_ansible_diff"] = True
+        capsys.readouterr()
+        with patch_module_args(args):
+            with pytest.raises(SystemExit) as exit_info:
+                module.main()
+        out = capsys.readouterr().out
+        return ModuleResult(int(exit_info.value.code or 0), json.loads(out))
+
+    return run
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def stop_pid_file(path: Path, timeout: float = 20.0) -> None:
+    """Stop the daemon of a pid file (SIGTERM, then SIGKILL): tests leave nothing running."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def ansible_env(base: Path) -> dict[str, str]:
+    """Environment for ansible-playbook/molecule: the venv's tools first, our ansible.cfg, no colour."""
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_LOCAL_TEMP": str(base / ".ansible-local"),
+        "ANSIBLE_REMOTE_TEMP": str(base / ".ansible-remote"),
+        "PY_COLORS": "0",
+        "NO_COLOR": "1",
+    })
+    env.pop("DRTOOL_STATE_ROOT", None)
+    return env
+
+
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+
+
+@dataclass
+class PlaybookRun:
+    argv: list[str]
+    rc: int
+    output: str
+    recap: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> int:
+        return sum(host["changed"] for host in self.recap.values())
+
+    def __str__(self) -> str:
+        return f"$ {' '.join(self.argv)}\n(rc {self.rc})\n{self.output[-6000:]}"
+
+
+def run_playbook(playbook: str, base: Path, extra: dict[str, Any], *args: str, timeout: float = 300) -> PlaybookRun:
+    argv = [str(VENV_BIN / "ansible-playbook"), str(ROOT / "playbooks" / playbook),
+            "-e", json.dumps(extra), *args]
+    proc = subprocess.run(argv, cwd=ROOT, env=ansible_env(base), capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    recap = {m.group(1): {"ok": int(m.group(2)), "changed": int(m.group(3)), "unreachable": int(m.group(4)),
+                          "failed": int(m.group(5))} for m in RECAP.finditer(proc.stdout)}
+    return PlaybookRun(argv, proc.returncode, output, recap)

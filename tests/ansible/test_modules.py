@@ -1,0 +1,369 @@
+"""Unit tests of the drtool modules, in-process against drtool's real API.
+
+Each module: changed, then idempotent; check mode changes nothing; bad
+arguments fail with a clear message; drtool's errors become fail_json.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.ansible.conftest import free_port, load_module, stop_pid_file
+from tests.conftest import corrupt, make_image
+
+SIZE = 1 << 20  # 16 regions of 64 KiB
+TOKEN = "unit-test-token-0123456789abcdef"
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    make_image(tmp_path / "vol.img", SIZE, seed=5)
+    return tmp_path
+
+
+@pytest.fixture
+def volume_args(base: Path, replica_server) -> dict:
+    return {"name": "vol", "device": str(base / "vol.img"), "peer": replica_server.url,
+            "token_file": str(replica_server.token_file), "state_root": str(base / "state")}
+
+
+@pytest.fixture
+def protected(run_module, volume_args) -> dict:
+    """A registered, paired volume; returns the arguments that made it."""
+    assert run_module("drtool_volume", volume_args).changed
+    return volume_args
+
+
+def state_files(root: Path) -> dict[str, bytes]:
+    """Every file under a state root and its bytes (the lock file's pid aside)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "lock"}
+
+
+# -- drtool_volume -----------------------------------------------------------------------------
+
+
+def test_volume_registers_and_pairs_then_is_idempotent(run_module, volume_args):
+    first = run_module("drtool_volume", volume_args)
+    assert first.rc == 0 and first.changed, first.data
+    assert first["actions"] == ["registered", "paired"]
+    assert first["initial_sync"] == "done" and first["protect"]["regions_synced"] == 16
+    again = run_module("drtool_volume", volume_args)
+    assert not again.changed and again["actions"] == []
+    assert again["peer"] == volume_args["peer"]
+
+
+def test_volume_check_mode_changes_nothing_and_shows_a_diff(run_module, volume_args, base):
+    result = run_module("drtool_volume", volume_args, check=True, diff=True)
+    assert result.changed and result["actions"] == ["registered", "paired"]
+    assert result["diff"]["before"] == {"registered": False}
+    assert result["diff"]["after"]["registered"] is True
+    assert result["diff"]["after"]["peer"] == volume_args["peer"]
+    assert not (base / "state").exists()
+
+
+def test_volume_token_is_written_0600_and_never_returned(run_module, volume_args, base):
+    args = dict(volume_args, token_file=str(base / "etc" / "token"), token=TOKEN, peer=None)
+    result = run_module("drtool_volume", args)
+    assert "token written" in result["actions"]
+    path = base / "etc" / "token"
+    assert path.read_text() == TOKEN + "\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert TOKEN not in str(result.data)
+    assert not run_module("drtool_volume", args).changed
+
+
+def test_volume_refuses_another_device_without_force(run_module, protected, base):
+    make_image(base / "other.img", SIZE, seed=6)
+    result = run_module("drtool_volume", dict(protected, device=str(base / "other.img")))
+    assert result.failed
+    assert "registered with device" in result["msg"] and "force=true" in result["msg"]
+
+
+def test_volume_absent_unregisters_once(run_module, protected, base):
+    args = {"name": "vol", "state": "absent", "state_root": protected["state_root"]}
+    check = run_module("drtool_volume", args, check=True)
+    assert check.changed and (base / "state" / "vol").exists()
+    assert run_module("drtool_volume", args).changed
+    assert not (base / "state" / "vol").exists()
+    assert not run_module("drtool_volume", args).changed
+
+
+def test_volume_bad_arguments_fail_clearly(run_module, base):
+    missing = run_module("drtool_volume", {"name": "vol", "state_root": str(base / "state")})
+    assert missing.failed and "device" in missing["msg"] and "state is present" in missing["msg"]
+    bad_state = run_module("drtool_volume", {"name": "vol", "state": "gone", "device": "/x"})
+    assert bad_state.failed and "value of state must be one of: present, absent" in bad_state["msg"]
+    token_alone = run_module("drtool_volume", {"name": "vol", "device": "/x", "token": TOKEN})
+    assert token_alone.failed and "token_file" in token_alone["msg"]
+    assert TOKEN not in str(token_alone.data)
+
+
+def test_volume_drtool_errors_become_fail_json(run_module, base):
+    result = run_module("drtool_volume", {"name": "bad/name", "device": str(base / "vol.img"),
+                                          "state_root": str(base / "state")})
+    assert result.failed and "is not valid" in result["msg"]
+    assert result["exit_code"] == 2 and result["error"] == "UsageError"
+    nodev = run_module("drtool_volume", {"name": "vol", "device": str(base / "missing.img"),
+                                         "state_root": str(base / "state")})
+    assert nodev.failed and "does not exist" in nodev["msg"] and nodev["exit_code"] == 4
+
+
+def test_missing_drtool_fails_with_missing_required_lib(run_module, monkeypatch):
+    load_module("drtool_status_info")  # registers the module_utils
+    import sys
+
+    utils = sys.modules["ansible.module_utils.drtool_common"]
+    monkeypatch.setattr(utils, "HAS_DRTOOL", False)
+    monkeypatch.setattr(utils, "DRTOOL_IMPORT_ERROR", "ModuleNotFoundError: No module named 'drtool'")
+    result = run_module("drtool_status_info", {})
+    assert result.failed
+    assert "Failed to import the required Python library (drtool)" in result["msg"]
+    assert "ansible_python_interpreter" in result["msg"]
+
+
+# -- drtool_health_info and drtool_status_info ---------------------------------------------
+
+
+def test_health_info_probe_scrub_and_faulted_device(run_module, protected, base):
+    root = protected["state_root"]
+    probe = run_module("drtool_health_info", {"state_root": root, "probe_peer": False})
+    assert not probe.changed and probe["healthy"] and probe["volumes"][0]["probe"]["ok"]
+
+    corrupt(base / "vol.img", 3 * 65536 + 100)
+    check = run_module("drtool_health_info", {"state_root": root, "mode": "scrub"}, check=True)
+    assert not check.changed and check["unhealthy"] == ["vol"]
+    entry = check["volumes"][0]
+    assert entry["health"] == "DEGRADED" and entry["bad_regions"] == [[3, 1]] and entry["bad_count"] == 1
+    assert entry["scrub"]["new_bad_regions"] == [[3, 1]]
+    assert entry["lag"]["records"] == 0 and entry["mode"] == "normal"
+    assert entry["peer"]["reachable"] is True
+
+    os.rename(base / "vol.img", base / "vol.away")
+    faulted = run_module("drtool_health_info", {"names": ["vol"], "state_root": root})
+    assert faulted["volumes"][0]["health"] == "FAULTED"
+    assert "does not exist" in faulted["volumes"][0]["faulted"]
+
+
+def test_health_info_unknown_volume_fails_clearly(run_module, base):
+    result = run_module("drtool_health_info", {"names": ["nope"], "state_root": str(base / "state")})
+    assert result.failed and "volume nope is not registered" in result["msg"] and result["exit_code"] == 5
+
+
+def test_status_info_returns_every_volume(run_module, protected, base):
+    empty = run_module("drtool_status_info", {"state_root": str(base / "elsewhere")})
+    assert empty["volumes"] == [] and empty["healthy"]
+    result = run_module("drtool_status_info", {"state_root": protected["state_root"]}, check=True)
+    assert not result.changed and result["names"] == ["vol"]
+    status = result["volumes"][0]
+    assert status["schema"] == "drtool.status/1" and status["health"] == "ONLINE"
+    assert status["peer"]["url"] == protected["peer"]
+
+
+# -- drtool_recovery ---------------------------------------------------------------------------
+
+
+def test_recovery_enters_degraded_then_fails_back(run_module, protected, base):
+    root = protected["state_root"]
+    original = (base / "vol.img").read_bytes()
+    corrupt(base / "vol.img", 5 * 65536)
+    run_module("drtool_health_info", {"state_root": root, "mode": "scrub"})
+
+    before = state_files(base / "state")
+    check = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "state_root": root},
+                       check=True, diff=True)
+    assert check.changed and check["diff"]["before"]["mode"] == "normal" and check["diff"]["after"]["mode"] == "degraded"
+    assert state_files(base / "state") == before
+
+    entered = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "state_root": root})
+    assert entered.changed and entered["mode"] == "degraded" and entered["recover"]["requested_count"] == 1
+    assert not run_module("drtool_recovery", {"name": "vol", "state": "degraded", "state_root": root}).changed
+
+    from drtool import api
+
+    assert api.read("vol", 0, SIZE, root=root) == original  # merged, verified
+
+    args = {"name": "vol", "state": "normal", "rate": "100M", "state_root": root}
+    assert run_module("drtool_recovery", args, check=True).changed
+    back = run_module("drtool_recovery", args)
+    assert back.changed and back["mode"] == "normal" and back["failback"]["regions_copied"] >= 1
+    assert (base / "vol.img").read_bytes() == original
+    assert not run_module("drtool_recovery", args).changed
+
+
+def test_recovery_onto_a_new_device(run_module, protected, base):
+    root = protected["state_root"]
+    original = (base / "vol.img").read_bytes()
+    os.rename(base / "vol.img", base / "vol.dead")
+    run_module("drtool_health_info", {"state_root": root, "mode": "scrub"})
+    assert run_module("drtool_recovery", {"name": "vol", "state": "degraded", "state_root": root}).changed
+    make_image(base / "new.img", SIZE, seed=99)
+    back = run_module("drtool_recovery", {"name": "vol", "state": "normal", "device": str(base / "new.img"),
+                                          "state_root": root}, diff=True)
+    assert back.changed and back["device"] == str(base / "new.img")
+    assert back["diff"]["after"] == {"mode": "normal", "device": str(base / "new.img")}
+    assert (base / "new.img").read_bytes() == original
+    again = run_module("drtool_recovery", {"name": "vol", "state": "normal", "device": str(base / "new.img"),
+                                           "state_root": root})
+    assert not again.changed
+
+
+def test_recovery_bad_arguments_fail_clearly(run_module, protected, base):
+    root = protected["state_root"]
+    mixed = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "rate": "1M", "state_root": root})
+    assert mixed.failed and "state=normal" in mixed["msg"]
+    nowhere = run_module("drtool_recovery", {"name": "vol", "state": "normal", "device": str(base / "x.img"),
+                                             "state_root": root})
+    assert nowhere.failed and "nothing to fail back onto" in nowhere["msg"]
+    unknown = run_module("drtool_recovery", {"name": "nope", "state": "degraded", "state_root": root})
+    assert unknown.failed and "volume nope is not registered" in unknown["msg"]
+    no_state = run_module("drtool_recovery", {"name": "vol"})
+    assert no_state.failed and "missing required arguments: state" in no_state["msg"]
+    source = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "source": "tape",
+                                            "state_root": root})
+    assert source.failed and "tape" in source["msg"] and source["exit_code"] == 2
+
+
+# -- drtool_replication ------------------------------------------------------------------------
+
+
+def test_replication_waits_for_zero_lag(run_module, protected):
+    from drtool import api
+
+    root = protected["state_root"]
+    api.write("vol", 65536, b"x" * 65536, root=root)
+    check = run_module("drtool_replication", {"name": "vol", "state_root": root}, check=True, diff=True)
+    assert check.changed and check["lag"]["records"] == 1 and check["diff"]["before"]["lag"]["records"] == 1
+    assert api.status("vol", root=root, probe_peer=False)[0]["lag"]["records"] == 1
+
+    shipped = run_module("drtool_replication", {"name": "vol", "timeout": 30, "state_root": root})
+    assert shipped.changed and shipped["records_shipped"] == 1 and shipped["lag"]["records"] == 0
+    assert not run_module("drtool_replication", {"name": "vol", "state_root": root}).changed
+
+
+def test_replication_forces_regions(run_module, protected):
+    from drtool import api
+
+    root = protected["state_root"]
+    api.write("vol", 2 * 65536, b"y" * 65536, root=root)
+    api.write("vol", 9 * 65536, b"z" * 65536, root=root)
+    forced = run_module("drtool_replication", {"name": "vol", "regions": ["9"], "state_root": root})
+    assert forced.changed and forced["forced_regions"] == [[9, 1]] and forced["records_shipped"] == 1
+    assert forced["lag"]["records"] == 1  # region 2 still pending
+
+
+def test_replication_bad_arguments_and_unpaired_volume(run_module, base):
+    root = str(base / "state")
+    assert run_module("drtool_volume", {"name": "solo", "device": str(base / "vol.img"), "state_root": root}).changed
+    zero = run_module("drtool_replication", {"name": "solo", "timeout": 0, "state_root": root})
+    assert zero.failed and "timeout must be a positive number" in zero["msg"]
+    unpaired = run_module("drtool_replication", {"name": "solo", "state_root": root})
+    assert unpaired.failed and "no peer" in unpaired["msg"]
+
+
+# -- drtool_replica and drtool_agent (real daemons) ------------------------------------------
+
+
+@pytest.fixture
+def daemons(base: Path):
+    """Pid files to clean up, whatever the test did."""
+    pid_files: list[Path] = []
+    yield pid_files
+    for path in pid_files:
+        stop_pid_file(path)
+
+
+def test_replica_start_idempotent_restart_on_change_and_stop(run_module, base, daemons):
+    pid_file = base / "run" / "replica.pid"
+    daemons.append(pid_file)
+    port = free_port()
+    args = {"root": str(base / "replicas"), "listen": f"127.0.0.1:{port}", "token_file": str(base / "rtoken"),
+            "token": TOKEN, "pid_file": str(pid_file), "log_file": str(base / "log" / "replica.log")}
+
+    check = run_module("drtool_replica", args, check=True, diff=True)
+    assert check.changed and check["action"] == "started" and not pid_file.exists()
+    assert not (base / "rtoken").exists()
+
+    started = run_module("drtool_replica", args)
+    assert started.changed and started["action"] == "started" and started["pid"]
+    assert started["url"] == f"http://127.0.0.1:{port}" and TOKEN not in str(started.data)
+    from drtool.client import ReplicaClient
+
+    ReplicaClient(started["url"], token=TOKEN).health()
+
+    again = run_module("drtool_replica", args)
+    assert not again.changed and again["pid"] == started["pid"]
+
+    rotated = run_module("drtool_replica", dict(args, token=TOKEN + "-rotated"))
+    assert rotated.changed and rotated["action"] == "restarted" and rotated["pid"] != started["pid"]
+    assert "changed since it started" in rotated["reason"]
+
+    moved = dict(args, token=TOKEN + "-rotated", listen=f"127.0.0.1:{free_port()}")
+    restarted = run_module("drtool_replica", moved, diff=True)
+    assert restarted["action"] == "restarted" and "arguments differ" in restarted["reason"]
+    assert restarted["diff"]["before"]["args"] != restarted["diff"]["after"]["args"]
+
+    stop = {"state": "stopped", "pid_file": str(pid_file)}
+    assert run_module("drtool_replica", stop, check=True).changed
+    assert run_module("drtool_replica", stop).changed
+    assert not pid_file.exists()
+    assert not run_module("drtool_replica", stop).changed
+
+
+def test_replica_bad_arguments_fail_clearly(run_module, base):
+    no_root = run_module("drtool_replica", {"pid_file": str(base / "p"), "log_file": str(base / "l")})
+    assert no_root.failed and "state is started but all of the following are missing: root" in no_root["msg"]
+    half_tls = run_module("drtool_replica", {"root": str(base), "pid_file": str(base / "p"),
+                                             "log_file": str(base / "l"), "tls_cert": str(base / "c")})
+    assert half_tls.failed and "tls_cert" in half_tls["msg"] and "tls_key" in half_tls["msg"]
+    weak = run_module("drtool_replica", {"root": str(base / "r"), "listen": "127.0.0.1:0", "pid_file": str(base / "p"),
+                                         "log_file": str(base / "l"), "token_file": str(base / "t"), "token": "abc123"})
+    assert weak.failed and "could not start drtool serve" in weak["msg"] and "too short" in weak["msg"]
+
+
+def test_agent_serves_volumes_restarts_on_new_set_and_stops(run_module, protected, base, daemons):
+    root = protected["state_root"]
+    make_image(base / "two.img", SIZE, seed=7)
+    assert run_module("drtool_volume", dict(protected, name="two", device=str(base / "two.img"))).changed
+    pid_file = base / "run" / "agent.pid"
+    daemons.append(pid_file)
+    socket_path = base / "run" / "nbd.sock"
+    args = {"names": ["vol"], "listen": "none", "nbd_socket": str(socket_path), "pid_file": str(pid_file),
+            "log_file": str(base / "log" / "agent.log"), "state_root": root,
+            "restart_if_changed": [protected["token_file"]]}
+    (base / "run").mkdir()
+
+    assert run_module("drtool_agent", args, check=True).changed and not pid_file.exists()
+    started = run_module("drtool_agent", args)
+    assert started.changed and started["action"] == "started"
+    assert started["uris"] == {"vol": [f"nbd+unix:///vol?socket={socket_path}"]}
+    from drtool import api
+
+    assert api.agent_socket("vol", root) and not api.agent_socket("two", root)
+    assert not run_module("drtool_agent", args).changed
+
+    both = dict(args, names=["two", "vol"])
+    assert run_module("drtool_agent", both, check=True)["action"] == "restarted"
+    grown = run_module("drtool_agent", both)
+    assert grown["action"] == "restarted" and set(grown["uris"]) == {"two", "vol"}
+    assert api.agent_socket("two", root)
+    assert not run_module("drtool_agent", dict(both, names=["vol", "two"])).changed  # order does not matter
+
+    stopped = run_module("drtool_agent", {"state": "stopped", "pid_file": str(pid_file)})
+    assert stopped.changed and not api.agent_socket("vol", root)
+    assert not run_module("drtool_agent", {"state": "stopped", "pid_file": str(pid_file)}).changed
+
+
+def test_agent_bad_arguments_fail_clearly(run_module, base):
+    no_names = run_module("drtool_agent", {"pid_file": str(base / "p"), "log_file": str(base / "l")})
+    assert no_names.failed and "names" in no_names["msg"]
+    unknown = run_module("drtool_agent", {"names": ["ghost"], "listen": "none", "pid_file": str(base / "p"),
+                                          "log_file": str(base / "l"), "state_root": str(base / "state")})
+    assert unknown.failed and "could not start drtool agent" in unknown["msg"]
+    assert "ghost is not registered" in unknown["msg"]
