@@ -156,7 +156,7 @@ def test_fio_verify_in_degraded_mode(volume, start_agent, cli, tmp_path):
     assert cli("recover", "vol").code == 0
     job = ["fio", "--name=mixed", "--ioengine=nbd", f"--uri={agent.uri()}", "--rw=randrw", "--bs=4k",
            "--iodepth=16", f"--size={SIZE}", "--io_size=8m", "--verify=crc32c", "--verify_fatal=1",
-           "--do_verify=1", "--randrepeat=0", "--output-format=json"]
+           "--do_verify=1", "--randrepeat=0", "--verify_state_save=0", "--output-format=json"]
     result = subprocess.run(job, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout[result.stdout.index("{"):])
