@@ -25,7 +25,7 @@ import requests
 import urllib3
 
 from drtool import wire
-from drtool.errors import (DataUnavailable, DrtoolError, NotPermitted, PeerAuthError, PeerError,
+from drtool.errors import (Conflict, DataUnavailable, DrtoolError, NotPermitted, PeerAuthError, PeerError,
                            PeerProtocolError, PeerUnreachable, UsageError, VolumeNotFound)
 from drtool.regions import Run
 
@@ -151,7 +151,7 @@ class ReplicaClient:
         return self._json("GET", "/v1/health")
 
     def ensure_volume(self, name: str, size: int, region_size: int, volume_id: str) -> dict[str, Any]:
-        """Create the replica, or accept an identical one; NotPermitted if it differs."""
+        """Create the replica, or accept an identical one; Conflict if it differs."""
         body = {"size": size, "region_size": region_size, "volume_id": volume_id}
         return self._json("PUT", self._path(name), json=body)
 
@@ -167,6 +167,55 @@ class ReplicaClient:
     def drop_overlay(self, name: str) -> None:
         """Forget the overlay replica (after failback)."""
         self._json("DELETE", self._path(name, "overlay"))
+
+    # -- role changes (docs/api.md "Role changes") --------------------------------------
+
+    def release(self, name: str, era: int, seq: int) -> dict[str, Any]:
+        """Hand the role over at ``seq`` (replication drained); the replica's description.
+
+        Conflict when the replica did not apply exactly the records up to ``seq``.
+        """
+        return self._json("POST", self._path(name, "release"), json={"era": era, "seq": seq})
+
+    def cancel_release(self, name: str) -> dict[str, Any]:
+        """Take the role back after a release (a failover abandoned before promote)."""
+        return self._json("DELETE", self._path(name, "release"))
+
+    def promote(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Turn the replica into a primary volume (merge the overlay replica, fence); idempotent.
+
+        Returns {"image", "size", "region_size", "volume_id", "applied_seq", "max_era",
+        "released", "forced", "last_record_at", "overlay_regions_merged", "at"}.
+        NotPermitted unless the primary released it or ``force`` (a takeover).
+        """
+        return self._json("POST", self._path(name, "promote"), json={"force": bool(force)})
+
+    def manifest(self, name: str) -> bytes:
+        """The blake3 of every region of the replica, 32 bytes each, in region order."""
+        response = self._request("GET", self._path(name, "manifest"))
+        got = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if got != "application/octet-stream" or len(response.content) % 32:
+            raise PeerProtocolError(f"replica server {response.url} answered a manifest of "
+                                    f"{len(response.content)} bytes as {got or 'no content type'}")
+        return response.content
+
+    def adopt(self, name: str, image: str, manifest: str, size: int, region_size: int, volume_id: str,
+              applied_seq: int, era: int, divergent: Iterable[Run] = (),
+              lost: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Make the server hold ``name`` in place on ``image`` (a file or device on the server's host).
+
+        ``manifest``: a file of 32-byte digests per region, also on the server's host.
+        Returns the replica's description.  Conflict if the server holds another
+        volume under ``name``; NotPermitted if it was promoted there with another image.
+        """
+        body = {"image": image, "manifest": manifest, "size": size, "region_size": region_size,
+                "volume_id": volume_id, "applied_seq": applied_seq, "era": era,
+                "divergent": [[int(a), int(n)] for a, n in divergent], "lost": lost}
+        return self._json("POST", self._path(name, "adopt"), json=body)
+
+    def rebase(self, name: str, seq: int) -> dict[str, Any]:
+        """A new primary's sequence numbers start after ``seq``; the replica's description."""
+        return self._json("POST", self._path(name, "rebase"), json={"seq": seq})
 
     # -- records ------------------------------------------------------------------------
 
@@ -428,15 +477,18 @@ def _http_error(method: str, url: str, response: requests.Response) -> DrtoolErr
         problem = response.json()
         detail = problem.get("detail") or problem.get("title") or ""
         title = problem.get("title", "")
+        kind = str(problem.get("type", ""))
     except (ValueError, AttributeError):
-        detail, title = response.text[:200], ""
+        detail, title, kind = response.text[:200], "", ""
     message = f"replica server {url}: {method} answered {status} {title}: {detail}".replace(": :", ":")
     if status in (401, 403):
         return PeerAuthError(message)
     if status == 404 and title == "No such replica":
         return VolumeNotFound(url.rsplit("/v1/volumes/", 1)[-1].split("/")[0], url)
     if status == 409:
-        return NotPermitted(message)
+        # "conflict": the request contradicts what the server holds; any other 409
+        # (not-permitted, promoted, released, not-released) is forbidden in the replica's role.
+        return Conflict(message) if kind == "urn:drtool:problem:conflict" else NotPermitted(message)
     if status == 410:
         return DataUnavailable(message)
     if status in (400, 404, 405, 411, 413, 416):

@@ -8,14 +8,18 @@ save the applied state (the acknowledgement's truth) -> respond.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import blake3
 
 from drtool.errors import UsageError
-from drtool.replica.store import ReplicaVolume, Target
+from drtool.replica.volume import ReplicaVolume, Target
 from drtool.wire import KIND_WRITE, RecordHeader, WireError, iter_records, zero_digest
+
+
+PROMOTED_REFUSES_RECORDS = "it accepts no records (its image is a primary volume now)"
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,15 @@ def apply_batch(volume: ReplicaVolume, records: list[Record], complete_through: 
                 overlay: bool) -> dict[str, Any]:
     target = volume.overlay if overlay else volume.mirror
     with volume.lock.exclusive():
+        volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)
         todo: list[Record] = []
         seen: set[int] = set()
         for record in records:
             if not target.applied.has(record.header.seq) and record.header.seq not in seen:
                 seen.add(record.header.seq)
                 todo.append(record)
+        if todo or (complete_through or 0) > target.applied.watermark:
+            volume.check_accepts_records()  # a resent, already applied batch is still acknowledged
         if todo:
             touched = {r.region for r in todo}
             if overlay:
@@ -85,10 +92,12 @@ def apply_batch(volume: ReplicaVolume, records: list[Record], complete_through: 
                 target.table.set(region, digest)
             target.table.save(target.applied.watermark)
         before = (target.applied.watermark, frozenset(target.applied.ahead))
+        if todo:
+            target.applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
         target.applied.mark([r.header.seq for r in todo])
         if complete_through is not None:
             target.applied.complete_through(complete_through)
-        if (target.applied.watermark, frozenset(target.applied.ahead)) != before:
+        if todo or (target.applied.watermark, frozenset(target.applied.ahead)) != before:
             target.applied.save()
         return {"applied_seq": target.applied.watermark, "applied": len(todo),
                 "skipped": len(records) - len(todo)}

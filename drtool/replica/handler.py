@@ -118,8 +118,8 @@ class ReplicaHandler(BaseHTTPRequestHandler):
         except Problem as problem:
             self._fail(problem)
         except DrtoolError as exc:
-            status, title = status_of(exc)
-            self._fail(Problem(status, title, str(exc)))
+            status, title, kind = status_of(exc)
+            self._fail(Problem(status, title, str(exc), kind=kind))
         except (ConnectionError, TimeoutError, ssl.SSLError):
             self.close_connection = True  # the client went away mid-request
         except Exception as exc:  # a bug: answer 500, keep serving, log the traceback
@@ -208,7 +208,6 @@ class ReplicaHandler(BaseHTTPRequestHandler):
         except UnicodeDecodeError:
             raise Problem(400, "Bad request", "the path is not valid percent-encoded UTF-8") from None
         routes.route(self, self.command, segments)
-
 
 
 def _parse_query(query: str) -> dict[str, str]:

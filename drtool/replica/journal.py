@@ -52,18 +52,31 @@ class Journal:
     def _segment_path(self, segment: int) -> str:
         return os.path.join(self.directory, f"segment-{segment:08d}.log")
 
-    def create(self) -> None:
+    def create(self, base_seq: int = 0) -> None:
+        """An empty journal that answers changes after ``base_seq`` (an adopted replica starts later)."""
         os.makedirs(self.directory, exist_ok=True)
-        save_json(self._base_path, "journal", self.volume_id, {"base_seq": 0})
+        save_json(self._base_path, "journal", self.volume_id, {"base_seq": base_seq})
+        self.base_seq = base_seq
 
-    def open(self) -> None:
+    def open(self, repair: bool = True) -> None:
+        """Load the retention point and index the segments.
+
+        ``repair`` False (a read-only look, e.g. ``describe_root``) leaves a torn
+        tail in place and only leaves it out of the index.
+        """
         self.base_seq = int(load_json(self._base_path, "journal", self.volume_id)["base_seq"])
         segments = sorted(int(n[8:16]) for n in os.listdir(self.directory)
                           if n.startswith("segment-") and n.endswith(".log"))
         for segment in segments:
-            self._scan(segment, last=segment == segments[-1])
+            self._scan(segment, last=segment == segments[-1], repair=repair)
 
-    def _scan(self, segment: int, last: bool) -> None:
+    def rebase(self, seq: int) -> None:
+        """A new sequence space starts after ``seq``; only an empty journal can follow it."""
+        assert not self.entries, "rebase of a journal that holds records"
+        save_json(self._base_path, "journal", self.volume_id, {"base_seq": seq})
+        self.base_seq = seq
+
+    def _scan(self, segment: int, last: bool, repair: bool) -> None:
         path = self._segment_path(segment)
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -77,6 +90,9 @@ class Journal:
                 except WireError as exc:
                     if not last:
                         raise CorruptStateFile(path, f"damaged journal record at byte {position}: {exc}") from None
+                    if not repair:
+                        size = position
+                        break
                     print(f"drtool: journal {path}: cutting a torn record at byte {position} ({exc}); "
                           "it was never acknowledged", file=sys.stderr)
                     os.truncate(path, position)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from drtool.errors import DeviceError
 from drtool.regions import Geometry
 from drtool.replica.snapshots import Snapshot
-from drtool.replica.store import ReplicaVolume
+from drtool.replica.volume import ReplicaVolume
 from drtool.replica.tables import DigestTable
 from drtool.storage.device import Device
 from drtool.wire import (FRAME_DATA, FRAME_END, FRAME_ERROR, FRAME_HEADER_SIZE, FRAME_ZERO,

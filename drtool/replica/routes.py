@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from drtool import __version__
-from drtool.errors import DrtoolError, NotPermitted, UsageError
+from drtool.errors import Conflict, DrtoolError, UsageError
 from drtool.regions import from_runs, parse_runs
-from drtool.replica import reading
-from drtool.replica.apply import apply_batch, parse_batch
+from drtool.replica import handover, reading
+from drtool.replica.adopt import AdoptRequest
+from drtool.replica.apply import PROMOTED_REFUSES_RECORDS, apply_batch, parse_batch
 from drtool.replica.problems import Problem
 from drtool.replica.snapshots import Snapshot
-from drtool.replica.store import ReplicaVolume
+from drtool.replica.volume import ReplicaVolume
 from drtool.storage.paths import validate_name
 from drtool.wire import FRAMES_CONTENT_TYPE, RECORDS_CONTENT_TYPE
 
@@ -92,6 +93,8 @@ def _source(volume: ReplicaVolume, snapshot_name: str | None, overlay: bool) -> 
         return None
     if overlay:
         raise UsageError("read either a snapshot or the overlay, not both")
+    volume.refuse_if_promoted("its snapshots read unpreserved regions from an image the server no longer "
+                              "follows")
     snapshot = volume.snapshots.get(validate_name(snapshot_name, "snapshot name"))
     if snapshot is None:
         raise Problem(404, "No such snapshot", f"replica {volume.name} has no snapshot {snapshot_name}")
@@ -141,6 +144,8 @@ def _get_data(req: ReplicaHandler, name: str) -> None:
 
 def _post_read(req: ReplicaHandler, name: str) -> None:
     volume = req.server.replicas.get(name)
+    volume.refuse_if_promoted("its stored digests no longer describe its image, so no read can be verified "
+                              "here; read it through its agent")
     body = req.read_json()
     overlay = bool(body.get("overlay", False))
     snapshot = _source(volume, body.get("snapshot"), overlay)
@@ -190,6 +195,7 @@ def _records(req: ReplicaHandler, name: str, overlay: bool) -> None:
     raw = req.headers.get("X-Drtool-Complete-Through")
     if raw is not None and not raw.strip().isdigit():
         raise UsageError(f"X-Drtool-Complete-Through {raw!r} is not a sequence number")
+    volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)  # before reading a large body for nothing
     limits = req.server.limits
     body = req.read_body(limits.max_body)
     records = parse_batch(volume, body, overlay, limits.max_records)
@@ -216,8 +222,9 @@ def _post_snapshot(req: ReplicaHandler, name: str) -> None:
     volume = req.server.replicas.get(name)
     snap = validate_name(req.read_json().get("name"), "snapshot name")
     with volume.lock.exclusive():
+        volume.refuse_if_promoted("a snapshot needs copy-on-write, and the server no longer sees its writes")
         if volume.snapshots.get(snap) is not None:
-            raise NotPermitted(f"replica {name} already has a snapshot {snap}")
+            raise Conflict(f"replica {name} already has a snapshot {snap}")
         snapshot = volume.snapshots.create(snap, volume.mirror.applied.watermark)
     req.send_json(201, snapshot.describe())
 
@@ -238,6 +245,56 @@ def _delete_snapshot(req: ReplicaHandler, name: str, snap: str) -> None:
     req.send_json(200, {"deleted": snap})
 
 
+# -- role changes (docs/api.md "Role changes") -------------------------------------------
+
+
+def _post_release(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    body = req.read_json()
+    req.send_json(200, handover.release(volume, _number(body, "era"), _number(body, "seq")))
+
+
+def _delete_release(req: ReplicaHandler, name: str) -> None:
+    req.send_json(200, handover.cancel_release(req.server.replicas.get(name)))
+
+
+def _post_promote(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    force = req.read_json().get("force", False)
+    if not isinstance(force, bool):
+        raise UsageError(f'"force" must be true or false, not {force!r}')
+    req.send_json(200, handover.promote(volume, force))
+
+
+def _post_rebase(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    req.send_json(200, handover.rebase(volume, _number(req.read_json(), "seq")))
+
+
+def _post_adopt(req: ReplicaHandler, name: str) -> None:
+    request = AdoptRequest.parse(name, req.read_json())
+    req.send_json(200, req.server.replicas.adopt(request).describe())
+
+
+def _get_manifest(req: ReplicaHandler, name: str) -> None:
+    """32 bytes per region, region order: the blake3 of each region's mirror content."""
+    volume = req.server.replicas.get(name)
+    table = volume.mirror.table
+    req.send_head(200, "application/octet-stream", 32 * volume.geometry.count,
+                  {"X-Drtool-Applied-Seq": str(volume.mirror.applied.watermark)})
+    for page in range(table.page_count):
+        with volume.lock.shared():
+            digests = table.digests_of_page(page)
+        req.wfile.write(digests)
+
+
+def _number(body: dict[str, object], key: str) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f'"{key}" must be an integer >= 0, not {value!r}')
+    return value
+
+
 _ROUTES: dict[tuple[str, ...], dict[str, Handler]] = {
     (): {"GET": _get_volume, "PUT": _put_volume, "DELETE": _delete_volume},
     ("data",): {"GET": _get_data, "HEAD": _get_data},
@@ -247,5 +304,10 @@ _ROUTES: dict[tuple[str, ...], dict[str, Handler]] = {
     ("overlay", "records"): {"POST": _post_overlay_records},
     ("overlay",): {"DELETE": _delete_overlay},
     ("snapshots",): {"GET": _get_snapshots, "POST": _post_snapshot},
+    ("release",): {"POST": _post_release, "DELETE": _delete_release},
+    ("promote",): {"POST": _post_promote},
+    ("rebase",): {"POST": _post_rebase},
+    ("adopt",): {"POST": _post_adopt},
+    ("manifest",): {"GET": _get_manifest},
 }
 

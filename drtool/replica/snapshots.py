@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from drtool.errors import CorruptStateFile, NotPermitted
+from drtool.errors import Conflict, CorruptStateFile
 from drtool.regions import Geometry
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.tables import DigestTable
@@ -50,11 +50,15 @@ class Snapshot:
         save_json(self.info_path, "snapshot", self.volume_id, self.info)
         self.data = Device(self.data_path, writable=True)
 
-    def open(self) -> None:
+    def load(self) -> None:
+        """Read and check snapshot.json (nothing opened for writing)."""
         self.info = load_json(self.info_path, "snapshot", self.volume_id)
         if self.info.get("name") != self.name:
             raise CorruptStateFile(self.info_path, f"snapshot file names {self.info.get('name')!r}, "
                                    f"directory is {self.name!r}")
+
+    def open(self) -> None:
+        self.load()
         self.table.check()
         self.data = Device(self.data_path, writable=True)
 
@@ -78,16 +82,31 @@ class SnapshotSet:
 
     def open(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
+        for snapshot in self._finished(warn=True):
+            snapshot.open()
+            self.by_name[snapshot.name] = snapshot
+
+    def load_names(self) -> None:
+        """The snapshots, each snapshot.json checked, nothing opened or created (a read-only look)."""
+        for snapshot in self._finished(warn=False):
+            snapshot.load()
+            self.by_name[snapshot.name] = snapshot
+
+    def _finished(self, warn: bool) -> list[Snapshot]:
+        if not os.path.isdir(self.directory):
+            return []
+        found = []
         for name in sorted(os.listdir(self.directory)):
             snapshot = Snapshot(os.path.join(self.directory, name), name, self.geometry, self.volume_id)
             if not os.path.exists(snapshot.info_path):
                 # snapshot.json is written last: without it the creation never finished
                 # (and was never acknowledged).  Left in place for the operator to remove.
-                print(f"drtool-replica: ignoring {snapshot.directory}: an unfinished snapshot creation",
-                      file=sys.stderr)
+                if warn:
+                    print(f"drtool-replica: ignoring {snapshot.directory}: an unfinished snapshot creation",
+                          file=sys.stderr)
                 continue
-            snapshot.open()
-            self.by_name[name] = snapshot
+            found.append(snapshot)
+        return found
 
     def close(self) -> None:
         for snapshot in self.by_name.values():
@@ -99,7 +118,7 @@ class SnapshotSet:
     def create(self, name: str, applied_seq: int) -> Snapshot:
         validate_name(name, "snapshot name")
         if os.path.exists(os.path.join(self.directory, name)):
-            raise NotPermitted(f"{os.path.join(self.directory, name)} exists (an unfinished snapshot?); "
+            raise Conflict(f"{os.path.join(self.directory, name)} exists (an unfinished snapshot?); "
                                "remove it by hand")
         snapshot = Snapshot(os.path.join(self.directory, name), name, self.geometry, self.volume_id)
         snapshot.create(applied_seq)

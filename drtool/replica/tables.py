@@ -14,7 +14,7 @@ reading the image.  ``digest()`` returns the real blake3 of the zeros.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from drtool.errors import CorruptStateFile
 from drtool.regions import Geometry, Run, to_runs
@@ -109,6 +109,46 @@ class DigestTable:
         start = _BITMAP_BYTES + 32 * index
         body[start:start + 32] = digest
         self._dirty.add(page)
+
+    def fill_from(self, read: Callable[[int], bytes]) -> None:
+        """Every region present, its digest the next 32 bytes of ``read(n)`` (an adopted manifest).
+
+        Written page by page; the caller saves.  A digest of zeros is stored as
+        NO_DIGEST, like ``set`` does, so ZERO frames need no read of the image.
+        """
+        os.makedirs(self.directory, exist_ok=True)
+        for page in range(self.page_count):
+            count = self._regions_in(page)
+            digests = read(32 * count)
+            body = self._empty(page)
+            body[:_BITMAP_BYTES] = b"\xff" * _BITMAP_BYTES
+            body[_BITMAP_BYTES:] = digests
+            self._blank_zero_slots(page, body)
+            self._pages[page] = body
+            self._dirty.add(page)
+            self.save(0)
+
+    def _blank_zero_slots(self, page: int, body: bytearray) -> None:
+        full, last = zero_digest(self.geometry.region_size), self.geometry.count - 1
+        view = memoryview(body)
+        for index in range(self._regions_in(page)):
+            start = _BITMAP_BYTES + 32 * index
+            region = page * PAGE_REGIONS + index
+            zero = full if region != last else zero_digest(self.geometry.region_length(region))
+            if view[start:start + 32] == zero:
+                view[start:start + 32] = NO_DIGEST
+
+    def digests_of_page(self, page: int) -> bytes:
+        """The real blake3 of every region of ``page`` (zero regions included), 32 bytes each."""
+        raw = bytes(memoryview(self._page(page))[_BITMAP_BYTES:])
+        if NO_DIGEST not in raw:  # (a match across slots only costs the slow path)
+            return raw
+        out = bytearray(raw)
+        base = page * PAGE_REGIONS
+        for index in range(0, len(out), 32):
+            if out[index:index + 32] == NO_DIGEST:
+                out[index:index + 32] = zero_digest(self.geometry.region_length(base + index // 32))
+        return bytes(out)
 
     def save(self, seq: int) -> None:
         """Write the pages changed since the last save, each atomically."""

@@ -12,13 +12,14 @@ import secrets
 import selectors
 import signal
 import subprocess
-import json, sys
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 from drtool import wire
 from drtool.client import ReplicaClient
@@ -147,9 +148,30 @@ def client(server: ServerProcess) -> Iterator[ReplicaClient]:
         yield c
 
 
-def write(seq: int, offset: int, data: bytes, overlay: bool = False) -> list[bytes]:
-    return wire.encode_record(wire.KIND_WRITE, seq, offset, data, flags=wire.FLAG_OVERLAY if overlay else 0)
+def write(seq: int, offset: int, data: bytes, overlay: bool = False, era: int = 0) -> list[bytes]:
+    return wire.encode_record(wire.KIND_WRITE, seq, offset, data, era=era,
+                              flags=wire.FLAG_OVERLAY if overlay else 0)
 
 
-def zero(seq: int, offset: int, length: int) -> list[bytes]:
-    return wire.encode_record(wire.KIND_ZERO, seq, offset, length=length)
+def zero(seq: int, offset: int, length: int, overlay: bool = False) -> list[bytes]:
+    return wire.encode_record(wire.KIND_ZERO, seq, offset, length=length,
+                              flags=wire.FLAG_OVERLAY if overlay else 0)
+
+
+def call(server: ServerProcess, method: str, path: str, token: bool = True, **kwargs) -> requests.Response:  # type: ignore[no-untyped-def]
+    """One raw HTTP request (no ReplicaClient): for checking statuses and problem bodies exactly."""
+    headers = kwargs.pop("headers", {})
+    if token:
+        headers["Authorization"] = f"Bearer {server.token}"
+    return requests.request(method, server.url + path, headers=headers, timeout=10, **kwargs)
+
+
+def assert_problem(response: requests.Response, status: int, detail: str = "", title: str = "",
+                   kind: str = "") -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status and problem["title"] and problem["type"]
+    assert detail in problem["detail"], problem
+    assert title in problem["title"], problem
+    assert problem["type"].endswith(kind), problem

@@ -9,7 +9,7 @@ import pytest
 
 from drtool import wire
 from drtool.client import ReplicaClient
-from drtool.errors import NotPermitted, PeerProtocolError, UsageError
+from drtool.errors import Conflict, PeerProtocolError, UsageError
 from tests.replica.conftest import VOLUME_ID, ServerProcess, write, zero
 
 RS = 65536
@@ -28,9 +28,9 @@ def mirror(server: ServerProcess, name: str = "vol") -> bytes:
 
 def test_ensure_volume_is_idempotent_and_refuses_other_geometry(client: ReplicaClient, vol: str) -> None:
     assert client.ensure_volume(vol, SIZE, RS, VOLUME_ID)["region_count"] == 11
-    with pytest.raises(NotPermitted, match="size"):
+    with pytest.raises(Conflict, match="size"):
         client.ensure_volume(vol, SIZE + RS, RS, VOLUME_ID)
-    with pytest.raises(NotPermitted, match="volume_id"):
+    with pytest.raises(Conflict, match="volume_id"):
         client.ensure_volume(vol, SIZE, RS, "f" * 32)
     assert [v["name"] for v in client.list_volumes()] == ["vol"]
 

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from drtool import wire
 from drtool.client import ReplicaClient
 from drtool.errors import PeerAuthError
 from tests.conftest import require_tool
-from tests.replica.conftest import VOLUME_ID, ServerProcess, write
+from tests.replica.conftest import VOLUME_ID, ServerProcess, assert_problem, call, write
 
 RS = 4096
 
@@ -25,21 +24,6 @@ RS = 4096
 def vol(client: ReplicaClient) -> str:
     client.ensure_volume("vol", 16 * RS, RS, VOLUME_ID)
     return "vol"
-
-
-def call(server: ServerProcess, method: str, path: str, token: bool = True, **kwargs) -> requests.Response:  # type: ignore[no-untyped-def]
-    headers = kwargs.pop("headers", {})
-    if token:
-        headers["Authorization"] = f"Bearer {server.token}"
-    return requests.request(method, server.url + path, headers=headers, timeout=10, **kwargs)
-
-
-def assert_problem(response: requests.Response, status: int, detail: str = "") -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/problem+json"
-    problem = response.json()
-    assert problem["status"] == status and problem["title"] and problem["type"]
-    assert detail in problem["detail"], problem
 
 
 def raw_request(server: ServerProcess, data: bytes) -> bytes:

@@ -1,0 +1,261 @@
+"""One replica on the secondary: its files, its lock, its role state and its description.
+
+A ReplicaVolume owns the open files of one replica and the lock that keeps
+applies (writers) apart from reads: readers hold the shared side only while
+they pick sources and copy bytes into a buffer, never while a slow client
+drains the socket.
+
+Role state lives in ``replica.json`` next to the geometry (see docs/api.md):
+``primary`` (the primary released the role at a sequence number), ``promoted``
+(this host's copy became a primary volume: the server never writes its image
+again), ``adopted`` (the replica lives in place on a former primary's device,
+``image``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from drtool.errors import UsageError
+from drtool.regions import Geometry
+from drtool.replica.applied import AppliedState, latest
+from drtool.replica.journal import Journal
+from drtool.replica.jsonstate import save_json
+from drtool.replica.problems import RoleRefused, promoted_refusal
+from drtool.replica.snapshots import SnapshotSet
+from drtool.replica.tables import DigestTable
+from drtool.storage.device import Device
+
+MANIFEST_MAGIC = b"DRTRMAN\0"
+OVERLAY_MAGIC = b"DRTROVL\0"
+META_FILE = "replica.json"
+MIRROR_FILE = "mirror.img"
+
+
+def check_volume_id(volume_id: object) -> str:
+    """The primary's volume id (32 hex digits, lower case) or UsageError."""
+    if not isinstance(volume_id, str) or len(volume_id) != 32:
+        raise UsageError(f"volume_id must be 32 hex digits, not {volume_id!r}")
+    try:
+        bytes.fromhex(volume_id)
+    except ValueError:
+        raise UsageError(f"volume_id must be 32 hex digits, not {volume_id!r}") from None
+    return volume_id.lower()
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer holds off new readers (no starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Target:
+    """An image, the digests of its regions and the records applied to it."""
+
+    def __init__(self, image_path: str, table: DigestTable, applied: AppliedState) -> None:
+        self.image_path = image_path
+        self.table = table
+        self.applied = applied
+        self.image: Device | None = None
+
+    def create(self, size: int) -> None:
+        with open(self.image_path, "xb") as handle:
+            handle.truncate(size)
+        self.table.create()
+        self.applied.create()
+
+    def load(self) -> None:
+        """Check the table and read the applied state (no image opened: a read-only look)."""
+        self.table.check()
+        self.applied.load()
+
+    def open(self) -> None:
+        self.load()
+        self.image = Device(self.image_path, writable=True)
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+
+
+class ReplicaVolume:
+    def __init__(self, directory: str, name: str, meta: dict[str, Any], journal_limit: int | None) -> None:
+        self.directory = directory
+        self.name = name
+        self.meta = meta
+        self.volume_id: str = meta["volume_id"]
+        self.geometry = Geometry(int(meta["size"]), int(meta["region_size"]))
+        vid = bytes.fromhex(self.volume_id)
+        self.mirror = Target(self.image_path,
+                             DigestTable(self._path("manifest"), MANIFEST_MAGIC, "manifest", self.geometry,
+                                         vid, lazy=False),
+                             AppliedState(self._path("applied.json"), self.volume_id))
+        self.overlay = Target(self._path("overlay.img"), self._overlay_table(),
+                              AppliedState(self._path("overlay-applied.json"), self.volume_id))
+        self.journal = Journal(self._path("journal"), self.geometry, self.volume_id, journal_limit or 0)
+        self.journal_limit = journal_limit
+        self.snapshots = SnapshotSet(self._path("snapshots"), self.geometry, self.volume_id)
+        self.lock = RWLock()
+
+    def _path(self, leaf: str) -> str:
+        return os.path.join(self.directory, leaf)
+
+    def _overlay_table(self) -> DigestTable:
+        return DigestTable(self._path("overlay"), OVERLAY_MAGIC, "overlay table", self.geometry,
+                           bytes.fromhex(self.volume_id), lazy=True)
+
+    @property
+    def image_path(self) -> str:
+        """The mirror's image: ``mirror.img`` here, or the device an adopted replica lives on."""
+        return self.meta.get("image") or self._path(MIRROR_FILE)
+
+    @property
+    def meta_path(self) -> str:
+        return self._path(META_FILE)
+
+    def create(self) -> None:
+        self.mirror.create(self.geometry.size)
+        self.overlay.create(self.geometry.size)
+        self.journal.create()
+        os.makedirs(self._path("snapshots"))
+
+    def open(self) -> ReplicaVolume:
+        try:
+            self.mirror.open()
+            self.overlay.open()
+            self.journal.open()
+            self.snapshots.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def load_readonly(self) -> ReplicaVolume:
+        """Read every state file without opening images or repairing anything (describe_root)."""
+        self.mirror.load()
+        self.overlay.load()
+        self.journal.open(repair=False)
+        self.snapshots.load_names()
+        return self
+
+    def close(self) -> None:
+        self.mirror.close()
+        self.overlay.close()
+        self.snapshots.close()
+
+    def save_meta(self) -> None:
+        save_json(self.meta_path, "replica", self.volume_id, self.meta)
+
+    # -- role ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.meta.get("promoted"):
+            return "promoted"
+        if (self.meta.get("primary") or {}).get("state") == "released":
+            return "released"
+        return "replica"
+
+    def refuse_if_promoted(self, what: str) -> None:
+        if self.meta.get("promoted"):
+            raise promoted_refusal(self.name, what)
+
+    def check_accepts_records(self) -> None:
+        """New records are refused once the primary released the role (promoted: see apply)."""
+        released = self.meta.get("primary")
+        if self.state == "released":
+            raise RoleRefused(f"volume {self.name} was released by its primary at seq {released['seq']} "
+                              f"(era {released['era']}); new records contradict that release (the primary "
+                              "must cancel it first: DELETE .../release)",
+                              f"volume {self.name} was released by its primary", "released")
+
+    # -- description --------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        with self.lock.shared():
+            first, last = self.journal.range()
+            mirror, overlay = self.mirror.applied, self.overlay.applied
+            return {
+                "name": self.name,
+                "size": self.geometry.size,
+                "region_size": self.geometry.region_size,
+                "region_count": self.geometry.count,
+                "volume_id": self.volume_id,
+                "image": self.image_path,
+                "state": self.state,
+                "primary": self.meta.get("primary"),
+                "promoted": self.meta.get("promoted"),
+                "adopted": self.meta.get("adopted"),
+                "rebased": self.meta.get("rebased"),
+                "applied_seq": mirror.watermark,
+                "applied_ahead": sorted(mirror.ahead),
+                "max_era": max(mirror.max_era, overlay.max_era),
+                "last_record_at": latest(mirror, overlay),
+                "zero_regions": self.mirror.table.zero_count(),
+                "snapshots": sorted(self.snapshots.by_name),
+                "journal": {"base_seq": self.journal.base_seq, "first_seq": first, "last_seq": last,
+                            "records": len(self.journal.entries), "bytes": self.journal.total_bytes(),
+                            "limit": self.journal_limit},
+                "overlay": {"regions": len(self.overlay.table.present_regions()),
+                            "applied_seq": overlay.watermark},
+            }
+
+    # -- the overlay replica ------------------------------------------------------------
+
+    def drop_overlay(self) -> None:
+        """Forget the overlay replica (after failback): empty image, table and applied state."""
+        with self.lock.exclusive():
+            self.reset_overlay()
+
+    def reset_overlay(self) -> None:
+        """Empty the overlay replica; what its records said about the primary stays, in the mirror's state.
+
+        Call with the exclusive lock held.
+        """
+        if self.overlay.applied.records:
+            self.mirror.applied.absorb_facts(self.overlay.applied)
+            self.mirror.applied.save()
+        self.overlay.close()
+        os.unlink(self.overlay.image_path)
+        shutil.rmtree(self.overlay.table.directory)
+        self.overlay.table = self._overlay_table()
+        self.overlay.applied = AppliedState(self.overlay.applied.path, self.volume_id)
+        self.overlay.create(self.geometry.size)
+        self.overlay.open()
