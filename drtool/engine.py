@@ -41,6 +41,7 @@ from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
 log = logging.getLogger("drtool.engine")
 
 STRIPES = 256
+READAHEAD_REGIONS = 64
 DEFAULT_SETTINGS: dict[str, Any] = {
     "copy_on_read": True,  # keep regions fetched from the replica in the overlay
     "auto_degrade": True,  # a bad region seen while serving switches to degraded mode
@@ -434,7 +435,8 @@ class Engine:
             self.enter_degraded(f"read of bad regions {to_runs(regions)}", auto=True)
         fetcher = self._fetcher()
         fetcher.prepare(regions)  # lost check and forced replication: no region lock may be held
-        stripes = sorted({region % STRIPES for region in regions})
+        ahead = self._readahead(regions)
+        stripes = sorted({region % STRIPES for region in regions + ahead})
         for stripe in stripes:
             self.stripes[stripe].acquire()
         try:
@@ -445,10 +447,25 @@ class Engine:
                     raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
             rest = [r for r in regions if not self.volume.overlay.test(r)]
             if rest:
-                fetcher.fetch_into(rest, base, view, prepared=True)
+                extra = [r for r in ahead if not self.volume.overlay.test(r)]
+                fetcher.fetch_into(rest, base, view, prepared=True, extra=extra)
         finally:
             for stripe in reversed(stripes):
                 self.stripes[stripe].release()
+
+    def _readahead(self, regions: list[int]) -> list[int]:
+        """Requested regions just after a remote read, fetched in the same batch (copy-on-read
+        keeps them): a sequential reader then pays one round trip per window, not per region."""
+        if not self.settings["copy_on_read"] or self.overlay is None:
+            return []
+        volume = self.volume
+        wanted = set(regions)
+        ahead = []
+        for region in range(max(regions) + 1, min(max(regions) + 1 + READAHEAD_REGIONS, self.geometry.count)):
+            if (region not in wanted and self.requested(region) and not volume.norecord.test(region)
+                    and not volume.unreplicated.test(region)):
+                ahead.append(region)
+        return ahead
 
     def _fetcher(self) -> Any:
         if self.fetcher is None:
@@ -606,7 +623,7 @@ class Engine:
             return
         device.pwrite(bytes(length), offset)
 
-    def store_fetched(self, region: int, data: bytes, digest: bytes) -> None:
+    def store_fetched(self, region: int, data: bytes, digest: bytes, rollback: bool = False) -> None:
         """Copy-on-read: keep a fetched region in the overlay so the next read is local.
 
         Bytes that differ from the manifest (a snapshot source rolls the region back)
@@ -616,6 +633,8 @@ class Engine:
             if self.overlay is None or self.volume.overlay.test(region):
                 return  # not in recovery any more, or a write got there first
             if not self.volume.manifest.matches(region, digest):
+                if not rollback:
+                    return  # the region changed while it was fetched: these bytes are stale
                 start, length = self.geometry.region_bounds(region)
                 seq = self._log(region, start, length, memoryview(data), digest, FLAG_OVERLAY)
                 self.overlay.pwrite(data, start)

@@ -74,6 +74,7 @@ def _prepare(engine: Any, device: str | None) -> None:
         detect.scrub(engine.volume)
         if record.faulted:
             raise DeviceError(f"cannot fail back: device {path} is still unusable ({record.faulted['reason']})")
+        _drop_copies_the_device_holds(engine)
     lost = engine.lost_regions()
     if lost:
         raise NotPermitted(
@@ -90,6 +91,18 @@ def _prepare(engine: Any, device: str | None) -> None:
                            "done_regions": 0, "bytes_copied": 0, "finished": None}
         record.history.append({"event": "failback", "time": time.time(), "device": path})
         engine.save()
+
+
+def _drop_copies_the_device_holds(engine: Any) -> None:
+    """Copy-on-read regions the (new) device already holds correctly need no copying back."""
+    incident_era = (engine.record.recovery or {}).get("era", 1 << 31)
+    volume = engine.volume
+    for region in list(volume.overlay):
+        if volume.eras[region] < incident_era and engine.recheck_region(region):
+            with engine.meta:
+                volume.overlay.clear(region)
+                volume.bad.clear(region)
+                volume.ioerror.clear(region)
 
 
 def _copy(engine: Any, rate: int | None, progress: Callable[[int], None] | None) -> int:

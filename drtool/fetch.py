@@ -43,11 +43,15 @@ class RemoteFetcher:
             self._local.client = client
         return client
 
-    def fetch_into(self, regions: list[int], base: int, view: memoryview, prepared: bool = False) -> None:
-        """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``."""
-        got = self.fetch(regions, prepared=prepared)
+    def fetch_into(self, regions: list[int], base: int, view: memoryview, prepared: bool = False,
+                   extra: list[int] | None = None) -> None:
+        """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``;
+        ``extra`` regions (readahead) come in the same request and only go to the overlay."""
+        wanted = set(regions)
+        got = self.fetch(regions + [r for r in extra or [] if r not in wanted], prepared=prepared)
         shift = self.engine.geometry.shift
-        for region, (data, _digest) in got.items():
+        for region in regions:
+            data = got[region][0]
             lo = (region - base) << shift
             view[lo:lo + len(data)] = data
         self._account(got, force_copy=self.source() != "mirror")
@@ -153,5 +157,6 @@ class RemoteFetcher:
                 recovery["fetched_regions"] = recovery.get("fetched_regions", 0) + len(got)
                 recovery["fetched_bytes"] = recovery.get("fetched_bytes", 0) + sum(len(d) for d, _ in got.values())
         if force_copy or engine.settings["copy_on_read"]:
+            rollback = self.source().startswith("snapshot:")
             for region, (data, digest) in got.items():
-                engine.store_fetched(region, data, digest)
+                engine.store_fetched(region, data, digest, rollback=rollback)
