@@ -15,6 +15,7 @@ refused, never skipped over.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -215,7 +216,7 @@ class ReplicationLog:
             try:
                 written = os.pwritev(segment.fd, buffers, position)
                 if written != total:
-                    raise OSError(28, "short write (disk full?)")
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write: the disk is full
             except OSError as exc:
                 os.ftruncate(segment.fd, position)
                 raise StateError(
