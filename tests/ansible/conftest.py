@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,3 +165,84 @@ def run_playbook(playbook: str, base: Path, extra: dict[str, Any], *args: str, t
     recap = {m.group(1): {"ok": int(m.group(2)), "changed": int(m.group(3)), "unreachable": int(m.group(4)),
                           "failed": int(m.group(5))} for m in RECAP.finditer(proc.stdout)}
     return PlaybookRun(argv, proc.returncode, output, recap)
+
+
+# -- molecule ------------------------------------------------------------------------------
+
+MOLECULE_SCENARIOS = ["drtool_install", "drtool_secondary", "drtool_primary"]
+
+
+@dataclass
+class MoleculeRun:
+    proc: subprocess.Popen
+    log: Path
+    base: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def snapshot_sources(dest: Path) -> Path:
+    """The package sources as they are now (a shared checkout may change during a long run)."""
+    dest.mkdir()
+    for item in ("pyproject.toml", "README.md", "LICENSE", "drtool"):
+        source = ROOT / item
+        if source.is_dir():
+            shutil.copytree(source, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy2(source, dest / item)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def molecule_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Start `molecule test -s NAME` for every scenario at once; yields {name: MoleculeRun}."""
+    from tests.conftest import IN_CI
+
+    molecule = VENV_BIN / "molecule"
+    if not molecule.exists():
+        message = f"molecule is not installed in {VENV_BIN} (pip install -e '.[test]')"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    top = tmp_path_factory.mktemp("molecule")
+    source = snapshot_sources(top / "source")
+    runs = {}
+    for name in MOLECULE_SCENARIOS:
+        base = top / name
+        base.mkdir()
+        env = ansible_env(base)
+        env.pop("ANSIBLE_CONFIG")  # molecule writes its own
+        env.update({
+            # molecule's own state (e.g. "prepared") must not carry over from another run.
+            "MOLECULE_EPHEMERAL_DIRECTORY": str(base / "molecule"),
+            "DRTOOL_MOLECULE_BASE": str(base),
+            "DRTOOL_MOLECULE_PORT": str(free_port("127.0.0.2")),
+            "DRTOOL_MOLECULE_NBD_PORT": str(free_port("127.0.0.3")),
+            "DRTOOL_MOLECULE_SOURCE": str(source),
+            "DRTOOL_MOLECULE_WHEELHOUSE": str(top / "wheelhouse"),
+        })
+        log = top / f"{name}.log"
+        with open(log, "w") as handle:
+            proc = subprocess.Popen([str(molecule), "test", "-s", name], cwd=ROOT, env=env, stdout=handle,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        runs[name] = MoleculeRun(proc, log, base)
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
+        for pid_file in run.base.rglob("*.pid"):
+            stop_pid_file(pid_file)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config._drtool_molecule_selected = any("molecule_runs" in getattr(item, "fixturenames", ()) for item in items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_molecule_early(request: pytest.FixtureRequest) -> None:
+    """When molecule tests are selected, start them with the first test here: they run meanwhile."""
+    # Without molecule, the molecule tests themselves skip (or fail under CI); the others run.
+    if getattr(request.config, "_drtool_molecule_selected", False) and (VENV_BIN / "molecule").exists():
+        request.getfixturevalue("molecule_runs")
