@@ -166,25 +166,14 @@ def main():
     args += ["--daemon", "--pid-file", p["pid_file"], "--log-file", p["log_file"] or ""]
     daemon = Daemon(module, p["pid_file"], args, inputs=p["restart_if_changed"])
 
-    before = daemon.pid()
-    before_args = daemon.running_args(before)
-    outcome = manage_daemon(module, daemon, p["state"], p["stop_timeout"])
-
-    result = dict(changed=outcome["changed"], pid=outcome["pid"], action=outcome["action"], reason=outcome["reason"])
+    result = manage_daemon(module, daemon, p["state"], p["stop_timeout"], "drtool agent")
     if p["state"] != "stopped":
-        result["cmd"] = ["drtool"] + args
         uris = {}
-        if outcome["pid"] is not None:
+        if result["pid"] is not None:
             for name in names:
                 status = volume_status(module, name, p["state_root"])
                 uris[name] = ((status or {}).get("agent") or {}).get("uris", {}).get(name, [])
         result["uris"] = uris
-    if module._diff:
-        result["diff"] = dict(
-            before={"running": before is not None, "args": before_args},
-            after={"running": p["state"] != "stopped", "args": args if p["state"] != "stopped" else None},
-            before_header="drtool agent (%s)" % p["pid_file"],
-            after_header="drtool agent (%s)" % p["pid_file"])
     module.exit_json(**result)
 
 

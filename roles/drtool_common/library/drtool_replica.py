@@ -163,25 +163,14 @@ def main():
     args += ["--daemon", "--pid-file", p["pid_file"], "--log-file", p["log_file"] or ""]
     daemon = Daemon(module, p["pid_file"], args, inputs=[p["token_file"], p["tls_cert"], p["tls_key"]])
 
-    before = daemon.pid()
-    before_args = daemon.running_args(before)
-    state = p["state"]
-    if state != "stopped" and p["token"] is not None and ensure_secret_file(module, p["token_file"], p["token"]):
-        # The server reads its token only at start; the newer file makes manage_daemon restart it.
-        if before is not None and state == "started" and module.check_mode:
-            state = "restarted"
-    outcome = manage_daemon(module, daemon, state, p["stop_timeout"])
-
-    result = dict(changed=outcome["changed"], pid=outcome["pid"], action=outcome["action"], reason=outcome["reason"])
+    written = False
+    if p["state"] != "stopped" and p["token"] is not None:
+        # The server reads its token only at start: a newer token file makes it restart.
+        written = ensure_secret_file(module, p["token_file"], p["token"])
+    result = manage_daemon(module, daemon, p["state"], p["stop_timeout"], "drtool replica server",
+                           pending_input=written)
     if p["state"] != "stopped":
-        scheme = "https" if p["tls_cert"] else "http"
-        result.update(url="%s://%s" % (scheme, p["listen"]), cmd=["drtool"] + args)
-    if module._diff:
-        result["diff"] = dict(
-            before={"running": before is not None, "args": before_args},
-            after={"running": p["state"] != "stopped", "args": args if p["state"] != "stopped" else None},
-            before_header="drtool replica server (%s)" % p["pid_file"],
-            after_header="drtool replica server (%s)" % p["pid_file"])
+        result["url"] = "%s://%s" % ("https" if p["tls_cert"] else "http", p["listen"])
     module.exit_json(**result)
 
 

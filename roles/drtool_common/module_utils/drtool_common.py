@@ -239,33 +239,41 @@ class Daemon(object):
                                   "left running" % (pid, self.pid_file, timeout))
 
 
-def manage_daemon(module, daemon, state, timeout):
-    """Bring ``daemon`` to ``state`` (started, stopped, restarted).
+def manage_daemon(module, daemon, state, timeout, label, pending_input=False):
+    """Bring ``daemon`` to ``state`` (started, stopped, restarted); returns the module's result.
 
-    Returns a dict: changed, pid, action (none, started, stopped, restarted) and
-    the reason of a restart.
+    The result has changed, pid, action (none, started, restarted, stopped), the
+    reason of a restart, the drtool arguments (cmd) and, with --diff, a diff.
+    ``pending_input``: in check mode, a file it reads at start would have been
+    rewritten, so a running daemon would restart.
     """
     pid = daemon.pid()
-    result = dict(changed=False, action="none", reason=None, pid=pid, output="")
+    before = {"running": pid is not None, "args": daemon.running_args(pid)}
+    result = dict(changed=False, action="none", reason=None, pid=pid)
     if state == "stopped":
-        if pid is None:
-            return result
-        result.update(changed=True, action="stopped", pid=None)
-        if not module.check_mode:
-            daemon.stop(pid, timeout)
-        return result
-    reason = None
-    if state == "restarted":
-        reason = "a restart was asked for" if pid else None
-    elif pid is not None:
-        reason = daemon.restart_reason(pid)
-        if reason is None:
-            return result
-    result.update(changed=True, action="restarted" if pid else "started", reason=reason)
-    if module.check_mode:
-        return result
-    if pid is not None:
-        daemon.stop(pid, timeout)
-    result["output"] = daemon.start()
-    result["pid"] = daemon.pid()
+        if pid is not None:
+            result.update(changed=True, action="stopped", pid=None)
+            if not module.check_mode:
+                daemon.stop(pid, timeout)
+    else:
+        result["cmd"] = ["drtool"] + daemon.args
+        reason = None
+        if pid is not None:
+            if state == "restarted":
+                reason = "a restart was asked for"
+            elif pending_input and module.check_mode:
+                reason = "a file it reads at start would change"
+            else:
+                reason = daemon.restart_reason(pid)
+        if pid is None or reason is not None:
+            result.update(changed=True, action="restarted" if pid else "started", reason=reason)
+            if not module.check_mode:
+                if pid is not None:
+                    daemon.stop(pid, timeout)
+                daemon.start()
+                result["pid"] = daemon.pid()
+    if module._diff:
+        after = {"running": state != "stopped", "args": daemon.args if state != "stopped" else None}
+        header = "%s (%s)" % (label, daemon.pid_file)
+        result["diff"] = dict(before=before, after=after, before_header=header, after_header=header)
     return result
