@@ -14,10 +14,12 @@ The stuck thread finishes its call, sends its reply, and then either takes
 the role back at once (if the reader is itself inside a call: no thread to
 wake) or waits to be given it.  Stalls come in runs (a degraded volume
 fetches region after region), so after one the reader hands the role on
-*before* each call until _FAST_STREAK calls in a row were fast again.  A
-slow call thus holds up the others for about STUCK_AFTER at most, and up to
-1 + ``workers`` calls run at once.  ``workers=0`` never hands off (for
-exports that never wait).
+*before* each of the next few calls: _FIRST_HAND_OFFS, doubled (up to
+_MOST_HAND_OFFS) each time another stall follows within _RECURRENCE calls.
+(Not "until calls are fast again": hand-offs slow calls down by moving the
+GIL, which would keep them going by themselves.)  A slow call thus holds up
+the others for about STUCK_AFTER at most, and up to 1 + ``workers`` calls
+run at once.  ``workers=0`` never hands off (for exports that never wait).
 
 Why not the classic reader feeding a worker pool: measured on 2 cores with
 bench/nbd_read.py, handing every request to a worker wakes a thread and
@@ -27,8 +29,7 @@ itself (a copy, drtool's blake3 check) holds the GIL or is a syscall the
 reader makes just as fast.  Threads pay off only when calls wait, and that
 is when they are used here; then passing the role keeps 1 + ``workers``
 calls going where a pool keeps ``workers``.  A false alarm (a call slowed by
-the scheduler) costs one hand-off, and hand-offs before the next
-_FAST_STREAK calls.
+the scheduler on a busy machine) costs 1 + _FIRST_HAND_OFFS hand-offs.
 
 Replies.  A finished reply joins the connection's Outbox; whoever finds
 nobody sending sends everything there with one ``sendmsg`` (headers and data
@@ -57,14 +58,17 @@ from drtool.nbd.buffers import Outbox, PayloadPool
 from drtool.nbd.handshake import ExportRegistry, Negotiation, Session
 from drtool.nbd.requests import DISC, EINVAL, WRITE, RequestRules, execute
 from drtool.nbd.stream import ClientGone, ProtocolViolation, SocketReader
-from drtool.nbd.watch import STUCK_AFTER, StallWatch
+from drtool.nbd.watch import StallWatch
 
 log = logging.getLogger("drtool.nbd")
 
 #: the reader sends its held-back replies once they reach this size
 _HOLD_BACK_BYTES = 256 * 1024
-#: fast calls in a row after which the reader stops handing the role on before each call
-_FAST_STREAK = 64
+#: calls before which the reader hands its role on after a first stall ...
+_FIRST_HAND_OFFS = 8
+#: ... and at most, when stalls keep following within _RECURRENCE calls
+_MOST_HAND_OFFS = 512
+_RECURRENCE = 64
 
 _REPLY_MAGIC = p.SIMPLE_REPLY_MAGIC
 _REPLY_SIZE = p.SIMPLE_REPLY.size
@@ -102,8 +106,9 @@ class Connection:
         self._epoch = 0  # which turn of the reader role is current
         self._turns: SimpleQueue[int | None] = SimpleQueue()  # the role for an idle thread; None: exit
         self._idle = 0  # threads waiting for a turn
-        self._hand_off_first = False  # calls stalled lately: pass the role on before each call
-        self._fast_streak = 0
+        self._hand_offs = 0  # calls left before which to pass the role on
+        self._hand_off_run = _FIRST_HAND_OFFS  # hand-offs the last stall earned
+        self._calls_since_hand_offs = _RECURRENCE  # inline calls since the last hand-off
         self._closing = False
 
     def start(self) -> None:
@@ -126,8 +131,12 @@ class Connection:
         with self._lock:
             if self.busy_since != since or self._closing:
                 return  # that call ended meanwhile
-            self._hand_off_first = True
-            self._fast_streak = 0
+            if self._calls_since_hand_offs < _RECURRENCE:
+                self._hand_off_run = min(2 * self._hand_off_run, _MOST_HAND_OFFS)
+            else:
+                self._hand_off_run = _FIRST_HAND_OFFS
+            self._hand_offs = self._hand_off_run
+            self._calls_since_hand_offs = 0
             self._pass_role()
 
     def _pass_role(self) -> None:
@@ -290,22 +299,18 @@ class Connection:
         Returns the turn this thread reads in afterwards, or None when
         another thread holds the role.
         """
-        started = self.busy_since = time.perf_counter()
+        self.busy_since = time.perf_counter()
         if self._watch.asleep:
             self._watch.wake()
-        if self._hand_off_first:
+        if self._hand_offs:
             with self._lock:
-                if self._epoch == epoch and not self._closing:
+                if self._epoch == epoch and not self._closing and self._hand_offs:
+                    self._hand_offs -= 1
                     self._pass_role()
+        else:
+            self._calls_since_hand_offs += 1
         self._run_request(command, flags, handle, offset, length, payload)
-        took = time.perf_counter() - started
         with self._lock:
-            if took >= STUCK_AFTER:
-                self._fast_streak = 0
-            else:
-                self._fast_streak += 1
-                if self._fast_streak >= _FAST_STREAK:
-                    self._hand_off_first = False
             if self._epoch == epoch:
                 self.busy_since = None
                 return epoch
