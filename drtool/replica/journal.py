@@ -7,13 +7,17 @@ to the highest seq they held, so "changes after S" can be answered exactly
 when S >= base_seq.  The in-memory index is rebuilt by scanning the segments
 on start; a torn record at the very end (a crash during an unacknowledged
 append) is cut off, anything else damaged is refused.
+
+A limit of 0 turns the journal off (it doubles what an apply writes to disk):
+its segments are deleted, journal.json says ``disabled``, and every changes
+request is answered 410.  Turned on again, it answers changes after the
+highest sequence applied by then.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from drtool.errors import CorruptStateFile, DataUnavailable, DeviceError
@@ -42,6 +46,7 @@ class Journal:
         self.limit = limit
         self.segment_limit = max(1 << 20, min(64 << 20, limit // 4))
         self.base_seq = 0
+        self.disabled = False
         self.entries: dict[int, Entry] = {}
         self._segment_sizes: dict[int, int] = {}
 
@@ -55,26 +60,38 @@ class Journal:
     def create(self, base_seq: int = 0) -> None:
         """An empty journal that answers changes after ``base_seq`` (an adopted replica starts later)."""
         os.makedirs(self.directory, exist_ok=True)
-        save_json(self._base_path, "journal", self.volume_id, {"base_seq": base_seq})
-        self.base_seq = base_seq
+        self._save(base_seq, disabled=self.limit == 0)
 
-    def open(self, repair: bool = True) -> None:
-        """Load the retention point and index the segments.
+    def open(self, applied_through: int = 0, writable: bool = True) -> None:
+        """Load the retention point and index the segments; turn the journal off or on per the limit.
 
-        ``repair`` False (a read-only look, e.g. ``describe_root``) leaves a torn
-        tail in place and only leaves it out of the index.
+        ``applied_through``: the highest sequence the mirror applied (where a journal
+        turned on again starts).  ``writable`` False (a read-only look, e.g.
+        ``describe_root``) changes nothing: a torn tail is only left out of the index.
         """
-        self.base_seq = int(load_json(self._base_path, "journal", self.volume_id)["base_seq"])
+        state = load_json(self._base_path, "journal", self.volume_id)
+        self.base_seq, self.disabled = int(state["base_seq"]), bool(state.get("disabled", False))
         segments = sorted(int(n[8:16]) for n in os.listdir(self.directory)
                           if n.startswith("segment-") and n.endswith(".log"))
+        if writable and self.limit == 0 and not self.disabled:
+            self._save(max(self.base_seq, applied_through), disabled=True)  # before the records go
+            for segment in segments:
+                os.unlink(self._segment_path(segment))
+            return
+        if writable and self.limit > 0 and self.disabled:
+            self._save(max(self.base_seq, applied_through), disabled=False)
         for segment in segments:
-            self._scan(segment, last=segment == segments[-1], repair=repair)
+            self._scan(segment, last=segment == segments[-1], repair=writable)
+
+    def _save(self, base_seq: int, disabled: bool | None = None) -> None:
+        self.disabled = self.disabled if disabled is None else disabled
+        save_json(self._base_path, "journal", self.volume_id, {"base_seq": base_seq, "disabled": self.disabled})
+        self.base_seq = base_seq
 
     def rebase(self, seq: int) -> None:
         """A new sequence space starts after ``seq``; only an empty journal can follow it."""
         assert not self.entries, "rebase of a journal that holds records"
-        save_json(self._base_path, "journal", self.volume_id, {"base_seq": seq})
-        self.base_seq = seq
+        self._save(seq)
 
     def _scan(self, segment: int, last: bool, repair: bool) -> None:
         path = self._segment_path(segment)
@@ -105,8 +122,14 @@ class Journal:
                 handle.seek(position)
         self._segment_sizes[segment] = size
 
-    def append(self, records: Iterable[tuple[int, int, list[memoryview]]]) -> None:
-        """Append ``(seq, region, chunks)`` records durably, then trim to the size limit."""
+    def append(self, records: list[tuple[int, int, int]], chunks: list[memoryview]) -> None:
+        """Append records durably, then trim to the size limit.
+
+        ``records``: (seq, region, size) of each record, in order; ``chunks``: their
+        bytes, concatenated in the same order (adjacent records as one chunk).
+        """
+        if self.disabled:
+            return
         segment = max(self._segment_sizes, default=0)
         if segment == 0 or self._segment_sizes[segment] >= self.segment_limit:
             segment += 1
@@ -116,9 +139,8 @@ class Journal:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
-                for seq, region, chunks in records:
-                    size = sum(len(c) for c in chunks)
-                    _write_all(fd, chunks)
+                _write_all(fd, chunks)
+                for seq, region, size in records:
                     if seq not in self.entries:
                         self.entries[seq] = Entry(seq, region, segment, position, size)
                     position += size
@@ -137,8 +159,7 @@ class Journal:
             new_base = max([self.base_seq, *(e.seq for e in dropped)])
             # The retention point is durable before the records go, so a crash can
             # only make the journal claim less than it holds, never more.
-            save_json(self._base_path, "journal", self.volume_id, {"base_seq": new_base})
-            self.base_seq = new_base
+            self._save(new_base)
             os.unlink(self._segment_path(oldest))
             del self._segment_sizes[oldest]
             for entry in dropped:
@@ -151,6 +172,8 @@ class Journal:
 
     def changes(self, after: int, regions: set[int]) -> list[Entry]:
         """Entries after seq ``after`` touching ``regions``, in seq order."""
+        if self.disabled:
+            raise DataUnavailable("this replica server keeps no journal (its journal limit is 0)")
         if after < self.base_seq:
             raise DataUnavailable(f"the journal no longer reaches back to seq {after}: it keeps "
                                   f"records after seq {self.base_seq} only")
@@ -166,7 +189,15 @@ class Journal:
 
 
 def _write_all(fd: int, chunks: list[memoryview]) -> None:
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
+    pending = [memoryview(c).cast("B") for c in chunks if len(c)]
+    first = 0
+    while first < len(pending):
+        done = os.writev(fd, pending[first:first + _IOV_MAX])
+        while first < len(pending) and done >= len(pending[first]):
+            done -= len(pending[first])
+            first += 1
+        if done:
+            pending[first] = pending[first][done:]
+
+
+_IOV_MAX = 1024

@@ -198,8 +198,8 @@ def _records(req: ReplicaHandler, name: str, overlay: bool) -> None:
     volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)  # before reading a large body for nothing
     limits = req.server.limits
     body = req.read_body(limits.max_body)
-    records = parse_batch(volume, body, overlay, limits.max_records)
-    req.send_json(200, apply_batch(volume, records, int(raw) if raw is not None else None, overlay))
+    batch = parse_batch(volume, body, overlay, limits.max_records)
+    req.send_json(200, apply_batch(volume, batch, int(raw) if raw is not None else None, overlay))
 
 
 def _post_records(req: ReplicaHandler, name: str) -> None:

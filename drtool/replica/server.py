@@ -31,12 +31,25 @@ from drtool.replica.store import ReplicaRoot
 
 @dataclass(frozen=True)
 class Limits:
-    max_body: int = 256 << 20  # bytes of one records batch
+    """What one client may ask of the server; ``drtool serve`` flags map onto these fields."""
+
+    max_body: int = 256 << 20  # bytes of one records batch (--max-body)
     max_records: int = 65536  # records in one batch
     max_read_regions: int = 65536  # regions in one batched read
-    request_timeout: float = 60.0  # from waiting for a request to having read all of it
+    request_timeout: float = 60.0  # from waiting for a request to having read all of it (--request-timeout)
     idle_timeout: float = 30.0  # any single send or receive
-    max_connections: int = 64
+    max_connections: int = 64  # (--max-connections)
+
+    def __post_init__(self) -> None:
+        for name in ("max_body", "max_records", "max_read_regions", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}")
+        for name in ("request_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
+                raise UsageError(f"{name.replace('_', '-')} must be seconds in (0, 86400], not {value!r}")
+
 
 
 class ReplicaHTTPServer(ThreadingHTTPServer):
@@ -183,8 +196,15 @@ def _is_loopback(host: str) -> bool:
 def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str | None = None,
           tls_key: str | None = None, announce: Callable[[str], None] | None = None, *,
           limits: Limits | None = None, journal_limit: int = DEFAULT_JOURNAL_LIMIT) -> int:
-    """Serve replicas under ``root`` until SIGTERM or SIGINT; return 0 after a clean stop."""
+    """Serve replicas under ``root`` until SIGTERM or SIGINT; return 0 after a clean stop.
+
+    ``journal_limit``: bytes of change log kept per replica (the newest records;
+    it may exceed the limit by one segment, limit/4 clamped to 1-64 MiB); 0 keeps
+    no journal at all, which halves what an apply writes to disk.
+    """
     host, port = parse_listen(listen)
+    if not isinstance(journal_limit, int) or journal_limit < 0:
+        raise UsageError(f"journal-limit must be a size of 0 (no journal) or more bytes, not {journal_limit!r}")
     token = read_token(token_file) if token_file else None
     if token is None and not _is_loopback(host):
         raise UsageError(f"refusing to serve {host} without --token-file (only loopback may go without)")

@@ -24,7 +24,7 @@ from typing import Any
 from drtool.errors import UsageError
 from drtool.regions import Geometry
 from drtool.replica.applied import AppliedState, latest
-from drtool.replica.journal import Journal
+from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT, Journal
 from drtool.replica.jsonstate import save_json
 from drtool.replica.problems import RoleRefused, promoted_refusal
 from drtool.replica.snapshots import SnapshotSet
@@ -129,7 +129,9 @@ class ReplicaVolume:
                              AppliedState(self._path("applied.json"), self.volume_id))
         self.overlay = Target(self._path("overlay.img"), self._overlay_table(),
                               AppliedState(self._path("overlay-applied.json"), self.volume_id))
-        self.journal = Journal(self._path("journal"), self.geometry, self.volume_id, journal_limit or 0)
+        # describe_root (journal_limit None) only reads the journal: its limit does not matter there.
+        self.journal = Journal(self._path("journal"), self.geometry, self.volume_id,
+                               DEFAULT_JOURNAL_LIMIT if journal_limit is None else journal_limit)
         self.journal_limit = journal_limit
         self.snapshots = SnapshotSet(self._path("snapshots"), self.geometry, self.volume_id)
         self.lock = RWLock()
@@ -160,7 +162,7 @@ class ReplicaVolume:
         try:
             self.mirror.open()
             self.overlay.open()
-            self.journal.open()
+            self.journal.open(applied_through=self.mirror.applied.highest)
             self.snapshots.open()
         except BaseException:
             self.close()
@@ -171,7 +173,7 @@ class ReplicaVolume:
         """Read every state file without opening images or repairing anything (describe_root)."""
         self.mirror.load()
         self.overlay.load()
-        self.journal.open(repair=False)
+        self.journal.open(writable=False)
         self.snapshots.load_names()
         return self
 
@@ -230,7 +232,8 @@ class ReplicaVolume:
                 "last_record_at": latest(mirror, overlay),
                 "zero_regions": self.mirror.table.zero_count(),
                 "snapshots": sorted(self.snapshots.by_name),
-                "journal": {"base_seq": self.journal.base_seq, "first_seq": first, "last_seq": last,
+                "journal": {"enabled": not self.journal.disabled, "base_seq": self.journal.base_seq,
+                            "first_seq": first, "last_seq": last,
                             "records": len(self.journal.entries), "bytes": self.journal.total_bytes(),
                             "limit": self.journal_limit},
                 "overlay": {"regions": len(self.overlay.table.present_regions()),

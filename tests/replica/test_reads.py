@@ -116,8 +116,8 @@ def test_changes_after_seq_for_given_regions(client: ReplicaClient, content: byt
 
 
 def test_changes_older_than_the_journal_are_gone(start_server) -> None:  # type: ignore[no-untyped-def]
-    big = 1 << 20  # with a zero limit, each 1 MiB record fills a journal segment of its own
-    server = start_server(limits={"journal_limit": 0})
+    big = 1 << 20  # with a 1-byte limit, each 1 MiB record fills a journal segment of its own
+    server = start_server(limits={"journal_limit": 1})
     with server.client() as c:
         c.ensure_volume("vol", 4 * big, big, VOLUME_ID)
         for seq in range(1, 5):
@@ -126,6 +126,25 @@ def test_changes_older_than_the_journal_are_gone(start_server) -> None:  # type:
         with pytest.raises(DataUnavailable, match="no longer reaches back"):
             list(c.changes("vol", 2, [(0, 1)]))
         assert [h.seq for h, _ in c.changes("vol", 3, [(0, 1)])] == [4]
+
+
+def test_a_zero_journal_limit_turns_the_journal_off_and_back_on(start_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(limits={"journal_limit": 0})
+    with server.client() as c:
+        c.ensure_volume("vol", SIZE, RS, VOLUME_ID)
+        c.send_records("vol", write(1, 0, b"a" * RS) + write(2, RS, b"b"))
+        assert c.volume_info("vol")["journal"]["enabled"] is False
+        with pytest.raises(DataUnavailable, match="keeps no journal"):
+            list(c.changes("vol", 0, [(0, 2)]))
+    server.stop()
+    again = start_server(root=server.root)  # the default limit: on again, from what was applied
+    with again.client() as c:
+        journal = c.volume_info("vol")["journal"]
+        assert journal["enabled"] is True and journal["base_seq"] == 2 and journal["records"] == 0
+        c.send_records("vol", write(3, 0, b"c"))
+        assert [h.seq for h, _ in c.changes("vol", 2, [(0, 2)])] == [3]
+        with pytest.raises(DataUnavailable, match="no longer reaches back"):
+            list(c.changes("vol", 1, [(0, 2)]))
 
 
 def test_frames_layout() -> None:

@@ -160,3 +160,14 @@ def test_slow_clients_are_cut_off(start_server) -> None:  # type: ignore[no-unty
                 closed = sock.recv(1) == b""
         assert time.monotonic() - started < 5
     assert call(server, "GET", "/v1/health").status_code == 200
+
+
+def test_limits_are_checked_before_the_server_starts(tmp_path: Path) -> None:
+    from drtool.errors import UsageError
+    from drtool.replica.server import Limits, serve
+
+    for bad in ({"max_connections": 0}, {"request_timeout": 0}, {"max_body": -1}):
+        with pytest.raises(UsageError, match=next(iter(bad)).replace("_", "-")):
+            Limits(**bad)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="journal-limit"):
+        serve(str(tmp_path), "127.0.0.1:0", journal_limit=-1)
