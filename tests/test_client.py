@@ -11,7 +11,7 @@ import pytest
 
 from drtool import wire
 from drtool.client import ReplicaClient
-from drtool.errors import PeerAuthError, PeerError, PeerProtocolError, PeerUnreachable
+from drtool.errors import Conflict, NotPermitted, PeerAuthError, PeerError, PeerProtocolError, PeerUnreachable
 
 
 class ScriptedPeer:
@@ -148,6 +148,18 @@ def test_problem_details_become_errors() -> None:
             client.volume_info("v")
         with pytest.raises(PeerProtocolError, match="500"):
             client.delete_volume("v")
+
+
+@pytest.mark.parametrize(("kind", "error"), [("conflict", Conflict), ("not-permitted", NotPermitted),
+                                           ("promoted", NotPermitted), ("not-released", NotPermitted)])
+def test_a_409_is_a_conflict_or_a_refusal_by_its_problem_type(kind: str, error: type) -> None:
+    problem = (f'{{"type": "urn:drtool:problem:{kind}", "title": "t", "status": 409, '
+               f'"detail": "said {kind}"}}').encode()
+    peer = ScriptedPeer([http("409 Conflict", problem, "application/problem+json")])
+    with client_for(peer) as client:
+        with pytest.raises(error, match=f"said {kind}"):
+            client.promote("v")
+    assert peer.requests[0].startswith(b"POST /v1/volumes/v/promote ")
 
 
 def test_unreachable_peer_names_the_url() -> None:

@@ -98,8 +98,8 @@ class ReplicaRoot:
                 raise Conflict(f"{directory} exists but holds no replica; remove it by hand")
             keep_mirror = adoption.check_replaceable(self.root, name, existing, request)
             open_volume = self._volumes.get(name)
-            if existing is not None and adoption.same_adoption(existing, request) and open_volume is not None:
-                return open_volume  # a resent adopt: nothing to redo (records may have landed since)
+            if existing is not None and adoption.same_adoption(existing, request):
+                return open_volume or self._open(name)  # a resent adopt: records may have landed since
             with open_volume.lock.exclusive() if open_volume is not None else nullcontext():
                 self._volumes.pop(name, None)
                 if open_volume is not None:

@@ -164,8 +164,15 @@ def test_adopt_and_states_survive_a_restart_and_describe_root_reads_them(  # typ
     assert on_disk["other"]["state"] == "released" and on_disk["other"]["last_record_at"] is not None
     server.start()
     with server.client() as c:
+        c.send_records("vol", write(101, 0, b"after"))
+    server.stop()
+    server.start()
+    with server.client() as c:
+        assert adopt(c, image, manifest)["applied_seq"] == 101  # resent after a restart: still no reset
         info = c.volume_info("vol")
-        assert info["image"] == str(image) and info["applied_seq"] == 100 and info["adopted"]["era"] == 7
+        assert info["image"] == str(image) and info["adopted"]["era"] == 7
+        c.delete_volume("vol")
+        assert image.exists() and not (server.root / "vol").exists()  # the device is not the server's to delete
     meta = server.root / "other" / "replica.json"
     meta.write_bytes(meta.read_bytes()[:-30])
     with pytest.raises(CorruptStateFile, match=f"refusing state file {meta}"):
