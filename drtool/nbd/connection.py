@@ -8,35 +8,35 @@ there is: no hand-off, no thread switch, no GIL ping-pong.
 
 When an export call lasts watch.STUCK_AFTER (a region fetched from the
 replica, a cold disk, an fsync), the server's StallWatch gives the reader
-role to another of the connection's threads (started on demand, at most
-``workers`` besides the first), which goes on with the requests behind it.
-The stuck thread finishes its call, sends its reply, and then either takes
-the role back at once (if the reader is itself inside a call: no thread to
-wake) or waits to be given it.  Stalls come in runs (a degraded volume
-fetches region after region), so after one the reader hands the role on
-*before* each of the next few calls: _FIRST_HAND_OFFS, doubled (up to
-_MOST_HAND_OFFS) each time another stall follows within _RECURRENCE calls.
-(Not "until calls are fast again": hand-offs slow calls down by moving the
-GIL, which would keep them going by themselves.)  A slow call thus holds up
-the others for about STUCK_AFTER at most, and up to 1 + ``workers`` calls
-run at once.  ``workers=0`` never hands off (for exports that never wait).
+role to a *helper*, another of the connection's threads (started on demand,
+at most ``workers``), which goes on reading; the stuck thread finishes its
+call, sends its reply and becomes a helper itself.  And the connection
+*spills*: for the next requests the reader only reads and queues them for
+the helpers, the classic reader + worker pool, so calls that wait run side
+by side and fast ones are not held up behind them.  Stalls come in runs (a
+degraded volume fetches region after region), so a spill lasts
+_FIRST_SPILL requests, twice as many as the last one (up to _LONGEST_SPILL)
+when the stall came within _RECURRENCE requests after it.  (Spills are not
+extended by timing the helpers' calls: hand-offs themselves slow calls down
+by moving the GIL, and would keep the spill going on a busy machine.)
+``workers=0`` never hands off (for exports that never wait).
 
-Why not the classic reader feeding a worker pool: measured on 2 cores with
-bench/nbd_read.py, handing every request to a worker wakes a thread and
-moves the GIL at each syscall; for 4 KiB reads from the page cache that
-cost ~3 times the CPU per request and half the IOPS, for nothing: the work
-itself (a copy, drtool's blake3 check) holds the GIL or is a syscall the
-reader makes just as fast.  Threads pay off only when calls wait, and that
-is when they are used here; then passing the role keeps 1 + ``workers``
-calls going where a pool keeps ``workers``.  A false alarm (a call slowed by
-the scheduler on a busy machine) costs 1 + _FIRST_HAND_OFFS hand-offs.
+Why not always the pool: measured on 2 cores with bench/nbd_read.py,
+handing every request to a worker wakes a thread and moves the GIL at each
+syscall; for 4 KiB reads from the page cache that cost ~3 times the CPU per
+request and half the IOPS, for nothing: the work itself (a copy, drtool's
+blake3 check) holds the GIL or is a syscall the reader makes just as fast.
+Threads pay off only when calls wait, and that is when they are used here.
+A false alarm (a call slowed by the scheduler on a busy machine) costs
+_FIRST_SPILL hand-offs.
 
 Replies.  A finished reply joins the connection's Outbox; whoever finds
 nobody sending sends everything there with one ``sendmsg`` (headers and data
 buffers, no copy).  The reader holds its replies back while more requests
-are already buffered and sends before it waits for the client; with
-2 * max_request bytes unsent it waits for the client to read: a client that
-sends requests but never reads replies is pushed back on, not buffered for.
+are already buffered and sends before it waits for the client.  With
+2 * max_request bytes unsent, or _MAX_QUEUED requests (2 * max_request
+bytes) queued for helpers, the reader waits: a client that sends requests
+but never reads replies is pushed back on, not buffered for.
 
 Nothing a client sends can kill more than its own connection: malformed
 requests get an error reply, a broken stream (bad magic, truncation, a
@@ -56,7 +56,7 @@ from typing import Callable
 from drtool.nbd import protocol as p
 from drtool.nbd.buffers import Outbox, PayloadPool
 from drtool.nbd.handshake import ExportRegistry, Negotiation, Session
-from drtool.nbd.requests import DISC, EINVAL, WRITE, RequestRules, execute
+from drtool.nbd.requests import DISC, EINVAL, READ, WRITE, RequestRules, execute
 from drtool.nbd.stream import ClientGone, ProtocolViolation, SocketReader
 from drtool.nbd.watch import StallWatch
 
@@ -64,11 +64,13 @@ log = logging.getLogger("drtool.nbd")
 
 #: the reader sends its held-back replies once they reach this size
 _HOLD_BACK_BYTES = 256 * 1024
-#: calls before which the reader hands its role on after a first stall ...
-_FIRST_HAND_OFFS = 8
-#: ... and at most, when stalls keep following within _RECURRENCE calls
-_MOST_HAND_OFFS = 512
+#: requests queued for helpers after a stall ...
+_FIRST_SPILL = 16
+#: ... and at most, when stalls keep coming within _RECURRENCE requests of a spill
+_LONGEST_SPILL = 4096
 _RECURRENCE = 64
+#: requests queued for helpers at most (the reader waits beyond)
+_MAX_QUEUED = 128
 
 _REPLY_MAGIC = p.SIMPLE_REPLY_MAGIC
 _REPLY_SIZE = p.SIMPLE_REPLY.size
@@ -104,11 +106,16 @@ class Connection:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"nbd {peer}", daemon=True)]
         self._epoch = 0  # which turn of the reader role is current
-        self._turns: SimpleQueue[int | None] = SimpleQueue()  # the role for an idle thread; None: exit
-        self._idle = 0  # threads waiting for a turn
-        self._hand_offs = 0  # calls left before which to pass the role on
-        self._hand_off_run = _FIRST_HAND_OFFS  # hand-offs the last stall earned
-        self._calls_since_hand_offs = _RECURRENCE  # inline calls since the last hand-off
+        self._jobs: SimpleQueue[tuple | int | None] = SimpleQueue()  # requests, reader turns, exit
+        self._idle = 0  # threads waiting for a job
+        self._unclaimed = 0  # jobs queued that no thread took yet
+        self._queued = 0  # requests queued or running on helpers
+        self._queued_bytes = 0
+        self._drained = threading.Condition(self._lock)  # the reader waits here when full
+        self._reader_waiting = False
+        self._spill = 0  # requests left to queue for helpers rather than run
+        self._last_spill = _FIRST_SPILL
+        self._since_spill = _RECURRENCE  # requests the reader ran since the last spill
         self._closing = False
 
     def start(self) -> None:
@@ -127,32 +134,29 @@ class Connection:
         self._shutdown(socket.SHUT_RDWR)
 
     def promote(self, since: float) -> None:
-        """StallWatch: the reader's call that began at ``since`` is stuck; move the role on."""
+        """StallWatch: the reader's call that began at ``since`` is stuck; a helper reads on."""
         with self._lock:
             if self.busy_since != since or self._closing:
                 return  # that call ended meanwhile
-            if self._calls_since_hand_offs < _RECURRENCE:
-                self._hand_off_run = min(2 * self._hand_off_run, _MOST_HAND_OFFS)
+            if self._since_spill < _RECURRENCE:
+                self._last_spill = min(2 * self._last_spill, _LONGEST_SPILL)
             else:
-                self._hand_off_run = _FIRST_HAND_OFFS
-            self._hand_offs = self._hand_off_run
-            self._calls_since_hand_offs = 0
-            self._pass_role()
+                self._last_spill = _FIRST_SPILL
+            self._spill = self._last_spill
+            self._since_spill = 0
+            self._epoch += 1
+            self.busy_since = None
+            self._add_job(self._epoch)
 
-    def _pass_role(self) -> None:
-        """Give the reader role to an idle or a new thread, if there is one (_lock held)."""
-        if not self._idle and len(self._threads) >= self._max_threads:
-            return  # every thread is in a call already
-        self._epoch += 1
-        self.busy_since = None
-        if self._idle:
-            self._idle -= 1
-            self._turns.put(self._epoch)
-        else:
-            thread = threading.Thread(target=self._take_turns, args=(self._epoch,), daemon=True,
+    def _add_job(self, job: tuple | int) -> None:
+        """Queue a request or a reader turn; start a helper if none is free (_lock held)."""
+        self._unclaimed += 1
+        self._jobs.put(job)
+        if self._unclaimed > self._idle and len(self._threads) < self._max_threads:
+            helper = threading.Thread(target=self._take_turns, args=(None,), daemon=True,
                                       name=f"nbd-{len(self._threads)} {self.peer}")
-            self._threads.append(thread)
-            thread.start()
+            self._threads.append(helper)
+            helper.start()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -183,26 +187,36 @@ class Connection:
         self._take_turns(0)
 
     def _take_turns(self, epoch: int | None) -> None:
-        """Read while holding the role (turn ``epoch``); between turns, wait for the next."""
-        while epoch is not None:
-            if self._read(epoch):
+        """Read while holding the reader role (turn ``epoch``); otherwise run queued jobs."""
+        while True:
+            if epoch is not None and self._read(epoch):
                 self._finish()  # reading has ended: this thread closes the connection
                 return
             with self._lock:
-                if self._closing:
-                    return
                 self._idle += 1
-            epoch = self._turns.get()
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                self._unclaimed -= 1
+            if job is None:
+                return
+            if isinstance(job, int):
+                epoch = job
+                continue
+            epoch = None
+            try:
+                self._run_queued(*job)
+            except Exception:  # a helper that died would leave its jobs unanswered
+                log.exception("nbd %s: request failed", self.peer)
 
     def _finish(self) -> None:
-        """End the connection once the other threads have finished their calls."""
+        """End the connection once the other threads ran what was queued and left."""
         with self._lock:
             self._closing = True
             self.busy_since = None
             others = [thread for thread in self._threads if thread is not threading.current_thread()]
-            for _ in range(self._idle):
-                self._turns.put(None)
-            self._idle = 0
+            for _ in others:
+                self._jobs.put(None)  # behind the queued requests: those run first
         if self._watch is not None:
             self._watch.remove(self)
         for thread in others:
@@ -282,45 +296,60 @@ class Connection:
                 continue
             if watch is None:
                 self._run_request(command, flags, handle, offset, length, payload)
-            else:
-                epoch = self._run_watched(epoch, command, flags, handle, offset, length, payload)
-                if epoch is None:  # another thread reads now: wait for a turn
-                    outbox.flush()
-                    return False
+            elif self._spill:
+                self._queue_request(command, flags, handle, offset, length, payload)
+            elif not self._run_watched(epoch, command, flags, handle, offset, length, payload):
+                outbox.flush()  # a helper reads now: this thread becomes one
+                return False
             if outbox.pending_bytes >= _HOLD_BACK_BYTES:
                 outbox.flush(block=outbox.pending_bytes >= self._max_unsent)
 
     # -- running requests -----------------------------------------------------------
 
     def _run_watched(self, epoch: int, command: int, flags: int, handle: int, offset: int,
-                     length: int, payload: bytearray | None) -> int | None:
+                     length: int, payload: bytearray | None) -> bool:
         """Run a request as the reader of turn ``epoch``, in view of the StallWatch.
 
-        Returns the turn this thread reads in afterwards, or None when
-        another thread holds the role.
+        Returns whether this thread still holds the reader role.
         """
         self.busy_since = time.perf_counter()
         if self._watch.asleep:
             self._watch.wake()
-        if self._hand_offs:
-            with self._lock:
-                if self._epoch == epoch and not self._closing and self._hand_offs:
-                    self._hand_offs -= 1
-                    self._pass_role()
-        else:
-            self._calls_since_hand_offs += 1
+        self._since_spill += 1
         self._run_request(command, flags, handle, offset, length, payload)
         with self._lock:
-            if self._epoch == epoch:
-                self.busy_since = None
-                return epoch
-            if self.busy_since is not None and not self._closing:
-                # The reader is inside a call of its own: take the role over at
-                # once rather than wait for a turn (no thread to wake).
-                self._epoch += 1
-                self.busy_since = None
-                return self._epoch
-            return None
+            if self._epoch != epoch:
+                return False
+            self.busy_since = None
+            return True
+
+    def _queue_request(self, command: int, flags: int, handle: int, offset: int, length: int,
+                       payload: bytearray | None) -> None:
+        """Spilling: leave the request to a helper, waiting while too much is queued."""
+        cost = length if command == READ or command == WRITE else 0
+        with self._lock:
+            while self._queued >= _MAX_QUEUED or (
+                    self._queued and self._queued_bytes + cost > self._max_unsent):
+                self._reader_waiting = True
+                self._drained.wait()
+            self._spill -= 1
+            self._queued += 1
+            self._queued_bytes += cost
+            self._add_job((command, flags, handle, offset, length, payload, cost))
+
+    def _run_queued(self, command: int, flags: int, handle: int, offset: int, length: int,
+                    payload: bytearray | None, cost: int) -> None:
+        """A helper runs a spilled request."""
+        try:
+            self._run_request(command, flags, handle, offset, length, payload)
+        finally:
+            with self._lock:
+                self._queued -= 1
+                self._queued_bytes -= cost
+                if self._reader_waiting:
+                    self._reader_waiting = False
+                    self._drained.notify()
+        self._outbox.flush()
 
     def _run_request(self, command: int, flags: int, handle: int, offset: int, length: int,
                      payload: bytearray | None) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,37 @@ def test_fio_mixed_random_io_verifies(served: Served, tcp: bool) -> None:
     (job,) = report["jobs"]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+
+
+class _JitteryExport(FileExport):
+    """Every 8th call waits 3 ms: the server keeps switching between running
+    requests on its reader and spilling them to helper threads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._calls = itertools.count()
+
+    def _maybe_wait(self) -> None:
+        if next(self._calls) % 8 == 0:
+            time.sleep(0.003)
+
+    def read(self, offset: int, length: int) -> list[bytes]:
+        self._maybe_wait()
+        return super().read(offset, length)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self._maybe_wait()
+        super().write(offset, data, fua)
+
+
+def test_fio_verifies_while_the_export_stalls_now_and_then(serve, image: Image) -> None:
+    require_tool("fio")
+    with _JitteryExport(image.path, EXPORT) as export:
+        served = serve({EXPORT: export}, workers=4)
+        result = run("fio", "--name=jittery", "--ioengine=nbd", f"--uri={served.uri()}",
+                     "--rw=randrw", "--bs=4k", "--iodepth=32", f"--size={IMAGE_SIZE}",
+                     "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                     "--verify_state_save=0", "--number_ios=4000", "--output-format=json")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    (job,) = json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
+    assert job["error"] == 0
