@@ -1,0 +1,61 @@
+"""The systemd units the service roles install (this machine has no systemd to run them):
+rendered by Ansible from the roles' templates, they say what they should and systemd accepts them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.ansible.conftest import ROOT, VENV_BIN, ansible_env
+from tests.conftest import require_tool
+
+pytestmark = pytest.mark.slow
+
+
+def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
+    require_tool("systemd-analyze")
+    (tmp_path / "images").mkdir()
+    play = [{
+        "name": "Render the drtool units", "hosts": "localhost", "gather_facts": False,
+        "vars": {
+            "ansible_python_interpreter": sys.executable,
+            "drtool_primary_python": sys.executable, "drtool_secondary_python": sys.executable,
+            "drtool_primary_present": ["vol-b", "vol-a"],
+            "drtool_primary_volumes": [{"name": "vol-a", "device": str(tmp_path / "images/a.img")},
+                                       {"name": "vol-b", "device": "/dev/vg0/b"}],
+            "drtool_primary_state_root": "/var/lib/drtool",
+            "drtool_primary_agent_listen": "127.0.0.1:10809",
+            "drtool_primary_agent_nbd_socket": "/run/drtool/nbd.sock",
+            "drtool_secondary_root": "/srv/replicas", "drtool_secondary_listen": "192.0.2.20:8470",
+            "drtool_secondary_token": "t" * 32, "drtool_secondary_token_file": "/etc/drtool/replica.token",
+            "drtool_secondary_tls": True, "drtool_secondary_tls_dir": "/etc/drtool/tls",
+        },
+        "tasks": [
+            {"name": f"Render {unit}", "ansible.builtin.template": {
+                "src": str(ROOT / "roles" / role / "templates" / f"{unit}.j2"), "dest": str(tmp_path / unit),
+                "mode": "0644"}}
+            for role, unit in (("drtool_primary", "drtool-agent.service"),
+                               ("drtool_secondary", "drtool-replica.service"))
+        ],
+    }]
+    (tmp_path / "render.yml").write_text(yaml.safe_dump(play))
+    proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), str(tmp_path / "render.yml")], cwd=ROOT,
+                          env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    agent = (tmp_path / "drtool-agent.service").read_text()
+    assert (f"ExecStart={sys.executable} -m drtool agent vol-a vol-b --state-root /var/lib/drtool "
+            "--listen 127.0.0.1:10809 --nbd-socket /run/drtool/nbd.sock\n") in agent
+    assert "RuntimeDirectory=drtool\n" in agent
+    assert f"ReadWritePaths={tmp_path / 'images'}\n" in agent and "ReadWritePaths=/dev" not in agent
+    replica = (tmp_path / "drtool-replica.service").read_text()
+    assert (f"ExecStart={sys.executable} -m drtool serve --root /srv/replicas --listen 192.0.2.20:8470 "
+            "--token-file /etc/drtool/replica.token --tls-cert /etc/drtool/tls/server.crt "
+            "--tls-key /etc/drtool/tls/server.key\n") in replica
+
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "drtool-agent.service"),
+                             str(tmp_path / "drtool-replica.service")], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
