@@ -73,9 +73,9 @@ def execute(exports: ExportRegistry, name: str, command: int, flags: int, offset
         export: NbdExport | None = exports().get(name)
         if export is None:
             raise _ExportGone()
+        if not length and command != FLUSH:
+            return 0, [], 0  # nothing to read or change (proto.md: do not disconnect)
         if command == READ:
-            if not length:
-                return 0, [], 0
             buffers = list(export.read(offset, length))
             nbytes = 0
             for buffer in buffers:
@@ -84,8 +84,7 @@ def execute(exports: ExportRegistry, name: str, command: int, flags: int, offset
                 raise _BadExport(f"read of {length} bytes returned {nbytes}")
             return 0, buffers, nbytes
         if command == WRITE:
-            if length:
-                export.write(offset, payload, bool(flags & FUA))
+            export.write(offset, payload, bool(flags & FUA))
         elif command == FLUSH:
             export.flush()
         elif command == TRIM:

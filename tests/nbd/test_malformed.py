@@ -134,6 +134,8 @@ def test_out_of_range_and_bad_requests_get_errors(served: Served, image: Image) 
             == p.NbdErrno.EINVAL
         assert client.read(0, 0) == (0, b"")
         assert client.write(0, b"") == 0
+        assert client.command(p.Command.TRIM, 0, 0) == 0
+        assert client.command(p.Command.WRITE_ZEROES, 0, 0) == 0
         assert client.read(IMAGE_SIZE, 0) == (0, b"")
         error, data = client.read(IMAGE_SIZE - 512, 512)
         assert error == 0 and data == image.data[-512:]
