@@ -213,3 +213,15 @@ def test_status_renders_one_fleet_report(site):
     for name in VOLUMES:
         assert f"│ local-primary │ {name}" in run.output
     assert "no drtool volume on local-secondary" in run.output
+
+
+def test_bad_variables_fail_early_and_clearly(tmp_path):
+    """The roles' argument specs stop a run before it touches anything."""
+    extra = {"drtool_base": str(tmp_path), "drtool_install_method": "existing", "drtool_install_python": sys.executable,
+             "drtool_primary_volumes": [{"name": "db"}], "drtool_primary_service_manager": "upstart"}
+    run = run_playbook("site.yml", tmp_path, extra, "--limit", "local-primary")
+    assert run.rc != 0
+    assert "Validating arguments against arg spec 'main'" in run.output
+    assert "missing required arguments: device found in drtool_primary_volumes" in run.output, str(run)
+    assert "drtool_primary_service_manager must be one of: auto, systemd, daemon" in run.output, str(run)
+    assert not (tmp_path / "primary").exists()
