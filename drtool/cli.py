@@ -305,9 +305,20 @@ def cmd_serve(ctx: Context) -> int:
         ctx.stdout.write(line + "\n")  # plain text: scripts parse it, rich would wrap it
         ctx.stdout.flush()
 
+    from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT
+    from drtool.replica.server import Limits
+
+    limits = {}
+    if a.max_body:
+        limits["max_body"] = parse_size(a.max_body, "--max-body")
+    if a.request_timeout:
+        limits["request_timeout"] = a.request_timeout
+    if a.max_connections:
+        limits["max_connections"] = a.max_connections
+    journal = DEFAULT_JOURNAL_LIMIT if a.journal_limit is None else parse_size(a.journal_limit, "--journal-limit")
     try:
         return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
-                     tls_key=a.tls_key, announce=announce)
+                     tls_key=a.tls_key, announce=announce, limits=Limits(**limits), journal_limit=journal)
     except DrtoolError as exc:
         if notify:
             notify(False, str(exc), int(exc.exit_code))
@@ -449,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file (mode 0600) holding the bearer token clients must send")
     p.add_argument("--tls-cert", help="PEM certificate; with --tls-key, serve HTTPS")
     p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--journal-limit", help="bytes of applied records kept per replica for change queries "
+                   "(default 256M; 0: no journal)")
+    p.add_argument("--max-body", help="largest record batch accepted (default 256M)")
+    p.add_argument("--request-timeout", type=float, help="seconds a request may take to arrive (default 60)")
+    p.add_argument("--max-connections", type=int, help="concurrent connections (default 64)")
     daemon_options(p)
 
     p = command("report", cmd_report, "render status JSON gathered from many hosts")

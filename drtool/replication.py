@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drtool.errors import OperationTimeout, PeerError, UsageError
+from drtool.errors import DrtoolError, OperationTimeout, PeerError, UsageError
 from drtool.regions import to_runs
 from drtool.storage.replog import LogEntry
 
@@ -178,11 +178,11 @@ class Replicator:
                 backoff = interval
                 if sent:
                     continue
-            except PeerError as exc:
+            except DrtoolError as exc:  # unreachable, refused (released or promoted peer), ...
                 if on_error:
                     on_error(exc)
                 backoff = min(backoff * 2, 5.0)
-            except Exception as exc:  # keep replicating; the agent logs it
+            except Exception as exc:  # a bug: keep replicating, log it with its traceback
                 log.exception("volume %s: replication error", self.engine.name)
                 if on_error:
                     on_error(exc)

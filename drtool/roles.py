@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any
 
-from drtool.errors import NotPermitted, OperationTimeout, PeerError
+from drtool.errors import Conflict, NotPermitted, OperationTimeout, PeerError
 from drtool.regions import to_runs
 from drtool.replication import make_client
 from drtool.storage.atomic import write_atomic
@@ -58,7 +58,7 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
                     from None
             engine.flush()
             acked = record.replication.get("acked_through", engine.log.next_seq - 1)
-            client.release(engine.name, record.era, acked)
+            _release(client, engine.name, record.era, acked)
             lost = {"records": 0, "bytes": 0, "regions": 0}
             divergent = _stale_on_device(engine)
     except BaseException:
@@ -74,6 +74,16 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
         engine.save()
     log.warning("volume %s: demoted (%s); lost %s", engine.name, "forced" if force else "planned", lost)
     return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted}
+
+
+def _release(client: Any, name: str, era: int, seq: int) -> None:
+    """Hand over at ``seq``.  Forced batches (sent out of order) do not move the secondary's
+    watermark; an empty in-order batch that declares everything through ``seq`` complete does."""
+    try:
+        client.release(name, era, seq)
+    except Conflict:
+        client.send_records(name, [], complete_through=seq)
+        client.release(name, era, seq)
 
 
 def _stale_on_device(engine: Any) -> set[int]:

@@ -62,6 +62,9 @@ def test_planned_failover_then_swap_back_moves_only_changed_regions(hosts, tmp_p
     a.call(api.protect, "vol", b.server.url, token)
     write(a, 5 * RS, b"before the swap" * 100, expected)
     a.call(api.replicate, "vol")
+    write(a, 6 * RS, b"pending", expected)
+    write(a, 7 * RS, b"forced, out of order", expected)
+    a.call(api.replicate, "vol", regions="7")  # shipped before region 6's older record
 
     # A -> B
     demoted = a.call(api.demote, "vol", timeout=30)
