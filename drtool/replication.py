@@ -41,10 +41,10 @@ def make_client(peer: dict[str, Any] | None) -> Any:
 class Replicator:
     """Ships one engine's log.  Safe to call from several threads (one batch at a time)."""
 
-    def __init__(self, engine: Any, client: Any = None, batch_bytes: int = BATCH_BYTES) -> None:
+    def __init__(self, engine: Any, client: Any = None, batch_bytes: int | None = None) -> None:
         self.engine = engine
         self.client = client or make_client(engine.record.peer)
-        self.batch_bytes = batch_bytes
+        self.batch_bytes = batch_bytes or BATCH_BYTES
         self.lock = threading.Lock()
         self.reachable: bool | None = None
         self.last_error: str | None = None

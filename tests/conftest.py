@@ -216,3 +216,78 @@ def start_agent(state_root: Path, tmp_path: Path):
     yield start
     for agent in started:
         agent.stop(kill=True)
+
+
+class FaultyDevice:
+    """A real file that fails reads with EIO in chosen byte spans.
+
+    nbdfuse exposes an nbdkit export as a file; nbdkit's ddrescue filter answers reads of
+    the spans its map marks '-' with EIO.  Read-only, like a disk that lost sectors.
+    """
+
+    def __init__(self, image: Path, mount: Path) -> None:
+        self.image = image
+        self.mount = mount
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.mount / "disk"
+
+    def start(self, bad_spans: list[tuple[int, int]] = ()) -> FaultyDevice:
+        import time
+
+        require_root()
+        require_tool("nbdfuse", "nbdkit")
+        if not os.path.exists("/dev/fuse"):
+            if IN_CI:
+                pytest.fail("/dev/fuse is missing")
+            pytest.skip("no /dev/fuse")
+        size = self.image.stat().st_size
+        lines = ["# Rescue Logfile", "0x00000000 +"]
+        position = 0
+        for start, length in sorted(bad_spans):
+            if start > position:
+                lines.append(f"0x{position:x} 0x{start - position:x} +")
+            lines.append(f"0x{start:x} 0x{length:x} -")
+            position = start + length
+        if position < size:
+            lines.append(f"0x{position:x} 0x{size - position:x} +")
+        mapfile = self.mount.parent / f"{self.mount.name}.map"
+        mapfile.write_text("\n".join(lines) + "\n")
+        self.mount.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["nbdfuse", str(self.path), "--command", "nbdkit", "-s", "--exit-with-parent",
+             "--filter=ddrescue", "file", str(self.image), f"ddrescue-mapfile={mapfile}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not self.path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("nbdfuse did not come up")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
+@pytest.fixture
+def faulty_device(tmp_path: Path):
+    """faulty_device(image, [(offset, length), ...]) -> a FaultyDevice whose path fails there."""
+    made: list[FaultyDevice] = []
+
+    def make(image: Path, bad_spans: list[tuple[int, int]] = ()) -> FaultyDevice:
+        device = FaultyDevice(image, tmp_path / f"fuse{len(made)}").start(bad_spans)
+        made.append(device)
+        return device
+
+    yield make
+    for device in made:
+        device.stop()

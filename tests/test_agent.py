@@ -219,3 +219,23 @@ def test_malformed_nbd_traffic_does_not_hurt_other_clients(volume, start_agent):
         cut.recv(18)
         cut.sendall(struct.pack(">I", 1)[:2])  # a truncated client flags word, then gone
     assert compare(agent.uri(tcp=True), expected).returncode == 0
+
+
+def test_a_span_returning_eio_is_served_from_the_replica(tmp_path, state_root, replica_server,
+                                                         start_agent, faulty_device, cli):
+    require_tool("qemu-img")
+    image = tmp_path / "disk.img"
+    data = make_image(image, SIZE, seed=21)
+    device = faulty_device(image)  # no bad span yet
+    api.init_volume("vol", str(device.path), "64K")
+    api.protect("vol", replica_server.url, str(replica_server.token_file))
+    device.stop()
+    device.start([(100 * RS + 4096, 3 * RS)])  # the same path now fails in regions 100-103
+    expected = tmp_path / "expected.img"
+    expected.write_bytes(data)
+    scrub = cli("scrub", "vol", "--json")
+    assert scrub.code == ExitCode.BAD_REGIONS
+    assert scrub.json()["bad_regions"] == [[100, 4]] and scrub.json()["errors"]["io-error"] == 4
+    agent = start_agent("vol")
+    assert compare(agent.uri(), expected).returncode == 0
+    assert cli("status", "vol", "--json").json()["mode"] == "degraded"

@@ -126,3 +126,32 @@ def test_write_command_reads_stdin(protected, replica_server, state_root):
     assert json.loads(done.stdout)["length"] == 5
     api.replicate("vol")
     assert replica_bytes(replica_server)[RS:RS + 5] == b"hello"
+
+
+def test_interrupted_initial_sync_resumes_where_it_stopped(tmp_path, state_root, replica_server, monkeypatch):
+    from drtool import replication
+    from drtool.errors import PeerError
+
+    path = tmp_path / "big.img"
+    data = make_image(path, 64 * RS)
+    api.init_volume("vol", str(path), "64K")
+    sent = []
+    real = replication.Replicator._send
+
+    def cut_after_three_batches(self, batch, complete):
+        if len(sent) == 3:
+            replica_server.stop(kill=True)  # the secondary vanishes mid-sync
+        sent.append(len(batch))
+        return real(self, batch, complete)
+
+    monkeypatch.setattr(replication, "BATCH_BYTES", 8 * RS)
+    monkeypatch.setattr(replication.Replicator, "_send", cut_after_three_batches)
+    with pytest.raises(PeerError):
+        api.protect("vol", replica_server.url, str(replica_server.token_file))
+    monkeypatch.setattr(replication.Replicator, "_send", real)
+    replica_server.start()
+    plan = api.protect("vol", replica_server.url, str(replica_server.token_file), plan_only=True)["plan"]
+    assert plan["mode"] == "resume" and 0 < plan["regions"] < 64
+    result = api.protect("vol", replica_server.url, str(replica_server.token_file))
+    assert result["regions_synced"] == plan["regions"]
+    assert replica_server.client().read_range("vol", 0, 64 * RS) == data
