@@ -239,3 +239,24 @@ def test_a_span_returning_eio_is_served_from_the_replica(tmp_path, state_root, r
     agent = start_agent("vol")
     assert compare(agent.uri(), expected).returncode == 0
     assert cli("status", "vol", "--json").json()["mode"] == "degraded"
+
+
+def test_mode_switches_live_without_dropping_a_connected_client(volume, start_agent, cli):
+    from tests.nbd.rawclient import RawClient
+
+    path, data, _ = volume
+    agent = start_agent("vol")
+    with RawClient(str(agent.sock)) as client:
+        client.connect("vol")
+        assert client.read(0, RS) == (0, bytes(data[:RS]))
+        corrupt(path, 50 * RS + 9)
+        assert cli("recover", "vol").code == 0  # normal -> degraded under the open connection
+        assert client.write(50 * RS + 100, b"over the bad region") == 0
+        data[50 * RS + 100:50 * RS + 119] = b"over the bad region"
+        assert client.read(50 * RS, RS) == (0, bytes(data[50 * RS:51 * RS]))
+        assert cli("failback", "vol").code == 0  # degraded -> resync -> normal, same connection
+        assert client.read(50 * RS, RS) == (0, bytes(data[50 * RS:51 * RS]))
+        assert client.write(0, b"normal again") == 0
+        data[0:12] = b"normal again"
+    assert path.read_bytes()[:12] == b"normal again"
+    assert path.read_bytes()[50 * RS:51 * RS] == bytes(data[50 * RS:51 * RS])
