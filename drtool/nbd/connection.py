@@ -6,7 +6,7 @@ payloads go into reused buffers), answers malformed ones itself, and runs
 valid ones itself, in order.  While the export answers quickly that is all
 there is: no hand-off, no thread switch, no GIL ping-pong.
 
-When an export call lasts watch.STUCK_AFTER (a region fetched from the
+When an export call has waited watch.STUCK_AFTER (a region fetched from the
 replica, a cold disk, an fsync), the server's StallWatch gives the reader
 role to a *helper*, another of the connection's threads (started on demand,
 at most ``workers``), which goes on reading; the stuck thread finishes its
@@ -102,6 +102,8 @@ class Connection:
         self._finished = threading.Event()
         #: perf_counter() when the reader began its current export call, else None
         self.busy_since: float | None = None
+        #: native id of the thread holding the reader role (the StallWatch checks it)
+        self.reader_thread = 0
         # The threads (see the module docstring); _lock guards what follows.
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"nbd {peer}", daemon=True)]
@@ -255,6 +257,7 @@ class Connection:
         return True
 
     def _read_requests(self, epoch: int) -> bool:
+        self.reader_thread = threading.get_native_id()
         reader = self._reader
         outbox = self._outbox
         watch = self._watch

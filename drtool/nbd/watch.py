@@ -2,7 +2,11 @@
 
 One thread per server looks at the ``busy_since`` of the connections that
 are executing a request, and asks a connection whose current call has
-lasted STUCK_AFTER to hand its reader role to another thread (``promote``).
+lasted STUCK_AFTER to hand its reader role to another thread (``promote``)
+-- if the reader's thread is waiting (asleep in the kernel: network, disk,
+a lock).  A thread that is running or runnable is computing, or was
+preempted on a busy machine; another thread would not make it go faster.
+On a loaded 2-core machine that check turned away nine false alarms in ten.
 
 Looking costs the readers: every wake-up of this thread takes the GIL from
 them (polling every millisecond cost ~40% more CPU per 4 KiB read).  So the
@@ -29,6 +33,8 @@ _IDLE_AFTER = 0.1
 class Watched(Protocol):
     #: perf_counter() when the reader began its current export call, else None
     busy_since: float | None
+    #: threading.get_native_id() of the thread that holds the reader role
+    reader_thread: int
 
     def promote(self, since: float) -> None: ...
 
@@ -88,10 +94,20 @@ class StallWatch:
                 since = connection.busy_since
                 if since is not None:
                     last_busy = now
-                    if now - since >= STUCK_AFTER:
+                    if now - since >= STUCK_AFTER and _waiting(connection.reader_thread):
                         connection.promote(since)
                         stuck = True
             pause = _FASTEST_LOOK if stuck else min(2 * pause, _SLOWEST_LOOK)
 
     def _anyone_busy(self) -> bool:
         return any(connection.busy_since is not None for connection in self._watched)
+
+
+def _waiting(native_id: int) -> bool:
+    """Is the thread asleep in the kernel (Linux /proc state S or D)?  Unknown counts as yes."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split(None, 1)[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"S", b"D")
