@@ -1,4 +1,8 @@
-"""ansible-lint passes on the roles, playbooks and scenarios; both inventories parse."""
+"""Static checks: ansible-lint passes on the roles, playbooks and scenarios; both inventories parse.
+
+(Named to sort after the molecule tests: by then the scenarios running in the background are
+done, and ansible-lint does not compete with them for the CPU.)
+"""
 
 from __future__ import annotations
 
