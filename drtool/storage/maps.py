@@ -23,10 +23,11 @@ _FULL_BYTES = re.compile(rb"\xff+")
 class RegionBitmap:
     """One bit per region, packed little-endian (bit ``r % 8`` of byte ``r // 8``)."""
 
-    __slots__ = ("count", "_bits")
+    __slots__ = ("count", "_bits", "_empty")
 
     def __init__(self, count: int, data: bytes | bytearray | None = None) -> None:
         self.count = count
+        self._empty: bool | None = None  # cached answer of "no bit set"; None: unknown
         size = (count + 7) // 8
         if data is None:
             self._bits = bytearray(size)
@@ -53,9 +54,12 @@ class RegionBitmap:
 
     def set(self, region: int) -> None:
         self._bits[region >> 3] |= 1 << (region & 7)
+        self._empty = False
 
     def clear(self, region: int) -> None:
         self._bits[region >> 3] &= ~(1 << (region & 7)) & 0xFF
+        if self._empty is False:
+            self._empty = None
 
     def set_run(self, first: int, count: int, value: bool = True) -> None:
         end = first + count
@@ -68,6 +72,7 @@ class RegionBitmap:
             self.set(end) if value else self.clear(end)
         if end > first:
             self._bits[first >> 3 : end >> 3] = (b"\xff" if value else b"\x00") * ((end - first) >> 3)
+        self._empty = False if value and count > 0 else None
 
     def clear_run(self, first: int, count: int) -> None:
         self.set_run(first, count, False)
@@ -78,12 +83,15 @@ class RegionBitmap:
 
     def clear_all(self) -> None:
         self._bits[:] = bytes(len(self._bits))
+        self._empty = True
 
     def set_all(self) -> None:
         self.set_run(0, self.count)
 
     def any(self) -> bool:
-        return _NONZERO.search(self._bits) is not None
+        if self._empty is None:
+            self._empty = _NONZERO.search(self._bits) is None
+        return not self._empty
 
     def popcount(self) -> int:
         return int.from_bytes(self._bits, "little").bit_count()

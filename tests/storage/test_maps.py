@@ -14,6 +14,10 @@ def test_bitmap_runs_match_set_bits(count, data):
     assert list(bits) == sorted(chosen)
     assert bits.runs() == to_runs(chosen)
     assert bits.popcount() == len(chosen)
+    assert bits.any() == bool(chosen)
+    for region in chosen:
+        bits.clear(region)
+        assert bits.any() == (bits.popcount() > 0)
 
 
 @given(count=st.integers(1, 300), data=st.data())
@@ -23,6 +27,7 @@ def test_set_run_and_clear_run(count, data):
     bits = RegionBitmap(count)
     bits.set_run(first, n)
     assert bits.runs() == [(first, n)]
+    assert bits.any()
     bits.clear_run(first, n)
     assert not bits.any()
 
