@@ -213,6 +213,10 @@ def test_status_renders_one_fleet_report(site):
     for name in VOLUMES:
         assert f"│ local-primary │ {name}" in run.output
     assert "no drtool volume on local-secondary" in run.output
+    limited = site.play("status.yml", "--limit", "local-primary,localhost")
+    assert_ok(limited, changed=False)
+    assert "│ local-primary │ vol-a" in limited.output
+    assert "no status from local-secondary: they are not in the report" in limited.output
 
 
 def test_bad_variables_fail_early_and_clearly(tmp_path):
