@@ -47,8 +47,6 @@ except ImportError:  # reported by require_drtool(), with the traceback
         pass
 
 
-DRTOOL_URL = "https://github.com/drtool/drtool"
-
 # Every module accepts the state root the same way drtool's CLI does.
 STATE_ROOT_OPTION = dict(type="path")
 
@@ -60,8 +58,7 @@ def require_drtool(module):
             msg=missing_required_lib(
                 "drtool",
                 reason="drtool must be installed in the Python that runs this module; the drtool_install "
-                       "role installs it into a venv and points ansible_python_interpreter at it",
-                url=DRTOOL_URL),
+                       "role installs it into a venv and points ansible_python_interpreter at it"),
             exception=DRTOOL_IMPORT_ERROR)
     return drtool_api
 
