@@ -195,7 +195,7 @@ def snapshot_sources(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def molecule_runs(tmp_path_factory: pytest.TempPathFactory):
+def molecule_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """Start `molecule test -s NAME` for every scenario at once; yields {name: MoleculeRun}."""
     from tests.conftest import IN_CI, require_tool
 
@@ -209,7 +209,8 @@ def molecule_runs(tmp_path_factory: pytest.TempPathFactory):
     top = tmp_path_factory.mktemp("molecule")
     source = snapshot_sources(top / "source")
     runs = {}
-    for name in MOLECULE_SCENARIOS:
+    selected = getattr(request.config, "_drtool_molecule_scenarios", None) or MOLECULE_SCENARIOS
+    for name in (n for n in MOLECULE_SCENARIOS if n in selected):
         base = top / name
         base.mkdir()
         env = ansible_env(base)
@@ -237,14 +238,17 @@ def molecule_runs(tmp_path_factory: pytest.TempPathFactory):
             stop_pid_file(pid_file)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    config._drtool_molecule_selected = any("molecule_runs" in getattr(item, "fixturenames", ()) for item in items)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember which scenarios the selected tests need (molecule_runs starts only those)."""
+    session.config._drtool_molecule_scenarios = [
+        item.callspec.params["scenario"] for item in session.items
+        if "molecule_runs" in getattr(item, "fixturenames", ()) and hasattr(item, "callspec")]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_molecule_early(request: pytest.FixtureRequest) -> None:
     """When molecule tests are selected, start them with the first test here: they run meanwhile."""
-    if getattr(request.config, "_drtool_molecule_selected", False):
+    if getattr(request.config, "_drtool_molecule_scenarios", None):
         try:
             request.getfixturevalue("molecule_runs")
         except (pytest.skip.Exception, pytest.fail.Exception):
