@@ -7,7 +7,7 @@ PYTEST  := $(VENV)/bin/pytest
 STAMP   := $(VENV)/.installed
 
 # Debian packages the tests and the demo use (installed when run as root).
-DEB_PACKAGES := b3sum qemu-utils libnbd-bin nbdkit fio e2fsprogs openssh-server iproute2 curl fuse3 openssl
+DEB_PACKAGES := b3sum qemu-utils libnbd-bin nbdkit fio e2fsprogs openssh-server iproute2 curl fuse3 openssl python3-venv systemd
 
 .PHONY: demo test test-fast test-slow bench deps venv clean
 

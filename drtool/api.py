@@ -75,8 +75,10 @@ def init_volume(
         volume.close()
 
 
-def scrub_volume(name: str, root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    return _run(name, root, "scrub", {}, lambda e: ops.scrub(e, progress), progress)
+def scrub_volume(name: str, root: str | None = None, progress: Progress | None = None,
+                 record: bool = True) -> dict[str, Any]:
+    """Verify every region.  ``record=False`` reports what it finds and changes nothing."""
+    return _run(name, root, "scrub", {"record": record}, lambda e: ops.scrub(e, progress, record=record), progress)
 
 
 def scan_volume(name: str, root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
@@ -149,6 +151,29 @@ def promote(name: str, replica_url: str, token_file: str | None = None, ca: str 
             force: bool = False, root: str | None = None) -> dict[str, Any]:
     """Turn this host's replica into the primary volume (``force``: takeover)."""
     return roles.promote(root, name, replica_url, token_file, ca, force=force)
+
+
+def remove_volume(name: str, root: str | None = None) -> dict[str, Any]:
+    """Unregister a volume: its state directory goes; its device is not touched."""
+    from drtool.errors import VolumeBusy
+
+    root = state_root(root)
+    if agent_socket(name, root):
+        raise VolumeBusy(name, None)
+    volume = Volume.open(root, name)
+    try:
+        shutil.rmtree(volume.paths.dir)
+    finally:
+        volume.close()
+    return {"volume": name, "changed": True, "device": volume.record.device}
+
+
+def probe_volume(name: str, root: str | None = None) -> dict[str, Any]:
+    """A quick look at the device: there, the right size, readable at both ends (no scrub)."""
+    volume = Volume.inspect(state_root(root), name)
+    found = detect.quick_probe(volume)
+    return {"volume": name, "path": found.path, "state": found.state, "ok": found.ok, "size": found.size,
+            "reason": found.reason}
 
 
 def replica_status(replica_root: str) -> list[dict[str, Any]]:

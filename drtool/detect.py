@@ -108,90 +108,108 @@ def _scrub_targets(volume: Volume) -> list[Run]:
     return to_runs(r for r in range(volume.geometry.count) if not volume.overlay.test(r))
 
 
-def fault(volume: Volume, found: DeviceProbe | str) -> None:
-    """Mark the volume FAULTED: nothing can be served from its device."""
-    reason = found if isinstance(found, str) else f"{found.path}: {found.reason}"
-    if not volume.record.faulted:
-        volume.record.faulted = {"reason": reason, "since": time.time()}
-    else:
-        volume.record.faulted["reason"] = reason
-    volume.bad.set_all()
-    volume.ioerror.set_all()
-
-
 def scrub(volume: Volume, progress: ProgressFn | None = None,
-          recheck: Callable[[int], bool] | None = None) -> ScrubReport:
+          recheck: Callable[[int], bool] | None = None, record: bool = True,
+          lock: Any = None) -> ScrubReport:
     """Read and verify every region; update the bad map; save; report.
 
-    ``recheck(region)`` (given by a running engine) re-reads a failed region under
-    its write lock: a write in flight is not damage.
+    ``recheck(region)`` (given by a running engine) re-reads a failed region under its
+    write lock: a write in flight is not damage; ``lock`` (the engine's) guards applying
+    the findings.  ``record=False`` (Ansible's check mode) reports and changes nothing.
     """
     started = time.time()
     clock = time.perf_counter()
     geometry = volume.geometry
-    before = volume.bad.copy()
     targets = _scrub_targets(volume)
     skipped = geometry.count - runs_total(targets)
     found = probe(volume.record.device, expected_size=geometry.size)
     errors = {CHECKSUM: 0, IO_ERROR: 0, "short-read": 0}
     bytes_scanned = 0
     faulted: str | None = None
+    findings: dict[int, str | None] = {}
     if not found.ok:
-        fault(volume, found)
-        faulted = volume.record.faulted["reason"] if volume.record.faulted else found.reason
+        faulted = f"{found.path}: {found.reason}"
     else:
         try:
             with volume.open_device(path=found.path) as device:
                 result = digest_regions(device, geometry, targets, progress=progress)
         except (DeviceError, DeviceIOError) as exc:
-            fault(volume, str(exc))
             faulted = str(exc)
         else:
             bytes_scanned = result.bytes_read
-            volume.record.faulted = None
-            _apply_scrub(volume, targets, result, errors, recheck)
+            findings = _classify(volume, targets, result, errors, recheck)
+    bad, ioerror = volume.bad.copy(), volume.ioerror.copy()
+    _apply(bad, ioerror, findings, faulted)
     seconds = time.perf_counter() - clock
-    new_bad = [r for r in volume.bad if not before.test(r)]
-    cleared = [r for r in before if not volume.bad.test(r)]
     report = ScrubReport(
         volume=volume.name, region_size=geometry.region_size, regions_total=geometry.count,
         regions_scanned=runs_total(targets) if not faulted else 0,
-        bad_regions=volume.bad.runs(), new_bad_regions=to_runs(new_bad),
-        cleared_regions=to_runs(cleared), errors=errors, bytes_scanned=bytes_scanned,
-        seconds=seconds, started=started, health=volume.health, faulted=faulted,
-        skipped_overlay=skipped,
+        bad_regions=bad.runs(), new_bad_regions=bad.difference(volume.bad).runs(),
+        cleared_regions=volume.bad.difference(bad).runs(), errors=errors, bytes_scanned=bytes_scanned,
+        seconds=seconds, started=started,
+        health="FAULTED" if faulted else ("DEGRADED" if bad.any() else "ONLINE"),
+        faulted=faulted, skipped_overlay=skipped,
     )
-    volume.record.last_scrub = {
-        "started": started, "seconds": round(seconds, 6), "bytes": bytes_scanned,
-        "errors": errors, "bad_count": report.bad_count, "faulted": faulted,
-    }
-    volume.save_bitmaps()
-    volume.save_record()
+    if record:
+        with lock or _NoLock():
+            _apply(volume.bad, volume.ioerror, findings, faulted)  # in place: others hold these maps
+            if faulted:
+                since = (volume.record.faulted or {}).get("since") or time.time()
+                volume.record.faulted = {"reason": faulted, "since": since}
+            else:
+                volume.record.faulted = None
+            volume.record.last_scrub = {
+                "started": started, "seconds": round(seconds, 6), "bytes": bytes_scanned,
+                "errors": errors, "bad_count": report.bad_count, "faulted": faulted,
+            }
+            volume.save_bitmaps()
+            volume.save_record()
     return report
 
 
-def _apply_scrub(volume: Volume, targets: list[Run], result: Any, errors: dict[str, int],
-                 recheck: Callable[[int], bool] | None) -> None:
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _classify(volume: Volume, targets: list[Run], result: Any, errors: dict[str, int],
+              recheck: Callable[[int], bool] | None) -> dict[int, str | None]:
+    """Each target region's finding: None (verified), CHECKSUM, or the read error's reason."""
     manifest = volume.manifest
-    bad, ioerror = volume.bad, volume.ioerror
+    findings: dict[int, str | None] = {}
     for first, count in targets:
         for region in range(first, first + count):
             reason = result.errors.get(region)
-            suspect = reason is not None or not manifest.matches(region, result.digest(region))
-            if suspect and recheck is not None and recheck(region):
-                reason = None
-                suspect = False
-            if not suspect:
-                bad.clear(region)
+            if reason is None and manifest.matches(region, result.digest(region)):
+                findings[region] = None
+                continue
+            if recheck is not None and recheck(region):
+                findings[region] = None
+                continue
+            reason = reason or CHECKSUM
+            errors[reason] = errors.get(reason, 0) + 1
+            findings[region] = reason
+    return findings
+
+
+def _apply(bad: Any, ioerror: Any, findings: dict[int, str | None], faulted: str | None) -> None:
+    if faulted:
+        bad.set_all()
+        ioerror.set_all()
+        return
+    for region, reason in findings.items():
+        if reason is None:
+            bad.clear(region)
+            ioerror.clear(region)
+        else:
+            bad.set(region)
+            if reason == CHECKSUM:
                 ioerror.clear(region)
-            elif reason is not None:
-                errors[reason] = errors.get(reason, 0) + 1
-                bad.set(region)
-                ioerror.set(region)
             else:
-                errors[CHECKSUM] += 1
-                bad.set(region)
-                ioerror.clear(region)
+                ioerror.set(region)
 
 
 def scan(volume: Volume, progress: ProgressFn | None = None) -> ScanReport:

@@ -41,13 +41,16 @@ def status(engine: Engine, probe_peer: bool = True) -> dict[str, Any]:
     return result
 
 
-def scrub(engine: Engine, progress: Progress | None = None) -> dict[str, Any]:
+def scrub(engine: Engine, progress: Progress | None = None, record: bool = True) -> dict[str, Any]:
     progress = progress or NoProgress()
     progress.start(engine.geometry.size, f"scrubbing {engine.name}")
     try:
-        report = detect.scrub(engine.volume, progress.advance, recheck=engine.recheck_region)
+        report = detect.scrub(engine.volume, progress.advance, recheck=engine.recheck_region, record=record,
+                              lock=engine.meta)
     finally:
         progress.finish()
+    if not record:
+        return report.to_json()
     if report.faulted:
         engine.drop_device()
     else:

@@ -38,7 +38,8 @@ def lag_from_disk(volume: Volume) -> dict[str, Any]:
 def peer_status(peer: dict[str, Any] | None, probe: bool = True) -> dict[str, Any] | None:
     if not peer:
         return None
-    out: dict[str, Any] = {"url": peer["url"], "reachable": None, "error": None}
+    out: dict[str, Any] = {"url": peer["url"], "reachable": None, "error": None,
+                           "token_file": peer.get("token_file"), "ca": peer.get("ca")}
     if probe:
         from drtool.client import ReplicaClient
         from drtool.errors import DrtoolError

@@ -154,3 +154,21 @@ def test_sparse_volume_digests_holes_as_zeros(tmp_path, state_root):
     assert report["bytes_scanned"] <= 1 << 20  # only the 1 MiB chunk holding data is read
     corrupt(path, 50 * RS)  # fill a hole with a non-zero byte
     assert api.scrub_volume("sp")["bad_regions"] == [[50, 1]]
+
+
+def test_scrub_without_recording_changes_nothing(device, state_root):
+    corrupt(device, 6 * RS)
+    report = api.scrub_volume("vol", record=False)
+    assert report["bad_regions"] == [[6, 1]] and report["health"] == "DEGRADED"
+    status = api.status("vol")[0]
+    assert status["bad_regions"] == [] and status["last_scrub"] is None
+    os.unlink(device)
+    assert api.scrub_volume("vol", record=False)["health"] == "FAULTED"
+    assert api.status("vol")[0]["health"] == "ONLINE"
+
+
+def test_probe_and_remove(device, state_root):
+    assert api.probe_volume("vol")["ok"] is True
+    assert api.remove_volume("vol")["changed"] is True
+    assert api.status() == []
+    assert device.exists()  # the device itself is never touched

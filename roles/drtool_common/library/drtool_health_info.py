@@ -48,8 +48,8 @@ attributes:
   check_mode:
     support: full
     description:
-      - Runs in check mode too. It changes no data, mode or configuration; a scrub records what it found in
-        the volume's bad map, as every verified read does.
+      - Runs in check mode too. It changes no data, mode or configuration; in check mode a scrub reports
+        what it finds without recording it in the volume's bad map.
   diff_mode:
     support: none
 notes:
@@ -157,14 +157,8 @@ KEYS = ("volume", "health", "mode", "faulted", "device", "size", "region_size", 
 
 
 def _probe(api, status, root):
-    """The device probe: drtool.api.probe_volume when this drtool has it, else drtool's device probe."""
-    probe_volume = getattr(api, "probe_volume", None)
-    if probe_volume is not None:
-        return probe_volume(status["volume"], root=root)
-    from drtool.storage.device import probe
-
-    found = probe(status["device"], expected_size=status["size"])
-    return {"path": found.path, "state": found.state, "ok": found.ok, "size": found.size, "reason": found.reason}
+    """The quick device probe (no scrub)."""
+    return api.probe_volume(status["volume"], root=root)
 
 
 def main():
@@ -186,11 +180,18 @@ def main():
 
     volumes = []
     for name in names:
-        scrub = call(module, api.scrub_volume, name, root=root) if p["mode"] == "scrub" else None
+        scrub = None
+        if p["mode"] == "scrub":
+            scrub = call(module, api.scrub_volume, name, root=root, record=not module.check_mode)
         status = call(module, api.status, name, root=root, probe_peer=p["probe_peer"])[0]
         entry = {key: status.get(key) for key in KEYS}
         if scrub is not None:
             entry["scrub"] = scrub
+            # What the scrub found, recorded or not (check mode does not record it).
+            entry["health"] = scrub["health"]
+            entry["faulted"] = scrub["faulted"] or entry["faulted"]
+            entry["bad_regions"] = scrub["bad_regions"]
+            entry["bad_count"] = scrub["bad_count"]
         else:
             entry["probe"] = call(module, _probe, api, status, root)
             if not entry["probe"]["ok"]:

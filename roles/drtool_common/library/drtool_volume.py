@@ -258,26 +258,8 @@ def main():
 
 
 def _remove(module, api, name, root):
-    """Unregister: drtool.api.remove_volume when this drtool has it, else the same steps here."""
-    remove = getattr(api, "remove_volume", None)
-    if remove is not None:
-        call(module, remove, name, root=root)
-        return
-    # Interim shim (drtool.api has no remove_volume yet): refuse while an agent serves
-    # the volume, take the volume's lock like any mutating process, then delete its
-    # state directory.
-    import shutil
-
-    from drtool.storage.paths import state_root
-    from drtool.storage.volume import Volume
-
-    if api.agent_socket(name, root):
-        module.fail_json(msg="volume %s is served by a running agent; stop the agent before removing it" % name)
-    volume = call(module, Volume.open, state_root(root), name)
-    try:
-        shutil.rmtree(volume.paths.dir)
-    finally:
-        volume.close()
+    """Unregister the volume (its state directory; the device is not touched)."""
+    call(module, api.remove_volume, name, root=root)
 
 
 if __name__ == "__main__":
