@@ -21,7 +21,7 @@ from drtool.regions import Geometry
 from drtool.storage.device import Device
 from drtool.storage.maps import DIGEST_SIZE, zero_digest
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 WORKERS = 2
 
 ProgressFn = Callable[[int], None]
@@ -106,10 +106,12 @@ def _digest_chunk(
     except DeviceIOError:
         return _digest_one_by_one(device, geometry, first, count, view, result, lock)
     rsize = geometry.region_size
-    for index in range(count):
-        region = first + index
-        part = view[index * rsize:index * rsize + geometry.region_length(region)]
-        digests[region * DIGEST_SIZE:(region + 1) * DIGEST_SIZE] = blake3.blake3(part).digest()
+    hasher = blake3.blake3
+    data = view[:length]  # the last region of the volume may be partial
+    at = first * DIGEST_SIZE
+    for start in range(0, length, rsize):
+        digests[at:at + DIGEST_SIZE] = hasher(data[start:start + rsize]).digest()
+        at += DIGEST_SIZE
     return length
 
 
