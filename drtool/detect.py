@@ -16,6 +16,7 @@ from typing import Any
 from drtool.errors import DeviceError, DeviceIOError
 from drtool.regions import Run, runs_total, to_runs
 from drtool.storage.device import DeviceProbe, probe
+from drtool.storage.maps import DIGEST_SIZE
 from drtool.storage.reader import IO_ERROR, ProgressFn, digest_regions
 from drtool.storage.volume import Volume
 
@@ -126,7 +127,7 @@ def scrub(volume: Volume, progress: ProgressFn | None = None,
     errors = {CHECKSUM: 0, IO_ERROR: 0, "short-read": 0}
     bytes_scanned = 0
     faulted: str | None = None
-    findings: dict[int, str | None] = {}
+    findings: Findings = ([], {})
     if not found.ok:
         faulted = f"{found.path}: {found.reason}"
     else:
@@ -175,12 +176,25 @@ class _NoLock:
         return None
 
 
+Findings = tuple[list[Run], dict[int, str | None]]
+
+
 def _classify(volume: Volume, targets: list[Run], result: Any, errors: dict[str, int],
-              recheck: Callable[[int], bool] | None) -> dict[int, str | None]:
-    """Each target region's finding: None (verified), CHECKSUM, or the read error's reason."""
+              recheck: Callable[[int], bool] | None) -> Findings:
+    """(runs verified whole, {region: None if verified else CHECKSUM or the read error}).
+
+    A run whose digests all match (the common case) is settled with one comparison of
+    bytes, not a loop over its regions."""
     manifest = volume.manifest
+    digests = memoryview(result.digests)
+    expected = memoryview(manifest.to_bytes())
+    clean: list[Run] = []
     findings: dict[int, str | None] = {}
     for first, count in targets:
+        lo, hi = first * DIGEST_SIZE, (first + count) * DIGEST_SIZE
+        if digests[lo:hi] == expected[lo:hi] and not any(first <= r < first + count for r in result.errors):
+            clean.append((first, count))
+            continue
         for region in range(first, first + count):
             reason = result.errors.get(region)
             if reason is None and manifest.matches(region, result.digest(region)):
@@ -192,15 +206,19 @@ def _classify(volume: Volume, targets: list[Run], result: Any, errors: dict[str,
             reason = reason or CHECKSUM
             errors[reason] = errors.get(reason, 0) + 1
             findings[region] = reason
-    return findings
+    return clean, findings
 
 
-def _apply(bad: Any, ioerror: Any, findings: dict[int, str | None], faulted: str | None) -> None:
+def _apply(bad: Any, ioerror: Any, findings: Findings, faulted: str | None) -> None:
     if faulted:
         bad.set_all()
         ioerror.set_all()
         return
-    for region, reason in findings.items():
+    clean, regions = findings
+    for first, count in clean:
+        bad.clear_run(first, count)
+        ioerror.clear_run(first, count)
+    for region, reason in regions.items():
         if reason is None:
             bad.clear(region)
             ioerror.clear(region)
