@@ -31,7 +31,7 @@ import blake3
 from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
 from drtool.regions import Geometry, Run, to_runs
 from drtool.storage import overlay as overlay_file
-from drtool.storage.device import Device
+from drtool.storage.device import Device, aligned_bytes
 from drtool.storage.maps import RegionBitmap, zero_digest
 from drtool.storage.paths import state_root
 from drtool.storage.replog import ReplicationLog
@@ -317,8 +317,7 @@ class Engine:
         first = offset >> geometry.shift
         last = (offset + length - 1) >> geometry.shift
         span_start = first << geometry.shift
-        buffer = bytearray(min((last + 1) << geometry.shift, geometry.size) - span_start)
-        view = memoryview(buffer)
+        view = aligned_bytes(min((last + 1) << geometry.shift, geometry.size) - span_start)
         self._read_regions(first, last - first + 1, view)
         return view[offset - span_start:offset - span_start + length]
 
