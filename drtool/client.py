@@ -25,6 +25,7 @@ import requests
 import urllib3
 
 from drtool import wire
+from drtool.buffers import aligned_bytes
 from drtool.errors import (Conflict, DataUnavailable, DrtoolError, NotPermitted, PeerAuthError, PeerError,
                            PeerProtocolError, PeerUnreachable, UsageError, VolumeNotFound)
 from drtool.regions import Run
@@ -340,7 +341,7 @@ class _FrameReader:
 
     def results(self) -> Iterator[RegionResult]:
         inflight: deque[tuple[bytearray, Future[list[RegionResult]]]] = deque()
-        block, filled, ended = bytearray(_BLOCK), 0, False
+        block, filled, ended = aligned_bytes(_BLOCK), 0, False
         while not ended:
             block, filled, ended, frames, leftover, need = self._fill(block, filled)
             inflight.append((block, self.client._hashers.submit(self._verify, frames)))
@@ -359,7 +360,7 @@ class _FrameReader:
             block = self.free.pop()
             if len(block) >= size:
                 return block
-        return bytearray(size)
+        return aligned_bytes(size)
 
     def _read(self, view: memoryview) -> int:
         try:
@@ -396,7 +397,7 @@ class _FrameReader:
             if frames and (room < _SLICE or parsed + need > len(block)):
                 return block, filled, False, frames, bytes(view[parsed:filled]), need
             if parsed + need > len(block):  # a frame larger than the block: grow it
-                bigger = bytearray(need + _SLICE)
+                bigger = aligned_bytes(need + _SLICE)
                 bigger[:filled - parsed] = view[parsed:filled]
                 block, view, filled, parsed = bigger, memoryview(bigger), filled - parsed, 0
                 room = len(block) - filled

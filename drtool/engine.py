@@ -31,7 +31,8 @@ import blake3
 from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
 from drtool.regions import Geometry, Run, to_runs
 from drtool.storage import overlay as overlay_file
-from drtool.storage.device import Device, aligned_bytes
+from drtool.buffers import aligned_bytes
+from drtool.storage.device import Device
 from drtool.storage.maps import RegionBitmap, zero_digest
 from drtool.storage.paths import state_root
 from drtool.storage.replog import ReplicationLog

@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from drtool.buffers import aligned_bytes
 from drtool.errors import DeviceError
 from drtool.regions import Geometry
 from drtool.replica.snapshots import Snapshot
@@ -57,7 +58,7 @@ def stream_frames(volume: ReplicaVolume, regions: list[int], zero: list[bool], r
     with one sendmsg; Python work per region is kept to a header.
     """
     geometry = volume.geometry
-    buffer = memoryview(bytearray(max(BATCH_BYTES, geometry.region_size)))
+    buffer = aligned_bytes(max(BATCH_BYTES, geometry.region_size))
     index, total = 0, len(regions)
     while index < total:
         views: list[bytes | memoryview] = []
@@ -117,7 +118,7 @@ def stream_range(volume: ReplicaVolume, start: int, length: int, resolve: Resolv
         return
     resolve = resolve or resolver(volume, None, False)
     geometry = volume.geometry
-    buffer = memoryview(bytearray(BATCH_BYTES))
+    buffer = aligned_bytes(BATCH_BYTES)
     position, end = start, start + length
     while position < end:
         step = min(end - position, len(buffer))

@@ -181,21 +181,6 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 _LIBC: ctypes.CDLL | None = None
 
 
-PAGE = 4096
-
-
-def aligned_bytes(size: int) -> memoryview:
-    """A writable, zeroed, page-aligned buffer of ``size`` bytes.
-
-    A bytearray's data starts a few bytes into a page, so every page the kernel copies
-    into it straddles two and reads run at about half speed; this is a page-aligned
-    window into a slightly larger bytearray (freed with the view, like any bytearray)."""
-    raw = bytearray(size + PAGE)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-    start = -address % PAGE
-    return memoryview(raw)[start:start + size]
-
-
 def _libc() -> ctypes.CDLL:
     global _LIBC
     if _LIBC is None:

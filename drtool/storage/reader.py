@@ -10,13 +10,13 @@ regions it hits.
 from __future__ import annotations
 
 import itertools
-import mmap
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import blake3
 
+from drtool.buffers import aligned_bytes
 from drtool.errors import DeviceIOError
 from drtool.regions import Geometry
 from drtool.storage.device import Device
@@ -65,8 +65,7 @@ def digest_regions(
     failures: list[BaseException] = []
 
     def work() -> None:
-        buffer = aligned_buffer(per_chunk * geometry.region_size)
-        view = memoryview(buffer)
+        view = aligned_bytes(per_chunk * geometry.region_size)
         done = 0
         try:
             while True:
@@ -90,12 +89,6 @@ def digest_regions(
     if failures:
         raise failures[0]
     return result
-
-
-def aligned_buffer(size: int) -> mmap.mmap:
-    """A page-aligned, writable buffer.  bytearray's memory starts a few bytes into a page,
-    so every page the kernel copies into it straddles two: reads run at half speed here."""
-    return mmap.mmap(-1, max(size, 1))
 
 
 def _digest_chunk(
