@@ -6,6 +6,8 @@ import socket
 import threading
 from typing import Callable
 
+from drtool.buffers import aligned_bytes
+
 from drtool.nbd.export import Buffer
 from drtool.nbd.stream import send_buffers
 
@@ -86,7 +88,7 @@ class PayloadPool:
             if free:
                 self._cached -= size
                 return free.pop()
-        return bytearray(size)
+        return aligned_bytes(size)  # type: ignore[return-value]  # a page-aligned memoryview
 
     def give(self, buffer: bytearray) -> None:
         size = len(buffer)
