@@ -30,9 +30,9 @@ def argument_spec(name: str) -> dict:
     return seen
 
 
-def test_there_are_seven_modules():
+def test_there_are_eight_modules():
     assert MODULES == ["drtool_agent", "drtool_health_info", "drtool_recovery", "drtool_replica",
-                       "drtool_replication", "drtool_status_info", "drtool_volume"]
+                       "drtool_replication", "drtool_role", "drtool_status_info", "drtool_volume"]
 
 
 @pytest.mark.parametrize("name", MODULES)

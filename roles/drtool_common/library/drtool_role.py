@@ -1,0 +1,332 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: drtool contributors
+# Apache License 2.0 (see the project's pyproject.toml)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: drtool_role
+short_description: A drtool volume's role on this host, primary or secondary (planned failover, takeover)
+description:
+  - Swaps a volume's role between the two hosts of a pair, one side at a time. Run it with O(role=secondary)
+    on the current primary, then with O(role=primary) on the host that takes over.
+  - O(role=secondary) on the primary demotes the volume (C(drtool demote)): writes are refused, replication
+    is drained until the lag is zero (at most O(timeout) seconds, else the task fails and the volume accepts
+    writes again, unchanged), and the role is released at the secondary's replica server.
+    With O(force=true) (the secondary has already taken over) nothing is drained, and what this host wrote
+    that the new primary never applied is counted as lost (RV(lost)).
+  - With O(replica_url), O(role=secondary) then adopts the volume (C(drtool adopt)): this host's own replica
+    server serves it in place, on this host's device, and the new primary ships its writes there. The agent
+    must be stopped first (M(drtool_agent) with V(state=stopped)): adopting takes the volume.
+  - O(role=primary) promotes this host's replica (C(drtool promote)): it becomes the primary volume, with the
+    same identity and a new era. It is refused while the old primary still claims the volume, unless
+    O(force=true) (an unplanned takeover). Starting the agent (M(drtool_agent)) and reversing replication
+    (M(drtool_volume) with the old primary's replica server as its C(peer), a fast failback)
+    are separate steps.
+  - A host where the volume is not registered (a pure secondary) already has O(role=secondary).
+  - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
+version_added: "0.1.0"
+author:
+  - drtool contributors
+options:
+  name:
+    description:
+      - The volume.
+    type: str
+    required: true
+    aliases: [volume]
+  role:
+    description:
+      - The role the volume must have on this host.
+    type: str
+    required: true
+    choices: [primary, secondary]
+  force:
+    description:
+      - With O(role=primary), promote although the old primary never released the volume (a takeover: the
+        old primary is lost or cut off). Its writes that never reached this host are lost.
+      - With O(role=secondary), demote without draining, because the secondary has already taken over; the
+        loss is counted exactly when the new primary's replica server answers.
+    type: bool
+    default: false
+  timeout:
+    description:
+      - Seconds the drain of a planned demotion may take before the task fails (nothing changed then).
+    type: float
+    default: 60
+  replica_url:
+    description:
+      - This host's own replica server, for example V(https://db1.example.com:8470).
+      - Required with O(role=primary) (the replica that becomes the primary volume lives there).
+      - With O(role=secondary), the volume is also adopted by that server. Without it, the volume is only
+        demoted (stop the agent, then run the task again with it).
+    type: str
+  token_file:
+    description:
+      - File holding the bearer token of the replica server at O(replica_url).
+    type: path
+  ca:
+    description:
+      - CA certificate (PEM file) of an V(https) O(replica_url).
+    type: path
+  state_root:
+    description:
+      - drtool's state root on the host. Default C($DRTOOL_STATE_ROOT), else C(/var/lib/drtool).
+    type: path
+requirements:
+  - drtool (in the Python running the module)
+attributes:
+  check_mode:
+    support: full
+    description:
+      - Reports what would change (demotion, adoption, promotion) and changes nothing. A demotion reports the
+        current lag (what a drain would ship, or with O(force=true) what could be lost); a promotion reports
+        the replica server's state for the volume (V(released) or, before the release, V(replica)).
+  diff_mode:
+    support: full
+    description: Shows the volume's role, and who serves it as a replica, before and after.
+notes:
+  - The whole swap, in order, is in C(playbooks/planned_failover.yml); C(playbooks/takeover.yml) takes over and
+    later brings the old primary back as the secondary.
+  - Every step is idempotent, so a failover interrupted half-way is finished by running it again.
+seealso:
+  - module: drtool_agent
+  - module: drtool_volume
+  - module: drtool_replication
+"""
+
+EXAMPLES = r"""
+# Planned failover of "db" from db1 to dr1 (each runs a replica server on port 8470).
+- name: On db1, demote db (drain replication for at most 5 minutes)
+  drtool_role:
+    name: db
+    role: secondary
+    timeout: 300
+
+- name: On db1, stop the agent
+  drtool_agent:
+    state: stopped
+    pid_file: /run/drtool/agent.pid
+
+- name: On db1, let its own replica server serve db from now on
+  drtool_role:
+    name: db
+    role: secondary
+    replica_url: https://db1.example.com:8470
+    token_file: /etc/drtool/replica.token
+    ca: /etc/drtool/site-ca.pem
+
+- name: On dr1, promote its replica of db
+  drtool_role:
+    name: db
+    role: primary
+    replica_url: https://dr1.example.com:8470
+    token_file: /etc/drtool/replica.token
+    ca: /etc/drtool/site-ca.pem
+
+# db1 is gone: take over on dr1.
+- name: On dr1, take over db
+  drtool_role:
+    name: db
+    role: primary
+    force: true
+    replica_url: https://dr1.example.com:8470
+    token_file: /etc/drtool/replica.token
+
+# db1 is back: it steps down and counts what it lost.
+- name: On db1, step down after the takeover
+  drtool_role:
+    name: db
+    role: secondary
+    force: true
+"""
+
+RETURN = r"""
+volume:
+  description: The volume's name.
+  returned: always
+  type: str
+  sample: db
+role:
+  description: The volume's role on this host after the task (in check mode, what it would be).
+  returned: always
+  type: str
+  sample: secondary
+actions:
+  description: What the task did (or would do, in check mode), in order, among V(demoted), V(adopted), V(promoted).
+  returned: always
+  type: list
+  elements: str
+  sample: [demoted, adopted]
+device:
+  description: The volume's device on this host (for a promoted volume, the replica's image that is now the primary volume).
+  returned: when the volume is registered on this host
+  type: str
+  sample: /srv/drtool/replicas/db/mirror.img
+demoted:
+  description:
+    - The demotion as drtool recorded it (C(time), C(era), C(seq), C(peer), C(forced), C(lost), C(divergent), C(adopted)).
+  returned: when the volume was demoted on this host
+  type: dict
+promoted:
+  description:
+    - The promotion as drtool recorded it (C(time), C(era), C(applied_seq), C(takeover), C(released), C(last_record_at)).
+  returned: when the volume was promoted on this host
+  type: dict
+takeover:
+  description: Whether the volume became primary here without the old primary's release (a takeover).
+  returned: when the volume was promoted on this host
+  type: bool
+lost:
+  description:
+    - What the old primary wrote that the new primary never applied, counted by a forced demotion
+      (C(records), C(bytes), C(regions), C(exact)). Zero after a planned demotion.
+  returned: when the volume was demoted on this host
+  type: dict
+  sample: {"records": 3, "bytes": 1210, "regions": 2, "exact": true}
+lag:
+  description: The replication lag before the task (records, bytes, regions): what a drain ships, or what a forced demotion may lose.
+  returned: when the volume is a primary here before the task
+  type: dict
+replica:
+  description: The replica server's description of the volume (C(state) V(replica), V(released) or V(promoted), C(applied_seq)).
+  returned: in check mode, with O(role=primary) when the volume is not a primary here yet
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, call, fail_drtool, require_drtool, volume_status
+
+
+def _view(status):
+    """The part of a volume's status this module manages (also its diff)."""
+    if status is None:
+        return {"role": "secondary", "registered": False, "adopted_by": None}
+    adopted = (status.get("demoted") or {}).get("adopted") or {}
+    return {"role": status["role"], "registered": True, "adopted_by": adopted.get("url")}
+
+
+def _replica_info(module, name, url, token_file, ca):
+    """The replica server's description of the volume (None when it holds no such volume).
+
+    drtool.api has no call for this yet, so the module asks the server through drtool's own client.
+    """
+    from drtool.errors import DrtoolError, VolumeNotFound
+    from drtool.replication import make_client
+
+    try:
+        return make_client({"url": url, "token_file": token_file, "ca": ca}).volume_info(name)
+    except VolumeNotFound:
+        return None
+    except DrtoolError as exc:
+        fail_drtool(module, exc)
+
+
+def _secondary(module, api, name, root, before):
+    p = module.params
+    url = p["replica_url"]
+    result = {"actions": []}
+    if before is None:
+        # Not registered here: this host was never the volume's primary.  Its replica server,
+        # when named, must hold the volume (a typo in the name must not pass as "already done").
+        if url and _replica_info(module, name, url, p["token_file"], p["ca"]) is None:
+            module.fail_json(msg="volume %s is neither registered on this host%s nor held by the replica server %s"
+                                 % (name, " under %s" % root if root else "", url))
+        return result, None
+    status = before
+    if before["role"] == "primary":
+        result["lag"] = before["lag"]
+        result["actions"].append("demoted")
+        if module.check_mode:
+            status = dict(before, role="secondary", demoted=None)
+        else:
+            result["demote"] = call(module, api.demote, name, timeout=p["timeout"], force=p["force"], root=root)
+            status = volume_status(module, name, root)
+    demoted = status.get("demoted") or {}
+    if url and (demoted.get("adopted") or {}).get("url") != url:
+        result["actions"].append("adopted")
+        if not module.check_mode:
+            if api.agent_socket(name, root):
+                module.fail_json(msg="volume %s is demoted, but the agent still serves it: stop the agent "
+                                     "(drtool_agent state=stopped) before its replica server can adopt it" % name,
+                                 actions=result["actions"])
+            call(module, api.adopt, name, url, p["token_file"], p["ca"], root=root)
+            status = volume_status(module, name, root)
+    return result, status
+
+
+def _primary(module, api, name, root, before):
+    p = module.params
+    result = {"actions": []}
+    if before is not None and before["role"] == "primary":
+        return result, before  # promoted earlier, or the original primary: nothing to do
+    if not p["replica_url"]:
+        module.fail_json(msg="replica_url (this host's own replica server) is required to promote volume %s" % name)
+    result["actions"].append("promoted")
+    if module.check_mode:
+        info = _replica_info(module, name, p["replica_url"], p["token_file"], p["ca"])
+        if info is None:
+            module.fail_json(msg="the replica server %s holds no volume %s to promote" % (p["replica_url"], name))
+        result["replica"] = {key: info.get(key) for key in ("state", "applied_seq", "primary", "promoted", "image")}
+        if info.get("state") == "replica" and not p["force"]:
+            module.warn("volume %s is not released by its primary yet: the promotion needs the demotion to "
+                        "happen first, or force=true (a takeover)" % name)
+        return result, dict(before or {}, role="primary", demoted=None)
+    call(module, api.promote, name, p["replica_url"], p["token_file"], p["ca"], force=p["force"], root=root)
+    return result, volume_status(module, name, root)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True, aliases=["volume"]),
+            role=dict(type="str", required=True, choices=["primary", "secondary"]),
+            force=dict(type="bool", default=False),
+            timeout=dict(type="float", default=60.0),
+            replica_url=dict(type="str"),
+            token_file=dict(type="path"),
+            ca=dict(type="path"),
+            state_root=STATE_ROOT_OPTION,
+        ),
+        supports_check_mode=True,
+    )
+    api = require_drtool(module)
+    p = module.params
+    name, root = p["name"], p["state_root"]
+    if p["timeout"] <= 0:
+        module.fail_json(msg="timeout must be a positive number of seconds, not %s" % p["timeout"])
+    if p["replica_url"]:
+        p["replica_url"] = p["replica_url"].rstrip("/")
+
+    before = volume_status(module, name, root)
+    if p["role"] == "secondary":
+        result, after = _secondary(module, api, name, root, before)
+    else:
+        result, after = _primary(module, api, name, root, before)
+
+    output = dict(changed=bool(result["actions"]), volume=name, role=p["role"], actions=result["actions"])
+    for key in ("lag", "replica"):
+        if key in result:
+            output[key] = result[key]
+    if after:
+        if after.get("device"):
+            output["device"] = after["device"]
+        if after.get("demoted"):
+            output["demoted"] = after["demoted"]
+            output["lost"] = after["demoted"].get("lost")
+        if after.get("promoted") and p["role"] == "primary":
+            output["promoted"] = after["promoted"]
+            output["takeover"] = bool(after["promoted"].get("takeover"))
+    if module._diff:
+        predicted = _view(after) if after is not None else _view(None)
+        if module.check_mode and "adopted" in result["actions"]:
+            predicted["adopted_by"] = p["replica_url"]
+        output["diff"] = dict(before=_view(before), after=predicted,
+                              before_header="volume %s" % name, after_header="volume %s" % name)
+    module.exit_json(**output)
+
+
+if __name__ == "__main__":
+    main()
