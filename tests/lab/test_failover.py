@@ -1,0 +1,228 @@
+"""Planned failover, swap back, incident recovery, failback and takeover between two SSH hosts.
+
+One story, in order, on a lab of its own (built at the start, torn down at the end): drtool is
+installed and the volumes protected by site.yml; a workload writes through the agent over NBD;
+planned_failover.yml swaps the roles and swaps them back; incident_recovery.yml and failback.yml
+serve and then repair corrupted regions from the replica across the lab's network; the primary is
+cut off with writes it never shipped, takeover.yml promotes the secondary, and reintegrate.yml
+brings the old primary back as the secondary.  Every playbook runs twice: the second run reports
+changed=0.  Bytes are checked as an NBD client on the host reads them (per-region digests against
+the bytes the test wrote), region counts and lost writes as drtool reports them.
+
+The steps depend on each other: once one fails, the later ones are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.lab.drtool_lab import REGION, REPLICA_ROOT, STORAGE, VOLUMES, DrtoolLab, PlaybookRun
+from tests.lab.fixtures import require_lab_tools
+from tests.lab.lab import running_lab
+from tests.lab.test_lab import assert_gone, snapshot_processes
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+A, B = "primary", "secondary"  # the lab's host names: A starts as the primary
+
+
+class Story:
+    """The deployed lab, and whether an earlier step failed."""
+
+    def __init__(self, drtool: DrtoolLab) -> None:
+        self.d = drtool
+        self.failed_step: str | None = None
+
+
+@pytest.fixture(scope="module")
+def story() -> Iterator[Story]:
+    require_lab_tools()
+    require_tool("qemu-io", "qemu-img", "nbdcopy")
+    with running_lab() as lab:
+        drtool = DrtoolLab(lab)
+        drtool.prepare()
+        yield Story(drtool)
+        processes = snapshot_processes(lab)
+    assert_gone(lab.id, lab.dir, processes)
+
+
+@pytest.fixture
+def d(story: Story, request: pytest.FixtureRequest) -> Iterator[DrtoolLab]:
+    if story.failed_step:
+        pytest.skip(f"an earlier step failed: {story.failed_step}")
+    failed_before = request.session.testsfailed
+    yield story.d
+    if request.session.testsfailed > failed_before:
+        story.failed_step = request.node.name
+
+
+def run_twice(d: DrtoolLab, playbook: str, *args: str, **extra) -> PlaybookRun:
+    """The playbook, then again: the second run must change nothing."""
+    first = d.playbook(playbook, *args, **extra)
+    assert first.rc == 0, first
+    again = d.playbook(playbook, *args, **extra)
+    assert again.rc == 0, again
+    assert again.changed == 0, f"second run of {playbook} changed {again.recap}\n{again}"
+    return first
+
+
+def failed_task(run: PlaybookRun) -> str | None:
+    """The name of the task that failed first (None when none did)."""
+    head = run.output.split("\nfatal: ", 1)[0] if "\nfatal: " in run.output else None
+    if head is None:
+        return None
+    return head.rsplit("TASK [", 1)[1].split("]", 1)[0]
+
+
+def failover(d: DrtoolLab, source: str, target: str) -> PlaybookRun:
+    return run_twice(d, "planned_failover.yml", drtool_failover_from=source, drtool_failover_to=target,
+                     confirm="yes")
+
+
+def assert_serves_expected(d: DrtoolLab, host: str) -> None:
+    for volume in VOLUMES:
+        assert d.mismatches(volume, d.nbd_digests(host, volume)) == [], f"{host} serves wrong bytes of {volume}"
+
+
+def assert_device_expected(d: DrtoolLab, host: str) -> None:
+    for volume in VOLUMES:
+        device = d.status(host, volume)["device"]
+        assert d.mismatches(volume, d.file_digests(host, device)) == [], f"{host}'s {device} differs for {volume}"
+
+
+def test_site_installs_and_protects(d: DrtoolLab) -> None:
+    run_twice(d, "site.yml")
+    for volume in VOLUMES:
+        status = d.status(A, volume)
+        assert status["role"] == "primary" and status["replication"]["initial_sync"] == "done", status
+    replicas = d.replica_status(B)
+    assert sorted(replicas) == sorted(VOLUMES)
+    assert d.replica_status(A) == {}  # A's own replica server runs, idle until A steps down
+    # Each host sees only its own storage: A cannot read B's replicas, B cannot read A's devices.
+    assert d.lab.check_isolation() == []
+    assert d.ssh(A, f"test -e {REPLICA_ROOT}/vol-a").returncode == 1
+    assert d.ssh(B, f"test -e {STORAGE}/images/vol-a.img").returncode == 1
+    assert_serves_expected(d, A)
+
+
+def test_planned_failover_refuses_to_start_until_replication_drains(d: DrtoolLab) -> None:
+    # A cannot reach B's replica server (its route there is refused): the lag cannot drain.
+    d.lab.run_in(A, ["ip", "route", "add", "prohibit", d.lab.hosts[B]["address"] + "/32"], check=True)
+    try:
+        d.write(A, "vol-a", [(5 * REGION, 4096, 0x41), (6 * REGION + 512, 1024, 0x42)])
+        run = d.playbook("planned_failover.yml", drtool_failover_from=A, drtool_failover_to=B, confirm="yes",
+                         drtool_failover_timeout=3)
+        drain = "drtool_failover : Drain replication (the lag must reach zero within the timeout)"
+        assert run.rc != 0 and failed_task(run) == drain, run
+        # Nothing changed: A is still the primary and takes writes; B promoted nothing.
+        assert all(d.status(A, volume)["role"] == "primary" for volume in VOLUMES)
+        assert d.status(A, "vol-a")["lag"]["records"] >= 2
+        assert d.drtool(B, "status") == []
+        d.write(A, "vol-a", [(7 * REGION, 4096, 0x43)])
+    finally:
+        d.lab.run_in(A, ["ip", "route", "del", "prohibit", d.lab.hosts[B]["address"] + "/32"], check=True)
+    # Check mode reports the swap and changes nothing.
+    check = d.playbook("planned_failover.yml", "--check", drtool_failover_from=A, drtool_failover_to=B)
+    assert check.rc == 0 and check.changed > 0, check
+    assert all(d.status(A, volume)["role"] == "primary" for volume in VOLUMES)
+    assert d.drtool(B, "status") == []
+
+
+def test_planned_failover_swaps_the_roles(d: DrtoolLab) -> None:
+    run = failover(d, A, B)
+    assert "incremental sync to" in run.output
+    for volume in VOLUMES:
+        new, old = d.status(B, volume), d.status(A, volume)
+        assert new["role"] == "primary" and new["last_swap"]["event"] == "promoted", new
+        assert old["role"] == "secondary" and old["last_swap"]["event"] == "demoted", old
+        assert old["demoted"]["lost"]["records"] == 0
+        # Reverse replication to A's own replica server: A kept every region, nothing to copy.
+        assert new["direction"] == f"this host -> http://{d.lab.hosts[A]['address']}:8470"
+        assert (new["replication"]["mode"], new["replication"]["regions"]) == ("incremental", 0), new["replication"]
+        assert new["replication"]["initial_sync"] == "done"
+    # The new primary serves exactly what A held before the swap, read by an NBD client on B.
+    assert_serves_expected(d, B)
+    # A's replica server now holds the volumes, in place on A's own devices.
+    assert sorted(d.replica_status(A)) == sorted(VOLUMES)
+
+
+def test_swap_back_moves_only_what_changed(d: DrtoolLab) -> None:
+    writes = [(1 * REGION + 7 * 512, 3072, 0x61), (2 * REGION, 4096, 0x62), (40 * REGION + 512, 2048, 0x63)]
+    d.write(B, "vol-a", writes)
+    promoted_at = d.status(B, "vol-a")["promoted"]["applied_seq"]
+    d.drtool(B, "replicate", "vol-a", "--wait")
+    # What B wrote travelled to A as exactly its records, applied on A's device.
+    assert d.replica_status(A)["vol-a"]["applied_seq"] == promoted_at + len(writes)
+    assert_device_expected(d, A)
+
+    failover(d, B, A)
+    for volume in VOLUMES:
+        home = d.status(A, volume)
+        assert home["role"] == "primary" and home["last_swap"]["event"] == "promoted", home
+        # Everything B wrote had already reached A: the fast failback copies no region at all
+        # (a full sync would copy all 256).
+        assert (home["replication"]["mode"], home["replication"]["regions"]) == ("incremental", 0)
+        assert d.status(B, volume)["role"] == "secondary"
+    assert_serves_expected(d, A)
+    d.write(A, "vol-b", [(9 * REGION, 4096, 0x71)])
+    d.drtool(A, "replicate", "vol-b", "--wait")
+    assert_device_expected(d, B)  # B's replica is exact too (its devices are its replica images)
+
+
+def test_incident_recovery_and_failback_in_the_lab(d: DrtoolLab) -> None:
+    device = d.status(A, "vol-a")["device"]
+    # Two regions of A's device go bad behind drtool's back.
+    for region in (12, 30):
+        d.ssh(A, f"dd if=/dev/urandom of={device} bs={REGION} seek={region} count=1 conv=notrunc status=none",
+              check=True)
+    run_twice(d, "incident_recovery.yml")
+    status = d.status(A, "vol-a")
+    assert status["mode"] == "degraded" and status["bad_regions"] == [[12, 1], [30, 1]], status
+    # Served from B's replica over the lab's network, verified: the NBD client on A reads exact bytes.
+    assert_serves_expected(d, A)
+    assert status["recovery"]["fetched_regions"] >= 2
+    run_twice(d, "failback.yml")
+    status = d.status(A, "vol-a")
+    assert (status["mode"], status["health"], status["bad_count"]) == ("normal", "ONLINE", 0), status
+    assert_device_expected(d, A)
+
+
+def test_takeover_then_the_old_primary_returns(d: DrtoolLab) -> None:
+    d.write(A, "vol-a", [(3 * REGION, 4096, 0x33)])
+    d.drtool(A, "replicate", "vol-a", "--wait")
+    replicated = {volume: bytes(data) for volume, data in d.expected.items()}
+    lost_writes = [(10 * REGION, 4096, 0x10), (11 * REGION + 512, 1024, 0x11), (10 * REGION + 8192, 512, 0x12)]
+    with d.lab.partitioned(A):
+        # Cut off: A's link is down and its sshd dead; its workload writes on, and then its agent dies.
+        d.write(A, "vol-a", lost_writes, via_ssh=False)
+        d.lab.run_in(A, ["sh", "-c", "kill -9 $(cat /run/drtool/agent.pid)"], check=True)
+        for volume, data in replicated.items():
+            d.expected[volume][:] = data
+
+        run_twice(d, "takeover.yml", drtool_failover_from=A, drtool_failover_to=B, confirm="yes")
+        taken = d.status(B, "vol-a")
+        assert taken["role"] == "primary" and taken["last_swap"]["event"] == "takeover", taken
+        assert taken["promoted"]["takeover"]
+        # B serves the last replicated state, exactly.
+        assert_serves_expected(d, B)
+        d.write(B, "vol-a", [(20 * REGION, 4096, 0x20)])
+
+    run = run_twice(d, "reintegrate.yml", drtool_failover_from=A, drtool_failover_to=B, confirm="yes")
+    lost = d.status(A, "vol-a")["demoted"]["lost"]
+    assert (lost["records"], lost["bytes"], lost["regions"], lost["exact"]) == (3, 4096 + 1024 + 512, 2, True)
+    assert "3 writes (5632 bytes in 2 regions) made here never reached the new primary" in run.output
+    new = d.status(B, "vol-a")
+    # The fast failback copied region 20 (written on B) and 10, 11 (A's divergent regions), no more.
+    assert (new["replication"]["mode"], new["replication"]["regions"]) == ("incremental", 3), new["replication"]
+    assert new["last_swap"]["lost"]["records"] == 3 and new["promoted"]["lost"]["bytes"] == 5632
+    assert (d.status(B, "vol-b")["replication"]["regions"]) == 0
+    assert "vol-a: incremental sync to" in run.output and "3 regions (196608 bytes), 2 divergent" in run.output
+    assert_serves_expected(d, B)
+    # A is the secondary again, its devices exact (served by its replica server).
+    assert d.status(A, "vol-a")["role"] == "secondary"
+    d.drtool(B, "replicate", "vol-a", "--wait")
+    assert_device_expected(d, A)
+
