@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import median, parse_size, random_image, row, scratch_dir, warm  # noqa: E402
 from bench.nbd_read import (  # noqa: E402
-    Endpoint, _process_cpu_seconds, compare, nbdcopy_run, nbdkit_file, print_rows,
+    Endpoint, _alternate, _process_cpu_seconds, compare, fio_run, nbdcopy_run, nbdkit_file, print_rows,
 )
 from bench.remote_fetch import _start_server  # noqa: E402
 from drtool import api  # noqa: E402
@@ -70,6 +70,24 @@ def healthy(work: str, image: str, size: int, runs: int, fio_seconds: float) -> 
     warm(image)
     result = compare(image, size, runs, fio_seconds, {"drtool agent": lambda: agent(root, "healthy", work)})
     print_rows(result)
+    return result
+
+
+def small_regions(work: str, image: str, size: int, runs: int, fio_seconds: float) -> dict:
+    """fio 4 KiB random reads on a volume registered with 4 KiB regions: each read verifies
+    exactly the bytes it returns, instead of the 64 KiB region around them."""
+    root = os.path.join(work, "state-4k")
+    api.init_volume("small", image, "4K", root=root)
+    warm(image)
+    samples = _alternate({"drtool agent (4K regions)": lambda: agent(root, "small", work),
+                          "nbdkit": lambda: nbdkit_file(image)}, runs,
+                         lambda endpoint: fio_run(endpoint, size, fio_seconds))
+    drtool, peer = samples["drtool agent (4K regions)"], samples["nbdkit"]
+    result = {"drtool_iops": drtool[0], "nbdkit_iops": peer[0], "ratio": drtool[0] / peer[0],
+              "drtool_cpu_us_per_io": drtool[1] * 1e6}
+    print(row("fio randread 4k, 4K regions", f"drtool {drtool[0] / 1000:.1f} kIOPS",
+              f"nbdkit {peer[0] / 1000:.1f} kIOPS", f"ratio {result['ratio']:.2f}",
+              f"CPU {result['drtool_cpu_us_per_io']:.1f} µs/IO"))
     return result
 
 
@@ -158,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         image = os.path.join(work, "random.img")
         random_image(image, size)
         out = {"healthy": healthy(work, image, size, args.runs, args.fio_seconds),
+               "small_regions": small_regions(work, image, size, max(1, args.runs // 2), args.fio_seconds),
                "degraded": degraded(work, image, size, args.runs, url, token),
                "recover_1g": time_to_recover(work, 1 << 30, url, token, 3)}
         if not args.skip_sparse:

@@ -42,7 +42,9 @@ from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
 log = logging.getLogger("drtool.engine")
 
 STRIPES = 256
-READAHEAD_REGIONS = 64
+ALIGN_FROM = 64 * 1024
+READAHEAD_REGIONS = 1024  # look this far ahead for requested regions ...
+READAHEAD_MAX = 256  # ... and fetch at most this many of them with the read
 DEFAULT_SETTINGS: dict[str, Any] = {
     "copy_on_read": True,  # keep regions fetched from the replica in the overlay
     "auto_degrade": True,  # a bad region seen while serving switches to degraded mode
@@ -315,12 +317,24 @@ class Engine:
         geometry.check_range(offset, length)
         if length == 0:
             return memoryview(b"")
-        first = offset >> geometry.shift
-        last = (offset + length - 1) >> geometry.shift
-        span_start = first << geometry.shift
-        view = aligned_bytes(min((last + 1) << geometry.shift, geometry.size) - span_start)
-        self._read_regions(first, last - first + 1, view)
+        shift = geometry.shift
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
+        span_start = first << shift
+        span = min((last + 1) << shift, geometry.size) - span_start
+        # Alignment pays for bulk copies; for a small read a plain buffer is cheaper to make.
+        view = aligned_bytes(span) if span >= ALIGN_FROM else memoryview(bytearray(span))
+        if self._healthy():
+            failed = self._read_local(self.device, first, last - first + 1, first, view)
+            if failed:  # now marked bad (and the volume maybe degraded): fetch just those
+                self._read_remote(failed, first, view)
+        else:
+            self._read_regions(first, last - first + 1, view)
         return view[offset - span_start:offset - span_start + length]
+
+    def _healthy(self) -> bool:
+        """Normal mode, no bad region, a device: every region is read locally."""
+        return self.record.mode == "normal" and self.device is not None and not self.volume.bad.any()
 
     def read_region(self, region: int) -> bytes:
         start, length = self.geometry.region_bounds(region)
@@ -328,10 +342,6 @@ class Engine:
 
     def _plan(self, first: int, count: int) -> RegionRead:
         plan = RegionRead([], [], [])
-        simple = self.record.mode == "normal" and not self.volume.bad.any() and self.device is not None
-        if simple:
-            plan.local = list(range(first, first + count))
-            return plan
         for region in range(first, first + count):
             if self.volume.overlay.test(region):
                 plan.overlay.append(region)
@@ -358,14 +368,15 @@ class Engine:
     def _read_local(self, device: Device | None, run_first: int, run_count: int,
                     base: int, view: memoryview) -> list[int]:
         """Read and verify a run from a local file; return the regions that failed."""
+        if device is None:
+            return list(range(run_first, run_first + run_count))
         geometry = self.geometry
         shift = geometry.shift
         start = (run_first - base) << shift
-        offset, length = geometry.run_bounds(run_first, run_count)
+        offset = run_first << shift
+        length = min((run_first + run_count) << shift, geometry.size) - offset
         part = view[start:start + length]
         failed: list[int] = []
-        if device is None:
-            return list(range(run_first, run_first + run_count))
         try:
             device.readinto(part, offset)
             readable = range(run_first, run_first + run_count)
@@ -379,10 +390,12 @@ class Engine:
                 except DeviceIOError:
                     failed.append(region)
         manifest = self.volume.manifest
+        rsize = geometry.region_size
+        hasher = blake3.blake3
         for region in readable:
             lo = (region - base) << shift
-            region_view = view[lo:lo + geometry.region_length(region)]
-            if not manifest.matches(region, blake3.blake3(region_view).digest()):
+            region_view = part[lo - start:lo - start + rsize]  # part ends where the volume does
+            if not manifest.matches(region, hasher(region_view).digest()):
                 if not self._recheck(device, region, region_view):
                     failed.append(region)
         if failed and device is self.device:
@@ -465,6 +478,8 @@ class Engine:
             if (region not in wanted and self.requested(region) and not volume.norecord.test(region)
                     and not volume.unreplicated.test(region)):
                 ahead.append(region)
+                if len(ahead) >= READAHEAD_MAX:
+                    break
         return ahead
 
     def _fetcher(self) -> Any:
