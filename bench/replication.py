@@ -24,7 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import median, parse_size, row, scratch_dir  # noqa: E402
 from bench.remote_fetch import _start_server  # noqa: E402
 from drtool import api  # noqa: E402
+from drtool.client import ReplicaClient  # noqa: E402
 from drtool.engine import Engine  # noqa: E402
+from drtool.errors import VolumeNotFound  # noqa: E402
 from drtool.replication import Replicator  # noqa: E402
 
 CHUNK = 1 << 20
@@ -48,6 +50,11 @@ def one_run(work: str, size: int, url: str, token_file: str) -> dict[str, float]
     with open(image, "wb") as handle:
         handle.truncate(size)
     api.init_volume("bench", image, "64K", root=root, force=True)
+    with ReplicaClient(url, token_file=token_file) as client:
+        try:
+            client.delete_volume("bench")  # the previous run's replica (another volume id)
+        except VolumeNotFound:
+            pass
     api.protect("bench", url, token_file, root=root)
     payload = os.urandom(CHUNK)
     with Engine.open(root, "bench") as engine:
