@@ -12,15 +12,15 @@ short_description: A drtool volume's role on this host, primary or secondary (pl
 description:
   - Swaps a volume's role between the two hosts of a pair, one side at a time. Run it with O(role=secondary)
     on the current primary, then with O(role=primary) on the host that takes over.
-  - O(role=secondary) on the primary demotes the volume (C(drtool demote)): writes are refused, replication
+  - O(role=secondary) on the primary demotes the volume (C(drtool demote)). Writes are refused, replication
     is drained until the lag is zero (at most O(timeout) seconds, else the task fails and the volume accepts
     writes again, unchanged), and the role is released at the secondary's replica server.
     With O(force=true) (the secondary has already taken over) nothing is drained, and what this host wrote
     that the new primary never applied is counted as lost (RV(lost)).
-  - With O(replica_url), O(role=secondary) then adopts the volume (C(drtool adopt)): this host's own replica
-    server serves it in place, on this host's device, and the new primary ships its writes there. The agent
-    must be stopped first (M(drtool_agent) with V(state=stopped)): adopting takes the volume.
-  - O(role=primary) promotes this host's replica (C(drtool promote)): it becomes the primary volume, with the
+  - With O(replica_url), O(role=secondary) then adopts the volume (C(drtool adopt)), so that this host's own
+    replica server serves it in place, on this host's device, and the new primary ships its writes there. The agent
+    must be stopped first (M(drtool_agent) with V(state=stopped)), because adopting takes the volume.
+  - O(role=primary) promotes this host's replica (C(drtool promote)), which becomes the primary volume, with the
     same identity and a new era. It is refused while the old primary still claims the volume, unless
     O(force=true) (an unplanned takeover). Starting the agent (M(drtool_agent)) and reversing replication
     (M(drtool_volume) with the old primary's replica server as its C(peer), a fast failback)
@@ -45,7 +45,7 @@ options:
     choices: [primary, secondary]
   force:
     description:
-      - With O(role=primary), promote although the old primary never released the volume (a takeover: the
+      - With O(role=primary), promote although the old primary never released the volume (a takeover, the
         old primary is lost or cut off). Its writes that never reached this host are lost.
       - With O(role=secondary), demote without draining, because the secondary has already taken over; the
         loss is counted exactly when the new primary's replica server answers.
@@ -187,7 +187,7 @@ lost:
   type: dict
   sample: {"records": 3, "bytes": 1210, "regions": 2, "exact": true}
 lag:
-  description: The replication lag before the task (records, bytes, regions): what a drain ships, or what a forced demotion may lose.
+  description: The replication lag before the task (records, bytes, regions), that is what a drain ships, or what a forced demotion may lose.
   returned: when the volume is a primary here before the task
   type: dict
 replica:
