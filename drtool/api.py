@@ -176,6 +176,15 @@ def probe_volume(name: str, root: str | None = None) -> dict[str, Any]:
             "reason": found.reason}
 
 
+def replica_info(name: str, replica_url: str, token_file: str | None = None,
+                 ca: str | None = None) -> dict[str, Any]:
+    """What a replica server says about its replica of ``name`` (state, applied sequence, ...)."""
+    from drtool.replication import make_client
+
+    with make_client({"url": replica_url, "token_file": token_file, "ca": ca}) as client:
+        return client.volume_info(name)
+
+
 def replica_status(replica_root: str) -> list[dict[str, Any]]:
     """The replicas a secondary host keeps, read from disk (no server needed)."""
     from drtool.replica.store import describe_root

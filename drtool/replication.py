@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from drtool.errors import DrtoolError, OperationTimeout, PeerError, UsageError
+from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, UsageError
 from drtool.regions import to_runs
 from drtool.storage.replog import LogEntry
 
@@ -165,9 +165,23 @@ class Replicator:
         return f"{lag['records']} records, {lag['regions']} regions pending"
 
     def wait_caught_up(self, timeout: float) -> None:
-        self.ship(deadline=time.monotonic() + timeout)
-        if self.engine.volume.unreplicated.any():
-            raise OperationTimeout(f"volume {self.engine.name}: {self.pending_summary()} after shipping")
+        """Ship until the lag is zero, retrying an unreachable peer until ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        pause = 0.2
+        while True:
+            try:
+                self.ship(deadline=deadline)
+            except PeerUnreachable as exc:
+                if time.monotonic() + pause > deadline:
+                    raise OperationTimeout(f"volume {self.engine.name}: the peer stayed unreachable for "
+                                           f"{timeout:g}s ({exc}); {self.pending_summary()}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                continue
+            if not self.engine.volume.unreplicated.any():
+                return
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"volume {self.engine.name}: {self.pending_summary()} after shipping")
 
     def run(self, stop: threading.Event, interval: float = 0.2, on_error: Callable[[Exception], None] | None = None) -> None:
         """Background loop for the agent: ship whenever something is pending."""

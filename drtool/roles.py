@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any
 
-from drtool.errors import Conflict, NotPermitted, OperationTimeout, PeerError
+from drtool.errors import Conflict, DrtoolError, NotPermitted, PeerError
 from drtool.regions import to_runs
 from drtool.replication import make_client
 from drtool.storage.atomic import write_atomic
@@ -53,9 +53,11 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
         else:
             try:
                 engine.replicator.wait_caught_up(timeout)
-            except OperationTimeout as exc:
-                raise OperationTimeout(f"{exc}; volume {engine.name} was not demoted and accepts writes again") \
-                    from None
+            except DrtoolError as exc:
+                # Whatever stopped the drain, nothing changed: say so in the same breath.
+                exc.message = f"{exc.message}; volume {engine.name} was not demoted and accepts writes again"
+                exc.args = (exc.message,)
+                raise
             engine.flush()
             acked = record.replication.get("acked_through", engine.log.next_seq - 1)
             _release(client, engine.name, record.era, acked)

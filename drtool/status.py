@@ -72,9 +72,14 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
     overlay = volume.overlay.runs()
     bad_bytes = sum(geometry.run_bounds(a, n)[1] for a, n in bad)
     holder = is_locked(volume.paths.dir)
-    if lag is None:
-        lag = lag_from_disk(volume)
-    lag = {**lag, "summary": lag_summary(lag)}
+    if volume.record.role == "secondary":
+        # A demoted volume ships nothing: what its old log holds was drained, or counted as lost.
+        lag = {"records": 0, "bytes": 0, "regions": 0, "oldest_seconds": 0.0, "bitmap_mode": False,
+               "bitmap_regions": 0, "summary": "not applicable: this host is the secondary"}
+    else:
+        if lag is None:
+            lag = lag_from_disk(volume)
+        lag = {**lag, "summary": lag_summary(lag)}
     agent_socket = volume.paths.control_socket
     return {
         "schema": SCHEMA,

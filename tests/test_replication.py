@@ -46,7 +46,8 @@ def test_writes_then_replicate_make_the_replica_exact(protected, replica_server,
         data[offset:offset + len(chunk)] = chunk
     status = cli("status", "vol", "--json").json()
     assert status["lag"]["records"] == 9 and status["lag"]["regions"] == 8  # regions 0-2, 5-8, 24
-    assert status["peer"] == {"url": replica_server.url, "reachable": True, "error": None}
+    assert status["peer"] == {"url": replica_server.url, "reachable": True, "error": None,
+                              "token_file": str(replica_server.token_file), "ca": None}
     result = cli("replicate", "vol", "--json")
     assert result.code == 0 and result.json()["lag"]["records"] == 0
     assert replica_bytes(replica_server) == bytes(data) == path.read_bytes()

@@ -208,16 +208,12 @@ def _view(status):
     return {"role": status["role"], "registered": True, "adopted_by": adopted.get("url")}
 
 
-def _replica_info(module, name, url, token_file, ca):
-    """The replica server's description of the volume (None when it holds no such volume).
-
-    drtool.api has no call for this yet, so the module asks the server through drtool's own client.
-    """
+def _replica_info(module, api, name, url, token_file, ca):
+    """The replica server's description of the volume (None when it holds no such volume)."""
     from drtool.errors import DrtoolError, VolumeNotFound
-    from drtool.replication import make_client
 
     try:
-        return make_client({"url": url, "token_file": token_file, "ca": ca}).volume_info(name)
+        return api.replica_info(name, url, token_file=token_file, ca=ca)
     except VolumeNotFound:
         return None
     except DrtoolError as exc:
@@ -231,7 +227,7 @@ def _secondary(module, api, name, root, before):
     if before is None:
         # Not registered here: this host was never the volume's primary.  Its replica server,
         # when named, must hold the volume (a typo in the name must not pass as "already done").
-        if url and _replica_info(module, name, url, p["token_file"], p["ca"]) is None:
+        if url and _replica_info(module, api, name, url, p["token_file"], p["ca"]) is None:
             module.fail_json(msg="volume %s is neither registered on this host%s nor held by the replica server %s"
                                  % (name, " under %s" % root if root else "", url))
         return result, None
@@ -266,7 +262,7 @@ def _primary(module, api, name, root, before):
         module.fail_json(msg="replica_url (this host's own replica server) is required to promote volume %s" % name)
     result["actions"].append("promoted")
     if module.check_mode:
-        info = _replica_info(module, name, p["replica_url"], p["token_file"], p["ca"])
+        info = _replica_info(module, api, name, p["replica_url"], p["token_file"], p["ca"])
         if info is None:
             module.fail_json(msg="the replica server %s holds no volume %s to promote" % (p["replica_url"], name))
         result["replica"] = {key: info.get(key) for key in ("state", "applied_seq", "primary", "promoted", "image")}
