@@ -271,10 +271,13 @@ class FaultyDevice:
     def stop(self) -> None:
         subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
         if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()  # nbdfuse does not always notice a lazy unmount
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(timeout=10)
             self.proc = None
 
 
