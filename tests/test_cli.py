@@ -120,3 +120,18 @@ def test_state_root_flag_overrides_env(cli, image, tmp_path):
     assert cli("init", "vol", "--device", str(image), "--state-root", str(other)).code == 0
     assert (other / "vol" / "volume.json").exists()
     assert cli("status", "--json").json() == []
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["status", "vol", "--json"], 0), (["status"], 0), (["scan", "vol", "--json"], 0),
+    (["checkpoint", "vol"], 0), (["read", "vol", "--offset", "0", "--length", "16"], 0),
+    (["recover", "vol"], ExitCode.NOT_PERMITTED), (["failback", "vol", "--json"], 0),
+    (["replicate", "vol"], ExitCode.USAGE), (["--version"], 0),
+])
+def test_commands_as_real_subprocesses(image, state_root, argv, code):
+    env = {"DRTOOL_STATE_ROOT": str(state_root)}
+    assert run_drtool("init", "vol", "--device", str(image), env=env).returncode == 0
+    done = run_drtool(*argv, env=env)
+    assert done.returncode == code, done.stderr
+    if code:
+        assert done.stderr.decode().startswith("drtool: ") and done.stderr.count(b"\n") == 1
