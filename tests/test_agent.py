@@ -200,7 +200,7 @@ def test_failback_with_the_agent_running(volume, start_agent, cli):
 
 def test_cli_commands_do_not_need_the_agent_stopped(volume, start_agent, tmp_path, state_root):
     path, data, _ = volume
-    agent = start_agent("vol")
+    start_agent("vol")  # the commands below must reach it
     env = {"DRTOOL_STATE_ROOT": str(state_root)}
     read = run_drtool("read", "vol", "--offset", "64K", "--length", "4K", env=env)
     assert read.returncode == 0 and read.stdout == bytes(data[RS:RS + 4096])

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from drtool import api, detect
+from drtool import api
 from drtool.errors import DeviceError, DeviceIOError
 from drtool.storage.device import Device
 from drtool.storage.volume import Volume

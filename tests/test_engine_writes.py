@@ -1,6 +1,5 @@
 """Writes through the engine: logged, applied, digested; crash replay; the log's torn tail."""
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -109,6 +109,20 @@ def _read_run(geometry: Geometry, device: Device, offset: int, buffer: memoryvie
         views[slot] = encode_frame_header(FRAME_DATA, region, len(views[slot + 1]), table.digest(region))
 
 
+def _data_frame(device: Device, table: DigestTable, region: int, offset: int,
+                slot: memoryview) -> list[bytes | memoryview]:
+    """One region read alone: a DATA frame, or an ERROR frame when the mirror cannot read it."""
+    try:
+        device.readinto(slot, offset)
+    except DeviceError as exc:
+        # Same length as the DATA frame it replaces, so the declared Content-Length holds.
+        message = str(exc).encode()[:len(slot)]
+        slot[:len(message)] = message
+        slot[len(message):] = bytes(len(slot) - len(message))
+        return [encode_frame_header(FRAME_ERROR, region, len(slot)), slot]
+    return [encode_frame_header(FRAME_DATA, region, len(slot), table.digest(region)), slot]
+
+
 def stream_range(volume: ReplicaVolume, start: int, length: int, resolve: Resolver | None,
                  sock: socket.socket) -> None:
     """Send bytes [start, start+length) of the source; ``resolve`` None = the mirror by sendfile."""

@@ -1,7 +1,5 @@
 """Devices: regular files and block devices, refusals, I/O errors by range."""
 
-import os
-import shutil
 import subprocess
 
 import pytest

@@ -1,0 +1,352 @@
+"""The engine's core: opening a volume, crash replay, checkpoints, modes, and the state
+the read path (reads.py) and the write path (writes.py) share.
+
+Locking: a write holds its region's stripe lock while it changes the region; reads take
+no lock and re-check a failed region under the lock before calling it bad (a write may
+have been half way through).  Lock order: stripe -> meta -> log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import blake3
+
+from drtool.engine.reads import ReadPath
+from drtool.engine.writes import WritePath
+from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
+from drtool.regions import Geometry
+from drtool.storage import overlay as overlay_file
+from drtool.storage.device import Device
+from drtool.storage.maps import RegionBitmap, zero_digest
+from drtool.storage.paths import state_root
+from drtool.storage.replog import ReplicationLog
+from drtool.storage.volume import Volume
+from drtool.wire import FLAG_OVERLAY, KIND_WRITE
+
+log = logging.getLogger("drtool.engine")
+
+STRIPES = 256
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "copy_on_read": True,  # keep regions fetched from the replica in the overlay
+    "auto_degrade": True,  # a bad region seen while serving switches to degraded mode
+    "log_limit": 1 << 30,  # bytes of pending log before bitmap mode
+}
+
+
+class Engine(ReadPath, WritePath):
+    """Open with :meth:`open`; thread-safe for concurrent reads and writes."""
+
+    def __init__(self, volume: Volume, log_: ReplicationLog) -> None:
+        self.volume = volume
+        self.log = log_
+        self.geometry: Geometry = volume.geometry
+        self.record = volume.record
+        self.name = volume.name
+        self.stripes = [threading.RLock() for _ in range(STRIPES)]
+        self.meta = threading.RLock()
+        self.seq_lock = threading.Lock()
+        self.inflight: set[int] = set()
+        self.device: Device | None = None
+        self.overlay: Device | None = None
+        self.fetcher: Any = None  # drtool.fetch.RemoteFetcher, created on first need
+        self.replicator: Any = None  # drtool.replication.Replicator, set by the caller
+        self.read_only_reason: str | None = None
+        if self.record.role == "secondary":
+            self.read_only_reason = "this host is the secondary for this volume"
+        self._open_device()
+        if self.record.mode != "normal":
+            self.overlay = overlay_file.open_overlay(volume.paths.overlay, self.geometry.size)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | None, name: str) -> Engine:
+        volume = Volume.open(state_root(root), name)
+        try:
+            last = max(volume.covered_seq.values())
+            replog = ReplicationLog.open(volume.paths.log_dir, volume.record.volume_id_bytes,
+                                         volume.geometry, last_seq=last)
+        except BaseException:
+            volume.close()
+            raise
+        engine = cls(volume, replog)
+        try:
+            engine._replay()
+            engine._forget_acknowledged()
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    def _open_device(self) -> None:
+        if self.device is not None:
+            return
+        try:
+            self.device = self.volume.open_device(writable=True)
+        except (DeviceError, UsageError):
+            try:
+                self.device = self.volume.open_device(writable=False)
+            except (DeviceError, UsageError) as exc:
+                self.device = None
+                log.warning("volume %s: device unavailable: %s", self.name, exc)
+
+    def reopen_device(self) -> None:
+        if self.device is None:
+            self._open_device()
+
+    def drop_device(self) -> None:
+        """The device is gone: stop using its file descriptor (it may point at a deleted file)."""
+        with self.meta:
+            if self.device is not None:
+                self.device.close()
+                self.device = None
+
+    def close(self) -> None:
+        try:
+            if self.volume.lock is not None:
+                self.flush()
+                self.save()
+        finally:
+            for handle in (self.device, self.overlay):
+                if handle is not None:
+                    handle.close()
+            self.device = self.overlay = None
+            self.log.close()
+            self.volume.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {**DEFAULT_SETTINGS, **(self.record.settings or {})}
+
+    @property
+    def size(self) -> int:
+        return self.geometry.size
+
+    @property
+    def mode(self) -> str:
+        return self.record.mode
+
+    @property
+    def protected(self) -> bool:
+        return self.record.peer is not None
+
+    # -- persistence ------------------------------------------------------------------
+
+    def covered_seq(self) -> int:
+        """Every record up to this sequence is fully reflected in the in-memory maps."""
+        with self.seq_lock:
+            return (min(self.inflight) - 1) if self.inflight else self.log.next_seq - 1
+
+    def save(self) -> None:
+        """Checkpoint the maps and trim the log records they (and the secondary) no longer need."""
+        with self.meta:
+            self.flush()  # maps on disk must never point at log records or bytes that are not
+            covered = self.covered_seq()
+            if not self.protected:
+                # Without a peer the log is only a write-ahead log: checkpointed records are done.
+                self.log.acknowledge([e.seq for e in self.log.pending() if e.seq <= covered])
+                self.record.replication["acked_through"] = covered
+            self.volume.save_content_maps(covered)
+            self.volume.save_bitmaps(covered)
+            self.volume.save_record()
+        self.log.trim(covered)
+
+    def save_bitmaps(self) -> None:
+        with self.meta:
+            self.volume.save_bitmaps(self.covered_seq())
+            self.volume.save_record()
+
+    def _replay(self) -> None:
+        """Redo log records newer than the maps on disk (after a crash; idempotent)."""
+        since = min(self.volume.covered_seq.values())
+        records = self.log.records_after(since)
+        if not records:
+            return
+        log.info("volume %s: replaying %d log records after sequence %d", self.name, len(records), since)
+        touched: dict[int, bytes | None] = {}
+        for entry in records:
+            header = entry.header
+            region = entry.region
+            target = self._replay_target(header.overlay)
+            if target is None:
+                continue
+            data = self.log.read_data(entry)
+            if header.kind == KIND_WRITE:
+                target.pwrite(data, header.offset)
+            else:
+                target.pwrite(bytes(header.length), header.offset)
+            whole = header.length == self.geometry.region_length(region)
+            if whole:
+                touched[region] = header.digest if header.kind == KIND_WRITE else zero_digest(header.length)
+            else:
+                touched[region] = None
+            self.volume.eras[region] = header.era
+            if header.overlay:
+                self.volume.overlay.set(region)
+            if self.protected:
+                self.volume.unreplicated.set(region)
+        for region, digest in touched.items():
+            if digest is None:
+                target = self.overlay if self.volume.overlay.test(region) else self.device
+                start, length = self.geometry.region_bounds(region)
+                try:
+                    digest = blake3.blake3(target.pread(length, start)).digest() if target else None
+                except DeviceIOError:
+                    digest = None
+                if digest is None:
+                    self._set_bad([region], io_error=True)
+                    continue
+            self.volume.manifest[region] = digest
+        self.save()
+
+    def _forget_acknowledged(self) -> None:
+        """Records the secondary acknowledged before we stopped are not pending any more."""
+        acked = (self.record.replication or {}).get("acked_through", 0)
+        done = [e.seq for e in self.log.pending() if e.seq <= acked]
+        if done:
+            self.region_acknowledged(self.log.acknowledge(done))
+
+    def _replay_target(self, overlay: bool) -> Device | None:
+        if overlay:
+            return self.overlay  # None once failback folded the overlay into the device
+        return self.device if self.device is not None and self.device.writable else None
+
+    # -- eras and modes ---------------------------------------------------------------
+
+    def checkpoint(self) -> int:
+        with self.meta:
+            return self.volume.checkpoint(self.log.next_seq)
+
+    def enter_degraded(self, reason: str, local_era: int | None = None, source: str = "mirror",
+                       auto: bool = False) -> bool:
+        """Create the overlay and redirect writes to it.  Instant; idempotent."""
+        with self.meta:
+            if self.record.mode != "normal":
+                recovery = self.record.recovery or {}
+                if (local_era is not None and recovery.get("local_era") != local_era) or (
+                        not auto and source != recovery.get("source", "mirror")):
+                    raise NotPermitted(
+                        f"volume {self.name} is already in {self.record.mode} mode with source "
+                        f"{recovery.get('source')} and local era {recovery.get('local_era')}; "
+                        "fail back before recovering differently")
+                return False
+            if not self.protected:
+                raise NotPermitted(f"volume {self.name} has no replica (run drtool protect first)")
+            if local_era is not None and not 1 <= local_era <= self.record.era:
+                raise UsageError(f"local era {local_era} is not between 1 and the current era {self.record.era}")
+            if source == "journal" and local_era is None:
+                raise UsageError("--source journal needs --local-era (the changes are taken after that era)")
+            overlay_file.create(self.volume.paths.overlay, self.geometry.size)
+            self.overlay = overlay_file.open_overlay(self.volume.paths.overlay, self.geometry.size)
+            # Regions written from now on carry a new era: failback ships exactly those to the mirror.
+            era = self.volume.checkpoint(self.log.next_seq)
+            self.record.mode = "degraded"
+            self.record.recovery = {
+                "entered": time.time(), "reason": reason, "auto": auto, "local_era": local_era,
+                "source": source, "era": era, "fetched_regions": 0, "fetched_bytes": 0,
+            }
+            self.record.history.append({"event": "degraded", "time": time.time(), "reason": reason})
+            self.save_bitmaps()
+        log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)
+        return True
+
+    def requested(self, region: int) -> bool:
+        """Must this region's bytes come from the replica?"""
+        if self.volume.overlay.test(region):
+            return False
+        if self.volume.bad.test(region):
+            return True
+        recovery = self.record.recovery
+        if recovery and recovery.get("local_era") is not None:
+            return self.volume.eras[region] >= recovery["local_era"]
+        return False
+
+    def requested_regions(self) -> RegionBitmap:
+        recovery = self.record.recovery
+        if not recovery or recovery.get("local_era") is None:
+            return self.volume.bad.difference(self.volume.overlay)
+        wanted = RegionBitmap(self.geometry.count)
+        for region in range(self.geometry.count):
+            if self.requested(region):
+                wanted.set(region)
+        return wanted
+
+    def lost_regions(self) -> list[int]:
+        """Requested regions nobody holds: never replicated and no log record left."""
+        return [r for r in self.volume.norecord if self.requested(r)]
+
+    def store_fetched(self, region: int, data: bytes, digest: bytes, rollback: bool = False) -> None:
+        """Copy-on-read: keep a fetched region in the overlay so the next read is local.
+
+        Bytes that differ from the manifest (a snapshot source rolls the region back)
+        are a change of the volume: they are logged and replicated like a write.
+        """
+        with self.stripes[region % len(self.stripes)]:
+            if self.overlay is None or self.volume.overlay.test(region):
+                return  # not in recovery any more, or a write got there first
+            if not self.volume.manifest.matches(region, digest):
+                if not rollback:
+                    return  # the region changed while it was fetched: these bytes are stale
+                start, length = self.geometry.region_bounds(region)
+                seq = self._log(region, start, length, memoryview(data), digest, FLAG_OVERLAY)
+                self.overlay.pwrite(data, start)
+                with self.meta:
+                    self.volume.manifest[region] = digest
+                    self.volume.eras[region] = self.record.era
+                    self.volume.overlay.set(region)
+                    self.volume.unreplicated.set(region)
+                self._done(seq)
+                return
+            self.overlay.pwrite(data, self.geometry.region_start(region))
+            with self.meta:
+                self.volume.overlay.set(region)
+
+    # -- shipping support (called by the replicator) -------------------------------------
+
+    def relog_region(self, region: int) -> int | None:
+        """Append a log record holding a whole region's current bytes (bitmap-mode resync).
+
+        Returns the sequence number, or None when the region cannot be read correctly
+        (it stays marked: its bytes exist nowhere else).
+        """
+        with self.stripes[region % len(self.stripes)]:
+            in_overlay = self.volume.overlay.test(region)
+            if not in_overlay and (self.volume.bad.test(region) or self.device is None):
+                return None
+            start, length = self.geometry.region_bounds(region)
+            content = bytearray(length)
+            source = self.overlay if in_overlay else self.device
+            try:
+                if self._read_local(source, region, 1, region, memoryview(content)):
+                    return None
+            except DataUnavailable:
+                return None
+            digest = self.volume.manifest[region]
+            if digest == zero_digest(length):
+                seq = self._log(region, start, length, None, None, FLAG_OVERLAY if in_overlay else 0)
+            else:
+                seq = self._log(region, start, length, memoryview(content), digest,
+                                FLAG_OVERLAY if in_overlay else 0)
+            with self.meta:
+                self.volume.norecord.clear(region)
+                self.volume.unreplicated.set(region)
+            self._done(seq)
+            return seq
+
+    def region_acknowledged(self, regions: Iterable[int]) -> None:
+        """The secondary holds these regions' latest records: clear their unreplicated bits."""
+        with self.meta:
+            for region in regions:
+                if not self.volume.norecord.test(region) and not self.log.has_pending(region):
+                    self.volume.unreplicated.clear(region)

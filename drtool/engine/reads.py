@@ -1,0 +1,222 @@
+"""The engine's read path: merged, verified reads.
+
+Each region of a read comes from the overlay (when it holds the region), from the replica
+(the *requested portion*: bad regions, plus regions changed since ``local_era`` when the
+local copy is older), or from the local device; every byte is checked against the
+manifest before it is returned.  A local region that fails its check is marked bad and
+fetched instead (a self-healing read); in normal mode that also switches the volume to
+degraded mode when ``auto_degrade`` is on.  Readers take no lock unless a region fails
+verification (re-checked under its write lock) or comes from the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from drtool.buffers import aligned_bytes
+from drtool.errors import DataUnavailable, DeviceIOError
+from drtool.regions import to_runs
+from drtool.storage.device import Device
+
+log = logging.getLogger("drtool.engine")
+
+ALIGN_FROM = 64 * 1024  # reads at least this large land in page-aligned buffers
+READAHEAD_REGIONS = 1024  # look this far ahead for requested regions ...
+READAHEAD_MAX = 256  # ... and fetch at most this many of them with the read
+
+
+@dataclass
+class RegionRead:
+    """Where each region of a read comes from."""
+
+    local: list[int]
+    overlay: list[int]
+    remote: list[int]
+
+
+class ReadPath:
+    """Mixed into :class:`drtool.engine.Engine` (which holds the state these methods use)."""
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """Verified bytes ``[offset, offset+length)`` of the merged volume."""
+        geometry = self.geometry
+        geometry.check_range(offset, length)
+        if length == 0:
+            return memoryview(b"")
+        shift = geometry.shift
+        first = offset >> shift
+        last = (offset + length - 1) >> shift
+        span_start = first << shift
+        span = min((last + 1) << shift, geometry.size) - span_start
+        # Alignment pays for bulk copies; for a small read a plain buffer is cheaper to make.
+        view = aligned_bytes(span) if span >= ALIGN_FROM else memoryview(bytearray(span))
+        if self._healthy():
+            failed = self._read_local(self.device, first, last - first + 1, first, view)
+            if failed:  # now marked bad (and the volume maybe degraded): fetch just those
+                self._read_remote(failed, first, view)
+        else:
+            self._read_regions(first, last - first + 1, view)
+        return view[offset - span_start:offset - span_start + length]
+
+    def _healthy(self) -> bool:
+        """Normal mode, no bad region, a device: every region is read locally."""
+        return self.record.mode == "normal" and self.device is not None and not self.volume.bad.any()
+
+    def read_region(self, region: int) -> bytes:
+        start, length = self.geometry.region_bounds(region)
+        return bytes(self.read(start, length))
+
+    def _plan(self, first: int, count: int) -> RegionRead:
+        plan = RegionRead([], [], [])
+        for region in range(first, first + count):
+            if self.volume.overlay.test(region):
+                plan.overlay.append(region)
+            elif self.requested(region) or self.device is None:
+                plan.remote.append(region)
+            else:
+                plan.local.append(region)
+        return plan
+
+    def _read_regions(self, first: int, count: int, view: memoryview) -> None:
+        """Fill ``view`` (regions first..first+count-1, region-aligned) with verified bytes."""
+        plan = self._plan(first, count)
+        remote = list(plan.remote)
+        for run_first, run_count in to_runs(plan.local):
+            remote.extend(self._read_local(self.device, run_first, run_count, first, view))
+        for run_first, run_count in to_runs(plan.overlay):
+            failed = self._read_local(self.overlay, run_first, run_count, first, view)
+            if failed:
+                raise DataUnavailable(
+                    f"volume {self.name}: overlay regions {to_runs(failed)} fail verification")
+        if remote:
+            self._read_remote(sorted(remote), first, view)
+
+    def _read_local(self, device: Device | None, run_first: int, run_count: int,
+                    base: int, view: memoryview) -> list[int]:
+        """Read and verify a run from a local file; return the regions that failed."""
+        if device is None:
+            return list(range(run_first, run_first + run_count))
+        geometry = self.geometry
+        shift = geometry.shift
+        start = (run_first - base) << shift
+        offset = run_first << shift
+        length = min((run_first + run_count) << shift, geometry.size) - offset
+        part = view[start:start + length]
+        failed: list[int] = []
+        try:
+            device.readinto(part, offset)
+            readable = range(run_first, run_first + run_count)
+        except DeviceIOError:
+            readable = []
+            for region in range(run_first, run_first + run_count):
+                region_view = view[(region - base) << shift:((region - base) << shift) + geometry.region_length(region)]
+                try:
+                    device.readinto(region_view, region << shift)
+                    readable.append(region)
+                except DeviceIOError:
+                    failed.append(region)
+        manifest = self.volume.manifest
+        rsize = geometry.region_size
+        hasher = blake3.blake3
+        for region in readable:
+            lo = (region - base) << shift
+            region_view = part[lo - start:lo - start + rsize]  # part ends where the volume does
+            if not manifest.matches(region, hasher(region_view).digest()):
+                if not self._recheck(device, region, region_view):
+                    failed.append(region)
+        if failed and device is self.device:
+            self._local_failure(failed)
+        return failed
+
+    def _recheck(self, device: Device, region: int, region_view: memoryview) -> bool:
+        """Re-read a region that failed verification under its lock (a write may have raced)."""
+        with self.stripes[region % len(self.stripes)]:
+            try:
+                device.readinto(region_view, region << self.geometry.shift)
+            except DeviceIOError:
+                return False
+            return self.volume.manifest.matches(region, blake3.blake3(region_view).digest())
+
+    def recheck_region(self, region: int) -> bool:
+        """Does the device hold the region's expected bytes?  (Read under the region's lock.)"""
+        if self.device is None:
+            self._open_device()
+        if self.device is None:
+            return False
+        buffer = bytearray(self.geometry.region_length(region))
+        return self._recheck(self.device, region, memoryview(buffer))
+
+    def _local_failure(self, regions: list[int]) -> None:
+        """Self-healing: a device region failed while serving: mark it bad, maybe degrade."""
+        self._set_bad(regions, io_error=False)
+        log.warning("volume %s: regions %s failed verification while serving; marked bad",
+                    self.name, to_runs(regions))
+        if self.record.mode == "normal":
+            if self.settings["auto_degrade"] and self.protected:
+                self.enter_degraded(f"regions {to_runs(regions)} failed verification while serving", auto=True)
+            else:
+                raise DataUnavailable(
+                    f"volume {self.name}: regions {to_runs(regions)} are bad and the volume is not in recovery")
+
+    def _set_bad(self, regions: Iterable[int], io_error: bool) -> None:
+        with self.meta:
+            for region in regions:
+                self.volume.bad.set(region)
+                if io_error:
+                    self.volume.ioerror.set(region)
+            self.save_bitmaps()
+
+    def _read_remote(self, regions: list[int], base: int, view: memoryview) -> None:
+        if self.record.mode == "normal":
+            if not (self.settings["auto_degrade"] and self.protected):
+                raise DataUnavailable(f"volume {self.name}: regions {to_runs(regions)} are bad "
+                                      "and the volume is not in recovery (drtool recover)")
+            self.enter_degraded(f"read of bad regions {to_runs(regions)}", auto=True)
+        fetcher = self._fetcher()
+        fetcher.prepare(regions)  # lost check and forced replication: no region lock may be held
+        ahead = self._readahead(regions)
+        stripes = sorted({region % len(self.stripes) for region in regions + ahead})
+        for stripe in stripes:
+            self.stripes[stripe].acquire()
+        try:
+            # A write may have moved a region into the overlay meanwhile: it is local now.
+            moved = [r for r in regions if self.volume.overlay.test(r)]
+            for run_first, run_count in to_runs(moved):
+                if self._read_local(self.overlay, run_first, run_count, base, view):
+                    raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
+            rest = [r for r in regions if not self.volume.overlay.test(r)]
+            if rest:
+                extra = [r for r in ahead if not self.volume.overlay.test(r)]
+                fetcher.fetch_into(rest, base, view, prepared=True, extra=extra)
+        finally:
+            for stripe in reversed(stripes):
+                self.stripes[stripe].release()
+
+    def _readahead(self, regions: list[int]) -> list[int]:
+        """Requested regions just after a remote read, fetched in the same batch (copy-on-read
+        keeps them): a sequential reader then pays one round trip per window, not per region."""
+        if not self.settings["copy_on_read"] or self.overlay is None:
+            return []
+        volume = self.volume
+        wanted = set(regions)
+        ahead = []
+        for region in range(max(regions) + 1, min(max(regions) + 1 + READAHEAD_REGIONS, self.geometry.count)):
+            if (region not in wanted and self.requested(region) and not volume.norecord.test(region)
+                    and not volume.unreplicated.test(region)):
+                ahead.append(region)
+                if len(ahead) >= READAHEAD_MAX:
+                    break
+        return ahead
+
+    def _fetcher(self) -> Any:
+        if self.fetcher is None:
+            from drtool.fetch import RemoteFetcher
+
+            self.fetcher = RemoteFetcher(self)
+        return self.fetcher
+

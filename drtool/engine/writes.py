@@ -1,0 +1,174 @@
+"""The engine's write path: logged first, then applied, then digested.
+
+A write is split at region boundaries; each piece is appended to the replication log,
+then written to the device (normal mode) or to the overlay (degraded and resync modes);
+then the region's manifest digest, era and unreplicated bit change.  A write covering
+part of a region reads and verifies the region first, so it never blesses bad bytes.
+A writer holds its region's stripe lock for the whole change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import blake3
+
+from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted
+from drtool.storage.device import Device
+from drtool.storage.maps import zero_digest
+from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
+
+
+class WritePath:
+    """Mixed into :class:`drtool.engine.Engine` (which holds the state these methods use)."""
+
+    def _check_writable(self) -> None:
+        if self.read_only_reason:
+            raise NotPermitted(f"volume {self.name} does not accept writes: {self.read_only_reason}")
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self.geometry.check_range(offset, len(view))
+        position = 0
+        for region, inner, length in self.geometry.split(offset, len(view)):
+            self._write_region(region, inner, view[position:position + length])
+            position += length
+        self._after_write(fua)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check_writable()
+        self.geometry.check_range(offset, length)
+        for region, inner, part in self.geometry.split(offset, length):
+            self._write_region(region, inner, None, zero_length=part)
+        self._after_write(fua)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard: whole regions become zeros (kept verifiable); partial regions are left alone."""
+        self._check_writable()
+        self.geometry.check_range(offset, length)
+        for region, inner, part in self.geometry.split(offset, length):
+            if part == self.geometry.region_length(region):
+                self._write_region(region, inner, None, zero_length=part)
+        self._after_write(fua)
+
+    def _after_write(self, fua: bool) -> None:
+        if fua:
+            self.flush()
+        if self.log.pending_bytes > self.settings["log_limit"] and self.replicator is not None:
+            self.replicator.overflow()
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable: the log, then the data files."""
+        self.log.sync()
+        for handle in (self.device, self.overlay):
+            if handle is not None and handle.writable:
+                handle.sync()
+
+    def _write_region(self, region: int, inner: int, piece: memoryview | None, zero_length: int = 0) -> None:
+        with self.stripes[region % len(self.stripes)]:
+            if self.record.mode == "normal":
+                try:
+                    self._write_device(region, inner, piece, zero_length)
+                    return
+                except _NeedsOverlay as why:
+                    if not (self.settings["auto_degrade"] and self.protected):
+                        raise DataUnavailable(f"volume {self.name}: cannot write region {region}: {why}") from None
+                    self.enter_degraded(f"write to region {region} failed: {why}", auto=True)
+            self._write_overlay(region, inner, piece, zero_length)
+
+    def _new_content(self, region: int, inner: int, piece: memoryview | None, zero_length: int,
+                     base: Callable[[], bytearray]) -> tuple[memoryview | None, bytes, bool]:
+        """The region's bytes after the write: (whole-region data or None for zeros, digest, whole)."""
+        length = self.geometry.region_length(region)
+        size = zero_length if piece is None else len(piece)
+        if inner == 0 and size == length:
+            if piece is None:
+                return None, zero_digest(length), True
+            return piece, blake3.blake3(piece).digest(), True
+        content = base()
+        content[inner:inner + size] = piece if piece is not None else bytes(size)
+        return memoryview(content), blake3.blake3(content).digest(), False
+
+    def _write_device(self, region: int, inner: int, piece: memoryview | None, zero_length: int) -> None:
+        if self.device is None or not self.device.writable:
+            raise _NeedsOverlay("the device is not available for writing")
+        if self.volume.bad.test(region) and not (inner == 0 and (zero_length or len(piece or b"")) ==
+                                                  self.geometry.region_length(region)):
+            raise _NeedsOverlay("the region is bad")
+        start, length = self.geometry.region_bounds(region)
+
+        def base() -> bytearray:
+            content = bytearray(length)
+            try:
+                self.device.readinto(content, start)
+            except DeviceIOError as exc:
+                self._set_bad([region], io_error=True)
+                raise _NeedsOverlay(str(exc)) from None
+            if not self.volume.manifest.matches(region, blake3.blake3(content).digest()):
+                self._set_bad([region], io_error=False)
+                raise _NeedsOverlay("its current bytes fail verification")
+            return content
+
+        content, digest, whole = self._new_content(region, inner, piece, zero_length, base)
+        size = zero_length if piece is None else len(piece)
+        seq = self._log(region, start + inner, size, piece, digest if whole else None, flags=0)
+        try:
+            if piece is None:
+                self._zero_device(self.device, start + inner, size, whole)
+            else:
+                self.device.pwrite(piece, start + inner)
+        except DeviceError as exc:
+            self._done(seq)
+            self._set_bad([region], io_error=True)
+            raise _NeedsOverlay(str(exc)) from None
+        with self.meta:
+            self.volume.manifest[region] = digest
+            self.volume.eras[region] = self.record.era
+            if whole:
+                self.volume.bad.clear(region)
+            if self.protected:
+                self.volume.unreplicated.set(region)
+        self._done(seq)
+
+    def _write_overlay(self, region: int, inner: int, piece: memoryview | None, zero_length: int) -> None:
+        start, length = self.geometry.region_bounds(region)
+        content, digest, whole = self._new_content(
+            region, inner, piece, zero_length, lambda: bytearray(self.read_region(region)))
+        # Overlay records always hold the whole region: the overlay replica needs no base to apply them.
+        seq = self._log(region, start, length, content, digest, flags=FLAG_OVERLAY)
+        if content is None:
+            self._zero_device(self.overlay, start, length, True)
+        else:
+            self.overlay.pwrite(content, start)
+        with self.meta:
+            self.volume.manifest[region] = digest
+            self.volume.eras[region] = self.record.era
+            self.volume.overlay.set(region)
+            self.volume.unreplicated.set(region)
+            if self.record.mode == "resync":
+                self.volume.resync.set(region)
+        self._done(seq)
+
+    def _log(self, region: int, offset: int, length: int, data: memoryview | None, digest: bytes | None,
+             flags: int) -> int:
+        with self.seq_lock:
+            if data is None:
+                entry = self.log.append(KIND_ZERO, offset, length, self.record.era, flags=flags)
+            else:
+                entry = self.log.append(KIND_WRITE, offset, length, self.record.era, data, digest, flags)
+            self.inflight.add(entry.seq)
+        return entry.seq
+
+    def _done(self, seq: int) -> None:
+        with self.seq_lock:
+            self.inflight.discard(seq)
+
+    def _zero_device(self, device: Device, offset: int, length: int, whole: bool) -> None:
+        if whole and device.punch_hole(offset, length):
+            return
+        device.pwrite(bytes(length), offset)
+
+
+class _NeedsOverlay(Exception):
+    """Internal: the device cannot take this write; it must go to the overlay."""
