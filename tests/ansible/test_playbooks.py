@@ -213,10 +213,46 @@ def test_status_renders_one_fleet_report(site):
     for name in VOLUMES:
         assert f"│ local-primary │ {name}" in run.output
     assert "no drtool volume on local-secondary" in run.output
+    assert "vol-a: primary on local-primary; vol-b: primary on local-primary" in run.output
     limited = site.play("status.yml", "--limit", "local-primary,localhost")
     assert_ok(limited, changed=False)
     assert "│ local-primary │ vol-a" in limited.output
     assert "no status from local-secondary: they are not in the report" in limited.output
+
+
+def play_section(run, play: str) -> str:
+    """The output of one play of a run (from its PLAY line to the next)."""
+    return run.output.split(f"PLAY [{play}]", 1)[1].split("PLAY ", 1)[0]
+
+
+def test_a_demoted_volume_is_left_alone_and_the_plays_follow_the_roles(site):
+    """After a swap the inventory still lists a demoted volume on its old primary (a real swap needs
+    two hosts: tests/lab/test_failover.py).  Here vol-b is demoted in place: site.yml stops serving
+    it and then leaves it alone; the incident and status plays act on what each host is primary of."""
+    from drtool import api
+
+    api.demote("vol-b", timeout=30, root=site.root)  # through the agent: drained, released
+    run = site.play("site.yml")
+    assert_ok(run, changed=True)  # the agent restarts without vol-b (planned_failover.yml does this)
+    assert "vol-b: secondary here (" in " ".join(run.output.split())
+    status = site.status()
+    assert status["vol-b"]["role"] == "secondary" and not status["vol-b"]["agent"]["running"]
+    assert status["vol-a"]["role"] == "primary" and status["vol-a"]["agent"]["running"]
+    pids = site.pids()
+    assert_ok(site.play("site.yml"), changed=False)
+    assert site.pids() == pids
+
+    # The first play groups the hosts that are the primary of a volume now: local-primary (vol-a),
+    # not local-secondary (no volume); the recovery play acts on vol-a only.
+    run = site.play("incident_recovery.yml")
+    assert_ok(run, changed=False)
+    recovery = play_section(run, "Recover damaged volumes")
+    assert "[local-primary]" in recovery and "local-secondary" not in recovery
+    assert "vol-a: ONLINE, mode normal" in recovery and "vol-b" not in recovery
+    run = site.play("status.yml")
+    assert_ok(run, changed=False)
+    assert "vol-a: primary on local-primary" in run.output
+    assert "no host in the report is the primary of vol-b" in run.output
 
 
 def test_bad_variables_fail_early_and_clearly(tmp_path):

@@ -18,6 +18,10 @@ pytestmark = pytest.mark.slow
 def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
     require_tool("systemd-analyze")
     (tmp_path / "images").mkdir()
+    # As the role derives it: the devices of the host's own volumes, which its replica server
+    # adopts after a role swap.
+    adopt_devices = yaml.safe_load((ROOT / "roles/drtool_secondary/defaults/main.yml").read_text())[
+        "drtool_secondary_adopt_devices"]
     play = [{
         "name": "Render the drtool units", "hosts": "localhost", "gather_facts": False,
         "vars": {
@@ -32,6 +36,7 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
             "drtool_secondary_root": "/srv/replicas", "drtool_secondary_listen": "192.0.2.20:8470",
             "drtool_secondary_token": "t" * 32, "drtool_secondary_token_file": "/etc/drtool/replica.token",
             "drtool_secondary_tls": True, "drtool_secondary_tls_dir": "/etc/drtool/tls",
+            "drtool_secondary_adopt_devices": adopt_devices,
         },
         "tasks": [
             {"name": f"Render {unit}", "ansible.builtin.template": {
@@ -55,6 +60,10 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
     assert (f"ExecStart={sys.executable} -m drtool serve --root /srv/replicas --listen 192.0.2.20:8470 "
             "--token-file /etc/drtool/replica.token --tls-cert /etc/drtool/tls/server.crt "
             "--tls-key /etc/drtool/tls/server.key\n") in replica
+    # It may write its root and, for the volumes it adopts after a swap, their devices' directories
+    # (those that exist: "-"; /dev is writable anyway).
+    assert "ReadWritePaths=/srv/replicas\n" in replica
+    assert f"ReadWritePaths=-{tmp_path / 'images'}\n" in replica and "ReadWritePaths=-/dev" not in replica
 
     verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "drtool-agent.service"),
                              str(tmp_path / "drtool-replica.service")], capture_output=True, text=True, timeout=60)

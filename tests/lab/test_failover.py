@@ -2,7 +2,10 @@
 
 One story, in order, on a lab of its own (built at the start, torn down at the end): drtool is
 installed and the volumes protected by site.yml; a workload writes through the agent over NBD;
-planned_failover.yml swaps the roles and swaps them back; incident_recovery.yml and failback.yml
+planned_failover.yml swaps the roles; while they are swapped (the inventory still names the old
+primary in `primaries`) incident_recovery.yml, failback.yml and status.yml follow the roles
+registered on the hosts and site.yml leaves the old primary's demoted volumes alone; the swap back;
+incident_recovery.yml and failback.yml
 serve and then repair corrupted regions from the replica across the lab's network; the primary is
 cut off with writes it never shipped, takeover.yml promotes the secondary, and reintegrate.yml
 brings the old primary back as the secondary.  Every playbook runs twice: the second run reports
@@ -150,6 +153,41 @@ def test_planned_failover_swaps_the_roles(d: DrtoolLab) -> None:
     # The new primary serves exactly what A held before the swap, read by an NBD client on B.
     assert_serves_expected(d, B)
     # A's replica server now holds the volumes, in place on A's own devices.
+    assert sorted(d.replica_status(A)) == sorted(VOLUMES)
+
+
+def test_while_swapped_the_playbooks_follow_the_roles(d: DrtoolLab) -> None:
+    # A region of the NEW primary's device (its replica image, promoted in place) goes bad.
+    device = d.status(B, "vol-b")["device"]
+    d.ssh(B, f"dd if=/dev/urandom of={device} bs={REGION} seek=17 count=1 conv=notrunc status=none", check=True)
+    run = run_twice(d, "incident_recovery.yml")
+    assert "skipping: no hosts matched" not in run.output, run
+    status = d.status(B, "vol-b")
+    assert status["mode"] == "degraded" and status["bad_regions"] == [[17, 1]], status
+    # Served from the replica on the old primary (A's replica server, on A's own device) over the
+    # lab's network, verified: the NBD client on B reads exact bytes.
+    assert status["direction"] == f"this host -> http://{d.lab.hosts[A]['address']}:8470"
+    assert status["recovery"]["fetched_regions"] >= 1
+    assert_serves_expected(d, B)
+    # A's demoted volumes were neither scrubbed nor put in recovery (its replica server writes them).
+    assert {d.status(A, volume)["mode"] for volume in VOLUMES} == {"normal"}
+    # The swap back below must find B's device clean: fail back once (failback.yml runs twice later).
+    failback = d.playbook("failback.yml")
+    assert failback.rc == 0 and failback.changed > 0, f"{failback}"
+    assert d.status(B, "vol-b")["mode"] == "normal"
+
+    report = d.playbook("status.yml")
+    assert report.rc == 0 and report.changed == 0, f"{report}"
+    assert "vol-a: primary on secondary; vol-b: primary on secondary" in " ".join(report.output.split()), report
+
+    # site.yml on the old primary: its demoted volumes stay with its replica server, no agent starts.
+    site = d.playbook("site.yml", "--limit", A)
+    assert site.rc == 0 and site.changed == 0, f"site.yml on the old primary changed {site.recap}\n{site}"
+    said = " ".join(site.output.split())
+    for volume in VOLUMES:
+        assert f"{volume}: secondary here (" in said
+        old = d.status(A, volume)
+        assert old["role"] == "secondary" and not old["agent"]["running"], old
     assert sorted(d.replica_status(A)) == sorted(VOLUMES)
 
 
