@@ -95,10 +95,16 @@ class Replicator:
                 if self.engine.volume.norecord.test(region):
                     self.engine.relog_region(region)
             entries = self.engine.log.pending(regions=wanted)
-            for overlay in (False, True):
-                batch = [e for e in entries if e.header.overlay == overlay]
-                for start in range(0, len(batch), 4096):
-                    self._send(batch[start:start + 4096], complete=False)
+            # In sequence order, cut where the endpoint changes: a region's mirror record that
+            # follows its overlay record (failback re-logs incident writes) must arrive after it.
+            batch: list[LogEntry] = []
+            for entry in entries:
+                if batch and (entry.header.overlay != batch[0].header.overlay or len(batch) >= 4096):
+                    self._send(batch, complete=False)
+                    batch = []
+                batch.append(entry)
+            if batch:
+                self._send(batch, complete=False)
         log.info("volume %s: force-replicated regions %s", self.engine.name, to_runs(wanted))
 
     def _send(self, batch: list[LogEntry], complete: bool) -> int:

@@ -223,3 +223,48 @@ def test_snapshot_source_rolls_bad_regions_back(protected, replica_server):
     api.scrub_volume("vol")
     api.recover("vol", source="snapshot:before")
     assert api.read("vol", 5 * RS, RS) == old
+
+
+def test_after_failback_the_overlay_replica_never_outlives_newer_writes(protected, replica_server):
+    """Incident writes reach the overlay replica; after failback they are shipped to the mirror and
+    later writes change the same regions: a takeover must then serve the later bytes, not merge the
+    incident's overlay copy over them."""
+    path, data = protected
+    damage(path, [3])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    for region in (3, 15):
+        api.write("vol", region * RS + 9, b"incident")
+        data[region * RS + 9:region * RS + 17] = b"incident"
+    api.replicate("vol")
+    client = replica_server.client()
+    assert client.volume_info("vol")["overlay"]["regions"] == 2
+    api.failback("vol")
+    api.write("vol", 15 * RS + 9, b"after!!!")
+    data[15 * RS + 9:15 * RS + 17] = b"after!!!"
+    api.replicate("vol")
+    assert client.volume_info("vol")["overlay"]["regions"] == 0  # superseded by the mirror's records
+    info = client.promote("vol", force=True)
+    assert info["overlay_regions_merged"] == 0
+    assert client.read_range("vol", 0, SIZE) == bytes(data)
+
+
+def test_forced_replication_keeps_each_regions_order_across_endpoints(protected, replica_server):
+    """A region's overlay record followed by its mirror record (failback re-logs incident writes)
+    is forced in sequence order, so the mirror's newer copy supersedes the overlay's."""
+    path, data = protected
+    damage(path, [6])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    api.write("vol", 6 * RS, b"O" * RS)  # an overlay record, not shipped
+    data[6 * RS:7 * RS] = b"O" * RS
+    with Engine.open(None, "vol") as engine:
+        from drtool import failback as failback_mod
+
+        failback_mod.failback(engine)  # re-logs region 6 as a mirror record; nothing shipped yet
+        assert [e.header.overlay for e in engine.log.pending(regions={6})] == [True, False]
+        Replicator(engine).force([6])
+    client = replica_server.client()
+    assert client.volume_info("vol")["overlay"]["regions"] == 0
+    client.promote("vol", force=True)
+    assert client.read_range("vol", 6 * RS, RS) == bytes(data[6 * RS:7 * RS])

@@ -124,6 +124,8 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
                     digest = blake3.blake3(target.image.pread(length, offset)).digest()
                 target.table.set(region, digest)
             target.table.save(target.applied.watermark)
+            if not overlay:
+                _supersede_overlay(volume, touched)
         before = (target.applied.watermark, frozenset(target.applied.ahead))
         if todo:
             target.applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
@@ -134,6 +136,22 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
             target.applied.save()
         return {"applied_seq": target.applied.watermark, "applied": len(todo),
                 "skipped": len(records) - len(todo)}
+
+
+def _supersede_overlay(volume: ReplicaVolume, regions: set[int]) -> None:
+    """A mirror record is newer than any overlay record of its region (the primary ships each
+    region's records in sequence order, and once back in normal mode, after failback, it logs
+    every incident-time region again as an ordinary record), so the overlay replica's copy of
+    that region is stale from now on: forget it, or a later promote would merge it over newer bytes."""
+    table = volume.overlay.table
+    dropped = [region for region in regions if table.present(region)]
+    if dropped:
+        image = volume.overlay.image
+        for region in dropped:
+            table.discard(region)
+            if image is not None:  # give the space back; the bytes are never read again
+                image.punch_hole(*volume.geometry.region_bounds(region))
+        table.save(volume.overlay.applied.watermark)
 
 
 def _write_durably(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[int, bytes | None]:

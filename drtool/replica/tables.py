@@ -110,6 +110,18 @@ class DigestTable:
         body[start:start + 32] = digest
         self._dirty.add(page)
 
+    def discard(self, region: int) -> bool:
+        """Mark ``region`` absent; returns whether it was present."""
+        if not self.present(region):
+            return False
+        page, index = divmod(region, PAGE_REGIONS)
+        body = self._page(page)
+        body[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+        start = _BITMAP_BYTES + 32 * index
+        body[start:start + 32] = bytes(32)
+        self._dirty.add(page)
+        return True
+
     def fill_from(self, read: Callable[[int], bytes]) -> None:
         """Every region present, its digest the next 32 bytes of ``read(n)`` (an adopted manifest).
 
