@@ -54,7 +54,7 @@ class RemoteFetcher:
             data = got[region][0]
             lo = (region - base) << shift
             view[lo:lo + len(data)] = data
-        self._account(got, force_copy=self.source() != "mirror")
+        self.account(got)
 
     def source(self) -> str:
         return (self.engine.record.recovery or {}).get("source") or "mirror"
@@ -124,7 +124,8 @@ class RemoteFetcher:
         engine = self.engine
         start = engine.record.era_start(local_era)
         after = (start.seq - 1) if start else 0
-        stale = [r for r in regions if not engine.volume.bad.test(r)]
+        # Without a device there are no stale local bytes to patch: the mirror has the regions.
+        stale = [r for r in regions if not engine.volume.bad.test(r)] if engine.device is not None else []
         got: dict[int, tuple[bytes, bytes]] = {}
         if stale:
             contents: dict[int, bytearray] = {}
@@ -149,14 +150,18 @@ class RemoteFetcher:
             got.update(self._from_replica(rest))
         return got
 
-    def _account(self, got: dict[int, tuple[bytes, bytes]], force_copy: bool) -> None:
+    def account(self, got: dict[int, tuple[bytes, bytes]], store: bool = True) -> None:
+        """Count fetched regions in the recovery's totals; with ``store``, copy them into the
+        overlay when copy-on-read is on (always for a snapshot or journal source, whose bytes
+        the mirror cannot give again)."""
         engine = self.engine
+        force_copy = self.source() != "mirror"
         with engine.meta:
             recovery = engine.record.recovery
             if recovery is not None:
                 recovery["fetched_regions"] = recovery.get("fetched_regions", 0) + len(got)
                 recovery["fetched_bytes"] = recovery.get("fetched_bytes", 0) + sum(len(d) for d, _ in got.values())
-        if force_copy or engine.settings["copy_on_read"]:
+        if store and (force_copy or engine.settings["copy_on_read"]):
             rollback = self.source().startswith("snapshot:")
             for region, (data, digest) in got.items():
                 engine.store_fetched(region, data, digest, rollback=rollback)

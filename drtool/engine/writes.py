@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import blake3
 
-from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted
+from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, RegionsLost
 from drtool.storage.device import Device
 from drtool.storage.maps import zero_digest
 from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
@@ -66,16 +66,51 @@ class WritePath:
                 handle.sync()
 
     def _write_region(self, region: int, inner: int, piece: memoryview | None, zero_length: int = 0) -> None:
-        with self.stripes[region % len(self.stripes)]:
-            if self.record.mode == "normal":
-                try:
-                    self._write_device(region, inner, piece, zero_length)
+        stripe = self.stripes[region % len(self.stripes)]
+        for _ in range(_PREPARE_ATTEMPTS):
+            try:
+                with stripe:
+                    if self.record.mode == "normal":
+                        try:
+                            self._write_device(region, inner, piece, zero_length)
+                            return
+                        except _NeedsOverlay as why:
+                            if not (self.settings["auto_degrade"] and self.protected):
+                                raise DataUnavailable(
+                                    f"volume {self.name}: cannot write region {region}: {why}") from None
+                            self.enter_degraded(f"write to region {region} failed: {why}", auto=True)
+                    self._write_overlay(region, inner, piece, zero_length)
                     return
-                except _NeedsOverlay as why:
-                    if not (self.settings["auto_degrade"] and self.protected):
-                        raise DataUnavailable(f"volume {self.name}: cannot write region {region}: {why}") from None
-                    self.enter_degraded(f"write to region {region} failed: {why}", auto=True)
-            self._write_overlay(region, inner, piece, zero_length)
+            except _NeedsForcedReplication:
+                # Forcing takes the replicator's lock, and the replicator takes stripes: never
+                # while this one is held.  Nothing was logged or written yet: start again after.
+                self._fetcher().prepare([region])
+        raise DataUnavailable(f"volume {self.name}: region {region} kept changing while a partial "
+                              "write waited for its replication; try again")
+
+    def _content_for_write(self, region: int) -> bytearray:
+        """The region's verified bytes, the base of a partial overlay write.  The caller holds the
+        region's stripe, so this takes no other region's lock and never forces replication."""
+        content = bytearray(self.geometry.region_length(region))
+        view = memoryview(content)
+        volume = self.volume
+        if volume.overlay.test(region):
+            if self._read_local(self.overlay, region, 1, region, view):
+                raise DataUnavailable(f"volume {self.name}: overlay region {region} fails verification")
+            return content
+        if not self.requested(region) and self.device is not None:
+            if not self._read_local(self.device, region, 1, region, view):
+                return content
+            # It failed verification and is marked bad now (a self-healing read): fetch it.
+        if volume.norecord.test(region):
+            raise RegionsLost(self.name, [(region, 1)])
+        if volume.unreplicated.test(region):
+            raise _NeedsForcedReplication()
+        fetcher = self._fetcher()
+        got = fetcher.fetch([region], prepared=True)
+        fetcher.account(got, store=False)  # the write puts the region in the overlay itself
+        view[:] = got[region][0]
+        return content
 
     def _new_content(self, region: int, inner: int, piece: memoryview | None, zero_length: int,
                      base: Callable[[], bytearray]) -> tuple[memoryview | None, bytes, bool]:
@@ -134,7 +169,7 @@ class WritePath:
     def _write_overlay(self, region: int, inner: int, piece: memoryview | None, zero_length: int) -> None:
         start, length = self.geometry.region_bounds(region)
         content, digest, whole = self._new_content(
-            region, inner, piece, zero_length, lambda: bytearray(self.read_region(region)))
+            region, inner, piece, zero_length, lambda: self._content_for_write(region))
         # Overlay records always hold the whole region: the overlay replica needs no base to apply them.
         seq = self._log(region, start, length, content, digest, flags=FLAG_OVERLAY)
         if content is None:
@@ -172,3 +207,12 @@ class WritePath:
 
 class _NeedsOverlay(Exception):
     """Internal: the device cannot take this write; it must go to the overlay."""
+
+
+class _NeedsForcedReplication(Exception):
+    """Internal: a partial write's base must come from the replica, which lacks its latest bytes."""
+
+
+# A partial write whose region lags is retried after forcing it; only a region rewritten
+# concurrently every time could exhaust this.
+_PREPARE_ATTEMPTS = 8
