@@ -132,7 +132,13 @@ class Replicator:
         emptied = engine.log.acknowledge([e.seq for e in batch])
         engine.region_acknowledged(emptied)
         oldest = engine.log.oldest_seq()
-        engine.record.replication["acked_through"] = (oldest - 1) if oldest else engine.log.next_seq - 1
+        through = (oldest - 1) if oldest else engine.log.next_seq - 1
+        replication = engine.record.replication
+        replication["acked_through"] = through
+        # Forced batches are acknowledged out of order: remember those above the watermark, so
+        # that neither status nor a restart counts them as pending again.
+        ahead = set(replication.get("acked_ahead", ())) | {e.seq for e in batch}
+        replication["acked_ahead"] = sorted(seq for seq in ahead if seq > through)
         return sum(e.header.length for e in batch)
 
     def _relog(self, budget: int) -> None:

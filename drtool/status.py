@@ -20,8 +20,9 @@ SCHEMA = "drtool.status/1"
 
 def lag_from_disk(volume: Volume) -> dict[str, Any]:
     """Replication lag as the files show it (no agent running)."""
-    acked = (volume.record.replication or {}).get("acked_through", 0)
-    pending = summarize(volume.paths.log_dir, after=acked)
+    replication = volume.record.replication or {}
+    pending = summarize(volume.paths.log_dir, after=replication.get("acked_through", 0),
+                        acked=frozenset(replication.get("acked_ahead", ())))
     norecord = volume.norecord.popcount()
     since = (volume.record.replication or {}).get("bitmap_mode_since") if norecord else None
     stamps = [t for t in (pending["oldest"], since) if t]

@@ -4,7 +4,7 @@ This is the one place that defines them.  The replication log on the primary,
 the replication stream, the secondary's journal and the change-log replica all
 carry **records**; batched region reads are answered with **frames**.
 
-Record (68-byte header, then ``length`` bytes of data unless the kind is ZERO)::
+Record (76-byte header, then ``length`` bytes of data unless the kind is ZERO)::
 
     magic    4s  b"DRTR"
     kind     H   WRITE=1 (data follows), ZERO=2 (the range reads as zeros)
@@ -13,8 +13,10 @@ Record (68-byte header, then ``length`` bytes of data unless the kind is ZERO)::
     offset   Q   byte offset in the volume
     length   I   bytes covered; a record never crosses a region boundary
     era      I   the primary's era when it was written
+    written  Q   when the primary logged it, microseconds since the epoch (0: unknown);
+                 the age of the oldest unacknowledged write is measured from it
     digest   32s blake3 of the data (all zeros for ZERO records)
-    hcrc     I   crc32 of the 64 bytes above
+    hcrc     I   crc32 of the 72 bytes above
 
 Frame (56-byte header, then ``length`` bytes for DATA and ERROR)::
 
@@ -46,8 +48,8 @@ from typing import NamedTuple
 import blake3
 
 RECORD_MAGIC = b"DRTR"
-RECORD_HEAD = struct.Struct("<4sHHQQII32s")
-RECORD_HEADER_SIZE = RECORD_HEAD.size + 4  # 68
+RECORD_HEAD = struct.Struct("<4sHHQQIIQ32s")
+RECORD_HEADER_SIZE = RECORD_HEAD.size + 4  # 76
 
 KIND_WRITE = 1
 KIND_ZERO = 2
@@ -82,6 +84,7 @@ class RecordHeader:
     length: int
     era: int
     digest: bytes
+    written: float = 0.0  # epoch seconds when the primary logged it; 0.0 when unknown
 
     @property
     def data_length(self) -> int:
@@ -97,9 +100,10 @@ class RecordHeader:
 
 
 def encode_record_header(
-    kind: int, seq: int, offset: int, length: int, era: int, digest: bytes, flags: int = 0
+    kind: int, seq: int, offset: int, length: int, era: int, digest: bytes, flags: int = 0,
+    written: float = 0.0,
 ) -> bytes:
-    head = RECORD_HEAD.pack(RECORD_MAGIC, kind, flags, seq, offset, length, era, digest)
+    head = RECORD_HEAD.pack(RECORD_MAGIC, kind, flags, seq, offset, length, era, int(written * 1e6), digest)
     return head + _CRC.pack(zlib.crc32(head))
 
 
@@ -117,7 +121,7 @@ def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         raise WireError(f"record header needs {RECORD_HEADER_SIZE} bytes, got {len(buf)}")
     head = bytes(buf[:RECORD_HEAD.size])
     (crc,) = _CRC.unpack_from(buf, RECORD_HEAD.size)
-    magic, kind, flags, seq, offset, length, era, digest = RECORD_HEAD.unpack(head)
+    magic, kind, flags, seq, offset, length, era, written, digest = RECORD_HEAD.unpack(head)
     if magic != RECORD_MAGIC:
         raise WireError(f"bad record magic {magic!r}")
     if zlib.crc32(head) != crc:
@@ -126,7 +130,7 @@ def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         raise WireError(f"unknown record kind {kind}")
     if seq == 0 or length == 0:
         raise WireError("record with sequence 0 or length 0")
-    return RecordHeader(kind, flags, seq, offset, length, era, digest)
+    return RecordHeader(kind, flags, seq, offset, length, era, digest, written / 1e6)
 
 
 class FrameHeader(NamedTuple):

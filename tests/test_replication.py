@@ -95,6 +95,36 @@ def test_forced_regions_leave_other_records_pending(protected, replica_server):
     assert replica_bytes(replica_server)[8 * RS:8 * RS + 5] == b"eight"
 
 
+def test_lag_counts_exactly_what_is_pending_on_disk_and_after_a_restart(protected, replica_server, state_root):
+    """Forced records are acknowledged out of order: neither the files nor a reopened engine
+    count them as pending; bytes are the pending records' sizes; the age is the oldest write's."""
+    import os
+    import time
+
+    from drtool.wire import RECORD_HEADER_SIZE
+
+    api.write("vol", 8 * RS, b"eight")  # stays pending: the oldest unacknowledged write
+    api.write("vol", 1 * RS, b"one")  # forced below, ahead of the older record
+    api.write("vol", 9 * RS, b"nine!")
+    written_before = time.time()
+    api.replicate("vol", regions="1")
+    lag = api.status("vol")[0]["lag"]  # no agent: from the files
+    assert (lag["records"], lag["regions"]) == (2, 2)
+    assert lag["bytes"] == 2 * RECORD_HEADER_SIZE + 5 + 5
+    oldest = lag["oldest_seconds"]
+    assert 0 <= oldest and time.time() - oldest <= written_before  # as old as the write, at least
+    # The segment file is touched later: the age is still the oldest write's, not the file's.
+    os.utime(next((state_root / "vol" / "log").glob("seg-*.log")))
+    assert api.status("vol")[0]["lag"]["oldest_seconds"] >= oldest
+    with Engine.open(None, "vol") as engine:  # a restart: the forced record is not pending again
+        assert [e.header.length for e in engine.log.pending()] == [5, 5]
+        stamp = engine.log.oldest_entry().stamp
+        assert stamp <= written_before
+    api.replicate("vol")
+    lag = api.status("vol")[0]["lag"]
+    assert (lag["records"], lag["bytes"], lag["regions"], lag["oldest_seconds"]) == (0, 0, 0, 0.0)
+
+
 def test_log_overflow_switches_to_bitmap_mode_and_converges(protected, replica_server, state_root):
     _, data = protected
     with Engine.open(None, "vol") as engine:

@@ -212,8 +212,10 @@ class Engine(ReadPath, WritePath):
 
     def _forget_acknowledged(self) -> None:
         """Records the secondary acknowledged before we stopped are not pending any more."""
-        acked = (self.record.replication or {}).get("acked_through", 0)
-        done = [e.seq for e in self.log.pending() if e.seq <= acked]
+        replication = self.record.replication or {}
+        acked = replication.get("acked_through", 0)
+        ahead = set(replication.get("acked_ahead", ()))
+        done = [e.seq for e in self.log.pending() if e.seq <= acked or e.seq in ahead]
         if done:
             self.region_acknowledged(self.log.acknowledge(done))
 

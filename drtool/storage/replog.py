@@ -38,6 +38,7 @@ SEGMENT_MAGIC = b"DRTLOG\0\0"
 SEGMENT_HEAD = struct.Struct("<8sHH16sQ8s")
 SEGMENT_HEADER_SIZE = SEGMENT_HEAD.size + 4
 SEGMENT_BYTES = 64 << 20
+SEGMENT_VERSION = 2  # 2: records carry the time they were written (drtool.wire)
 _CRC = struct.Struct("<I")
 
 
@@ -50,7 +51,7 @@ class LogEntry:
     position: int  # byte offset of the record in the segment file
     header: RecordHeader
     region: int
-    stamp: float  # when it was appended (the segment's mtime for records found at open)
+    stamp: float  # when it was appended (the record's own ``written`` time)
 
     @property
     def size(self) -> int:
@@ -123,7 +124,7 @@ class ReplicationLog:
                 size = position
                 break
             self._index(LogEntry(header.seq, first_seq, position, header,
-                                 self.geometry.region_of(header.offset), mtime))
+                                 self.geometry.region_of(header.offset), header.written or mtime))
             segment.last_seq = header.seq
             segment.pending += 1
             position += header.total_size
@@ -140,7 +141,7 @@ class ReplicationLog:
             raise CorruptStateFile(path, "not a drtool log segment")
         if zlib.crc32(head[:SEGMENT_HEAD.size]) != crc:
             raise CorruptStateFile(path, "log segment header checksum mismatch")
-        if version != 1:
+        if version != SEGMENT_VERSION:
             raise CorruptStateFile(path, f"log segment version {version} is not supported")
         if volume_id != self.volume_id:
             raise CorruptStateFile(path, "log segment belongs to another volume")
@@ -183,7 +184,7 @@ class ReplicationLog:
 
     def _new_segment(self, first_seq: int) -> Segment:
         path = os.path.join(self.directory, f"seg-{first_seq:016x}.log")
-        head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, 1, 0, self.volume_id, first_seq, b"\0" * 8)
+        head = SEGMENT_HEAD.pack(SEGMENT_MAGIC, SEGMENT_VERSION, 0, self.volume_id, first_seq, b"\0" * 8)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.write(fd, head + _CRC.pack(zlib.crc32(head)))
         segment = Segment(path, first_seq, fd, SEGMENT_HEADER_SIZE)
@@ -209,7 +210,8 @@ class ReplicationLog:
             segment = next(reversed(self.segments.values()), None) if self.segments else None
             if segment is None or segment.size >= SEGMENT_BYTES:
                 segment = self._new_segment(seq)
-            head = encode_record_header(kind, seq, offset, length, era, digest, flags)
+            now = time.time()
+            head = encode_record_header(kind, seq, offset, length, era, digest, flags, written=now)
             buffers = [head, data] if kind == KIND_WRITE else [head]
             position = segment.size
             total = len(head) + (length if kind == KIND_WRITE else 0)
@@ -227,8 +229,8 @@ class ReplicationLog:
             segment.last_seq = seq
             segment.pending += 1
             self.next_seq = seq + 1
-            header = RecordHeader(kind, flags, seq, offset, length, era, digest)
-            entry = LogEntry(seq, segment.first_seq, position, header, region, time.time())
+            header = RecordHeader(kind, flags, seq, offset, length, era, digest, now)
+            entry = LogEntry(seq, segment.first_seq, position, header, region, now)
             self._index(entry)
             return entry
 
@@ -368,8 +370,9 @@ class ReplicationLog:
                     segment.fd = -1
 
 
-def summarize(directory: str, after: int = 0) -> dict[str, float | int]:
-    """Pending records and bytes after sequence ``after``, from headers only (for status)."""
+def summarize(directory: str, after: int = 0, acked: frozenset[int] = frozenset()) -> dict[str, float | int]:
+    """Pending records and bytes after sequence ``after`` (less those in ``acked``, acknowledged
+    out of order), and when the oldest of them was written: from headers only (for status)."""
     records = 0
     total = 0
     oldest: float | None = None
@@ -390,10 +393,11 @@ def summarize(directory: str, after: int = 0) -> dict[str, float | int]:
                         header = decode_record_header(handle.read(RECORD_HEADER_SIZE))
                     except WireError:
                         break
-                    if header.seq > after:
+                    if header.seq > after and header.seq not in acked:
                         records += 1
                         total += header.total_size
-                        oldest = mtime if oldest is None else min(oldest, mtime)
+                        stamp = header.written or mtime
+                        oldest = stamp if oldest is None else min(oldest, stamp)
                     position += header.total_size
         except OSError:
             continue

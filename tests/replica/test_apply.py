@@ -155,4 +155,4 @@ def test_torn_state_is_refused_not_reset(server: ServerProcess, vol: str) -> Non
 
 def test_records_header_layout_is_unchanged() -> None:
     header = wire.encode_record_header(wire.KIND_WRITE, 1, 2, 3, 4, b"d" * 32)
-    assert len(header) == wire.RECORD_HEADER_SIZE == 68
+    assert len(header) == wire.RECORD_HEADER_SIZE == 76
