@@ -117,6 +117,43 @@ def scrub_line(last: dict[str, Any] | None) -> str:
             f"({format_rate(last['bytes'] / seconds)}) with {last['bad_count']} bad regions{detail} on {when}")
 
 
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def peer_text(peer: dict[str, Any]) -> Text:
+    reachable = peer.get("reachable")
+    if reachable is None:
+        return Text(f"{peer['url']} (not probed)")
+    if reachable:
+        return Text.assemble(peer["url"], " ", ("reachable", "green"))
+    return Text.assemble(peer["url"], " ", ("UNREACHABLE", "bold red"),
+                         f": {peer['error']}" if peer.get("error") else "")
+
+
+def recovery_text(recovery: dict[str, Any]) -> str:
+    source = recovery.get("source") or "mirror"
+    if recovery.get("local_era") is not None:
+        source += f", local copy from era {recovery['local_era']}"
+    how = "automatically" if recovery.get("auto") else "by the operator"
+    fetched = recovery.get("fetched_regions", 0)
+    return (f"since {_when(recovery['entered'])}, entered {how}: {recovery.get('reason', '')}; "
+            f"source {source}; fetched {fetched} region{'' if fetched == 1 else 's'} "
+            f"({format_bytes(recovery.get('fetched_bytes', 0))}) from the replica")
+
+
+def failback_text(failback: dict[str, Any]) -> str:
+    total = failback.get("total_regions", 0)
+    done = failback.get("done_regions", 0)
+    copied = format_bytes(failback.get("bytes_copied", 0))
+    if failback.get("finished"):
+        return (f"finished {_when(failback['finished'])}: {done} of {total} regions copied "
+                f"({copied}) onto {failback.get('device')}")
+    percent = 100.0 * done / total if total else 100.0
+    return (f"running since {_when(failback['started'])}: {done} of {total} regions ({percent:.0f} %), "
+            f"{copied} copied onto {failback.get('device')}")
+
+
 def render_status(console: Console, status: dict[str, Any]) -> None:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", justify="right")
@@ -158,15 +195,21 @@ def render_status(console: Console, status: dict[str, Any]) -> None:
     overlay = status.get("overlay") or {}
     if overlay.get("regions"):
         table.add_row("overlay", f"{overlay['regions']} regions, {format_bytes(overlay['bytes'])}")
-    for key, label in (("lag", "replication"), ("recovery", "recovery"), ("failback", "failback")):
-        extra = status.get(key)
-        if extra and isinstance(extra, dict) and extra.get("summary"):
-            table.add_row(label, extra["summary"])
+    lag = status.get("lag")
+    if lag and lag.get("summary"):
+        table.add_row("replication", lag["summary"])
+    peer = status.get("peer")
+    if peer:
+        table.add_row("peer", peer_text(peer))
+    if status.get("recovery"):
+        table.add_row("recovery", recovery_text(status["recovery"]))
+    if status.get("failback"):
+        table.add_row("failback", failback_text(status["failback"]))
     table.add_row("era", str(status["era"]))
     table.add_row("scan", scrub_line(status.get("last_scrub")))
     agent = status.get("agent") or {}
     table.add_row("agent", "running" if agent.get("running") else "not running")
-    width = min(console.width, 100)
+    width = console.width  # the region map scales to the terminal
     console.print(Panel(Group(table, Text(""), region_map(status, width - 4)),
                         title=f"drtool status: {status['volume']}", width=width, expand=False))
 
