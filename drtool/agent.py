@@ -157,6 +157,7 @@ class Agent:
             "scrub": lambda a, p: ops.scrub(engine, p),
             "scan": lambda a, p: ops.scan(engine, p),
             "checkpoint": lambda a, p: ops.checkpoint(engine),
+            "configure": lambda a, p: ops.configure(engine, **a),
             "replicate": lambda a, p: ops.replicate(engine, **a),
             "recover": lambda a, p: ops.recover(engine, **a),
             "failback": lambda a, p: ops.failback(engine, progress=p, **a),

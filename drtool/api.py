@@ -85,6 +85,13 @@ def scan_volume(name: str, root: str | None = None, progress: Progress | None = 
     return _run(name, root, "scan", {}, lambda e: ops.scan(e, progress), progress)
 
 
+def configure(name: str, changes: dict[str, Any] | None = None, root: str | None = None) -> dict[str, Any]:
+    """Show the volume's settings, changing ``changes`` first (live when an agent serves it):
+    ``copy_on_read`` and ``auto_degrade`` (booleans), ``log_limit`` (bytes)."""
+    args = {"changes": changes or {}}
+    return _run(name, root, "configure", args, lambda e: ops.configure(e, **args))
+
+
 def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
     return _run(name, root, "checkpoint", {}, ops.checkpoint)
 

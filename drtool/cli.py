@@ -90,6 +90,33 @@ def cmd_checkpoint(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise UsageError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
+def cmd_configure(ctx: Context) -> int:
+    a = ctx.args
+    changes: dict[str, Any] = {}
+    if a.copy_on_read is not None:
+        changes["copy_on_read"] = _on_off(a.copy_on_read)
+    if a.auto_degrade is not None:
+        changes["auto_degrade"] = _on_off(a.auto_degrade)
+    if a.log_limit is not None:
+        changes["log_limit"] = parse_size(a.log_limit, "--log-limit")
+    result = api.configure(a.name, changes, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+        return ExitCode.OK
+    settings = result["settings"]
+    ctx.out.print(f"volume {result['volume']}{' (changed)' if result['changed'] else ''}: "
+                  f"copy-on-read {'on' if settings['copy_on_read'] else 'off'}, "
+                  f"auto-degrade {'on' if settings['auto_degrade'] else 'off'}, "
+                  f"log limit {format_bytes(settings['log_limit'])}")
+    return ExitCode.OK
+
+
 def cmd_report(ctx: Context) -> int:
     """Render status JSON gathered elsewhere (e.g. by playbooks/status.yml) as one report."""
     path = ctx.args.file
@@ -388,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("checkpoint", cmd_checkpoint, "start a new era and print its number")
     p.add_argument("name")
+
+    p = command("configure", cmd_configure, "show or change a volume's settings (live under an agent)")
+    p.add_argument("name")
+    p.add_argument("--copy-on-read", metavar="on|off", help="keep regions fetched from the replica in the overlay")
+    p.add_argument("--auto-degrade", metavar="on|off",
+                   help="a bad region seen while serving enters degraded mode by itself")
+    p.add_argument("--log-limit", metavar="SIZE", help="pending log bytes before bitmap mode (e.g. 1G)")
 
     p = command("protect", cmd_protect, "pair a volume with its replica and run the initial sync")
     p.add_argument("name")

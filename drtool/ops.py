@@ -67,6 +67,11 @@ def scan(engine: Engine, progress: Progress | None = None) -> dict[str, Any]:
         progress.finish()
 
 
+def configure(engine: Engine, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    changed = engine.configure(changes or {})
+    return {"volume": engine.name, "changed": changed, "settings": engine.settings}
+
+
 def checkpoint(engine: Engine) -> dict[str, Any]:
     return {"volume": engine.name, "era": engine.checkpoint()}
 

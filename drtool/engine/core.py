@@ -36,6 +36,22 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "auto_degrade": True,  # a bad region seen while serving switches to degraded mode
     "log_limit": 1 << 30,  # bytes of pending log before bitmap mode
 }
+MIN_LOG_LIMIT = 1 << 20  # below this, every burst of writes would overflow into bitmap mode
+
+
+def check_settings(changes: dict[str, Any]) -> dict[str, Any]:
+    """Validated setting changes (names and types as DEFAULT_SETTINGS has them)."""
+    checked: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key not in DEFAULT_SETTINGS:
+            raise UsageError(f"unknown setting {key!r} (known: {', '.join(sorted(DEFAULT_SETTINGS))})")
+        if isinstance(DEFAULT_SETTINGS[key], bool):
+            if not isinstance(value, bool):
+                raise UsageError(f"setting {key} must be true or false, not {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < MIN_LOG_LIMIT:
+            raise UsageError(f"setting {key} must be a byte count of at least {MIN_LOG_LIMIT}, not {value!r}")
+        checked[key] = value
+    return checked
 
 
 class Engine(ReadPath, WritePath):
@@ -128,6 +144,18 @@ class Engine(ReadPath, WritePath):
     @property
     def settings(self) -> dict[str, Any]:
         return {**DEFAULT_SETTINGS, **(self.record.settings or {})}
+
+    def configure(self, changes: dict[str, Any]) -> bool:
+        """Change settings (live: every reader of ``settings`` sees them at once); saved durably."""
+        changes = check_settings(changes)
+        with self.meta:
+            current = self.settings
+            if all(current[key] == value for key, value in changes.items()):
+                return False
+            self.record.settings = {**(self.record.settings or {}), **changes}
+            self.volume.save_record()
+        log.info("volume %s: settings changed: %s", self.name, changes)
+        return True
 
     @property
     def size(self) -> int:
