@@ -234,7 +234,14 @@ def cmd_promote(ctx: Context) -> int:
 
 def cmd_write(ctx: Context) -> int:
     a = ctx.args
-    data = sys.stdin.buffer.read() if a.input == "-" else open(a.input, "rb").read()
+    if a.input == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(a.input, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read --input {a.input}: {exc.strerror}") from None
     result = api.write(a.name, parse_size(a.offset, "offset"), data, sync=a.sync, root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)

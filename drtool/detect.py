@@ -73,6 +73,7 @@ class ScanReport:
     bytes_scanned: int
     seconds: float
     skipped: dict[str, int] = field(default_factory=dict)
+    cleared_regions: list[Run] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +82,7 @@ class ScanReport:
             "changed_regions": [list(run) for run in self.changed_regions],
             "changed_count": runs_total(self.changed_regions),
             "unreadable_regions": [list(run) for run in self.unreadable_regions],
+            "cleared_regions": [list(run) for run in self.cleared_regions],
             "bytes_scanned": self.bytes_scanned,
             "seconds": round(self.seconds, 6),
         }
@@ -244,6 +246,7 @@ def scan(volume: Volume, progress: ProgressFn | None = None) -> ScanReport:
     era = volume.record.era
     changed: list[int] = []
     unreadable: list[int] = []
+    cleared: list[int] = []
     protected = volume.record.peer is not None
     for first, count in targets:
         for region in range(first, first + count):
@@ -263,10 +266,13 @@ def scan(volume: Volume, progress: ProgressFn | None = None) -> ScanReport:
                 if protected:
                     volume.unreplicated.set(region)
                     volume.norecord.set(region)
+            elif volume.bad.test(region):  # its bytes were put back as they should be
+                volume.bad.clear(region)
+                cleared.append(region)
     volume.save_content_maps()
     volume.save_bitmaps()
     return ScanReport(volume.name, era, to_runs(changed), to_runs(unreadable),
-                      result.bytes_read, time.perf_counter() - clock)
+                      result.bytes_read, time.perf_counter() - clock, cleared_regions=to_runs(cleared))
 
 
 def quick_probe(volume: Volume) -> DeviceProbe:

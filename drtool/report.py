@@ -307,3 +307,7 @@ def render_scan(console: Console, report: dict[str, Any], region_size: int | Non
     if report["unreadable_regions"]:
         total = sum(n for _, n in report["unreadable_regions"])
         console.print(Text(f"  {total} regions could not be read and stay bad", style="red"))
+    if report.get("cleared_regions"):
+        total = sum(n for _, n in report["cleared_regions"])
+        console.print(Text(f"  {total} bad regions hold their expected bytes again and left the bad map",
+                           style="green"))

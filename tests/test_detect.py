@@ -119,6 +119,16 @@ def test_scan_accepts_outside_writes(device):
         assert vol.eras[3] == 2 and vol.eras[4] == 1
 
 
+def test_scan_clears_a_bad_region_whose_bytes_were_put_back(device):
+    original = device.read_bytes()[6 * RS:6 * RS + 4]
+    corrupt(device, 6 * RS, b"oops")
+    assert scrub()["bad_regions"] == [[6, 1]]
+    corrupt(device, 6 * RS, original)  # restored by hand
+    report = api.scan_volume("vol")
+    assert report["changed_regions"] == [] and report["cleared_regions"] == [[6, 1]]
+    assert api.status("vol")[0]["bad_regions"] == []
+
+
 def test_scan_never_clears_io_error_regions(device, monkeypatch):
     FlakyDevice.span = (9 * RS, 10 * RS)
     monkeypatch.setattr(Volume, "open_device",
