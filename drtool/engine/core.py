@@ -293,14 +293,7 @@ class Engine(ReadPath, WritePath):
 
     def requested(self, region: int) -> bool:
         """Must this region's bytes come from the replica?"""
-        if self.volume.overlay.test(region):
-            return False
-        if self.volume.bad.test(region):
-            return True
-        recovery = self.record.recovery
-        if recovery and recovery.get("local_era") is not None:
-            return self.volume.eras[region] >= recovery["local_era"]
-        return False
+        return self.volume.requested(region)
 
     def requested_regions(self) -> RegionBitmap:
         recovery = self.record.recovery
@@ -314,7 +307,7 @@ class Engine(ReadPath, WritePath):
 
     def lost_regions(self) -> list[int]:
         """Requested regions nobody holds: never replicated and no log record left."""
-        return [r for r in self.volume.norecord if self.requested(r)]
+        return list(self.volume.lost_regions())
 
     def store_fetched(self, region: int, data: bytes, digest: bytes, rollback: bool = False) -> None:
         """Copy-on-read: keep a fetched region in the overlay so the next read is local.

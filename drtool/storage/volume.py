@@ -196,11 +196,23 @@ class Volume:
             return "DEGRADED"
         return "ONLINE"
 
+    def requested(self, region: int) -> bool:
+        """Must this region's bytes come from the replica?  Bad, or (when the local copy is an
+        older point in time) written since that era; never when the overlay holds it."""
+        if self.overlay.test(region):
+            return False
+        if self.bad.test(region):
+            return True
+        recovery = self.record.recovery
+        if recovery and recovery.get("local_era") is not None:
+            return self.eras[region] >= recovery["local_era"]
+        return False
+
     def lost_regions(self) -> RegionBitmap:
-        """Bad, unreplicated and without a log record: nobody holds their current bytes."""
+        """Requested but unreplicated and without a log record: nobody holds their current bytes."""
         lost = RegionBitmap(self.geometry.count)
         for region in self.norecord:
-            if self.bad.test(region) and not self.overlay.test(region):
+            if self.requested(region):
                 lost.set(region)
         return lost
 
