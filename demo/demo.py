@@ -210,16 +210,21 @@ def story(clock: float) -> None:
         raise SystemExit("the merged read differs from what was written")
     console.print("[green]identical: every byte was served verified[/green]")
     run("e2fsck", "-fn", copy)
+    drtool("status", "payroll")
 
     say("6. Write during the incident",
         "A new file goes into the filesystem through the agent (debugfs on an nbdfuse view of the export). "
         "The bytes land in the overlay and are replicated to the secondary's overlay replica.")
     live = WORK / "live"
     live.mkdir()
-    subprocess.Popen(["nbdfuse", str(live / "disk"), uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fuse = subprocess.Popen(["nbdfuse", str(live / "disk"), uri], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    processes.append(fuse)
     mounts.append(live)
     deadline = time.monotonic() + 15
-    while not (live / "disk").exists() and time.monotonic() < deadline:
+    while not (live / "disk").exists():
+        if fuse.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("nbdfuse could not show the export as a file (is /dev/fuse there?)")
         time.sleep(0.05)
     note = WORK / "incident-note.txt"
     note.write_text("written while the disk was failing; kept in the overlay, replicated, failed back\n" * 200)
