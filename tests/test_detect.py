@@ -82,6 +82,26 @@ def test_eio_marks_exactly_the_regions_hit(device, monkeypatch):
     assert report["errors"]["io-error"] == 3 and report["errors"]["checksum"] == 0
 
 
+def test_short_read_marks_exactly_the_regions_past_the_end(device, monkeypatch):
+    """The device shrinks after scrub saw its full size: the regions it no longer holds are
+    short reads, each marked bad; the ones before are verified as usual."""
+    from drtool import detect
+
+    real_probe = detect.probe
+
+    def probe_then_shrink(path, expected_size):
+        found = real_probe(path, expected_size=expected_size)
+        with open(device, "r+b") as handle:
+            handle.truncate(38 * RS + 10)
+        return found
+
+    monkeypatch.setattr(detect, "probe", probe_then_shrink)
+    report = scrub()
+    assert report["bad_regions"] == [[38, 3]]
+    assert report["errors"]["short-read"] == 3 and report["errors"]["io-error"] == 0
+    assert report["errors"]["checksum"] == 0
+
+
 def test_truncated_device_short_reads_fault(device):
     with open(device, "r+b") as handle:
         handle.truncate(SIZE - 2 * RS)
