@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -135,3 +136,128 @@ def test_commands_as_real_subprocesses(image, state_root, argv, code):
     assert done.returncode == code, done.stderr
     if code:
         assert done.stderr.decode().startswith("drtool: ") and done.stderr.count(b"\n") == 1
+
+
+# -- protect, replicate, write, read ----------------------------------------------------------
+
+
+def protect_argv(replica_server) -> list[str]:
+    return ["protect", "vol", "--peer", replica_server.url, "--token-file", str(replica_server.token_file)]
+
+
+def test_protect_through_main(cli, image, replica_server):
+    assert cli("init", "vol", "--device", str(image)).code == 0
+    result = cli(*protect_argv(replica_server))
+    assert result.code == 0, result.err
+    assert result.err == "full sync: 17 regions (1.1 MiB) to copy\n"
+    assert result.out.startswith(f"volume vol protected by {replica_server.url}: 17 regions synced, ")
+    assert replica_server.client().read_range("vol", 0, 16 * RS + 10) == image.read_bytes()
+    status = cli("status", "vol", "--json").json()
+    assert status["peer"]["url"] == replica_server.url and status["peer"]["reachable"] is True
+    assert status["replication"]["initial_sync"] == "done" and status["lag"]["regions"] == 0
+    again = cli(*protect_argv(replica_server), "--json")  # the same peer again: nothing left to copy
+    assert again.code == 0 and again.json()["changed"] is False and again.json()["plan"]["mode"] == "resume"
+    assert again.json()["regions_synced"] == 0
+
+
+def test_protect_plan_copies_nothing(cli, image, replica_server):
+    cli("init", "vol", "--device", str(image))
+    result = cli(*protect_argv(replica_server), "--plan")
+    assert result.code == 0 and result.err == "full sync: 17 regions (1.1 MiB) to copy\n" and result.out == ""
+    assert cli("status", "vol", "--json").json()["peer"] is None
+
+
+def test_protect_as_a_real_subprocess(image, state_root, replica_server):
+    env = {"DRTOOL_STATE_ROOT": str(state_root)}
+    assert run_drtool("init", "vol", "--device", str(image), env=env).returncode == 0
+    refused = run_drtool("protect", "vol", "--peer", replica_server.url, env=env)  # no token
+    assert refused.returncode == ExitCode.PEER
+    assert refused.stderr.count(b"\n") == 1 and b"401 Unauthorized" in refused.stderr
+    assert refused.stderr.startswith(f"drtool: replica server {replica_server.url}/".encode())
+    done = run_drtool(*protect_argv(replica_server), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["changed"] is True and result["regions_synced"] == 17 and result["peer"] == replica_server.url
+    assert replica_server.client().read_range("vol", 0, 16 * RS + 10) == image.read_bytes()
+    status = json.loads(run_drtool("status", "vol", "--json", env=env).stdout)
+    assert status["peer"]["url"] == replica_server.url and status["lag"]["regions"] == 0
+
+
+def test_replicate_regions_forces_exactly_those(cli, image, replica_server, tmp_path):
+    cli("init", "vol", "--device", str(image))
+    assert cli(*protect_argv(replica_server)).code == 0
+    before = image.read_bytes()
+    for region in (2, 5, 6):
+        chunk = tmp_path / f"chunk{region}"
+        chunk.write_bytes(bytes([region]) * 1000)
+        assert cli("write", "vol", "--offset", str(region * RS + 10), "--input", str(chunk)).code == 0
+    assert cli("status", "vol", "--json").json()["lag"]["regions"] == 3
+    result = cli("replicate", "vol", "--regions", "2,6", "--json")
+    assert result.code == 0, result.err
+    forced = result.json()
+    assert forced["forced_regions"] == [[2, 1], [6, 1]] and forced["records_shipped"] == 2
+    assert forced["lag"]["regions"] == 1 and forced["lag"]["records"] == 1  # region 5 is still pending
+    replica = replica_server.client().read_range("vol", 0, 16 * RS + 10)
+    assert replica[2 * RS + 10:2 * RS + 1010] == bytes([2]) * 1000
+    assert replica[6 * RS + 10:6 * RS + 1010] == bytes([6]) * 1000
+    assert replica[5 * RS:6 * RS] == before[5 * RS:6 * RS]  # not shipped
+    assert cli("status", "vol", "--json").json()["maps"]["unreplicated"] == [[5, 1]]
+    human = cli("replicate", "vol", "--regions", "5")
+    assert human.code == 0
+    assert re.fullmatch(r"shipped 1 records \(\d+ bytes\); lag: 0 records, 0 regions\n", human.out), human.out
+    assert replica_server.client().read_range("vol", 0, 16 * RS + 10)[5 * RS + 10:5 * RS + 1010] == bytes([5]) * 1000
+
+
+@pytest.mark.parametrize("runs,message", [
+    ("17", "region run 17+1 is outside the volume (regions 0-16)"),
+    ("3-99", "region run 3+97 is outside the volume (regions 0-16)"),
+    ("x", "'x'"),
+])
+def test_replicate_bad_regions_one_clear_line(cli, image, replica_server, runs, message):
+    cli("init", "vol", "--device", str(image))
+    cli(*protect_argv(replica_server))
+    result = cli("replicate", "vol", "--regions", runs)
+    assert result.code == ExitCode.USAGE
+    assert result.err.startswith("drtool: ") and result.err.count("\n") == 1 and message in result.err
+
+
+def test_write_input_missing_is_a_usage_error(cli, image):
+    cli("init", "vol", "--device", str(image))
+    result = cli("write", "vol", "--offset", "0", "--input", "/nonexistent")
+    assert result.code == ExitCode.USAGE
+    assert result.err.startswith("drtool: ") and result.err.count("\n") == 1
+    assert "/nonexistent" in result.err and "internal error" not in result.err
+    assert cli("read", "vol", "--offset", "0", "--length", "16").out.encode("latin-1") == image.read_bytes()[:16]
+
+
+def test_read_output_file_has_exact_bytes(cli, image, tmp_path, state_root):
+    cli("init", "vol", "--device", str(image))
+    data = image.read_bytes()
+    target = tmp_path / "out.bin"
+    result = cli("read", "vol", "--offset", "64K", "--length", str(3 * RS + 7), "-o", str(target))
+    assert result.code == 0 and result.out == "" and result.err == ""
+    assert target.read_bytes() == data[RS:4 * RS + 7]
+    tail = tmp_path / "tail.bin"  # the partial last region, as a real subprocess
+    done = run_drtool("read", "vol", "--offset", str(16 * RS), "--length", "10", "--output", str(tail),
+                      env={"DRTOOL_STATE_ROOT": str(state_root)})
+    assert done.returncode == 0 and done.stdout == b""
+    assert tail.read_bytes() == data[16 * RS:]
+    past = cli("read", "vol", "--offset", str(16 * RS), "--length", "11", "-o", str(tmp_path / "never"))
+    assert past.code == ExitCode.USAGE and past.err.count("\n") == 1
+    assert not (tmp_path / "never").exists()
+
+
+def test_initial_sync_of_a_sparse_volume_keeps_the_replica_sparse(cli, tmp_path, replica_server):
+    path = tmp_path / "sparse.img"
+    size = 512 * RS  # 32 MiB, data in three regions only
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        for region in (0, 100, 511):
+            handle.seek(region * RS)
+            handle.write(bytes([region % 251 + 1]) * RS)
+    assert cli("init", "vol", "--device", str(path)).code == 0
+    assert cli(*protect_argv(replica_server)).code == 0
+    mirror = replica_server.root / "vol" / "mirror.img"
+    assert mirror.stat().st_size == size
+    assert mirror.read_bytes() == path.read_bytes()
+    assert mirror.stat().st_blocks * 512 <= 3 * RS + 64 * 1024  # the data regions, not 32 MiB
