@@ -246,10 +246,10 @@ def test_a_transient_mismatch_is_retried_and_served(degraded, relay, caplog):
     assert api.status("vol")[0]["overlay"]["regions"] == 3
 
 
-def test_copy_on_read_off_fetches_again_and_keeps_nothing(protected, replica_server, relay):
+def test_copy_on_read_off_fetches_again_and_keeps_nothing(protected, replica_server, relay, cli):
     path, data = protected
-    with Engine.open(None, "vol") as engine:
-        engine.record.settings["copy_on_read"] = False
+    result = cli("configure", "vol", "--copy-on-read", "off", "--json")
+    assert result.code == 0 and result.json()["settings"]["copy_on_read"] is False
     damage(path, [9])
     api.scrub_volume("vol")
     api.recover("vol")

@@ -19,7 +19,6 @@ import pytest
 from drtool import api
 from drtool.engine import Engine
 from drtool.nbd import protocol as p
-from drtool.storage.paths import state_root
 from drtool.storage.volume import Volume
 from tests.conftest import corrupt, make_image, require_root, require_tool
 from tests.nbd.rawclient import RawClient, ServerClosed

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -235,8 +235,6 @@ def test_concurrent_writers_on_two_connections(volume, start_agent, tmp_path):
             assert client.read(region * RS, RS) == (0, region_of(data, region)), f"region {region}"
     expected = tmp_path / "expected.img"
     expected.write_bytes(data)
-    import subprocess
-
     assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", agent.uri(), str(expected)],
                           timeout=120).returncode == 0
     agent.stop()
