@@ -105,6 +105,8 @@ def cmd_configure(ctx: Context) -> int:
         changes["auto_degrade"] = _on_off(a.auto_degrade)
     if a.log_limit is not None:
         changes["log_limit"] = parse_size(a.log_limit, "--log-limit")
+    if a.fetch_timeout is not None:
+        changes["fetch_timeout"] = a.fetch_timeout
     result = api.configure(a.name, changes, root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)
@@ -113,7 +115,7 @@ def cmd_configure(ctx: Context) -> int:
     ctx.out.print(f"volume {result['volume']}{' (changed)' if result['changed'] else ''}: "
                   f"copy-on-read {'on' if settings['copy_on_read'] else 'off'}, "
                   f"auto-degrade {'on' if settings['auto_degrade'] else 'off'}, "
-                  f"log limit {format_bytes(settings['log_limit'])}")
+                  f"log limit {format_bytes(settings['log_limit'])}, fetch timeout {settings['fetch_timeout']:g}s")
     return ExitCode.OK
 
 
@@ -429,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-degrade", metavar="on|off",
                    help="a bad region seen while serving enters degraded mode by itself")
     p.add_argument("--log-limit", metavar="SIZE", help="pending log bytes before bitmap mode (e.g. 1G)")
+    p.add_argument("--fetch-timeout", metavar="SECONDS", type=float,
+                   help="how long one replica request may wait while a client's read needs it")
 
     p = command("protect", cmd_protect, "pair a volume with its replica and run the initial sync")
     p.add_argument("name")

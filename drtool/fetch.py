@@ -35,12 +35,17 @@ class RemoteFetcher:
         self._local = threading.local()
 
     def client(self) -> Any:
+        """This thread's client (sessions are not shared between threads), made anew when the
+        volume's ``fetch_timeout`` changed."""
+        timeout = float(self.engine.settings["fetch_timeout"])
         client = getattr(self._local, "client", None)
-        if client is None:
+        if client is None or getattr(self._local, "timeout", None) != timeout:
             from drtool.replication import make_client
 
-            client = make_client(self.engine.record.peer)
-            self._local.client = client
+            if client is not None:
+                client.close()
+            client = make_client(self.engine.record.peer, timeout=timeout)
+            self._local.client, self._local.timeout = client, timeout
         return client
 
     def fetch_into(self, regions: list[int], base: int, view: memoryview, prepared: bool = False,
@@ -48,7 +53,9 @@ class RemoteFetcher:
         """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``;
         ``extra`` regions (readahead) come in the same request and only go to the overlay."""
         wanted = set(regions)
-        got = self.fetch(regions + [r for r in extra or [] if r not in wanted], prepared=prepared)
+        optional = {r for r in extra or [] if r not in wanted}
+        # A readahead region that cannot be verified is dropped: it must not fail this read.
+        got = self.fetch(regions + sorted(optional), prepared=prepared, optional=optional)
         shift = self.engine.geometry.shift
         for region in regions:
             data = got[region][0]
@@ -76,8 +83,10 @@ class RemoteFetcher:
                 raise DataUnavailable(f"volume {engine.name}: cannot force-replicate regions "
                                       f"{to_runs(lagging)} before fetching them: {exc}") from None
 
-    def fetch(self, regions: list[int], prepared: bool = False) -> dict[int, tuple[bytes, bytes]]:
-        """Verified ``{region: (bytes, digest)}`` for every region, or an exception."""
+    def fetch(self, regions: list[int], prepared: bool = False,
+              optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:
+        """Verified ``{region: (bytes, digest)}`` for every region, or an exception; ``optional``
+        regions (readahead) that fail verification are left out instead."""
         engine = self.engine
         if not prepared:
             self.prepare(regions)
@@ -85,15 +94,16 @@ class RemoteFetcher:
         source = self.source()
         try:
             if source.startswith("snapshot:"):
-                return self._from_replica(regions, snapshot=source.split(":", 1)[1])
+                return self._from_replica(regions, snapshot=source.split(":", 1)[1], optional=optional)
             if source == "journal":
-                return self._from_journal(regions, recovery["local_era"])
-            return self._from_replica(regions)
+                return self._from_journal(regions, recovery["local_era"], optional=optional)
+            return self._from_replica(regions, optional=optional)
         except PeerError as exc:
             raise DataUnavailable(f"volume {engine.name}: cannot fetch regions {to_runs(regions)} "
                                   f"from the replica: {exc}") from None
 
-    def _from_replica(self, regions: list[int], snapshot: str | None = None) -> dict[int, tuple[bytes, bytes]]:
+    def _from_replica(self, regions: list[int], snapshot: str | None = None,
+                      optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:
         engine = self.engine
         manifest = engine.volume.manifest
         expected = None if snapshot else (lambda region: manifest[region])
@@ -111,6 +121,8 @@ class RemoteFetcher:
                     reasons[result.region] = result.reason or "verification failed"
             missing = [r for r in wanted if r not in got and r not in failed]
             failed.extend(missing)
+            if optional:
+                failed = [r for r in failed if r not in optional]
             if not failed:
                 return got
             log.warning("volume %s: regions %s from the replica failed verification (attempt %d): %s",
@@ -119,7 +131,8 @@ class RemoteFetcher:
         raise VerificationFailed(f"volume {engine.name}: regions {to_runs(wanted)} from the replica fail "
                                  "verification twice; refusing to serve them")
 
-    def _from_journal(self, regions: list[int], local_era: int) -> dict[int, tuple[bytes, bytes]]:
+    def _from_journal(self, regions: list[int], local_era: int,
+                      optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:
         """Stale local bytes + the journal's later records, verified; the mirror for the rest."""
         engine = self.engine
         start = engine.record.era_start(local_era)
@@ -147,7 +160,7 @@ class RemoteFetcher:
                     got[region] = (bytes(content), digest)
         rest = [r for r in regions if r not in got]
         if rest:
-            got.update(self._from_replica(rest))
+            got.update(self._from_replica(rest, optional=optional))
         return got
 
     def account(self, got: dict[int, tuple[bytes, bytes]], store: bool = True) -> None:

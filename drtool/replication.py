@@ -29,13 +29,17 @@ log = logging.getLogger("drtool.replication")
 BATCH_BYTES = 16 << 20
 
 
-def make_client(peer: dict[str, Any] | None) -> Any:
-    """A client for the volume's peer (drtool.client.ReplicaClient)."""
+def make_client(peer: dict[str, Any] | None, timeout: float | None = None) -> Any:
+    """A client for the volume's peer (drtool.client.ReplicaClient); ``timeout``: the seconds
+    one request may wait for the peer (the client's default otherwise)."""
     if not peer:
         raise UsageError("the volume has no peer: run drtool protect first")
     from drtool.client import ReplicaClient
 
-    return ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"))
+    extra: dict[str, Any] = {}
+    if timeout:
+        extra["timeout"] = (min(5.0, timeout), timeout)
+    return ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"), **extra)
 
 
 class Replicator:

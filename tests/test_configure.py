@@ -23,10 +23,13 @@ def protected(tmp_path, state_root, replica_server):
 def test_configure_shows_changes_and_is_idempotent(protected, cli):
     shown = cli("configure", "vol")
     assert shown.code == 0
-    assert shown.out.strip() == "volume vol: copy-on-read on, auto-degrade on, log limit 1 GiB"
-    changed = cli("configure", "vol", "--copy-on-read", "off", "--log-limit", "64M", "--json").json()
+    assert shown.out.strip() == ("volume vol: copy-on-read on, auto-degrade on, log limit 1 GiB, "
+                                 "fetch timeout 30s")
+    changed = cli("configure", "vol", "--copy-on-read", "off", "--log-limit", "64M", "--fetch-timeout", "2.5",
+                  "--json").json()
     assert changed == {"volume": "vol", "changed": True,
-                       "settings": {"copy_on_read": False, "auto_degrade": True, "log_limit": 64 << 20}}
+                       "settings": {"copy_on_read": False, "auto_degrade": True, "log_limit": 64 << 20,
+                                    "fetch_timeout": 2.5}}
     assert cli("configure", "vol", "--copy-on-read", "off", "--json").json()["changed"] is False
     assert api.configure("vol")["settings"]["copy_on_read"] is False  # saved: a new process sees it
 
@@ -35,12 +38,15 @@ def test_configure_shows_changes_and_is_idempotent(protected, cli):
     (["--copy-on-read", "maybe"], "expected on or off, not 'maybe'"),
     (["--log-limit", "4K"], "setting log_limit must be a byte count of at least 1048576, not 4096"),
     (["--log-limit", "lots"], "--log-limit 'lots' is not a size"),
+    (["--fetch-timeout", "0"], "setting fetch_timeout must be seconds between 0.1 and 3600, not 0.0"),
+    (["--fetch-timeout", "soon"], "argument --fetch-timeout: invalid float value: 'soon'"),
 ])
 def test_bad_settings_are_refused_and_change_nothing(protected, cli, argv, message):
     result = cli("configure", "vol", *argv)
     assert result.code == ExitCode.USAGE and message in result.err
     assert len(result.err.strip().splitlines()) == 1
-    assert api.configure("vol")["settings"] == {"copy_on_read": True, "auto_degrade": True, "log_limit": 1 << 30}
+    assert api.configure("vol")["settings"] == {"copy_on_read": True, "auto_degrade": True, "log_limit": 1 << 30,
+                                                "fetch_timeout": 30.0}
 
 
 def test_unknown_setting_through_the_api_is_refused(protected):

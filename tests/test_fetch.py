@@ -219,8 +219,6 @@ def test_a_region_damaged_on_the_replica_is_fetched_twice_then_refused(degraded,
     assert api.read("vol", 6 * RS, 100) == data[6 * RS:6 * RS + 100]  # right after it
 
 
-@pytest.mark.xfail(strict=True, reason="drtool/fetch.py RemoteFetcher.fetch_into: a readahead region that "
-                   "fails verification fails the whole read, though nobody asked for its bytes")
 def test_a_damaged_readahead_region_does_not_fail_the_read_of_its_neighbour(degraded, replica_server, relay):
     _, data = degraded
     corrupt(mirror_of(replica_server), 5 * RS + 100, b"\x00\x11\x22")

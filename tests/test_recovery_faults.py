@@ -49,8 +49,7 @@ def compare(uri: str, expected: Path) -> subprocess.CompletedProcess:
 
 
 def set_settings(**settings) -> None:
-    with Engine.open(None, "vol") as engine:
-        engine.record.settings.update(settings)
+    api.configure("vol", settings)
 
 
 def region_of(data: bytes | bytearray, region: int) -> bytes:
@@ -214,8 +213,6 @@ def test_eio_appearing_under_a_running_agent_is_served_from_the_replica(late_eio
     assert status["agent"]["running"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="drtool/engine/reads.py ReadPath._local_failure marks regions that "
-                   "returned EIO while serving with io_error=False: the ioerror map stays empty")
 def test_eio_appearing_under_a_running_agent_is_recorded_as_an_io_error(late_eio, state_root):
     agent, data, _ = late_eio
     with connect(agent) as client:
@@ -485,12 +482,9 @@ def test_hanging_replica_blocks_only_the_reads_that_need_it(degraded_agent, repl
     assert compare(agent.uri(), expected).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="drtool has no peer timeout: drtool/replication.py make_client builds "
-                   "ReplicaClient with its fixed (5 s connect, 60 s read) timeout and 3 retries, so a read "
-                   "that needs a hung replica waits about 4 minutes for EIO")
-def test_hanging_replica_read_fails_with_eio_within_the_peer_timeout(make_degraded, replica_server, request):
-    # peer_timeout: a proposed setting (there is none yet), seconds one replica request may wait.
-    agent, _, _, bad = make_degraded(peer_timeout=2)
+def test_hanging_replica_read_fails_with_eio_within_the_fetch_timeout(make_degraded, replica_server, request):
+    # fetch_timeout: the seconds one replica request may wait while a client's read needs it.
+    agent, _, _, bad = make_degraded(fetch_timeout=2)
     port = replica_server.port
     replica_server.stop(kill=True)
     hanging = HangingServer(port)

@@ -35,22 +35,42 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "copy_on_read": True,  # keep regions fetched from the replica in the overlay
     "auto_degrade": True,  # a bad region seen while serving switches to degraded mode
     "log_limit": 1 << 30,  # bytes of pending log before bitmap mode
+    # Seconds one request to the replica may wait while a client's read needs it; with the
+    # client's retries, a read of regions only a hung replica holds fails with EIO after
+    # about four times this.
+    "fetch_timeout": 30.0,
 }
 MIN_LOG_LIMIT = 1 << 20  # below this, every burst of writes would overflow into bitmap mode
 
 
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"setting {key} must be true or false, not {value!r}")
+    return value
+
+
+def _log_limit(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_LOG_LIMIT:
+        raise UsageError(f"setting {key} must be a byte count of at least {MIN_LOG_LIMIT}, not {value!r}")
+    return value
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 3600:
+        raise UsageError(f"setting {key} must be seconds between 0.1 and 3600, not {value!r}")
+    return float(value)
+
+
+_CHECKS = {"copy_on_read": _flag, "auto_degrade": _flag, "log_limit": _log_limit, "fetch_timeout": _seconds}
+
+
 def check_settings(changes: dict[str, Any]) -> dict[str, Any]:
-    """Validated setting changes (names and types as DEFAULT_SETTINGS has them)."""
+    """Validated setting changes (the names of DEFAULT_SETTINGS, each with its own type)."""
     checked: dict[str, Any] = {}
     for key, value in changes.items():
         if key not in DEFAULT_SETTINGS:
             raise UsageError(f"unknown setting {key!r} (known: {', '.join(sorted(DEFAULT_SETTINGS))})")
-        if isinstance(DEFAULT_SETTINGS[key], bool):
-            if not isinstance(value, bool):
-                raise UsageError(f"setting {key} must be true or false, not {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < MIN_LOG_LIMIT:
-            raise UsageError(f"setting {key} must be a byte count of at least {MIN_LOG_LIMIT}, not {value!r}")
-        checked[key] = value
+        checked[key] = _CHECKS[key](key, value)
     return checked
 
 

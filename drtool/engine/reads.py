@@ -108,6 +108,7 @@ class ReadPath:
         length = min((run_first + run_count) << shift, geometry.size) - offset
         part = view[start:start + length]
         failed: list[int] = []
+        unreadable: list[int] = []  # of those, the ones the device would not read at all
         try:
             device.readinto(part, offset)
             readable = range(run_first, run_first + run_count)
@@ -120,6 +121,7 @@ class ReadPath:
                     readable.append(region)
                 except DeviceIOError:
                     failed.append(region)
+                    unreadable.append(region)
         manifest = self.volume.manifest
         rsize = geometry.region_size
         hasher = blake3.blake3
@@ -130,7 +132,7 @@ class ReadPath:
                 if not self._recheck(device, region, region_view):
                     failed.append(region)
         if failed and device is self.device:
-            self._local_failure(failed)
+            self._local_failure(failed, unreadable)
         return failed
 
     def _recheck(self, device: Device, region: int, region_view: memoryview) -> bool:
@@ -151,11 +153,17 @@ class ReadPath:
         buffer = bytearray(self.geometry.region_length(region))
         return self._recheck(self.device, region, memoryview(buffer))
 
-    def _local_failure(self, regions: list[int]) -> None:
-        """Self-healing: a device region failed while serving: mark it bad, maybe degrade."""
-        self._set_bad(regions, io_error=False)
-        log.warning("volume %s: regions %s failed verification while serving; marked bad",
-                    self.name, to_runs(regions))
+    def _local_failure(self, regions: list[int], unreadable: list[int] = ()) -> None:
+        """Self-healing: a device region failed while serving: mark it bad, maybe degrade.
+        ``unreadable`` ones (an I/O error, not a checksum mismatch) are marked so: scan keeps them bad."""
+        unreadable = set(unreadable)
+        mismatched = [r for r in regions if r not in unreadable]
+        if mismatched:
+            self._set_bad(mismatched, io_error=False)
+        if unreadable:
+            self._set_bad(sorted(unreadable), io_error=True)
+        log.warning("volume %s: regions %s failed %s while serving; marked bad", self.name, to_runs(regions),
+                    "to read" if not mismatched else "verification")
         if self.record.mode == "normal":
             if self.settings["auto_degrade"] and self.protected:
                 self.enter_degraded(f"regions {to_runs(regions)} failed verification while serving", auto=True)
