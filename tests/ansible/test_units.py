@@ -46,6 +46,17 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
                                ("drtool_secondary", "drtool-replica.service"))
         ],
     }]
+    # A host that runs no replica server (drtool_secondary_root undefined): the same agent unit
+    # without the replica root.
+    agent_only_vars = {k: v for k, v in play[0]["vars"].items() if not k.startswith("drtool_secondary_")}
+    play.append({
+        "name": "Render the agent unit of a host without a replica server", "hosts": "localhost",
+        "gather_facts": False, "vars": agent_only_vars,
+        "tasks": [{"name": "Render drtool-agent.service", "ansible.builtin.template": {
+            "src": str(ROOT / "roles/drtool_primary/templates/drtool-agent.service.j2"),
+            "dest": str(tmp_path / "agent-only" / "drtool-agent.service"), "mode": "0644"}}],
+    })
+    (tmp_path / "agent-only").mkdir()
     (tmp_path / "render.yml").write_text(yaml.safe_dump(play))
     proc = subprocess.run([str(VENV_BIN / "ansible-playbook"), str(tmp_path / "render.yml")], cwd=ROOT,
                           env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
@@ -56,6 +67,12 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
             "--listen 127.0.0.1:10809 --nbd-socket /run/drtool/nbd.sock\n") in agent
     assert "RuntimeDirectory=drtool\n" in agent
     assert f"ReadWritePaths={tmp_path / 'images'}\n" in agent and "ReadWritePaths=/dev" not in agent
+    # The host also runs the replica server: after a role swap the agent serves volumes promoted
+    # from replicas, whose images live in the replica root ("-": it may not exist yet).
+    assert "ReadWritePaths=-/srv/replicas\n" in agent
+    agent_only = (tmp_path / "agent-only" / "drtool-agent.service").read_text()
+    assert "ReadWritePaths=/var/lib/drtool\n" in agent_only and "/srv/replicas" not in agent_only
+    assert f"ReadWritePaths={tmp_path / 'images'}\n" in agent_only
     replica = (tmp_path / "drtool-replica.service").read_text()
     assert (f"ExecStart={sys.executable} -m drtool serve --root /srv/replicas --listen 192.0.2.20:8470 "
             "--token-file /etc/drtool/replica.token --tls-cert /etc/drtool/tls/server.crt "
@@ -67,4 +84,7 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
 
     verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "drtool-agent.service"),
                              str(tmp_path / "drtool-replica.service")], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "agent-only/drtool-agent.service")],
+                            capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
