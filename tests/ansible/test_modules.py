@@ -156,6 +156,22 @@ def test_health_info_unknown_volume_fails_clearly(run_module, base):
     assert result.failed and "volume nope is not registered" in result["msg"] and result["exit_code"] == 5
 
 
+@pytest.mark.parametrize("name", ["drtool_health_info", "drtool_status_info"])
+def test_info_modules_bad_arguments_fail_clearly(run_module, protected, name):
+    root = protected["state_root"]
+    unknown = run_module(name, {"state_root": root, "volume_names": ["vol"]})
+    assert unknown.failed and "Unsupported parameters" in unknown["msg"] and "volume_names" in unknown["msg"]
+    not_bool = run_module(name, {"state_root": root, "probe_peer": "sometimes"})
+    assert not_bool.failed and "probe_peer" in not_bool["msg"] and "bool" in not_bool["msg"], not_bool.data
+    not_a_name = run_module(name, {"state_root": root, "names": ["../etc"]})
+    assert not_a_name.failed and "is not valid" in not_a_name["msg"] and not_a_name["exit_code"] == 2
+
+
+def test_health_info_bad_mode_fails_clearly(run_module, protected):
+    bad = run_module("drtool_health_info", {"state_root": protected["state_root"], "mode": "deep"})
+    assert bad.failed and bad["msg"] == "value of mode must be one of: probe, scrub, got: deep"
+
+
 def test_status_info_returns_every_volume(run_module, protected, base):
     empty = run_module("drtool_status_info", {"state_root": str(base / "elsewhere")})
     assert empty["volumes"] == [] and empty["healthy"]
@@ -228,6 +244,17 @@ def test_recovery_bad_arguments_fail_clearly(run_module, protected, base):
     source = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "source": "tape",
                                             "state_root": root})
     assert source.failed and "tape" in source["msg"] and source["exit_code"] == 2
+    # The argument spec's required_if: a journal is read after an era, which local_era names (check mode too).
+    journal = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "source": "journal",
+                                             "state_root": root}, check=True)
+    assert journal.failed and journal["msg"] == "source is journal but all of the following are missing: local_era"
+    assert api_mode(root) == "normal"
+
+
+def api_mode(root: str) -> str:
+    from drtool import api
+
+    return api.status("vol", root=root, probe_peer=False)[0]["mode"]
 
 
 # -- drtool_replication ------------------------------------------------------------------------
@@ -253,9 +280,45 @@ def test_replication_forces_regions(run_module, protected):
     root = protected["state_root"]
     api.write("vol", 2 * 65536, b"y" * 65536, root=root)
     api.write("vol", 9 * 65536, b"z" * 65536, root=root)
-    forced = run_module("drtool_replication", {"name": "vol", "regions": ["9"], "state_root": root})
+    args = {"name": "vol", "regions": ["9"], "state_root": root}
+    check = run_module("drtool_replication", args, check=True)
+    assert check.changed and check["forced_regions"] == [[9, 1]] and check["records_shipped"] == 0
+    assert api.status("vol", root=root, probe_peer=False)[0]["lag"]["records"] == 2
+    forced = run_module("drtool_replication", args)
     assert forced.changed and forced["forced_regions"] == [[9, 1]] and forced["records_shipped"] == 1
     assert forced["lag"]["records"] == 1  # region 2 still pending
+
+
+def test_replication_check_mode_predicts_the_real_run(run_module, protected):
+    """Check mode says changed exactly when the same task really run would ship something."""
+    from drtool import api
+
+    root = protected["state_root"]
+
+    def predicted_then_real(args):
+        check = run_module("drtool_replication", args, check=True)
+        real = run_module("drtool_replication", args)
+        assert not check.failed and not real.failed, (check.data, real.data)
+        assert check["forced_regions"] == real["forced_regions"]
+        return check.changed, real.changed
+
+    in_sync = {"name": "vol", "regions": ["3", "10-12"], "state_root": root}
+    assert predicted_then_real(in_sync) == (False, False)  # nothing pending: nothing to force
+    api.write("vol", 2 * 65536, b"y" * 4096, root=root)
+    elsewhere = {"name": "vol", "regions": ["9"], "state_root": root}
+    assert predicted_then_real(elsewhere) == (False, False)  # pending in region 2, not in 9
+    assert predicted_then_real({"name": "vol", "regions": ["1-2"], "state_root": root}) == (True, True)
+    api.write("vol", 5 * 65536, b"w" * 4096, root=root)
+    assert predicted_then_real({"name": "vol", "state_root": root}) == (True, True)
+    assert predicted_then_real({"name": "vol", "state_root": root}) == (False, False)
+
+    # Where the real run fails, check mode fails the same way.
+    outside = {"name": "vol", "regions": ["16"], "state_root": root}
+    check, real = run_module("drtool_replication", outside, check=True), run_module("drtool_replication", outside)
+    assert check.failed and real.failed and check["msg"] == real["msg"] and "outside the volume" in check["msg"]
+    garbled = {"name": "vol", "regions": ["x"], "state_root": root}
+    check, real = run_module("drtool_replication", garbled, check=True), run_module("drtool_replication", garbled)
+    assert check.failed and real.failed and check["msg"] == real["msg"]
 
 
 def test_replication_bad_arguments_and_unpaired_volume(run_module, base):
@@ -265,6 +328,9 @@ def test_replication_bad_arguments_and_unpaired_volume(run_module, base):
     assert zero.failed and "timeout must be a positive number" in zero["msg"]
     unpaired = run_module("drtool_replication", {"name": "solo", "state_root": root})
     assert unpaired.failed and "no peer" in unpaired["msg"]
+    unpaired_check = run_module("drtool_replication", {"name": "solo", "state_root": root}, check=True)
+    assert unpaired_check.failed and unpaired_check["msg"] == unpaired["msg"]
+    assert unpaired_check["exit_code"] == unpaired["exit_code"]
 
 
 # -- drtool_replica and drtool_agent (real daemons) ------------------------------------------

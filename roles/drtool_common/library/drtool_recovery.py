@@ -44,6 +44,7 @@ options:
     description:
       - With V(degraded), the local copy is older (restored from a backup) and holds the writes made before this
         era, and every region changed since is read from the replica too.
+      - Required with O(source=journal).
     type: int
   device:
     description:
@@ -132,11 +133,15 @@ def main():
             rate=dict(type="str"),
             state_root=STATE_ROOT_OPTION,
         ),
+        # The journal holds the changes after an era: which one, local_era says.
+        required_if=[("source", "journal", ["local_era"])],
         supports_check_mode=True,
     )
     api = require_drtool(module)
     p = module.params
     name, root, state = p["name"], p["state_root"], p["state"]
+    # Options that only one state takes: an argument spec can require an option given another's value
+    # (required_if above), but cannot forbid one, so these two are checked here.
     if state == "degraded" and (p["device"] or p["rate"]):
         module.fail_json(msg="device and rate are for state=normal (failback), not state=degraded")
     if state == "normal" and (p["local_era"] is not None or p["source"] != "mirror"):

@@ -46,7 +46,11 @@ requirements:
 attributes:
   check_mode:
     support: full
-    description: Reports whether anything is pending (C(changed)); ships nothing.
+    description:
+      - Predicts C(changed) as the real run would decide it, and ships nothing. Without O(regions), whether
+        anything is pending; with O(regions), whether any of those regions has pending writes (the others are
+        left to the background replicator). Fails as the real run would on a volume without a peer or a region
+        outside the volume.
   diff_mode:
     support: full
     description: Shows the lag before and after.
@@ -98,6 +102,17 @@ def _pending(lag):
     return bool(lag.get("records") or lag.get("regions"))
 
 
+def _forced_runs(module, status, regions):
+    """The [first, count] runs a real run would force (drtool's own parsing and bounds check)."""
+    from drtool.errors import DrtoolError
+    from drtool.regions import Geometry, parse_runs
+
+    try:
+        return [list(run) for run in parse_runs(regions, Geometry(status["size"], status["region_size"]))]
+    except DrtoolError as exc:
+        fail_drtool(module, exc)
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -109,7 +124,8 @@ def main():
         supports_check_mode=True,
     )
     api = require_drtool(module)
-    from drtool.errors import DrtoolError, OperationTimeout
+    from drtool.errors import DrtoolError, OperationTimeout, UsageError
+    from drtool.regions import from_runs
 
     p = module.params
     name, root = p["name"], p["state_root"]
@@ -122,8 +138,17 @@ def main():
     regions = ",".join(r.strip() for r in p["regions"]) if p["regions"] else None
 
     if module.check_mode:
-        result = dict(records_shipped=0, bytes_shipped=0, forced_regions=[], lag=before)
-        changed = _pending(before)
+        # Predict what the real run does: it fails without a peer, forces exactly the given regions
+        # (shipping only what is pending in them), or waits until nothing is pending.
+        if status.get("peer") is None:
+            fail_drtool(module, UsageError("volume %s has no peer: run drtool protect first" % name))
+        forced = _forced_runs(module, status, regions) if regions else []
+        if regions:
+            pending = set(from_runs(status["maps"]["unreplicated"]))
+            changed = any(region in pending for region in from_runs(forced))
+        else:
+            changed = _pending(before)
+        result = dict(records_shipped=0, bytes_shipped=0, forced_regions=forced, lag=before)
     else:
         try:
             result = api.replicate(name, wait=regions is None, regions=regions, timeout=p["timeout"], root=root)

@@ -258,8 +258,6 @@ def _primary(module, api, name, root, before):
     result = {"actions": []}
     if before is not None and before["role"] == "primary":
         return result, before  # promoted earlier, or the original primary: nothing to do
-    if not p["replica_url"]:
-        module.fail_json(msg="replica_url (this host's own replica server) is required to promote volume %s" % name)
     result["actions"].append("promoted")
     if module.check_mode:
         info = _replica_info(module, api, name, p["replica_url"], p["token_file"], p["ca"])
@@ -269,7 +267,8 @@ def _primary(module, api, name, root, before):
         if info.get("state") == "replica" and not p["force"]:
             module.warn("volume %s is not released by its primary yet: the promotion needs the demotion to "
                         "happen first, or force=true (a takeover)" % name)
-        return result, dict(before or {}, role="primary", demoted=None)
+        # Not promoted yet: an earlier promotion's record (before a swap back) is not this one.
+        return result, dict(before or {}, role="primary", demoted=None, promoted=None)
     call(module, api.promote, name, p["replica_url"], p["token_file"], p["ca"], force=p["force"], root=root)
     return result, volume_status(module, name, root)
 
@@ -286,6 +285,8 @@ def main():
             ca=dict(type="path"),
             state_root=STATE_ROOT_OPTION,
         ),
+        # The replica that becomes the primary volume lives in this host's replica server.
+        required_if=[("role", "primary", ["replica_url"])],
         supports_check_mode=True,
     )
     api = require_drtool(module)
