@@ -214,6 +214,14 @@ def test_status_renders_one_fleet_report(site):
         assert f"│ local-primary │ {name}" in run.output
     assert "no drtool volume on local-secondary" in run.output
     assert "vol-a: primary on local-primary; vol-b: primary on local-primary" in run.output
+    # --check: the same report (it is rendered on the controller from the gathered status), nothing
+    # changed on either host.
+    before, pids = site.files(), site.pids()
+    check = site.play("status.yml", "--check")
+    assert_ok(check, changed=False)
+    assert "drtool fleet status" in check.output and "│ local-primary │ vol-a" in check.output
+    assert "vol-a: primary on local-primary; vol-b: primary on local-primary" in check.output
+    assert site.files() == before and site.pids() == pids
     limited = site.play("status.yml", "--limit", "local-primary,localhost")
     assert_ok(limited, changed=False)
     assert "│ local-primary │ vol-a" in limited.output
