@@ -7,7 +7,8 @@ For each run: a fresh protected volume (its initial sync is not timed), then 1 M
 through Engine.write (logged, applied, digested) until --size is written, then
 Replicator.ship() until the secondary acknowledged everything (verified, applied, fsync'd).
 Reported: write rate, apply rate (bytes / shipping time), end-to-end rate (bytes / (write +
-ship)), and curl's rate reading --size bytes with 64 MiB range GETs; ratio = apply / curl.
+ship)), and curl's rate reading --size bytes with 64 MiB range GETs; ratio = apply / curl,
+ratio_end_to_end = end-to-end / curl.
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
         result = {key: median([r[key] for r in runs]) / 1e9 for key in ("write", "apply", "end_to_end")}
         result["curl"] = median(curl) / 1e9
         result["ratio"] = result["apply"] / result["curl"]
+        result["ratio_end_to_end"] = result["end_to_end"] / result["curl"]
         result["bytes"] = size
         print(row("replication", f"{size >> 20} MiB", f"write {result['write']:.2f} GB/s",
                   f"apply {result['apply']:.2f} GB/s", f"end-to-end {result['end_to_end']:.2f} GB/s",
-                  f"curl {result['curl']:.2f} GB/s", f"ratio {result['ratio']:.2f}"))
+                  f"curl {result['curl']:.2f} GB/s", f"ratio {result['ratio']:.2f}",
+                  f"end-to-end ratio {result['ratio_end_to_end']:.2f}"))
         return result
     finally:
         server.terminate()
