@@ -46,6 +46,13 @@ def pair(tmp_path: Path):
         host.server.stop(kill=True)
 
 
+def managed(host: Host) -> dict:
+    """What a host's status says of the volume's role, pairing, replication and maps."""
+    status = api.status("vol", root=str(host.root), probe_peer=False)[0]
+    return {key: status[key] for key in ("role", "device", "peer", "replication", "lag", "maps", "promoted",
+                                         "demoted", "era")}
+
+
 def test_planned_swap_step_by_step_with_check_mode_and_idempotence(run_module, pair):
     a, b = pair
     api.write("vol", 3 * RS, b"pending" * 100, root=str(a.root))
@@ -109,11 +116,27 @@ def test_takeover_and_the_forced_demotion_count_the_loss(run_module, pair):
     plan = api.protect("vol", a.server.url, str(a.server.token_file), root=str(b.root), plan_only=True)["plan"]
     assert (plan["mode"], plan["regions"], plan["divergent"]) == ("incremental", 1, 1)
 
+    # drtool_volume shows the fast failback's plan in check mode, before anything is copied, and the
+    # real run copies exactly that.
+    device = api.status("vol", root=str(b.root), probe_peer=False)[0]["device"]
+    reverse = b.args(device=device, peer=a.server.url)
+    before = managed(b)
+    preview = run_module("drtool_volume", reverse, check=True)
+    assert preview.changed and preview["actions"] == ["paired"], preview.data
+    assert preview["plan"] == {"mode": "incremental", "regions": 1, "bytes": RS, "divergent": 1,
+                               "lost": stepped["lost"]}
+    # (Without an agent drtool opens the volume to plan, which checkpoints its maps: the files are
+    # rewritten, what they say is not.)
+    assert managed(b) == before
+    paired = run_module("drtool_volume", reverse)
+    assert paired.changed and paired["plan"] == preview["plan"] and paired["protect"]["regions_synced"] == 1
+    assert "plan" not in run_module("drtool_volume", reverse).data  # paired: nothing to plan
+
 
 def test_bad_arguments_fail_clearly(run_module, pair):
     a, b = pair
     no_url = run_module("drtool_role", b.args(role="primary"))
-    assert no_url.failed and "replica_url" in no_url["msg"]
+    assert no_url.failed and no_url["msg"] == "role is primary but all of the following are missing: replica_url"
     bad_timeout = run_module("drtool_role", a.args(role="secondary", timeout=0))
     assert bad_timeout.failed and "timeout" in bad_timeout["msg"]
     unknown = run_module("drtool_role", b.args(name="nope", role="secondary", replica_url=b.server.url))

@@ -79,7 +79,9 @@ requirements:
 attributes:
   check_mode:
     support: full
-    description: Reports what would be registered, paired or removed; changes nothing.
+    description:
+      - Reports what would be registered, paired or removed, and for a registered volume what its sync would
+        copy (RV(plan)); changes nothing.
   diff_mode:
     support: full
     description: Shows the registration and pairing before and after.
@@ -155,6 +157,16 @@ init:
   description: What C(drtool init) returned.
   returned: when the volume was registered by this task
   type: dict
+plan:
+  description:
+    - What the pairing copies (or would copy, in check mode), as drtool plans it before it starts, C(mode)
+      V(full) (every region), V(incremental) (a fast failback after a role swap, only the regions the peer
+      lacks, C(divergent) of them written there and never shipped here) or V(resume) (an interrupted sync).
+    - In check mode it is known only for a volume that is already registered (the replica server is asked);
+      null when the replica server could not tell (a warning says why).
+  returned: when the volume is paired or its sync resumed by this task (or would be, in check mode)
+  type: dict
+  sample: {"mode": "incremental", "regions": 3, "bytes": 196608, "divergent": 2}
 protect:
   description: What C(drtool protect) returned (regions synced, records and bytes shipped).
   returned: when the volume was paired or its sync resumed by this task
@@ -240,6 +252,11 @@ def main():
             actions.append("paired" if fresh or view["peer"] != peer else "sync resumed")
             if not module.check_mode:
                 result["protect"] = call(module, api.protect, name, peer, p["token_file"], p["ca"], root=root)
+                result["plan"] = result["protect"].get("plan")
+            elif not fresh:
+                # What the sync would copy, as drtool plans it (the replica server is asked; nothing is
+                # copied): after a role swap, the fast failback's regions.
+                result["plan"] = _plan(module, api, name, peer, p["token_file"], p["ca"], root)
         if not actions:
             predicted = _view(before)
         elif module.check_mode:
@@ -255,6 +272,17 @@ def main():
         output["diff"] = dict(before=_view(before), after=predicted,
                               before_header="volume %s" % name, after_header="volume %s" % name)
     module.exit_json(**output)
+
+
+def _plan(module, api, name, peer, token_file, ca, root):
+    """drtool's plan for pairing the volume with ``peer`` (check mode); None if the peer cannot tell."""
+    from drtool.errors import DrtoolError
+
+    try:
+        return api.protect(name, peer, token_file, ca, root=root, plan_only=True)["plan"]
+    except DrtoolError as exc:
+        module.warn("volume %s: cannot tell what the sync to %s would copy: %s" % (name, peer, exc))
+        return None
 
 
 def _remove(module, api, name, root):
