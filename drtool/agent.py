@@ -167,7 +167,8 @@ class Agent:
 
     def _protect(self, engine: Engine, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         result = ops.protect(engine, progress=progress, **args)
-        if not any(t.name == f"replicate:{engine.name}" for t in self.threads):
+        # A plan pairs nothing: there may be no replicator to run yet.
+        if engine.replicator is not None and not any(t.name == f"replicate:{engine.name}" for t in self.threads):
             self._thread(f"replicate:{engine.name}", engine.replicator.run, self.stop_event)
         return result
 

@@ -29,20 +29,20 @@ def agent_socket(name: str, root: str | None = None) -> str | None:
     return path if control.is_listening(path) else None
 
 
-def _open(root: str | None, name: str) -> Engine:
+def _open(root: str | None, name: str, look_only: bool = False) -> Engine:
     """Open a volume's engine here, with a replicator attached when it has a peer."""
-    engine = Engine.open(root, name)
+    engine = Engine.open(root, name, look_only=look_only)
     if engine.protected:
         Replicator(engine)
     return engine
 
 
 def _run(name: str, root: str | None, op: str, args: dict[str, Any],
-         direct: Callable[[Engine], Any], progress: Progress | None = None) -> Any:
+         direct: Callable[[Engine], Any], progress: Progress | None = None, look_only: bool = False) -> Any:
     socket_path = agent_socket(name, root)
     if socket_path:
         return control.call(socket_path, op, args, progress)
-    with _open(root, name) as engine:
+    with _open(root, name, look_only=look_only) as engine:
         return direct(engine)
 
 
@@ -78,7 +78,8 @@ def init_volume(
 def scrub_volume(name: str, root: str | None = None, progress: Progress | None = None,
                  record: bool = True) -> dict[str, Any]:
     """Verify every region.  ``record=False`` reports what it finds and changes nothing."""
-    return _run(name, root, "scrub", {"record": record}, lambda e: ops.scrub(e, progress, record=record), progress)
+    return _run(name, root, "scrub", {"record": record}, lambda e: ops.scrub(e, progress, record=record), progress,
+                look_only=not record)
 
 
 def scan_volume(name: str, root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def protect(name: str, peer: str, token_file: str | None = None, ca: str | None 
     After a role swap the sync is incremental (fast failback); ``plan_only`` reports what
     would be copied and copies nothing."""
     args = {"peer": peer, "token_file": token_file, "ca": ca, "plan_only": plan_only}
-    return _run(name, root, "protect", args, lambda e: ops.protect(e, progress=progress, **args), progress)
+    return _run(name, root, "protect", args, lambda e: ops.protect(e, progress=progress, **args), progress,
+                look_only=plan_only)
 
 
 def write(name: str, offset: int, data: bytes, sync: bool = False, root: str | None = None) -> dict[str, Any]:

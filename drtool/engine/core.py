@@ -92,6 +92,7 @@ class Engine(ReadPath, WritePath):
         self.fetcher: Any = None  # drtool.fetch.RemoteFetcher, created on first need
         self.replicator: Any = None  # drtool.replication.Replicator, set by the caller
         self.read_only_reason: str | None = None
+        self.look_only = False  # set by open(look_only=True): close() saves nothing
         if self.record.role == "secondary":
             self.read_only_reason = "this host is the secondary for this volume"
         self._open_device()
@@ -101,7 +102,9 @@ class Engine(ReadPath, WritePath):
     # -- lifecycle ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | None, name: str) -> Engine:
+    def open(cls, root: str | None, name: str, look_only: bool = False) -> Engine:
+        """Open (and lock) a volume.  ``look_only``: the caller only reads (a plan, check mode),
+        so closing saves nothing unless opening had to replay the log after a crash."""
         volume = Volume.open(state_root(root), name)
         try:
             last = max(volume.covered_seq.values())
@@ -111,6 +114,7 @@ class Engine(ReadPath, WritePath):
             volume.close()
             raise
         engine = cls(volume, replog)
+        engine.look_only = look_only
         try:
             engine._replay()
             engine._forget_acknowledged()
@@ -144,7 +148,7 @@ class Engine(ReadPath, WritePath):
 
     def close(self) -> None:
         try:
-            if self.volume.lock is not None:
+            if self.volume.lock is not None and not self.look_only:
                 self.flush()
                 self.save()
         finally:

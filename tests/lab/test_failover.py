@@ -191,19 +191,9 @@ def test_while_swapped_the_playbooks_follow_the_roles(d: DrtoolLab) -> None:
     assert sorted(d.replica_status(A)) == sorted(VOLUMES)
 
 
-# drtool's agent answers a pairing plan (protect plan_only, what drtool_volume's check mode asks)
-# for a volume it serves that has no peer yet with this error: Agent._protect starts the volume's
-# replication thread after ops.protect, and a volume that was only planned has no replicator.
-AGENT_PLAN_DEFECT = "malformed control request: 'NoneType' object has no attribute 'run'"
-
-
 def assert_plan_shown(run: PlaybookRun, *lines: str) -> None:
-    """The fast failback's plan was shown before the copying started (each line, in this order).
-    Called last in a step: while drtool's agent has the defect above, the step is an expected failure."""
+    """The fast failback's plan was shown before the copying started (each line, in this order)."""
     said = " ".join(run.output.split())
-    if AGENT_PLAN_DEFECT in said:
-        pytest.xfail(f"drtool's agent cannot plan a pairing of a volume it serves ({AGENT_PLAN_DEFECT}): "
-                     "drtool/agent.py Agent._protect must not start a replication thread after plan_only")
     positions = [said.find(line) for line in lines]
     assert -1 not in positions and positions == sorted(positions), f"{lines} not shown in order\n{run}"
 
