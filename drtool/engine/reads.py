@@ -213,7 +213,14 @@ class ReadPath:
         volume = self.volume
         wanted = set(regions)
         ahead = []
-        for region in range(max(regions) + 1, min(max(regions) + 1 + READAHEAD_REGIONS, self.geometry.count)):
+        start = max(regions) + 1
+        end = min(start + READAHEAD_REGIONS, self.geometry.count)
+        recovery = self.record.recovery or {}
+        # Without an older local copy only bad regions are requested: walk the bad map's set bits
+        # (every reader waiting for a fetch computes this, so it must be cheap).
+        candidates = (range(start, end) if recovery.get("local_era") is not None
+                      else volume.bad.set_between(start, end))
+        for region in candidates:
             if (region not in wanted and self.requested(region) and not volume.norecord.test(region)
                     and not volume.unreplicated.test(region)):
                 ahead.append(region)

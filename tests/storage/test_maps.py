@@ -21,6 +21,16 @@ def test_bitmap_runs_match_set_bits(count, data):
 
 
 @given(count=st.integers(1, 300), data=st.data())
+def test_set_between_is_the_set_bits_of_a_range(count, data):
+    bits = RegionBitmap(count)
+    chosen = data.draw(st.sets(st.integers(0, count - 1)))
+    bits.update(chosen)
+    first = data.draw(st.integers(-3, count + 3))
+    end = data.draw(st.integers(-3, count + 10))
+    assert list(bits.set_between(first, end)) == sorted(r for r in chosen if first <= r < end)
+
+
+@given(count=st.integers(1, 300), data=st.data())
 def test_set_run_and_clear_run(count, data):
     first = data.draw(st.integers(0, count - 1))
     n = data.draw(st.integers(1, count - first))
