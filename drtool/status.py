@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any
 
+from drtool.engine.core import effective_settings
 from drtool.regions import runs_total
 from drtool.storage.lock import is_locked
 from drtool.storage.replog import summarize
@@ -125,6 +126,7 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "demoted": volume.record.demoted,
         "recovery": volume.record.recovery,
         "failback": volume.record.failback,
+        "settings": effective_settings(volume.record.settings),
     }
 
 

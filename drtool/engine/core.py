@@ -64,6 +64,11 @@ def _seconds(key: str, value: Any) -> float:
 _CHECKS = {"copy_on_read": _flag, "auto_degrade": _flag, "log_limit": _log_limit, "fetch_timeout": _seconds}
 
 
+def effective_settings(stored: dict[str, Any] | None) -> dict[str, Any]:
+    """A volume's settings: the defaults, overridden by what its record stores."""
+    return {**DEFAULT_SETTINGS, **(stored or {})}
+
+
 def check_settings(changes: dict[str, Any]) -> dict[str, Any]:
     """Validated setting changes (the names of DEFAULT_SETTINGS, each with its own type)."""
     checked: dict[str, Any] = {}
@@ -167,7 +172,7 @@ class Engine(ReadPath, WritePath):
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {**DEFAULT_SETTINGS, **(self.record.settings or {})}
+        return effective_settings(self.record.settings)
 
     def configure(self, changes: dict[str, Any]) -> bool:
         """Change settings (live: every reader of ``settings`` sees them at once); saved durably."""

@@ -79,6 +79,31 @@ def test_volume_token_is_written_0600_and_never_returned(run_module, volume_args
     assert not run_module("drtool_volume", args).changed
 
 
+def test_volume_settings_change_once_check_mode_first(run_module, protected, base):
+    args = dict(protected, settings={"copy_on_read": False, "log_limit": "64M", "fetch_timeout": 5})
+    files = state_files(base / "state")
+    check = run_module("drtool_volume", args, check=True, diff=True)
+    assert check.changed and check["actions"] == ["settings changed"]
+    assert check["diff"]["before"]["settings"]["copy_on_read"] is True
+    assert check["diff"]["after"]["settings"] == {"copy_on_read": False, "auto_degrade": True,
+                                                  "log_limit": 64 << 20, "fetch_timeout": 5.0}
+    assert state_files(base / "state") == files
+    done = run_module("drtool_volume", args)
+    assert done.changed and done["settings"] == check["diff"]["after"]["settings"]
+    assert not run_module("drtool_volume", args).changed
+    # Keys not given keep their values.
+    assert not run_module("drtool_volume", dict(protected, settings={"auto_degrade": True})).changed
+    assert run_module("drtool_volume", protected)["settings"]["fetch_timeout"] == 5.0
+
+
+def test_volume_bad_settings_fail_before_anything_changes(run_module, volume_args, base):
+    result = run_module("drtool_volume", dict(volume_args, settings={"log_limit": "4K"}))
+    assert result.failed and "setting log_limit must be a byte count of at least 1048576" in result["msg"]
+    assert not (base / "state").exists()
+    typo = run_module("drtool_volume", dict(volume_args, settings={"copy_on_reed": False}))
+    assert typo.failed and "copy_on_reed" in typo["msg"]
+
+
 def test_volume_refuses_another_device_without_force(run_module, protected, base):
     make_image(base / "other.img", SIZE, seed=6)
     result = run_module("drtool_volume", dict(protected, device=str(base / "other.img")))

@@ -128,6 +128,8 @@ def test_site_installs_serves_and_protects(site):
         assert status[name]["replication"]["initial_sync"] == "done"
         assert status[name]["peer"]["url"] == f"http://127.0.0.2:{site.replica_port}"
         assert status[name]["agent"]["running"]
+    # The inventory's per-volume settings (vol-b's fetch_timeout), the defaults elsewhere.
+    assert status["vol-b"]["settings"]["fetch_timeout"] == 10.0 and status["vol-a"]["settings"]["fetch_timeout"] == 30.0
     assert all(site.pids().values())
     token = site.base / "secondary/etc/replica.token"
     assert oct(token.stat().st_mode & 0o777) == "0o600"

@@ -64,6 +64,24 @@ options:
     description:
       - CA certificate (PEM file) that signed the replica server's TLS certificate, for an V(https) peer.
     type: path
+  settings:
+    description:
+      - The volume's settings (C(drtool configure)), changed live when an agent serves it. Only the keys given
+        are managed; the others keep their values.
+    type: dict
+    suboptions:
+      copy_on_read:
+        description: Keep regions fetched from the replica in the overlay, so the next read is local.
+        type: bool
+      auto_degrade:
+        description: A bad region seen while serving switches the volume to degraded mode by itself.
+        type: bool
+      log_limit:
+        description: Pending replication log before bitmap mode, for example V(1G) (at least 1M).
+        type: str
+      fetch_timeout:
+        description: Seconds one request to the replica may wait while a client's read needs it.
+        type: float
   force:
     description:
       - Re-register a volume registered with another device or region size.
@@ -103,6 +121,17 @@ EXAMPLES = r"""
     token_file: /etc/drtool/peer.token
     token: "{{ drtool_token }}"
     ca: /etc/drtool/dr-ca.pem
+
+- name: A volume for small random I/O that fails reads fast when the replica hangs
+  drtool_volume:
+    name: oltp
+    device: /dev/vg0/oltp
+    region_size: 4K
+    peer: https://dr-site.example.com:8470
+    token_file: /etc/drtool/peer.token
+    settings:
+      fetch_timeout: 5
+      log_limit: 4G
 
 - name: Register a volume without a replica yet
   drtool_volume:
@@ -153,6 +182,11 @@ initial_sync:
   returned: when registered
   type: str
   sample: done
+settings:
+  description: The volume's settings after the task (or as they would be, in check mode).
+  returned: when registered
+  type: dict
+  sample: {"copy_on_read": true, "auto_degrade": true, "log_limit": 1073741824, "fetch_timeout": 30.0}
 init:
   description: What C(drtool init) returned.
   returned: when the volume was registered by this task
@@ -206,6 +240,9 @@ def main():
             token_file=dict(type="path"),
             token=dict(type="str", no_log=True),
             ca=dict(type="path"),
+            settings=dict(type="dict", options=dict(
+                copy_on_read=dict(type="bool"), auto_degrade=dict(type="bool"),
+                log_limit=dict(type="str"), fetch_timeout=dict(type="float"))),
             force=dict(type="bool", default=False),
             state_root=STATE_ROOT_OPTION,
         ),
@@ -231,6 +268,10 @@ def main():
     else:
         region_size = call(module, parse_size, p["region_size"], "region_size")
         device = os.path.abspath(p["device"])
+        wanted = {key: value for key, value in (p["settings"] or {}).items() if value is not None}
+        if "log_limit" in wanted:
+            wanted["log_limit"] = call(module, parse_size, wanted["log_limit"], "settings.log_limit")
+        target_settings = call(module, api.settings_with, wanted)  # bad values fail before anything changes
         if p["token"] is not None and ensure_secret_file(module, p["token_file"], p["token"]):
             actions.append("token written")
         view = _view(before)
@@ -246,6 +287,15 @@ def main():
             if not module.check_mode:
                 result["init"] = call(module, api.init_volume, name, device, region_size,
                                       force=differs, root=root)
+        if before is not None and not differs:
+            current = _settings(module, api, name, root)
+            target_settings = dict(current, **wanted)
+        else:  # not registered yet (or about to be again): drtool's defaults
+            current = call(module, api.settings_with)
+        if target_settings != current:
+            actions.append("settings changed")
+            if not module.check_mode:
+                call(module, api.configure, name, wanted, root=root)
         peer = p["peer"].rstrip("/") if p["peer"] else None
         fresh = before is None or differs
         if peer and (fresh or view["peer"] != peer or view["initial_sync"] != "done"):
@@ -266,12 +316,22 @@ def main():
         else:
             predicted = _view(volume_status(module, name, root))
 
+    if p["state"] == "present":
+        predicted["settings"] = target_settings if module.check_mode else _settings(module, api, name, root)
     changed = bool(actions)
     output = dict(changed=changed, volume=name, actions=actions, **predicted, **result)
     if module._diff:
-        output["diff"] = dict(before=_view(before), after=predicted,
+        shown_before = _view(before)
+        if before is not None:
+            shown_before["settings"] = current if p["state"] == "present" else _settings(module, api, name, root)
+        output["diff"] = dict(before=shown_before, after=predicted,
                               before_header="volume %s" % name, after_header="volume %s" % name)
     module.exit_json(**output)
+
+
+def _settings(module, api, name, root):
+    """The registered volume's settings."""
+    return call(module, api.configure, name, root=root)["settings"]
 
 
 def _plan(module, api, name, peer, token_file, ca, root):
