@@ -150,6 +150,34 @@ class ReplicaServer:
         return ReplicaClient(self.url, token_file=str(self.token_file))
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it does not go within ``timeout``; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def protect_volume(tmp_path: Path, state_root: Path, replica_server):
+    """protect_volume(size, seed=1) -> (device path, its bytes): a registered volume "vol" of
+    pseudo-random data with 64 KiB regions, paired with the test's replica server."""
+
+    def make(size: int, seed: int = 1, sparse_every: int = 0) -> tuple[Path, bytearray]:
+        from drtool import api
+
+        path = tmp_path / "dev.img"
+        data = bytearray(make_image(path, size, seed=seed, sparse_every=sparse_every))
+        api.init_volume("vol", str(path), "64K")
+        api.protect("vol", replica_server.url, str(replica_server.token_file))
+        return path, data
+
+    return make
+
+
 @pytest.fixture
 def replica_server(tmp_path: Path):
     token = tmp_path / "token"
@@ -271,13 +299,7 @@ class FaultyDevice:
     def stop(self) -> None:
         subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()  # nbdfuse does not always notice a lazy unmount
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            stop_process(self.proc)  # nbdfuse does not always notice a lazy unmount
             self.proc = None
 
 

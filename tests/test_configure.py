@@ -4,7 +4,7 @@ import pytest
 
 from drtool import api
 from drtool.errors import ExitCode
-from tests.conftest import corrupt, make_image
+from tests.conftest import corrupt
 
 RS = 65536
 REGIONS = 16
@@ -12,12 +12,8 @@ SIZE = REGIONS * RS
 
 
 @pytest.fixture
-def protected(tmp_path, state_root, replica_server):
-    path = tmp_path / "dev.img"
-    data = make_image(path, SIZE, seed=5)
-    api.init_volume("vol", str(path), "64K")
-    api.protect("vol", replica_server.url, str(replica_server.token_file))
-    return path, data
+def protected(protect_volume):
+    return protect_volume(SIZE, seed=5)
 
 
 def test_configure_shows_changes_and_is_idempotent(protected, cli):

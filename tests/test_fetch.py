@@ -19,7 +19,7 @@ import pytest
 from drtool import api, wire
 from drtool.engine import Engine
 from drtool.errors import ExitCode, VerificationFailed
-from tests.conftest import corrupt, make_image
+from tests.conftest import corrupt
 
 RS = 65536
 REGIONS = 32
@@ -144,13 +144,9 @@ def _shut(sock: socket.socket) -> None:
 
 
 @pytest.fixture
-def protected(tmp_path, state_root, replica_server):
+def protected(protect_volume):
     """A protected volume of random data (no zero regions: every frame carries a payload)."""
-    path = tmp_path / "dev.img"
-    data = make_image(path, SIZE, seed=31)
-    api.init_volume("vol", str(path), "64K")
-    api.protect("vol", replica_server.url, str(replica_server.token_file))
-    return path, data
+    return protect_volume(SIZE, seed=31)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from drtool import api
 from drtool.engine import Engine
 from drtool.nbd import protocol as p
 from drtool.storage.volume import Volume
-from tests.conftest import corrupt, make_image, require_root, require_tool
+from tests.conftest import corrupt, make_image, require_root, require_tool, stop_process
 from tests.nbd.rawclient import RawClient, ServerClosed
 
 pytestmark = pytest.mark.slow
@@ -148,13 +148,7 @@ class LateFailingDevice:
     def stop(self) -> None:
         subprocess.run(["umount", "-l", str(self.mount)], capture_output=True)
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            stop_process(self.proc)
             self.proc = None
 
 
