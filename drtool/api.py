@@ -88,7 +88,8 @@ def scan_volume(name: str, root: str | None = None, progress: Progress | None = 
 
 def configure(name: str, changes: dict[str, Any] | None = None, root: str | None = None) -> dict[str, Any]:
     """Show the volume's settings, changing ``changes`` first (live when an agent serves it):
-    ``copy_on_read`` and ``auto_degrade`` (booleans), ``log_limit`` (bytes)."""
+    ``copy_on_read`` and ``auto_degrade`` (booleans), ``log_limit`` (bytes), ``fetch_timeout``
+    (seconds)."""
     args = {"changes": changes or {}}
     return _run(name, root, "configure", args, lambda e: ops.configure(e, **args), look_only=not changes)
 
@@ -96,9 +97,9 @@ def configure(name: str, changes: dict[str, Any] | None = None, root: str | None
 def settings_with(changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """drtool's default volume settings with ``changes`` (validated) applied: what a volume
     registered now and configured with them would have."""
-    from drtool.engine.core import DEFAULT_SETTINGS, check_settings
+    from drtool.engine.core import check_settings, effective_settings
 
-    return {**DEFAULT_SETTINGS, **check_settings(changes or {})}
+    return effective_settings(check_settings(changes or {}))
 
 
 def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:

@@ -66,13 +66,18 @@ class RemoteFetcher:
     def source(self) -> str:
         return (self.engine.record.recovery or {}).get("source") or "mirror"
 
+    def lagging(self, regions: list[int]) -> list[int]:
+        """Refuse lost regions (nobody holds them); return those the replica lacks the latest bytes of."""
+        volume = self.engine.volume
+        lost = [r for r in regions if volume.norecord.test(r)]
+        if lost:
+            raise RegionsLost(self.engine.name, to_runs(lost))
+        return [r for r in regions if volume.unreplicated.test(r)]
+
     def prepare(self, regions: list[int]) -> None:
         """Refuse lost regions; force-replicate lagging ones so the replica has their latest bytes."""
         engine = self.engine
-        lost = [r for r in regions if engine.volume.norecord.test(r)]
-        if lost:
-            raise RegionsLost(engine.name, to_runs(lost))
-        lagging = [r for r in regions if engine.volume.unreplicated.test(r)]
+        lagging = self.lagging(regions)
         if lagging:
             if engine.replicator is None:
                 raise DataUnavailable(f"volume {engine.name}: regions {to_runs(lagging)} are not "
@@ -168,13 +173,13 @@ class RemoteFetcher:
         overlay when copy-on-read is on (always for a snapshot or journal source, whose bytes
         the mirror cannot give again)."""
         engine = self.engine
-        force_copy = self.source() != "mirror"
+        source = self.source()
         with engine.meta:
             recovery = engine.record.recovery
             if recovery is not None:
                 recovery["fetched_regions"] = recovery.get("fetched_regions", 0) + len(got)
                 recovery["fetched_bytes"] = recovery.get("fetched_bytes", 0) + sum(len(d) for d, _ in got.values())
-        if store and (force_copy or engine.settings["copy_on_read"]):
-            rollback = self.source().startswith("snapshot:")
+        if store and (source != "mirror" or engine.settings["copy_on_read"]):
+            rollback = source.startswith("snapshot:")
             for region, (data, digest) in got.items():
                 engine.store_fetched(region, data, digest, rollback=rollback)

@@ -325,14 +325,7 @@ class Engine(ReadPath, WritePath):
         return self.volume.requested(region)
 
     def requested_regions(self) -> RegionBitmap:
-        recovery = self.record.recovery
-        if not recovery or recovery.get("local_era") is None:
-            return self.volume.bad.difference(self.volume.overlay)
-        wanted = RegionBitmap(self.geometry.count)
-        for region in range(self.geometry.count):
-            if self.requested(region):
-                wanted.set(region)
-        return wanted
+        return self.volume.requested_regions()
 
     def lost_regions(self) -> list[int]:
         """Requested regions nobody holds: never replicated and no log record left."""

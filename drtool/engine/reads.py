@@ -214,14 +214,9 @@ class ReadPath:
         wanted = set(regions)
         ahead = []
         start = max(regions) + 1
-        end = min(start + READAHEAD_REGIONS, self.geometry.count)
-        recovery = self.record.recovery or {}
-        # Without an older local copy only bad regions are requested: walk the bad map's set bits
-        # (every reader waiting for a fetch computes this, so it must be cheap).
-        candidates = (range(start, end) if recovery.get("local_era") is not None
-                      else volume.bad.set_between(start, end))
-        for region in candidates:
-            if (region not in wanted and self.requested(region) and not volume.norecord.test(region)
+        # Every reader waiting for a fetch computes this: it must be cheap (requested_between is).
+        for region in volume.requested_between(start, start + READAHEAD_REGIONS):
+            if (region not in wanted and not volume.norecord.test(region)
                     and not volume.unreplicated.test(region)):
                 ahead.append(region)
                 if len(ahead) >= READAHEAD_MAX:

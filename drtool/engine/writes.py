@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import blake3
 
-from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, RegionsLost
+from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted
 from drtool.storage.device import Device
 from drtool.storage.maps import zero_digest
 from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
@@ -102,11 +102,9 @@ class WritePath:
             if not self._read_local(self.device, region, 1, region, view):
                 return content
             # It failed verification and is marked bad now (a self-healing read): fetch it.
-        if volume.norecord.test(region):
-            raise RegionsLost(self.name, [(region, 1)])
-        if volume.unreplicated.test(region):
-            raise _NeedsForcedReplication()
         fetcher = self._fetcher()
+        if fetcher.lagging([region]):  # (a lost region raises here)
+            raise _NeedsForcedReplication()
         got = fetcher.fetch([region], prepared=True)
         fetcher.account(got, store=False)  # the write puts the region in the overlay itself
         view[:] = got[region][0]

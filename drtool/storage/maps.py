@@ -101,15 +101,7 @@ class RegionBitmap:
 
     def __iter__(self) -> Iterator[int]:
         """The set regions, ascending."""
-        bits = self._bits
-        for match in _NONZERO.finditer(bits):
-            for index in range(match.start(), match.end()):
-                byte = bits[index]
-                base = index << 3
-                while byte:
-                    low = byte & -byte
-                    yield base + low.bit_length() - 1
-                    byte ^= low
+        return self.set_between(0, self.count)
 
     def set_between(self, first: int, end: int) -> Iterator[int]:
         """The set regions in [first, end), ascending (whole zero bytes skipped at C speed)."""

@@ -208,6 +208,20 @@ class Volume:
             return self.eras[region] >= recovery["local_era"]
         return False
 
+    def requested_between(self, first: int, end: int) -> Iterator[int]:
+        """The requested regions in [first, end), ascending.  Without an older local copy only bad
+        regions are requested, so the bad map's set bits are walked instead of every region."""
+        recovery = self.record.recovery or {}
+        candidates = (range(max(first, 0), min(end, self.geometry.count)) if recovery.get("local_era") is not None
+                      else self.bad.set_between(first, end))
+        return (region for region in candidates if self.requested(region))
+
+    def requested_regions(self) -> RegionBitmap:
+        wanted = RegionBitmap(self.geometry.count)
+        for region in self.requested_between(0, self.geometry.count):
+            wanted.set(region)
+        return wanted
+
     def lost_regions(self) -> RegionBitmap:
         """Requested but unreplicated and without a log record: nobody holds their current bytes."""
         lost = RegionBitmap(self.geometry.count)
