@@ -150,6 +150,15 @@ class ReplicaServer:
         return ReplicaClient(self.url, token_file=str(self.token_file))
 
 
+def state_files(root: Path, mtimes: bool = False) -> dict[str, Any]:
+    """Every file under a state root and its bytes, with ``mtimes`` also when it was last written
+    (the lock file aside: it names its holder, it is not state)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) if mtimes else p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock"}
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL if it does not go within ``timeout``; reaped either way."""
     if proc.poll() is None:

@@ -8,7 +8,7 @@ from drtool import api
 from drtool.engine import Engine
 from drtool.errors import ExitCode
 from drtool.replication import Replicator
-from tests.conftest import make_image
+from tests.conftest import make_image, state_files
 
 RS = 65536
 SIZE = 24 * RS + 777  # partial last region
@@ -188,20 +188,15 @@ def test_interrupted_initial_sync_resumes_where_it_stopped(tmp_path, state_root,
     assert replica_server.client().read_range("vol", 0, 64 * RS) == data
 
 
-def _state_files(state_root):
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (state_root / "vol").rglob("*")
-            if p.is_file() and p.name != "lock"}  # the lock file names its holder: it is not state
-
-
 def test_a_plan_and_a_check_mode_scrub_change_no_state_file(tmp_path, state_root, replica_server):
     path = tmp_path / "dev.img"
     make_image(path, SIZE)
     api.init_volume("vol", str(path), "64K")
-    before = _state_files(state_root)
+    before = state_files(state_root, mtimes=True)
     plan = api.protect("vol", replica_server.url, str(replica_server.token_file), plan_only=True)
     assert plan["changed"] is False and plan["plan"]["mode"] == "full" and plan["plan"]["regions"] == 25
     assert api.scrub_volume("vol", record=False)["health"] == "ONLINE"
-    assert _state_files(state_root) == before
+    assert state_files(state_root, mtimes=True) == before
 
 
 def test_a_plan_for_an_unpaired_volume_under_a_running_agent(tmp_path, state_root, replica_server, start_agent):

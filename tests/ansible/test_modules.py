@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.ansible.conftest import free_port, load_module, stop_pid_file
-from tests.conftest import corrupt, make_image
+from tests.conftest import corrupt, make_image, state_files
 
 SIZE = 1 << 20  # 16 regions of 64 KiB
 TOKEN = "unit-test-token-0123456789abcdef"
@@ -36,14 +36,6 @@ def protected(run_module, volume_args) -> dict:
     """A registered, paired volume; returns the arguments that made it."""
     assert run_module("drtool_volume", volume_args).changed
     return volume_args
-
-
-def state_files(root: Path) -> dict[str, bytes]:
-    """Every file under a state root and its bytes (the lock file's pid aside)."""
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "lock"}
 
 
 # -- drtool_volume -----------------------------------------------------------------------------

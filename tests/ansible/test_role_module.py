@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from drtool import api
-from tests.ansible.test_modules import state_files
-from tests.conftest import ReplicaServer, make_image
+from tests.conftest import ReplicaServer, make_image, state_files
 
 pytestmark = pytest.mark.slow
 
