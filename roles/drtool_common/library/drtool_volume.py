@@ -317,7 +317,7 @@ def main():
             predicted = _view(volume_status(module, name, root))
 
     if p["state"] == "present":
-        predicted["settings"] = target_settings if module.check_mode else _settings(module, api, name, root)
+        predicted["settings"] = target_settings  # what configure applied (or would apply) over ``current``
     changed = bool(actions)
     output = dict(changed=changed, volume=name, actions=actions, **predicted, **result)
     if module._diff:
