@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,25 @@ DEFAULT_PRIVATE_DIRS: dict[str, str] = {
     "/var/lib/drtool": "0755",
 }
 DEFAULT_BASE_DIR = os.environ.get("DRLAB_BASE_DIR", "/var/tmp")  # must not be a private dir
+def _inside(path: str, directories: Iterable[str]) -> str | None:
+    """The directory of ``directories`` that ``path`` lies in, if any."""
+    return next((d for d in directories if path.startswith(d.rstrip("/") + "/")), None)
+
+
+def _visible_python(python: str, private: Mapping[str, str]) -> str:
+    """An interpreter the hosts can see: a venv under a host-private dir (a checkout in /tmp) is
+    hidden by the host's own tmpfs there, so its real interpreter is used instead."""
+    if _inside(python, private) is None:
+        return python
+    real = os.path.realpath(python)
+    hidden = _inside(real, private)
+    if hidden is not None:
+        raise LabError(f"the lab hosts cannot see {python}: it lies in {hidden}, which each host mounts "
+                       "as its own tmpfs; give python= an interpreter outside "
+                       f"{', '.join(sorted(private))}")
+    return real
+
+
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "sshd", "ssh", "ssh-keygen", "bash")
 HOSTINIT = Path(__file__).resolve().with_name("hostinit.py")
 SETUP_TIMEOUT = 15.0
@@ -292,7 +311,7 @@ class Lab:
             # detached lab drops its owner only once its hosts run, which then vouch for it.
             "owner": {"pid": os.getpid(), "start": _start_time(os.getpid())},
             "detached": detached, "control_netns": f"{PREFIX}{lab_id}-ctl",
-            "control_address": CONTROL_ADDRESS, "python": python or sys.executable,
+            "control_address": CONTROL_ADDRESS, "python": _visible_python(python or sys.executable, private),
             "private": private, "hosts": hosts, "processes": [], "env": {}, "timings": {},
         })
         lab._save()  # first, so a crash from here on leaves a lab cleanup_stale() can find
