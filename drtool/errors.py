@@ -95,6 +95,16 @@ class CorruptStateFile(StateError):
         self.reason = reason
 
 
+class UpgradeNeeded(StateError):
+    """The state directory is in an older format: it is never misread, and says what to run."""
+
+    def __init__(self, path: str, name: str, found: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path}: volume {name}'s state is in {found}; run `drtool upgrade {name}` "
+            "(it converts the state in place and is safe to interrupt and run again)")
+
+
 class VolumeBusy(DrtoolError):
     exit_code = ExitCode.BUSY
     errno = errno.EBUSY

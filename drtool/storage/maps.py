@@ -1,78 +1,240 @@
-"""In-memory region maps: bitmaps, the era array and the manifest.
+"""Region maps: bitmaps, the era map and the manifest, paged.
 
-Each map is persisted by :mod:`drtool.storage.mapfile` under its own magic;
-this module only holds the bits and knows nothing of files.
+Each map is an array over the volume's regions cut into pages of
+:data:`~drtool.storage.pagestore.PAYLOAD` bytes.  A map reads and changes its pages
+through a :class:`Pages` source: a volume's :class:`~drtool.storage.pagestore.PageStore`
+(on disk, cached, committed by the volume) or :class:`MemoryPages` (a scratch map, such
+as a plan's set of regions).  Memory follows the pages touched, not the volume's size.
+
+Every map's default is a page of zeros, so a page never written costs nothing:
+
+- the manifest stores 32 zero bytes for "this region is all zeros" (the real digest
+  of zeros is :func:`zero_digest`; a blake3 digest of all zero bytes does not happen);
+- the era map stores era 0 for "not written since the volume was registered";
+- a bitmap keeps, per chunk of ``CHUNK_BITS`` regions (one page), the number of set
+  bits (a summary array, itself paged); a chunk whose count is 0 or full needs no
+  page at all ("run" containers, as roaring bitmaps have), so ``set_all`` and
+  ``clear_all`` write a handful of summary pages, whatever the size.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
+import struct
 import sys
 from array import array
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import blake3
 
 from drtool.regions import Run
+from drtool.storage.pagestore import PAYLOAD
 
 DIGEST_SIZE = 32
+NO_DIGEST = bytes(DIGEST_SIZE)
+DIGESTS_PER_PAGE = PAYLOAD // DIGEST_SIZE  # 127
+ERAS_PER_PAGE = PAYLOAD // 4  # 1016
+COUNTS_PER_PAGE = PAYLOAD // 4  # 1016
+CHUNK_BITS = PAYLOAD * 8  # 32512 regions a bitmap page
+_ERA = struct.Struct("<I")
 _NONZERO = re.compile(rb"[^\x00]+", re.DOTALL)
 _FULL_BYTES = re.compile(rb"\xff+")
+_LITTLE = sys.byteorder == "little"
+
+
+def _pages_for(count: int, per_page: int) -> int:
+    return (count + per_page - 1) // per_page
+
+
+class Pages(Protocol):
+    """Where a map's pages live (PageStore or MemoryPages)."""
+
+    def page(self, page_no: int) -> bytearray: ...
+
+    def page_for_write(self, page_no: int) -> bytearray: ...
+
+    def written_pages(self, first: int, end: int) -> Iterator[int]: ...
+
+
+class MemoryPages:
+    """Pages in a dict: a scratch map's storage (a page never touched reads as zeros)."""
+
+    def __init__(self) -> None:
+        self._pages: dict[int, bytearray] = {}
+
+    def page(self, page_no: int) -> bytearray:
+        return self._pages.get(page_no) or bytearray(PAYLOAD)
+
+    def page_for_write(self, page_no: int) -> bytearray:
+        buf = self._pages.get(page_no)
+        if buf is None:
+            buf = self._pages[page_no] = bytearray(PAYLOAD)
+        return buf
+
+    def discard(self, page_no: int) -> None:
+        self._pages.pop(page_no, None)
+
+    def written_pages(self, first: int, end: int) -> Iterator[int]:
+        return iter(sorted(p for p in self._pages if first <= p < end))
+
+
+class Layout:
+    """Where each map's pages start in a volume's page store (page 0 is the superblock)."""
+
+    def __init__(self, count: int, bitmap_kinds: Iterable[str]) -> None:
+        self.count = count
+        position = 1
+        self.manifest = position
+        position += _pages_for(count, DIGESTS_PER_PAGE)
+        self.eras = position
+        era_pages = _pages_for(count, ERAS_PER_PAGE)
+        position += era_pages
+        self.era_summary = position
+        position += _pages_for(era_pages, ERAS_PER_PAGE)
+        chunks = _pages_for(count, CHUNK_BITS)
+        self.bitmaps: dict[str, tuple[int, int]] = {}
+        for kind in bitmap_kinds:
+            self.bitmaps[kind] = (position, position + chunks)  # (chunk pages, summary pages)
+            position += chunks + _pages_for(chunks, COUNTS_PER_PAGE)
+        self.pages = position
 
 
 class RegionBitmap:
-    """One bit per region, packed little-endian (bit ``r % 8`` of byte ``r // 8``)."""
+    """One bit per region, in chunks of CHUNK_BITS regions with a count of set bits each.
 
-    __slots__ = ("count", "_bits", "_empty")
+    ``RegionBitmap(count)`` is a scratch bitmap in memory; a volume's bitmaps are given
+    their store's pages.  A chunk's page is only read when its count is neither 0 nor full.
+    """
 
-    def __init__(self, count: int, data: bytes | bytearray | None = None) -> None:
+    __slots__ = ("count", "_pages", "_first", "_summary", "_counts", "_total", "_dirty_counts", "_memory")
+
+    def __init__(self, count: int, pages: Pages | None = None, first_page: int = 0,
+                 summary_page: int | None = None) -> None:
         self.count = count
-        self._empty: bool | None = None  # cached answer of "no bit set"; None: unknown
-        size = (count + 7) // 8
-        if data is None:
-            self._bits = bytearray(size)
+        chunks = _pages_for(count, CHUNK_BITS)
+        self._memory = pages is None
+        self._pages: Pages = MemoryPages() if pages is None else pages
+        self._first = first_page
+        self._summary = summary_page
+        self._dirty_counts: set[int] = set()
+        if summary_page is None:
+            self._counts = array("I", bytes(4 * chunks))
         else:
-            if len(data) != size:
-                raise ValueError(f"bitmap of {count} regions needs {size} bytes, got {len(data)}")
-            self._bits = bytearray(data)
+            self._counts = _load_counts(self._pages, summary_page, chunks)
+            for chunk, value in enumerate(self._counts):
+                if value > self._valid(chunk):
+                    raise ValueError(f"bitmap summary says chunk {chunk} has {value} set bits, more than it holds")
+        self._total = sum(self._counts)
 
-    @staticmethod
-    def body_size(count: int) -> int:
-        return (count + 7) // 8
+    # -- chunks ---------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        return bytes(self._bits)
+    def _valid(self, chunk: int) -> int:
+        return min(CHUNK_BITS, self.count - chunk * CHUNK_BITS)
 
-    def copy(self) -> RegionBitmap:
-        return RegionBitmap(self.count, self._bits)
+    def _set_count(self, chunk: int, value: int) -> None:
+        self._total += value - self._counts[chunk]
+        self._counts[chunk] = value
+        self._dirty_counts.add(chunk // COUNTS_PER_PAGE)
+        if self._memory and (value == 0 or value == self._valid(chunk)):
+            self._pages.discard(self._first + chunk)  # type: ignore[attr-defined]
+
+    def _implied(self, chunk: int) -> bytes | None:
+        """The chunk's bits when its count alone says them (empty or full), else None."""
+        value = self._counts[chunk]
+        if value == 0:
+            return bytes(PAYLOAD)
+        valid = self._valid(chunk)
+        if value == valid:
+            full, rest = divmod(valid, 8)
+            return b"\xff" * full + (bytes([(1 << rest) - 1]) if rest else b"") + bytes(PAYLOAD - full - (1 if rest else 0))
+        return None
+
+    def _chunk_bytes(self, chunk: int) -> bytes | bytearray:
+        implied = self._implied(chunk)
+        return implied if implied is not None else self._pages.page(self._first + chunk)
+
+    def _writable(self, chunk: int) -> bytearray:
+        implied = self._implied(chunk)
+        buf = self._pages.page_for_write(self._first + chunk)
+        if implied is not None:
+            buf[:] = implied
+        return buf
+
+    def save_counts(self) -> None:
+        """Copy the changed part of the summary into its pages (before the store commits)."""
+        if self._summary is None:
+            self._dirty_counts.clear()
+            return
+        for summary in sorted(self._dirty_counts):
+            values = self._counts[summary * COUNTS_PER_PAGE:(summary + 1) * COUNTS_PER_PAGE]
+            if not _LITTLE:
+                values.byteswap()
+            raw = values.tobytes()
+            buf = self._pages.page_for_write(self._summary + summary)
+            buf[:len(raw)] = raw
+        self._dirty_counts.clear()
+
+    # -- single regions ---------------------------------------------------------------
 
     def __contains__(self, region: int) -> bool:
-        return bool(self._bits[region >> 3] >> (region & 7) & 1)
+        return self.test(region)
 
     def test(self, region: int) -> bool:
-        return bool(self._bits[region >> 3] >> (region & 7) & 1)
+        chunk, bit = divmod(region, CHUNK_BITS)
+        value = self._counts[chunk]
+        if value == 0:
+            return False
+        if value == CHUNK_BITS or value == self._valid(chunk):
+            return True
+        return bool(self._pages.page(self._first + chunk)[bit >> 3] >> (bit & 7) & 1)
 
     def set(self, region: int) -> None:
-        self._bits[region >> 3] |= 1 << (region & 7)
-        self._empty = False
+        chunk, bit = divmod(region, CHUNK_BITS)
+        value = self._counts[chunk]
+        if value == self._valid(chunk):
+            return
+        buf = self._writable(chunk) if value == 0 else self._pages.page(self._first + chunk)
+        mask = 1 << (bit & 7)
+        if buf[bit >> 3] & mask:
+            return
+        buf = self._pages.page_for_write(self._first + chunk)
+        buf[bit >> 3] |= mask
+        self._set_count(chunk, value + 1)
 
     def clear(self, region: int) -> None:
-        self._bits[region >> 3] &= ~(1 << (region & 7)) & 0xFF
-        if self._empty is False:
-            self._empty = None
+        chunk, bit = divmod(region, CHUNK_BITS)
+        value = self._counts[chunk]
+        if value == 0:
+            return
+        if value == self._valid(chunk):
+            buf = self._writable(chunk)
+        else:
+            buf = self._pages.page(self._first + chunk)
+        mask = 1 << (bit & 7)
+        if not buf[bit >> 3] & mask:
+            return
+        buf = self._pages.page_for_write(self._first + chunk)
+        buf[bit >> 3] &= ~mask & 0xFF
+        self._set_count(chunk, value - 1)
+
+    # -- runs and the whole map ---------------------------------------------------------
 
     def set_run(self, first: int, count: int, value: bool = True) -> None:
-        end = first + count
-        # Head and tail bits one by one; whole bytes in between by slice.
-        while first < end and first & 7:
-            self.set(first) if value else self.clear(first)
-            first += 1
-        while end > first and end & 7:
-            end -= 1
-            self.set(end) if value else self.clear(end)
-        if end > first:
-            self._bits[first >> 3 : end >> 3] = (b"\xff" if value else b"\x00") * ((end - first) >> 3)
-        self._empty = False if value and count > 0 else None
+        end = min(first + count, self.count)
+        first = max(first, 0)
+        while first < end:
+            chunk = first // CHUNK_BITS
+            base = chunk * CHUNK_BITS
+            lo, hi = first - base, min(end - base, self._valid(chunk))
+            if lo == 0 and hi == self._valid(chunk):
+                self._set_count(chunk, hi if value else 0)
+            elif self._counts[chunk] != (self._valid(chunk) if value else 0):
+                buf = self._writable(chunk)
+                _set_bits(buf, lo, hi, value)
+                self._set_count(chunk, int.from_bytes(buf, "little").bit_count())
+            first = base + hi
 
     def clear_run(self, first: int, count: int) -> None:
         self.set_run(first, count, False)
@@ -81,48 +243,59 @@ class RegionBitmap:
         for region in regions:
             self.set(region) if value else self.clear(region)
 
+    def set_runs(self, runs: Iterable[Run], value: bool = True) -> None:
+        for first, count in runs:
+            self.set_run(first, count, value)
+
     def clear_all(self) -> None:
-        self._bits[:] = bytes(len(self._bits))
-        self._empty = True
+        self.set_run(0, self.count, False)
 
     def set_all(self) -> None:
-        self.set_run(0, self.count)
+        self.set_run(0, self.count, True)
 
     def any(self) -> bool:
-        if self._empty is None:
-            self._empty = _NONZERO.search(self._bits) is None
-        return not self._empty
+        return self._total > 0
 
     def popcount(self) -> int:
-        return int.from_bytes(self._bits, "little").bit_count()
+        return self._total
 
     def count_in(self, first: int, count: int) -> int:
-        return sum(1 for r in range(first, first + count) if self.test(r))
+        return sum(1 for _ in self.set_between(first, first + count))
 
     def __iter__(self) -> Iterator[int]:
         """The set regions, ascending."""
         return self.set_between(0, self.count)
 
+    def _busy_chunks(self, first_chunk: int, end_chunk: int) -> Iterator[int]:
+        counts = self._counts
+        for chunk in range(first_chunk, end_chunk):
+            if counts[chunk]:
+                yield chunk
+
     def set_between(self, first: int, end: int) -> Iterator[int]:
-        """The set regions in [first, end), ascending (whole zero bytes skipped at C speed)."""
+        """The set regions in [first, end), ascending (empty chunks and zero bytes skipped)."""
         first, end = max(first, 0), min(end, self.count)
         if first >= end:
             return
-        bits = self._bits
-        lo, hi = first >> 3, (end + 7) >> 3
-        for match in _NONZERO.finditer(bits, lo, hi):
-            for index in range(match.start(), match.end()):
-                byte = bits[index]
-                base = index << 3
-                while byte:
-                    low = byte & -byte
-                    region = base + low.bit_length() - 1
-                    if first <= region < end:
-                        yield region
-                    byte ^= low
+        for chunk in self._busy_chunks(first // CHUNK_BITS, (end - 1) // CHUNK_BITS + 1):
+            base = chunk * CHUNK_BITS
+            lo, hi = max(first, base), min(end, base + self._valid(chunk))
+            if self._counts[chunk] == self._valid(chunk):
+                yield from range(lo, hi)
+                continue
+            bits = self._pages.page(self._first + chunk)
+            for match in _NONZERO.finditer(bits, (lo - base) >> 3, (hi - base + 7) >> 3):
+                for index in range(match.start(), match.end()):
+                    byte = bits[index]
+                    while byte:
+                        low = byte & -byte
+                        region = base + (index << 3) + low.bit_length() - 1
+                        if lo <= region < hi:
+                            yield region
+                        byte ^= low
 
     def runs(self) -> list[Run]:
-        """The set regions as sorted runs; fast for long runs of whole bytes."""
+        """The set regions as sorted runs; whole chunks and whole bytes at C speed."""
         runs: list[list[int]] = []
 
         def add(first: int, count: int) -> None:
@@ -131,109 +304,232 @@ class RegionBitmap:
             else:
                 runs.append([first, count])
 
-        bits = self._bits
-        for match in _NONZERO.finditer(bits):
-            index = match.start()
-            while index < match.end():
-                full = _FULL_BYTES.match(bits, index, match.end())
-                if full:
-                    add(index << 3, (full.end() - index) << 3)
-                    index = full.end()
-                    continue
-                byte = bits[index]
-                for bit in range(8):
-                    if byte >> bit & 1:
-                        add((index << 3) + bit, 1)
-                index += 1
+        for chunk in self._busy_chunks(0, len(self._counts)):
+            base = chunk * CHUNK_BITS
+            if self._counts[chunk] == self._valid(chunk):
+                add(base, self._valid(chunk))
+                continue
+            bits = self._pages.page(self._first + chunk)
+            for match in _NONZERO.finditer(bits):
+                index = match.start()
+                while index < match.end():
+                    full = _FULL_BYTES.match(bits, index, match.end())
+                    if full:
+                        add(base + (index << 3), (full.end() - index) << 3)
+                        index = full.end()
+                        continue
+                    byte = bits[index]
+                    for bit in range(8):
+                        if byte >> bit & 1:
+                            add(base + (index << 3) + bit, 1)
+                    index += 1
         return [(first, count) for first, count in runs]
 
-    def set_runs(self, runs: Iterable[Run], value: bool = True) -> None:
-        for first, count in runs:
-            self.set_run(first, count, value)
+    def copy(self) -> RegionBitmap:
+        """A scratch copy."""
+        out = RegionBitmap(self.count)
+        for chunk in self._busy_chunks(0, len(self._counts)):
+            out._put(chunk, self._chunk_bytes(chunk), self._counts[chunk])
+        return out
+
+    def _put(self, chunk: int, bits: bytes | bytearray, value: int) -> None:
+        if 0 < value < self._valid(chunk):
+            self._pages.page_for_write(self._first + chunk)[:] = bits
+        self._set_count(chunk, value)
 
     def difference(self, other: RegionBitmap) -> RegionBitmap:
-        """Regions set here and not in ``other`` (whole-bitmap integer arithmetic: fast)."""
-        mine = int.from_bytes(self._bits, "little")
-        theirs = int.from_bytes(other._bits, "little")
-        return RegionBitmap(self.count, (mine & ~theirs).to_bytes(len(self._bits), "little"))
+        """Regions set here and not in ``other``, as a scratch bitmap."""
+        out = RegionBitmap(self.count)
+        for chunk in self._busy_chunks(0, len(self._counts)):
+            theirs = other._counts[chunk]
+            if theirs == other._valid(chunk):
+                continue
+            mine = self._chunk_bytes(chunk)
+            if theirs == 0:
+                out._put(chunk, mine, self._counts[chunk])
+                continue
+            value = int.from_bytes(mine, "little") & ~int.from_bytes(other._chunk_bytes(chunk), "little")
+            out._put(chunk, value.to_bytes(PAYLOAD, "little"), value.bit_count())
+        return out
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RegionBitmap) and self._bits == other._bits
+        if not isinstance(other, RegionBitmap) or other.count != self.count:
+            return False
+        if self._counts != other._counts:
+            return False
+        return all(bytes(self._chunk_bytes(c)) == bytes(other._chunk_bytes(c))
+                   for c in self._busy_chunks(0, len(self._counts)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _set_bits(buf: bytearray, lo: int, hi: int, value: bool) -> None:
+    """Bits [lo, hi) of ``buf`` to ``value``."""
+    while lo < hi and lo & 7:
+        _bit(buf, lo, value)
+        lo += 1
+    while hi > lo and hi & 7:
+        hi -= 1
+        _bit(buf, hi, value)
+    if hi > lo:
+        buf[lo >> 3:hi >> 3] = (b"\xff" if value else b"\x00") * ((hi - lo) >> 3)
+
+
+def _bit(buf: bytearray, index: int, value: bool) -> None:
+    if value:
+        buf[index >> 3] |= 1 << (index & 7)
+    else:
+        buf[index >> 3] &= ~(1 << (index & 7)) & 0xFF
+
+
+def _load_counts(pages: Pages, summary_page: int, chunks: int) -> array:
+    counts = array("I")
+    for summary in range(_pages_for(chunks, COUNTS_PER_PAGE)):
+        take = min(COUNTS_PER_PAGE, chunks - summary * COUNTS_PER_PAGE)
+        counts.frombytes(bytes(pages.page(summary_page + summary)[:4 * take]))
+    if not _LITTLE:
+        counts.byteswap()
+    return counts
 
 
 class EraMap:
-    """The era of each region's last write (as dm-era keeps it): one uint32 a region."""
+    """The era of each region's last write (as dm-era keeps it), 0 for "not since init".
 
-    __slots__ = ("count", "_eras")
+    A summary page keeps the highest era of each era page, so "regions written in era E
+    or later" reads only the pages that hold such regions."""
 
-    def __init__(self, count: int, data: bytes | bytearray | None = None, initial: int = 0) -> None:
+    __slots__ = ("count", "_pages", "_first", "_summary")
+
+    def __init__(self, count: int, pages: Pages | None = None, first_page: int = 0,
+                 summary_page: int | None = None) -> None:
         self.count = count
-        self._eras = array("I")
-        if data is None:
-            self._eras.frombytes(initial.to_bytes(4, "little") * count)
-        else:
-            if len(data) != 4 * count:
-                raise ValueError(f"era map of {count} regions needs {4 * count} bytes")
-            self._eras.frombytes(bytes(data))
-        if sys.byteorder == "big":
-            self._eras.byteswap()
-
-    @staticmethod
-    def body_size(count: int) -> int:
-        return 4 * count
-
-    def to_bytes(self) -> bytes:
-        if sys.byteorder == "big":
-            swapped = array("I", self._eras)
-            swapped.byteswap()
-            return swapped.tobytes()
-        return self._eras.tobytes()
+        self._pages: Pages = MemoryPages() if pages is None else pages
+        self._first = first_page
+        self._summary = summary_page if summary_page is not None else first_page + _pages_for(count, ERAS_PER_PAGE)
 
     def __getitem__(self, region: int) -> int:
-        return self._eras[region]
+        page, index = divmod(region, ERAS_PER_PAGE)
+        return _ERA.unpack_from(self._pages.page(self._first + page), index * 4)[0]
 
     def __setitem__(self, region: int, era: int) -> None:
-        self._eras[region] = era
+        page, index = divmod(region, ERAS_PER_PAGE)
+        buf = self._pages.page(self._first + page)
+        if _ERA.unpack_from(buf, index * 4)[0] == era:
+            return
+        _ERA.pack_into(self._pages.page_for_write(self._first + page), index * 4, era)
+        summary, slot = divmod(page, ERAS_PER_PAGE)
+        top = self._pages.page(self._summary + summary)
+        if _ERA.unpack_from(top, slot * 4)[0] < era:
+            _ERA.pack_into(self._pages.page_for_write(self._summary + summary), slot * 4, era)
 
-    def changed_since(self, era: int) -> Iterator[int]:
-        """Regions whose last write happened in ``era`` or later."""
-        for region, value in enumerate(self._eras):
-            if value >= era:
-                yield region
+    def changed_since(self, era: int, first: int = 0, end: int | None = None) -> Iterator[int]:
+        """Regions in [first, end) whose last write happened in ``era`` or later, ascending."""
+        end = self.count if end is None else min(end, self.count)
+        first = max(first, 0)
+        if first >= end:
+            return
+        if era <= 0:
+            yield from range(first, end)
+            return
+        first_page, end_page = first // ERAS_PER_PAGE, (end - 1) // ERAS_PER_PAGE + 1
+        for summary in range(first_page // ERAS_PER_PAGE, (end_page - 1) // ERAS_PER_PAGE + 1):
+            tops = _eras_of(self._pages.page(self._summary + summary))
+            base = summary * ERAS_PER_PAGE
+            for slot in range(max(first_page - base, 0), min(end_page - base, ERAS_PER_PAGE)):
+                if tops[slot] < era:
+                    continue
+                page = base + slot
+                eras = _eras_of(self._pages.page(self._first + page))
+                start = page * ERAS_PER_PAGE
+                for index, value in enumerate(eras):
+                    if value >= era and first <= start + index < end:
+                        yield start + index
+
+
+def _eras_of(buf: bytes | bytearray) -> array:
+    values = array("I")
+    values.frombytes(bytes(buf[:ERAS_PER_PAGE * 4]))
+    if not _LITTLE:
+        values.byteswap()
+    return values
 
 
 class Manifest:
-    """The blake3 digest of what each region should contain."""
+    """The blake3 digest of what each region should contain (all zeros: stored as NO_DIGEST)."""
 
-    __slots__ = ("count", "_digests")
+    __slots__ = ("count", "_last_length", "_region_size", "_pages", "_first")
 
-    def __init__(self, count: int, data: bytes | bytearray | None = None) -> None:
+    def __init__(self, count: int, region_size: int, last_length: int | None = None,
+                 pages: Pages | None = None, first_page: int = 0) -> None:
         self.count = count
-        if data is None:
-            self._digests = bytearray(DIGEST_SIZE * count)
-        else:
-            if len(data) != DIGEST_SIZE * count:
-                raise ValueError(f"manifest of {count} regions needs {DIGEST_SIZE * count} bytes")
-            self._digests = bytearray(data)
+        self._region_size = region_size
+        self._last_length = region_size if last_length is None else last_length
+        self._pages: Pages = MemoryPages() if pages is None else pages
+        self._first = first_page
 
-    @staticmethod
-    def body_size(count: int) -> int:
-        return DIGEST_SIZE * count
+    def _length(self, region: int) -> int:
+        return self._last_length if region == self.count - 1 else self._region_size
 
-    def to_bytes(self) -> bytes:
-        return bytes(self._digests)
+    def stored(self, region: int) -> bytes:
+        """The raw slot: NO_DIGEST for an all-zero region."""
+        page, index = divmod(region, DIGESTS_PER_PAGE)
+        start = index * DIGEST_SIZE
+        return bytes(self._pages.page(self._first + page)[start:start + DIGEST_SIZE])
 
     def __getitem__(self, region: int) -> bytes:
-        start = region * DIGEST_SIZE
-        return bytes(self._digests[start : start + DIGEST_SIZE])
+        slot = self.stored(region)
+        return zero_digest(self._length(region)) if slot == NO_DIGEST else slot
 
     def __setitem__(self, region: int, digest: bytes) -> None:
-        start = region * DIGEST_SIZE
-        self._digests[start : start + DIGEST_SIZE] = digest
+        if digest == zero_digest(self._length(region)):
+            digest = NO_DIGEST
+        if self.stored(region) == digest:
+            return
+        page, index = divmod(region, DIGESTS_PER_PAGE)
+        start = index * DIGEST_SIZE
+        self._pages.page_for_write(self._first + page)[start:start + DIGEST_SIZE] = digest
 
     def matches(self, region: int, digest: bytes) -> bool:
-        start = region * DIGEST_SIZE
-        return self._digests[start : start + DIGEST_SIZE] == digest
+        slot = self.stored(region)
+        if slot == NO_DIGEST:
+            return digest == zero_digest(self._length(region))
+        return slot == digest
+
+    def is_zero(self, region: int) -> bool:
+        return self.stored(region) == NO_DIGEST
+
+    def nonzero_between(self, first: int, end: int) -> Iterator[int]:
+        """Regions in [first, end) whose content is not all zeros, ascending (pages never
+        written are skipped without a read)."""
+        first, end = max(first, 0), min(end, self.count)
+        if first >= end:
+            return
+        first_page = first // DIGESTS_PER_PAGE
+        end_page = (end - 1) // DIGESTS_PER_PAGE + 1
+        for page_no in self._pages.written_pages(self._first + first_page, self._first + end_page):
+            page = page_no - self._first
+            buf = self._pages.page(page_no)
+            base = page * DIGESTS_PER_PAGE
+            last = -1
+            for match in _NONZERO.finditer(buf):
+                for index in range(max(match.start() // DIGEST_SIZE, last + 1), (match.end() - 1) // DIGEST_SIZE + 1):
+                    region = base + index
+                    last = index
+                    if first <= region < end:
+                        yield region
+
+    def digests(self, first: int, count: int) -> bytes:
+        """The real digests of ``count`` regions from ``first``, 32 bytes each."""
+        return b"".join(self[region] for region in range(first, first + count))
+
+
+def merge_regions(*iterators: Iterable[int]) -> Iterator[int]:
+    """Ascending regions from ascending iterators, each once."""
+    last = -1
+    for region in heapq.merge(*iterators):
+        if region != last:
+            yield region
+            last = region
 
 
 _zero_digests: dict[int, bytes] = {}

@@ -41,6 +41,16 @@ class StatePaths:
         return self.file("volume.json")
 
     @property
+    def maps(self) -> str:
+        """Every region map (manifest, eras, bitmaps), paged: storage.pagestore."""
+        return self.file("maps.pages")
+
+    @property
+    def maps_journal(self) -> str:
+        return self.file("maps.journal")
+
+    # The files of the first state format (whole-volume maps), read only by `drtool upgrade`.
+    @property
     def bitmaps(self) -> str:
         return self.file("bitmaps.bin")
 

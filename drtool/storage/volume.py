@@ -3,16 +3,19 @@
 State directory layout (``<state-root>/<name>/``)::
 
     volume.json    identity, geometry, mode, eras, settings (storage.record)
-    bitmaps.bin    every region bitmap, in one file so they change together
-    eras.bin       the era of each region's last write
-    manifest.bin   the blake3 digest each region should have
+    maps.pages     every region map, paged: the manifest (a blake3 digest per region),
+                   the era of each region's last write, the bitmaps (storage.pagestore)
+    maps.journal   the last commit's pages, replayed after a crash during a commit
     lock           flock'd by the one process that may mutate the volume
     log/           the replication log (storage.replog)
     overlay.img    the overlay's data, while one exists
 
-The three binary files share the header of :mod:`drtool.storage.mapfile`.
-Their ``seq`` field says up to which replication-log record they are
-current; records after it are replayed when the volume is opened.
+The page store's superblock says up to which replication-log record the maps are
+current; records after it are replayed when the volume is opened.  A commit writes
+the pages changed since the last one, so its cost follows the work, not the size.
+
+A state directory of the first format (whole-volume ``manifest.bin``, ``eras.bin``,
+``bitmaps.bin``) is refused with :class:`UpgradeNeeded`; :func:`upgrade` converts it.
 """
 
 from __future__ import annotations
@@ -21,17 +24,19 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from typing import Any
 
-from drtool.errors import CorruptStateFile, UsageError, VolumeExists, VolumeNotFound
+from drtool.errors import CorruptStateFile, UpgradeNeeded, UsageError, VolumeExists, VolumeNotFound
 from drtool.regions import Geometry, validate_region_size
 from drtool.storage import mapfile
 from drtool.storage.device import Device, check_device_path
 from drtool.storage.lock import VolumeLock
-from drtool.storage.maps import EraMap, Manifest, RegionBitmap
+from drtool.storage.maps import EraMap, Layout, Manifest, RegionBitmap, merge_regions
+from drtool.storage.pagestore import PageStore
 from drtool.storage.paths import StatePaths, validate_name
 from drtool.storage.record import EraStart, VolumeRecord
 
-#: The bitmaps a volume keeps, in their order inside bitmaps.bin.
+#: The bitmaps a volume keeps.
 #:   bad           cannot be served from the local device (checksum, I/O error, fault)
 #:   ioerror       bad because of an I/O error or short read (scan must not clear these)
 #:   unreplicated  written but not yet acknowledged by the secondary
@@ -40,6 +45,7 @@ from drtool.storage.record import EraStart, VolumeRecord
 #:   resync        still to be copied back into the device by failback
 BITMAP_KINDS = ("bad", "ioerror", "unreplicated", "norecord", "overlay", "resync")
 
+# The first format's files (read by `upgrade` only).
 MAGIC_BITMAPS = b"DRTBMAPS"
 MAGIC_ERAS = b"DRTERAS\0"
 MAGIC_MANIFEST = b"DRTMANIF"
@@ -48,17 +54,37 @@ MAGIC_MANIFEST = b"DRTMANIF"
 class Volume:
     """Open with :meth:`create`, :meth:`open` (mutating, locked) or :meth:`inspect` (read-only)."""
 
-    def __init__(self, paths: StatePaths, record: VolumeRecord, lock: VolumeLock | None) -> None:
+    def __init__(self, paths: StatePaths, record: VolumeRecord, lock: VolumeLock | None,
+                 store: PageStore) -> None:
         self.paths = paths
         self.record = record
         self.lock = lock
+        self.store = store
         self.geometry = Geometry(record.size, record.region_size)
         count = self.geometry.count
-        self.bitmaps: dict[str, RegionBitmap] = {kind: RegionBitmap(count) for kind in BITMAP_KINDS}
-        self.eras = EraMap(count, initial=0)
-        self.manifest = Manifest(count)
-        self.generations = {"bitmaps": 0, "eras": 0, "manifest": 0}
-        self.covered_seq = {"bitmaps": 0, "eras": 0, "manifest": 0}
+        layout = Layout(count, BITMAP_KINDS)
+        self.bitmaps: dict[str, RegionBitmap] = {}
+        for kind in BITMAP_KINDS:
+            chunks, summary = layout.bitmaps[kind]
+            try:
+                self.bitmaps[kind] = RegionBitmap(count, store, chunks, summary)
+            except ValueError as exc:
+                raise CorruptStateFile(store.path, f"{kind} bitmap: {exc}") from None
+        self.eras = EraMap(count, store, layout.eras, layout.era_summary)
+        self.manifest = Manifest(count, record.region_size, self.geometry.last_region_length, store,
+                                 layout.manifest)
+        self._saved_record: dict[str, Any] | None = None
+
+    @property
+    def covered_seq(self) -> dict[str, int]:
+        """The replication-log sequence every map is current to (one commit covers them all)."""
+        seq = self.store.superblock.covered_seq
+        return {"bitmaps": seq, "eras": seq, "manifest": seq}
+
+    @property
+    def generations(self) -> dict[str, int]:
+        generation = self.store.superblock.generation
+        return {"bitmaps": generation, "eras": generation, "manifest": generation}
 
     # -- opening --------------------------------------------------------------------
 
@@ -92,8 +118,11 @@ class Volume:
             record = VolumeRecord.new(name, device, size, region_size)
             if volume_id is not None:
                 record.volume_id = volume_id
-            volume = cls(paths, record, lock)
-            volume.save_all()
+            geometry = Geometry(size, region_size)
+            store = PageStore.create(paths.maps, paths.maps_journal, record.volume_id_bytes, region_size,
+                                     geometry.count)
+            volume = cls(paths, record, lock, store)
+            volume.save_record()
             return volume
         except BaseException:
             lock.release()
@@ -120,34 +149,21 @@ class Volume:
         record = VolumeRecord.load(paths.record)
         if record.name != paths.name:
             raise CorruptStateFile(paths.record, f"record names volume {record.name!r}, directory is {paths.name!r}")
-        volume = cls(paths, record, lock)
-        volume._load_maps()
+        if not os.path.exists(paths.maps) and os.path.exists(paths.manifest):
+            raise UpgradeNeeded(paths.dir, record.name, "the first format (whole-volume maps)")
+        geometry = Geometry(record.size, record.region_size)
+        store = PageStore.open(paths.maps, paths.maps_journal, record.volume_id_bytes, record.region_size,
+                               geometry.count, writable=lock is not None)
+        try:
+            volume = cls(paths, record, lock, store)
+        except BaseException:
+            store.close()
+            raise
+        volume._saved_record = record.to_json()
         return volume
 
-    def _load_maps(self) -> None:
-        count = self.geometry.count
-        common = dict(region_size=self.record.region_size, region_count=count,
-                      volume_id=self.record.volume_id_bytes)
-        size = RegionBitmap.body_size(count)
-        header, body = mapfile.load(self.paths.bitmaps, MAGIC_BITMAPS, "bitmap file",
-                                    body_size=size * len(BITMAP_KINDS), **common)
-        for index, kind in enumerate(BITMAP_KINDS):
-            self.bitmaps[kind] = RegionBitmap(count, body[index * size:(index + 1) * size])
-        self._note("bitmaps", header)
-        header, body = mapfile.load(self.paths.eras, MAGIC_ERAS, "era map",
-                                    body_size=EraMap.body_size(count), **common)
-        self.eras = EraMap(count, body)
-        self._note("eras", header)
-        header, body = mapfile.load(self.paths.manifest, MAGIC_MANIFEST, "manifest",
-                                    body_size=Manifest.body_size(count), **common)
-        self.manifest = Manifest(count, body)
-        self._note("manifest", header)
-
-    def _note(self, what: str, header: mapfile.MapHeader) -> None:
-        self.generations[what] = header.generation
-        self.covered_seq[what] = header.seq
-
     def close(self) -> None:
+        self.store.close()
         if self.lock:
             self.lock.release()
             self.lock = None
@@ -209,11 +225,13 @@ class Volume:
         return False
 
     def requested_between(self, first: int, end: int) -> Iterator[int]:
-        """The requested regions in [first, end), ascending.  Without an older local copy only bad
-        regions are requested, so the bad map's set bits are walked instead of every region."""
+        """The requested regions in [first, end), ascending: the bad map's set bits, and (for an
+        older local copy) the regions written since its era, walked through the era summary."""
         recovery = self.record.recovery or {}
-        candidates = (range(max(first, 0), min(end, self.geometry.count)) if recovery.get("local_era") is not None
-                      else self.bad.set_between(first, end))
+        local_era = recovery.get("local_era")
+        candidates = self.bad.set_between(first, end)
+        if local_era is not None:
+            candidates = merge_regions(candidates, self.eras.changed_since(local_era, first, end))
         return (region for region in candidates if self.requested(region))
 
     def requested_regions(self) -> RegionBitmap:
@@ -232,30 +250,37 @@ class Volume:
 
     # -- persistence ------------------------------------------------------------------
 
-    def _header(self, magic: bytes, what: str, seq: int | None) -> mapfile.MapHeader:
-        self.generations[what] += 1
-        if seq is not None:
-            self.covered_seq[what] = seq
-        return mapfile.MapHeader(magic, mapfile.FORMAT_VERSION, self.record.region_size,
-                                 self.geometry.count, self.generations[what],
-                                 self.covered_seq[what], self.record.volume_id_bytes)
+    @property
+    def dirty_bytes(self) -> int:
+        """Bytes of map pages changed since the last commit (long jobs commit past a bound)."""
+        return self.store.dirty_bytes
+
+    def commit(self, seq: int | None = None) -> int:
+        """Write the map pages changed since the last commit, crash-safe (storage.pagestore).
+        ``seq``: the replication-log sequence the maps now cover (unchanged when None).
+        Returns the bytes written (0 when nothing changed)."""
+        for bitmap in self.bitmaps.values():
+            bitmap.save_counts()
+        covered = self.store.superblock.covered_seq if seq is None else seq
+        if not self.store.dirty_bytes and covered == self.store.superblock.covered_seq:
+            return 0
+        return self.store.commit(covered)
 
     def save_record(self) -> None:
+        current = self.record.to_json()
+        if current == self._saved_record:
+            return  # unchanged: a checkpoint writes nothing for it
         self.record.save(self.paths.record)
+        self._saved_record = current
 
     def save_bitmaps(self, seq: int | None = None) -> None:
-        body = b"".join(self.bitmaps[kind].to_bytes() for kind in BITMAP_KINDS)
-        mapfile.save(self.paths.bitmaps, self._header(MAGIC_BITMAPS, "bitmaps", seq), body)
+        self.commit(seq)
 
     def save_content_maps(self, seq: int | None = None) -> None:
-        """The manifest and the era map: written before the bitmaps that depend on them."""
-        mapfile.save(self.paths.manifest, self._header(MAGIC_MANIFEST, "manifest", seq),
-                     self.manifest.to_bytes())
-        mapfile.save(self.paths.eras, self._header(MAGIC_ERAS, "eras", seq), self.eras.to_bytes())
+        self.commit(seq)
 
     def save_all(self, seq: int | None = None) -> None:
-        self.save_content_maps(seq)
-        self.save_bitmaps(seq)
+        self.commit(seq)
         self.save_record()
 
     # -- eras -------------------------------------------------------------------------
@@ -295,3 +320,69 @@ def _clear_state_dir(paths: StatePaths) -> None:
             shutil.rmtree(target)
         else:
             os.unlink(target)
+
+
+def upgrade(root: str, name: str) -> dict[str, Any]:
+    """Convert a state directory of the first format (whole-volume map files) to the paged one.
+
+    Crash-safe and repeatable: the new map file is built beside the old files and renamed
+    into place in one step (before that, the old format is intact; after it, the new one is
+    complete), and only then are the old files removed.  Running it on a current state
+    directory changes nothing (or finishes the removal an interrupted run left).
+    """
+    from drtool.storage.atomic import fsync_dir
+
+    paths = _existing(root, name)
+    with VolumeLock(paths.dir, name).acquire():
+        record = VolumeRecord.load(paths.record)
+        old_files = [p for p in (paths.manifest, paths.eras, paths.bitmaps) if os.path.exists(p)]
+        if os.path.exists(paths.maps):
+            for path in old_files:
+                os.unlink(path)
+            if old_files:
+                fsync_dir(paths.dir)
+            return {"volume": name, "changed": bool(old_files), "from": None, "format": "paged",
+                    "removed": [os.path.basename(p) for p in old_files]}
+        geometry = Geometry(record.size, record.region_size)
+        count = geometry.count
+        common = dict(region_size=record.region_size, region_count=count, volume_id=record.volume_id_bytes)
+        bitmap_size = (count + 7) // 8
+        bits_header, bits = mapfile.load(paths.bitmaps, MAGIC_BITMAPS, "bitmap file",
+                                         body_size=bitmap_size * len(BITMAP_KINDS), **common)
+        eras_header, eras = mapfile.load(paths.eras, MAGIC_ERAS, "era map", body_size=4 * count, **common)
+        manifest_header, digests = mapfile.load(paths.manifest, MAGIC_MANIFEST, "manifest",
+                                                body_size=32 * count, **common)
+        # Records after the oldest file's sequence are replayed at the next open (idempotent).
+        covered = min(bits_header.seq, eras_header.seq, manifest_header.seq)
+        building, building_journal = paths.maps + ".upgrade", paths.maps_journal + ".upgrade"
+        store = PageStore.create(building, building_journal, record.volume_id_bytes, record.region_size,
+                                 count, covered)
+        try:
+            volume = Volume(paths, record, None, store)
+            view = memoryview(digests)
+            for region in range(count):
+                volume.manifest[region] = bytes(view[32 * region:32 * region + 32])
+                era = int.from_bytes(eras[4 * region:4 * region + 4], "little")
+                if era:
+                    volume.eras[region] = era
+                if volume.dirty_bytes > (64 << 20):
+                    volume.commit()
+            for index, kind in enumerate(BITMAP_KINDS):
+                body = bits[index * bitmap_size:(index + 1) * bitmap_size]
+                bitmap = volume.bitmaps[kind]
+                for byte_index, byte in enumerate(body):
+                    while byte:
+                        low = byte & -byte
+                        bitmap.set(byte_index * 8 + low.bit_length() - 1)
+                        byte ^= low
+            volume.commit(covered)
+        finally:
+            store.close()
+        os.unlink(building_journal)  # its commit is in the file (fdatasync'd)
+        os.replace(building, paths.maps)
+        fsync_dir(paths.dir)
+        for path in old_files:
+            os.unlink(path)
+        fsync_dir(paths.dir)
+        return {"volume": name, "changed": True, "from": "first format (whole-volume maps)", "format": "paged",
+                "removed": [os.path.basename(p) for p in old_files], "regions": count}

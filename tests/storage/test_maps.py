@@ -1,8 +1,8 @@
-"""Bitmaps, era maps and the manifest in memory."""
+"""Bitmaps, era maps and the manifest (on scratch pages in memory)."""
 
 from hypothesis import given, strategies as st
 
-from drtool.storage.maps import EraMap, Manifest, RegionBitmap, zero_digest
+from drtool.storage.maps import CHUNK_BITS, EraMap, Manifest, RegionBitmap, zero_digest
 from drtool.regions import to_runs
 
 
@@ -42,24 +42,62 @@ def test_set_run_and_clear_run(count, data):
     assert not bits.any()
 
 
-def test_bitmap_bytes_round_trip():
-    bits = RegionBitmap(20)
-    bits.update([0, 7, 8, 19])
-    again = RegionBitmap(20, bits.to_bytes())
-    assert again == bits and list(again) == [0, 7, 8, 19]
+def test_bitmap_copy_and_difference_span_chunks():
+    count = 3 * CHUNK_BITS + 17
+    bits = RegionBitmap(count)
+    bits.update([0, 7, CHUNK_BITS - 1, CHUNK_BITS, count - 1])
+    bits.set_run(CHUNK_BITS * 2, CHUNK_BITS)  # a whole chunk: a count, no page
+    again = bits.copy()
+    assert again == bits and again.popcount() == 5 + CHUNK_BITS
+    other = RegionBitmap(count)
+    other.update([7, count - 1])
+    other.set_run(CHUNK_BITS * 2 + 5, 10)
+    diff = bits.difference(other)
+    assert diff.popcount() == 3 + CHUNK_BITS - 10
+    assert diff.runs() == [(0, 1), (CHUNK_BITS - 1, 2), (2 * CHUNK_BITS, 5), (2 * CHUNK_BITS + 15, CHUNK_BITS - 15)]
+
+
+def test_full_chunk_becomes_mixed_when_one_bit_clears():
+    count = CHUNK_BITS + 3
+    bits = RegionBitmap(count)
+    bits.set_all()
+    bits.clear(CHUNK_BITS + 1)
+    bits.clear(4)
+    assert bits.popcount() == count - 2
+    assert bits.runs() == [(0, 4), (5, CHUNK_BITS - 4), (CHUNK_BITS + 2, 1)]
 
 
 def test_era_map_changed_since():
-    eras = EraMap(5, initial=1)
+    eras = EraMap(5000)
+    for region in range(5000):
+        eras[region] = 1
     eras[3] = 4
     eras[1] = 2
-    assert list(eras.changed_since(2)) == [1, 3]
-    assert EraMap(5, eras.to_bytes())[3] == 4
+    eras[4999] = 3
+    assert list(eras.changed_since(2)) == [1, 3, 4999]
+    assert list(eras.changed_since(2, 2, 4999)) == [3]
+    assert list(eras.changed_since(5)) == []
 
 
 def test_manifest_set_and_match():
-    m = Manifest(3)
+    m = Manifest(3, 4096, last_length=100)
     m[1] = zero_digest(4096)
-    assert m.matches(1, zero_digest(4096))
+    assert m.is_zero(1) and m.matches(1, zero_digest(4096))
+    assert m.matches(0, zero_digest(4096))  # never written: all zeros
+    assert m[2] == zero_digest(100)  # the partial last region's own zero digest
+    m[0] = b"\x01" + bytes(30) + b"\x02"
     assert not m.matches(0, zero_digest(4096))
-    assert Manifest(3, m.to_bytes())[1] == zero_digest(4096)
+    assert list(m.nonzero_between(0, 3)) == [0]
+
+
+@given(data=st.data())
+def test_manifest_nonzero_between_is_every_data_region_once(data):
+    count = 1000
+    m = Manifest(count, 4096)
+    chosen = data.draw(st.sets(st.integers(0, count - 1), max_size=50))
+    for region in chosen:
+        # digests with zero bytes inside: one region must still come out once
+        m[region] = bytes([1]) + bytes(15) + bytes([region % 251 + 1]) + bytes(15)
+    first = data.draw(st.integers(0, count))
+    end = data.draw(st.integers(first, count))
+    assert list(m.nonzero_between(first, end)) == sorted(r for r in chosen if first <= r < end)

@@ -63,44 +63,77 @@ def test_reregistering_needs_force(volume, state_root, tmp_path):
     assert Volume.inspect(str(state_root), "vol").record.region_size == 8192
 
 
-@pytest.mark.parametrize("leaf", ["bitmaps.bin", "eras.bin", "manifest.bin"])
-def test_truncated_map_is_refused(volume, state_root, leaf):
+def _maps(volume):
+    return os.path.join(volume.paths.dir, "maps.pages")
+
+
+def test_truncated_map_file_is_refused(volume, state_root):
+    volume.bad.set(3)  # the bitmaps' pages come last in the file
+    volume.save_all()
+    volume.manifest[10] = b"\x05" * 32  # the last commit (the journal) holds only this page
+    volume.save_all()
     volume.close()
-    path = os.path.join(volume.paths.dir, leaf)
+    path = _maps(volume)
     with open(path, "r+b") as handle:
-        handle.truncate(os.path.getsize(path) - 5)
-    with pytest.raises(CorruptStateFile, match=leaf):
+        handle.truncate(os.path.getsize(path) - 4096 - 5)
+    with pytest.raises(CorruptStateFile, match="maps.pages: region map file is .* bytes, its commit covers"):
         Volume.open(str(state_root), "vol")
     assert os.path.getsize(path) > 0  # refused, not reset
 
 
-@pytest.mark.parametrize("leaf", ["bitmaps.bin", "manifest.bin"])
-def test_flipped_byte_is_refused_by_checksum(volume, state_root, leaf):
+@pytest.mark.parametrize("page", [0, 1])
+def test_flipped_byte_in_a_page_is_refused_by_checksum(volume, state_root, page):
+    volume.manifest[0] = b"\x07" * 32  # page 1 holds the first manifest page
+    volume.save_all()
     volume.close()
-    path = os.path.join(volume.paths.dir, leaf)
-    with open(path, "r+b") as handle:
-        handle.seek(-1, os.SEEK_END)
-        last = handle.read(1)
-        handle.seek(-1, os.SEEK_END)
-        handle.write(bytes([last[0] ^ 1]))
-    with pytest.raises(CorruptStateFile, match="checksum mismatch"):
-        Volume.open(str(state_root), "vol")
+    with open(_maps(volume), "r+b") as handle:
+        handle.seek(page * 4096 + 100)
+        byte = handle.read(1)
+        handle.seek(page * 4096 + 100)
+        handle.write(bytes([byte[0] ^ 1]))
+    os.unlink(os.path.join(volume.paths.dir, "maps.journal"))  # nothing to repair it from
+    with pytest.raises(CorruptStateFile, match="maps.pages.*(superblock|page 1) fails its checksum"):
+        again = Volume.open(str(state_root), "vol")
+        again.manifest[0]
+        again.close()
+
+
+def test_torn_page_is_repaired_from_the_journal(volume, state_root):
+    volume.manifest[0] = b"\x07" * 32
+    volume.save_all()
+    volume.close()
+    with open(_maps(volume), "r+b") as handle:  # a crash half way through the page writes
+        handle.seek(4096 + 2000)
+        handle.write(b"\xee" * 100)
+    again = Volume.open(str(state_root), "vol")
+    try:
+        assert again.manifest[0] == b"\x07" * 32
+    finally:
+        again.close()
 
 
 def test_foreign_map_from_another_volume_is_refused(volume, state_root, tmp_path):
     other = Volume.create(str(state_root), "other", str(tmp_path / "dev.img"), "4K")
     other.close()
     volume.close()
-    os.replace(os.path.join(other.paths.dir, "bitmaps.bin"), os.path.join(volume.paths.dir, "bitmaps.bin"))
+    os.replace(os.path.join(other.paths.dir, "maps.pages"), _maps(volume))
     with pytest.raises(CorruptStateFile, match="belongs to another volume"):
         Volume.open(str(state_root), "vol")
 
 
 def test_foreign_file_magic_is_refused(volume, state_root):
     volume.close()
-    with open(os.path.join(volume.paths.dir, "eras.bin"), "wb") as handle:
-        handle.write(b"\x7fELF" + b"\0" * 200)
-    with pytest.raises(CorruptStateFile, match="not a drtool era map"):
+    with open(_maps(volume), "wb") as handle:
+        handle.write(b"\x7fELF" + b"\0" * 5000)
+    os.unlink(os.path.join(volume.paths.dir, "maps.journal"))
+    with pytest.raises(CorruptStateFile, match="not a drtool region map file"):
+        Volume.open(str(state_root), "vol")
+
+
+def test_missing_map_file_is_refused(volume, state_root):
+    volume.close()
+    os.unlink(_maps(volume))
+    with pytest.raises(CorruptStateFile, match="region map file is missing"):
         Volume.open(str(state_root), "vol")
 
 
