@@ -21,6 +21,7 @@ from drtool.regions import to_runs
 from drtool.storage import overlay as overlay_file
 from drtool.storage.device import Device, probe
 from drtool.storage.maps import zero_digest
+from drtool.storage.records import Failback
 
 log = logging.getLogger("drtool.failback")
 
@@ -48,7 +49,7 @@ def failback(engine: Any, device: str | None = None, rate: int | None = None,
     copied = _copy(engine, rate, progress)
     _finish(engine)
     return {"volume": engine.name, "changed": True, "mode": record.mode, "regions_copied": copied,
-            "device": record.device, "failback": record.failback}
+            "device": record.device, "failback": record.failback.to_json()}
 
 
 def _check_device(engine: Any, path: str) -> None:
@@ -73,7 +74,7 @@ def _prepare(engine: Any, device: str | None) -> None:
         # A replaced or repaired device holds unknown bytes: verify them all, copy only what differs.
         detect.scrub(engine.volume)
         if record.faulted:
-            raise DeviceError(f"cannot fail back: device {path} is still unusable ({record.faulted['reason']})")
+            raise DeviceError(f"cannot fail back: device {path} is still unusable ({record.faulted.reason})")
         _drop_copies_the_device_holds(engine)
     lost = engine.lost_regions()
     if lost:
@@ -87,15 +88,14 @@ def _prepare(engine: Any, device: str | None) -> None:
         for region in wanted:
             engine.volume.resync.set(region)
         record.mode = "resync"
-        record.failback = {"started": time.time(), "device": path, "total_regions": wanted.popcount(),
-                           "done_regions": 0, "bytes_copied": 0, "finished": None}
+        record.failback = Failback(started=time.time(), device=path, total_regions=wanted.popcount())
         record.history.append({"event": "failback", "time": time.time(), "device": path})
         engine.save()
 
 
 def _drop_copies_the_device_holds(engine: Any) -> None:
     """Copy-on-read regions the (new) device already holds correctly need no copying back."""
-    incident_era = (engine.record.recovery or {}).get("era", 1 << 31)
+    incident_era = engine.record.recovery.era
     volume = engine.volume
     for region in list(volume.overlay):
         if volume.eras[region] < incident_era and engine.recheck_region(region):
@@ -130,8 +130,8 @@ def _copy(engine: Any, rate: int | None, progress: Callable[[int], None] | None)
         copied_bytes += done_bytes
         with engine.meta:
             info = engine.record.failback
-            info["done_regions"] = info.get("done_regions", 0) + len(batch)
-            info["bytes_copied"] = info.get("bytes_copied", 0) + done_bytes
+            info.done_regions += len(batch)
+            info.bytes_copied += done_bytes
         engine.save()  # progress is durable: a restart resumes here
         if progress:
             progress(done_bytes)
@@ -151,7 +151,7 @@ def _copy_region(engine: Any, region: int, fetched: tuple[bytes, bytes] | None) 
             data = bytearray(length)
             if engine._read_local(engine.overlay, region, 1, region, memoryview(data)):
                 raise DeviceError(f"overlay region {region} fails verification; failback stopped")
-            incident_era = (engine.record.recovery or {}).get("era", 1 << 31)
+            incident_era = engine.record.recovery.era
             if volume.eras[region] >= incident_era:
                 # Written during the incident: the mirror has not seen it yet.
                 digest = volume.manifest[region]
@@ -181,7 +181,7 @@ def _finish(engine: Any) -> None:
         record.mode = "normal"
         record.faulted = None
         if record.failback is not None:
-            record.failback["finished"] = time.time()
+            record.failback.finished = time.time()
         record.history.append({"event": "normal", "time": time.time()})
         record.recovery = None
         if engine.overlay is not None:

@@ -64,7 +64,8 @@ class RemoteFetcher:
         self.account(got)
 
     def source(self) -> str:
-        return (self.engine.record.recovery or {}).get("source") or "mirror"
+        recovery = self.engine.record.recovery
+        return recovery.source if recovery is not None else "mirror"
 
     def lagging(self, regions: list[int]) -> list[int]:
         """Refuse lost regions (nobody holds them); return those the replica lacks the latest bytes of."""
@@ -95,13 +96,12 @@ class RemoteFetcher:
         engine = self.engine
         if not prepared:
             self.prepare(regions)
-        recovery = engine.record.recovery or {}
         source = self.source()
         try:
             if source.startswith("snapshot:"):
                 return self._from_replica(regions, snapshot=source.split(":", 1)[1], optional=optional)
             if source == "journal":
-                return self._from_journal(regions, recovery["local_era"], optional=optional)
+                return self._from_journal(regions, engine.record.recovery.local_era, optional=optional)
             return self._from_replica(regions, optional=optional)
         except PeerError as exc:
             raise DataUnavailable(f"volume {engine.name}: cannot fetch regions {to_runs(regions)} "
@@ -177,8 +177,8 @@ class RemoteFetcher:
         with engine.meta:
             recovery = engine.record.recovery
             if recovery is not None:
-                recovery["fetched_regions"] = recovery.get("fetched_regions", 0) + len(got)
-                recovery["fetched_bytes"] = recovery.get("fetched_bytes", 0) + sum(len(d) for d, _ in got.values())
+                recovery.fetched_regions += len(got)
+                recovery.fetched_bytes += sum(len(d) for d, _ in got.values())
         if store and (source != "mirror" or engine.settings["copy_on_read"]):
             rollback = source.startswith("snapshot:")
             for region, (data, digest) in got.items():

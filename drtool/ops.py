@@ -134,7 +134,7 @@ def recover(engine: Engine, local_era: int | None = None, source: str | None = N
     source = parse_source(source)
     changed = engine.enter_degraded("operator ran recover", local_era=local_era, source=source)
     return {"volume": engine.name, "changed": changed, "mode": engine.mode,
-            "recovery": engine.record.recovery, "bad_count": engine.volume.bad.popcount(),
+            "recovery": engine.record.recovery.to_json() if engine.record.recovery else None, "bad_count": engine.volume.bad.popcount(),
             "requested_count": engine.requested_regions().popcount(),
             "lost_regions": [list(r) for r in to_runs(engine.lost_regions())]}
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, UsageError
 from drtool.regions import to_runs
+from drtool.storage.records import Loss, Replication
 from drtool.storage.replog import LogEntry
 
 log = logging.getLogger("drtool.replication")
@@ -138,11 +139,11 @@ class Replicator:
         oldest = engine.log.oldest_seq()
         through = (oldest - 1) if oldest else engine.log.next_seq - 1
         replication = engine.record.replication
-        replication["acked_through"] = through
+        replication.acked_through = through
         # Forced batches are acknowledged out of order: remember those above the watermark, so
         # that neither status nor a restart counts them as pending again.
-        ahead = set(replication.get("acked_ahead", ())) | {e.seq for e in batch}
-        replication["acked_ahead"] = sorted(seq for seq in ahead if seq > through)
+        ahead = set(replication.acked_ahead) | {e.seq for e in batch}
+        replication.acked_ahead = sorted(seq for seq in ahead if seq > through)
         return sum(e.header.length for e in batch)
 
     def _relog(self, budget: int) -> None:
@@ -168,8 +169,8 @@ class Replicator:
                 for region in regions:
                     engine.volume.norecord.set(region)
                     engine.volume.unreplicated.set(region)
-                engine.record.replication["bitmap_mode_since"] = time.time()
-                engine.record.replication["overflows"] = engine.record.replication.get("overflows", 0) + 1
+                engine.record.replication.bitmap_mode_since = time.time()
+                engine.record.replication.overflows = (engine.record.replication.overflows or 0) + 1
             engine.save_bitmaps()
         log.warning("volume %s: replication log over its limit; bitmap mode for %d regions",
                     engine.name, len(regions))
@@ -225,7 +226,7 @@ def lag_of(engine: Any) -> dict[str, Any]:
     log_ = engine.log
     volume = engine.volume
     oldest = log_.oldest_entry()
-    since = engine.record.replication.get("bitmap_mode_since") if volume.norecord.any() else None
+    since = engine.record.replication.bitmap_mode_since if volume.norecord.any() else None
     stamps = [t for t in (oldest.stamp if oldest else None, since) if t]
     norecord = volume.norecord.popcount()
     return {
@@ -253,7 +254,7 @@ def fast_sync_plan(engine: Any, peer_info: dict[str, Any]) -> Any:
     if not promoted or not adopted or peer_info.get("volume_id") != engine.record.volume_id:
         return None
     wanted = RegionBitmap(engine.geometry.count)
-    era = promoted["era"]
+    era = promoted.era
     for region in range(engine.geometry.count):
         if engine.volume.eras[region] >= era:
             wanted.set(region)
@@ -295,8 +296,8 @@ def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None
     with engine.meta:
         if not same_peer:
             record.peer = {**peer, "paired": time.time()}
-            record.replication = {"initial_sync": "running", "started": time.time(), "mode": plan["mode"],
-                                  "regions": plan["regions"]}
+            record.replication = Replication(initial_sync="running", started=time.time(), mode=plan["mode"],
+                                             regions=plan["regions"])
             if plan["mode"] == "incremental":
                 # The returning peer's sequence numbers end where ours begin again.
                 client.rebase(engine.name, engine.log.next_seq - 1)
@@ -306,7 +307,7 @@ def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None
                     engine.volume.unreplicated.set(region)
                     engine.volume.norecord.set(region)
                 if record.promoted is not None:
-                    record.promoted["lost"] = plan.get("lost")
+                    record.promoted.lost = Loss.from_json(plan["lost"], "promoted.lost") if plan.get("lost") else None
             else:
                 # Every region is shipped from the volume itself: the initial sync is bitmap mode.
                 engine.volume.unreplicated.set_all()
@@ -318,9 +319,9 @@ def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None
     before = engine.volume.norecord.popcount()
     replicator.ship(progress=progress)
     with engine.meta:
-        if record.replication.get("initial_sync") != "done":
-            record.replication["initial_sync"] = "done"
-            record.replication["finished"] = time.time()
+        if record.replication.initial_sync != "done":
+            record.replication.initial_sync = "done"
+            record.replication.finished = time.time()
             changed = True
         engine.save()
     return {"volume": engine.name, "peer": peer["url"], "changed": changed, "plan": plan,

@@ -25,6 +25,7 @@ from drtool.regions import to_runs
 from drtool.replication import make_client
 from drtool.storage.atomic import write_atomic
 from drtool.storage.paths import state_root
+from drtool.storage.records import Adopted, Demoted, Loss, Promoted
 from drtool.storage.volume import Volume
 
 log = logging.getLogger("drtool.roles")
@@ -41,7 +42,7 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
     """
     record = engine.record
     if record.role == "secondary":
-        return {"volume": engine.name, "changed": False, "role": "secondary", "demoted": record.demoted}
+        return {"volume": engine.name, "changed": False, "role": "secondary", "demoted": record.demoted.to_json() if record.demoted else None}
     if not engine.protected:
         raise NotPermitted(f"volume {engine.name} has no secondary to hand over to")
     previous = engine.read_only_reason
@@ -59,23 +60,25 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
                 exc.args = (exc.message,)
                 raise
             engine.flush()
-            acked = record.replication.get("acked_through", engine.log.next_seq - 1)
+            acked = record.replication.acked_through
+            if acked is None:
+                acked = engine.log.next_seq - 1
             _release(client, engine.name, record.era, acked)
-            lost = {"records": 0, "bytes": 0, "regions": 0}
+            lost = Loss(records=0, bytes=0, regions=0)
             divergent = _stale_on_device(engine)
     except BaseException:
         engine.read_only_reason = previous
         raise
     with engine.meta:
         record.role = "secondary"
-        record.demoted = {"time": time.time(), "era": record.era, "seq": engine.log.next_seq - 1,
-                          "peer": record.peer["url"], "forced": force, "lost": lost,
-                          "divergent": [list(r) for r in to_runs(divergent)]}
+        record.demoted = Demoted(time=time.time(), era=record.era, seq=engine.log.next_seq - 1,
+                                 peer=record.peer["url"], forced=force, lost=lost,
+                                 divergent=[list(r) for r in to_runs(divergent)])
         record.history.append({"event": "demoted", "time": time.time(), "forced": force})
         engine.read_only_reason = "this host is the secondary for this volume"
         engine.save()
     log.warning("volume %s: demoted (%s); lost %s", engine.name, "forced" if force else "planned", lost)
-    return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted}
+    return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted.to_json()}
 
 
 def _release(client: Any, name: str, era: int, seq: int) -> None:
@@ -93,7 +96,7 @@ def _stale_on_device(engine: Any) -> set[int]:
     return set(engine.volume.bad) | set(engine.volume.overlay)
 
 
-def _takeover_loss(engine: Any, client: Any) -> tuple[dict[str, int], set[int]]:
+def _takeover_loss(engine: Any, client: Any) -> tuple[Loss, set[int]]:
     """What this host wrote that the new primary never applied: records, bytes, regions."""
     applied = None
     try:
@@ -105,8 +108,8 @@ def _takeover_loss(engine: Any, client: Any) -> tuple[dict[str, int], set[int]]:
     regions = {e.region for e in entries} | set(engine.volume.norecord)
     lost_bytes = sum(e.header.length for e in entries)
     lost_bytes += sum(engine.geometry.region_length(r) for r in engine.volume.norecord)
-    lost = {"records": len(entries), "bytes": lost_bytes, "regions": len(regions),
-            "exact": applied is not None, "after_seq": applied}
+    lost = Loss(records=len(entries), bytes=lost_bytes, regions=len(regions),
+                exact=applied is not None, after_seq=applied)
     return lost, regions | _stale_on_device(engine)
 
 
@@ -121,20 +124,20 @@ def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
         record = volume.record
         if record.role != "secondary" or not record.demoted:
             raise NotPermitted(f"volume {name} is a primary here: demote it first")
-        adopted = record.demoted.get("adopted")
-        if adopted and adopted.get("url") == replica_url:
-            return {"volume": name, "changed": False, "adopted": adopted}
+        adopted = record.demoted.adopted
+        if adopted and adopted.url == replica_url:
+            return {"volume": name, "changed": False, "adopted": adopted.to_json()}
         manifest = volume.paths.file("adopt-manifest.bin")
         write_atomic(manifest, volume.manifest.to_bytes())
         client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
         demoted = record.demoted
         result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
                               size=record.size, region_size=record.region_size, volume_id=record.volume_id,
-                              applied_seq=demoted["seq"], era=demoted["era"],
-                              divergent=demoted.get("divergent", []), lost=demoted.get("lost"))
-        demoted["adopted"] = {"url": replica_url, "time": time.time()}
+                              applied_seq=demoted.seq, era=demoted.era,
+                              divergent=demoted.divergent, lost=demoted.lost.to_json())
+        demoted.adopted = Adopted(url=replica_url, time=time.time())
         volume.save_record()
-        return {"volume": name, "changed": True, "adopted": demoted["adopted"], "replica": result}
+        return {"volume": name, "changed": True, "adopted": demoted.adopted.to_json(), "replica": result}
 
 
 # -- the new primary ----------------------------------------------------------------------
@@ -153,7 +156,8 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
         current = None
     if current is not None and current.record.role == "primary":
         if current.record.promoted:
-            return {"volume": name, "changed": False, "role": "primary", "promoted": current.record.promoted}
+            return {"volume": name, "changed": False, "role": "primary",
+                    "promoted": current.record.promoted.to_json()}
         raise NotPermitted(f"volume {name} is already a primary on this host")
     client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
     info = client.promote(name, force=force)
@@ -174,16 +178,14 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
         record.eras[0].era = era
         record.eras[0].seq = applied + 1
         takeover = not info.get("released")
-        record.promoted = {
-            "time": time.time(), "era": era, "applied_seq": applied, "forced": bool(force),
-            "takeover": takeover, "released": info.get("released"),
-            "last_record_at": info.get("last_record_at"), "lost": None,
-            "overlay_regions_merged": info.get("overlay_regions_merged", 0),
-        }
+        record.promoted = Promoted(
+            time=time.time(), era=era, applied_seq=applied, forced=bool(force), takeover=takeover,
+            released=info.get("released"), last_record_at=info.get("last_record_at"), lost=None,
+            overlay_regions_merged=info.get("overlay_regions_merged", 0))
         record.history.append({"event": "promoted", "time": time.time(), "takeover": takeover})
         # The new primary's log continues after the last sequence it applied.
         volume.save_all(seq=applied)
         return {"volume": name, "changed": True, "role": "primary", "device": info["image"],
-                "promoted": record.promoted}
+                "promoted": record.promoted.to_json()}
     finally:
         volume.close()

@@ -13,6 +13,7 @@ from typing import Any
 from drtool.engine.core import effective_settings
 from drtool.regions import runs_total
 from drtool.storage.lock import is_locked
+from drtool.storage.records import SubRecord
 from drtool.storage.replog import summarize
 from drtool.storage.volume import Volume
 
@@ -21,11 +22,11 @@ SCHEMA = "drtool.status/1"
 
 def lag_from_disk(volume: Volume) -> dict[str, Any]:
     """Replication lag as the files show it (no agent running)."""
-    replication = volume.record.replication or {}
-    pending = summarize(volume.paths.log_dir, after=replication.get("acked_through", 0),
-                        acked=frozenset(replication.get("acked_ahead", ())))
+    replication = volume.record.replication
+    pending = summarize(volume.paths.log_dir, after=replication.acked_through or 0,
+                        acked=frozenset(replication.acked_ahead))
     norecord = volume.norecord.popcount()
-    since = (volume.record.replication or {}).get("bitmap_mode_since") if norecord else None
+    since = replication.bitmap_mode_since if norecord else None
     stamps = [t for t in (pending["oldest"], since) if t]
     return {
         "records": pending["records"],
@@ -93,7 +94,7 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "health": volume.health,
         "mode": record.mode,
         "role": record.role,
-        "faulted": record.faulted,
+        "faulted": _json(record.faulted),
         "bad_regions": [list(run) for run in bad],
         "bad_count": runs_total(bad),
         "bad_bytes": bad_bytes,
@@ -119,13 +120,13 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "generated": time.time(),
         "peer": peer_status(volume.record.peer, probe_peer),
         "lag": lag,
-        "replication": volume.record.replication,
+        "replication": record.replication.to_json(),
         "direction": direction(volume.record),
         "last_swap": last_swap(volume.record),
-        "promoted": volume.record.promoted,
-        "demoted": volume.record.demoted,
-        "recovery": volume.record.recovery,
-        "failback": volume.record.failback,
+        "promoted": _json(record.promoted),
+        "demoted": _json(record.demoted),
+        "recovery": _json(record.recovery),
+        "failback": _json(record.failback),
         "settings": effective_settings(volume.record.settings),
     }
 
@@ -133,25 +134,27 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
 def direction(record: Any) -> str:
     peer = (record.peer or {}).get("url")
     if record.role == "secondary":
-        demoted = record.demoted or {}
-        adopted = demoted.get("adopted")
-        source = demoted.get("peer") or "the primary"
-        return f"{source} -> this host" + (f" (replica served by {adopted['url']})" if adopted else
+        adopted = record.demoted.adopted if record.demoted else None
+        source = record.demoted.peer if record.demoted else "the primary"
+        return f"{source} -> this host" + (f" (replica served by {adopted.url})" if adopted else
                                             " (not serving yet: run drtool adopt)")
     return f"this host -> {peer}" if peer else "not replicated"
 
 
 def last_swap(record: Any) -> dict[str, Any] | None:
     events = []
-    if record.promoted:
-        events.append({"event": "takeover" if record.promoted.get("takeover") else "promoted",
-                       "time": record.promoted["time"], "seq": record.promoted.get("applied_seq"),
-                       "lost": record.promoted.get("lost")})
-    if record.demoted:
-        events.append({"event": "demoted (forced)" if record.demoted.get("forced") else "demoted",
-                       "time": record.demoted["time"], "seq": record.demoted.get("seq"),
-                       "lost": record.demoted.get("lost")})
+    promoted, demoted = record.promoted, record.demoted
+    if promoted:
+        events.append({"event": "takeover" if promoted.takeover else "promoted", "time": promoted.time,
+                       "seq": promoted.applied_seq, "lost": _json(promoted.lost)})
+    if demoted:
+        events.append({"event": "demoted (forced)" if demoted.forced else "demoted", "time": demoted.time,
+                       "seq": demoted.seq, "lost": demoted.lost.to_json()})
     return max(events, key=lambda e: e["time"]) if events else None
+
+
+def _json(sub: SubRecord | None) -> dict[str, Any] | None:
+    return sub.to_json() if sub is not None else None
 
 
 def summary_row(status: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from drtool.storage import overlay as overlay_file
 from drtool.storage.device import Device
 from drtool.storage.maps import RegionBitmap, zero_digest
 from drtool.storage.paths import state_root
+from drtool.storage.records import Recovery
 from drtool.storage.replog import ReplicationLog
 from drtool.storage.volume import Volume
 from drtool.wire import FLAG_OVERLAY, KIND_WRITE
@@ -213,7 +214,7 @@ class Engine(ReadPath, WritePath):
             if not self.protected:
                 # Without a peer the log is only a write-ahead log: checkpointed records are done.
                 self.log.acknowledge([e.seq for e in self.log.pending() if e.seq <= covered])
-                self.record.replication["acked_through"] = covered
+                self.record.replication.acked_through = covered
             self.volume.save_content_maps(covered)
             self.volume.save_bitmaps(covered)
             self.volume.save_record()
@@ -269,9 +270,9 @@ class Engine(ReadPath, WritePath):
 
     def _forget_acknowledged(self) -> None:
         """Records the secondary acknowledged before we stopped are not pending any more."""
-        replication = self.record.replication or {}
-        acked = replication.get("acked_through", 0)
-        ahead = set(replication.get("acked_ahead", ()))
+        replication = self.record.replication
+        acked = replication.acked_through or 0
+        ahead = set(replication.acked_ahead)
         done = [e.seq for e in self.log.pending() if e.seq <= acked or e.seq in ahead]
         if done:
             self.region_acknowledged(self.log.acknowledge(done))
@@ -292,12 +293,12 @@ class Engine(ReadPath, WritePath):
         """Create the overlay and redirect writes to it.  Instant; idempotent."""
         with self.meta:
             if self.record.mode != "normal":
-                recovery = self.record.recovery or {}
-                if (local_era is not None and recovery.get("local_era") != local_era) or (
-                        not auto and source != recovery.get("source", "mirror")):
+                recovery = self.record.recovery
+                if recovery is not None and ((local_era is not None and recovery.local_era != local_era) or (
+                        not auto and source != recovery.source)):
                     raise NotPermitted(
                         f"volume {self.name} is already in {self.record.mode} mode with source "
-                        f"{recovery.get('source')} and local era {recovery.get('local_era')}; "
+                        f"{recovery.source} and local era {recovery.local_era}; "
                         "fail back before recovering differently")
                 return False
             if not self.protected:
@@ -311,10 +312,8 @@ class Engine(ReadPath, WritePath):
             # Regions written from now on carry a new era: failback ships exactly those to the mirror.
             era = self.volume.checkpoint(self.log.next_seq)
             self.record.mode = "degraded"
-            self.record.recovery = {
-                "entered": time.time(), "reason": reason, "auto": auto, "local_era": local_era,
-                "source": source, "era": era, "fetched_regions": 0, "fetched_bytes": 0,
-            }
+            self.record.recovery = Recovery(entered=time.time(), reason=reason, auto=auto,
+                                            local_era=local_era, source=source, era=era)
             self.record.history.append({"event": "degraded", "time": time.time(), "reason": reason})
             self.save_bitmaps()
         log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)

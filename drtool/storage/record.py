@@ -1,7 +1,10 @@
 """``volume.json``: a volume's identity, geometry, mode and bookkeeping.
 
 The file is replaced atomically and checked on load: a file that is not JSON,
-has another ``format``, or lacks a field is refused, never rewritten.
+has another ``format``, or lacks a field is refused, never rewritten.  The
+sub-records (``recovery``, ``failback``, ``replication``, ``promoted``,
+``demoted``, ``faulted``) are typed dataclasses of :mod:`drtool.storage.records`,
+checked field by field; assigning one its JSON form checks it the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import Any
 
 from drtool.errors import CorruptStateFile
 from drtool.storage.atomic import write_atomic
+from drtool.storage.records import (
+    SUB_RECORDS, Demoted, Failback, Faulted, Promoted, Recovery, Replication, SubRecord,
+)
 
 FORMAT = "drtool.volume/1"
 MODES = ("normal", "degraded", "resync")
@@ -39,16 +45,25 @@ class VolumeRecord:
     role: str = "primary"
     era: int = 1
     eras: list[EraStart] = field(default_factory=list)
-    faulted: dict[str, Any] | None = None
+    faulted: Faulted | None = None
     last_scrub: dict[str, Any] | None = None
     peer: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-    recovery: dict[str, Any] | None = None
-    failback: dict[str, Any] | None = None
-    replication: dict[str, Any] = field(default_factory=dict)
-    promoted: dict[str, Any] | None = None  # this host took the primary role (from its replica)
-    demoted: dict[str, Any] | None = None  # this host handed the primary role over
+    recovery: Recovery | None = None
+    failback: Failback | None = None
+    replication: Replication = field(default_factory=Replication)
+    promoted: Promoted | None = None  # this host took the primary role (from its replica)
+    demoted: Demoted | None = None  # this host handed the primary role over
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A sub-record given as JSON (a dict) is checked and typed on the way in.
+        kind = SUB_RECORDS.get(name)
+        if kind is not None and value is not None and not isinstance(value, SubRecord):
+            value = kind.from_json(value, name)
+        elif name == "replication" and value is None:
+            value = Replication()
+        object.__setattr__(self, name, value)
 
     @classmethod
     def new(cls, name: str, device: str, size: int, region_size: int) -> VolumeRecord:
@@ -69,8 +84,16 @@ class VolumeRecord:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {"format": FORMAT, **data}
+        data: dict[str, Any] = {"format": FORMAT}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, SubRecord):
+                data[name] = value.to_json()
+            elif name == "eras":
+                data[name] = [asdict(start) for start in value]
+            else:
+                data[name] = value
+        return data
 
     def save(self, path: str) -> None:
         text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
@@ -116,4 +139,7 @@ class VolumeRecord:
             raise CorruptStateFile(path, f"volume record is malformed: {exc}") from None
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["eras"] = eras
+        for name, kind in SUB_RECORDS.items():
+            if fields.get(name) is not None:
+                fields[name] = kind.from_json(fields[name], name, path)
         return cls(**fields)
