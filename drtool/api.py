@@ -102,6 +102,14 @@ def settings_with(changes: dict[str, Any] | None = None) -> dict[str, Any]:
     return effective_settings(check_settings(changes or {}))
 
 
+def upgrade(name: str, root: str | None = None) -> dict[str, Any]:
+    """Convert a volume's state directory to the current format (storage.volume.upgrade).
+    It takes the volume's lock: a running agent makes it fail with VolumeBusy."""
+    from drtool.storage.volume import upgrade as upgrade_state
+
+    return upgrade_state(state_root(root), name)
+
+
 def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
     return _run(name, root, "checkpoint", {}, ops.checkpoint)
 

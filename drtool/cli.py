@@ -90,6 +90,18 @@ def cmd_checkpoint(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def cmd_upgrade(ctx: Context) -> int:
+    result = api.upgrade(ctx.args.name, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    elif result["changed"]:
+        what = f"converted from the {result['from']}" if result["from"] else "finished an interrupted upgrade"
+        ctx.out.print(f"volume {result['volume']}: state {what}; removed {', '.join(result['removed']) or 'nothing'}")
+    else:
+        ctx.out.print(f"volume {result['volume']}: state is already in the current format")
+    return ExitCode.OK
+
+
 def _on_off(value: str) -> bool:
     if value not in ("on", "off"):
         raise UsageError(f"expected on or off, not {value!r}")
@@ -420,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
 
     p = command("scan", cmd_scan, "accept regions changed outside drtool as the new truth")
+    p.add_argument("name")
+
+    p = command("upgrade", cmd_upgrade, "convert a volume's state directory to the current format "
+                "(crash-safe; run it with the agent stopped)")
     p.add_argument("name")
 
     p = command("checkpoint", cmd_checkpoint, "start a new era and print its number")
