@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from drtool import api
 from drtool.errors import DeviceError, DeviceIOError
@@ -136,7 +137,7 @@ def test_scan_accepts_outside_writes(device):
     assert report["changed_regions"] == [[3, 1], [20, 1]] and report["era"] == 2
     assert scrub()["bad_regions"] == []
     with Volume.open(os.environ["DRTOOL_STATE_ROOT"], "vol") as vol:
-        assert vol.eras[3] == 2 and vol.eras[4] == 1
+        assert vol.eras[3] == 2 and vol.eras[4] == 0  # 0: not written since registration
 
 
 def test_scan_clears_a_bad_region_whose_bytes_were_put_back(device):
@@ -204,3 +205,119 @@ def test_probe_and_remove(device, state_root):
     assert api.remove_volume("vol")["changed"] is True
     assert api.status() == []
     assert device.exists()  # the device itself is never touched
+
+
+# -- a volume far larger than its data: costs follow the data --------------------------------
+
+TIB = 1 << 40
+EXTENTS = [(7 * RS + 10, b"a" * 100), (5_000_000 * RS - 50, b"b" * 200), (TIB - 3 * RS, os.urandom(3 * RS))]
+EXTENT_REGIONS = [7, 4_999_999, 5_000_000, (TIB >> 16) - 3, (TIB >> 16) - 2, (TIB >> 16) - 1]
+
+
+@pytest.fixture
+def big(tmp_path, state_root):
+    """A 1 TiB sparse file (16M regions) with three small data extents, registered."""
+    path = tmp_path / "big.img"
+    with open(path, "wb") as handle:
+        handle.truncate(TIB)
+        for offset, data in EXTENTS:
+            handle.seek(offset)
+            handle.write(data)
+    report = api.init_volume("big", str(path), "64K")
+    assert report["regions_total"] == TIB // RS
+    return path
+
+
+def test_init_of_a_sparse_tib_stores_only_the_data_regions(big, state_root):
+    with Volume.inspect(str(state_root), "big") as vol:
+        assert list(vol.manifest.nonzero_between(0, vol.geometry.count)) == EXTENT_REGIONS
+        assert vol.manifest.is_zero(8) and vol.eras[7] == 0 and vol.eras[8] == 0
+
+
+def test_scrub_of_a_sparse_tib_reads_only_its_data(big):
+    report = api.scrub_volume("big")
+    assert report["health"] == "ONLINE" and report["bad_regions"] == []
+    assert report["bytes_scanned"] == len(EXTENT_REGIONS) * RS
+    assert report["regions_scanned"] == report["regions_total"] == TIB // RS
+
+
+def test_damage_in_a_sparse_tib_is_found(big, cli):
+    corrupt(big, 5_000_000 * RS + 3)  # inside the data
+    with Device(str(big), writable=True) as device:  # data lost to a hole: reads as zeros
+        assert device.punch_hole(TIB - 2 * RS, RS)
+    corrupt(big, 123_456 * RS + 9)  # a hole that should be zeros gets a byte
+    result = cli("scrub", "big", "--json")
+    assert result.code == 3
+    report = result.json()
+    assert report["bad_regions"] == [[123_456, 1], [5_000_000, 1], [(TIB >> 16) - 2, 1]]
+    assert report["errors"]["checksum"] == 3
+    # The data regions (the punched one reads as zeros) and the hole that gained data.
+    assert report["bytes_scanned"] == (len(EXTENT_REGIONS) + 1) * RS
+
+
+def test_scan_of_a_sparse_tib_accepts_only_what_changed(big, state_root):
+    with Device(str(big), writable=True) as device:
+        assert device.punch_hole(7 * RS, RS)  # the data of region 7 is discarded
+    corrupt(big, 9_000_000 * RS, b"new")
+    api.checkpoint("big")
+    report = api.scan_volume("big")
+    assert report["changed_regions"] == [[7, 1], [9_000_000, 1]]
+    assert report["bytes_scanned"] == (len(EXTENT_REGIONS) + 1) * RS  # 7 is read: the manifest says data
+    with Volume.inspect(str(state_root), "big") as vol:
+        assert vol.manifest.is_zero(7) and vol.eras[7] == 2 and vol.eras[9_000_000] == 2
+        assert list(vol.manifest.nonzero_between(0, vol.geometry.count)) == sorted(
+            set(EXTENT_REGIONS) - {7} | {9_000_000})
+    assert api.scrub_volume("big")["bad_regions"] == []
+
+
+def test_a_faulted_sparse_tib_comes_back_online(big):
+    """Every region is bad while the device is gone; they all verify again once it is back."""
+    hidden = big.with_suffix(".away")
+    big.rename(hidden)
+    assert api.scrub_volume("big")["health"] == "FAULTED"
+    assert api.status("big")[0]["bad_count"] == TIB // RS
+    hidden.rename(big)
+    report = api.scrub_volume("big")
+    assert report["health"] == "ONLINE" and report["cleared_regions"] == [[0, TIB // RS]]
+    assert report["bytes_scanned"] == len(EXTENT_REGIONS) * RS
+
+
+def test_scan_clears_bad_hole_regions_without_reading_them(big, state_root):
+    corrupt(big, 300 * RS)
+    assert api.scrub_volume("big")["bad_regions"] == [[300, 1]]
+    with Device(str(big), writable=True) as device:  # put back as it was: a hole
+        assert device.punch_hole(300 * RS, RS)
+    report = api.scan_volume("big")
+    assert report["cleared_regions"] == [[300, 1]] and report["changed_regions"] == []
+    assert report["bytes_scanned"] == len(EXTENT_REGIONS) * RS
+
+
+def test_overlay_regions_are_neither_read_nor_judged(big, state_root):
+    with Volume.open(str(state_root), "big") as vol:
+        vol.overlay.set_run(4_999_990, 20)  # holds region 4_999_999 and 5_000_000
+        vol.save_bitmaps()
+    corrupt(big, 5_000_000 * RS)  # the device copy of an overlay region: not the device's to say
+    corrupt(big, 7 * RS + 1)
+    report = api.scrub_volume("big")
+    assert report["bad_regions"] == [[7, 1]]
+    assert report["skipped_overlay_regions"] == 20
+    assert report["regions_scanned"] == TIB // RS - 20
+    assert report["bytes_scanned"] == (len(EXTENT_REGIONS) - 2) * RS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_run_arithmetic_matches_set_arithmetic(data):
+    from drtool.detect import _minus, _RunSet, _runs_of, _union
+    from drtool.regions import from_runs, to_runs
+
+    regions = st.sets(st.integers(0, 120))
+    a, b, c = data.draw(regions), data.draw(regions), data.draw(regions)
+    assert list(_runs_of(sorted(a))) == to_runs(a)
+    assert list(_union(to_runs(a), to_runs(b))) == to_runs(a | b)
+    assert list(_minus(_union(to_runs(a), to_runs(b)), to_runs(c))) == to_runs((a | b) - c)
+    collected = _RunSet()
+    for first, count in data.draw(st.permutations(to_runs(a))):
+        for region in data.draw(st.permutations(list(from_runs([(first, count)])))):
+            collected.add(region)
+    assert collected.runs() == to_runs(a)

@@ -1,26 +1,31 @@
 """Read a device region by region as fast as the machine allows, digesting each region.
 
-Two worker threads take 1 MiB (or one-region, if larger) chunks in turn; both
-``os.preadv`` and blake3 release the GIL, so the two cores both hash.  Holes
-in sparse files are not read: they are zeros by definition.  A chunk that
-fails is re-read region by region, so an I/O error is pinned to exactly the
-regions it hits.
+:func:`digest_regions` streams: it yields one :class:`DigestBatch` per chunk of at most
+``CHUNK`` bytes, so memory stays a few chunks whatever the volume's size.  Two worker
+threads read and hash chunks in turn (both ``os.preadv`` and blake3 release the GIL, so
+the two cores both hash) while the caller's thread consumes the finished batches.  A chunk
+that fails is re-read region by region, so an I/O error is pinned to exactly the regions
+it hits.
+
+:func:`data_runs` tells which regions of a sparse file hold any data (SEEK_DATA/SEEK_HOLE):
+callers read only those, a region wholly in a hole is zeros by definition.
 """
 
 from __future__ import annotations
 
-import itertools
+import errno
+import os
+import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import blake3
 
 from drtool.buffers import aligned_bytes
 from drtool.errors import DeviceIOError
-from drtool.regions import Geometry
+from drtool.regions import Geometry, Run
 from drtool.storage.device import Device
-from drtool.storage.maps import DIGEST_SIZE, zero_digest
 
 CHUNK = 4 << 20
 WORKERS = 2
@@ -33,102 +38,188 @@ SHORT_READ = "short-read"
 
 
 @dataclass
-class DigestResult:
-    """Digests of the regions read; ``errors`` maps a region to why it could not be read."""
+class DigestBatch:
+    """The digests of regions ``first .. first+count-1`` (one run, read together).
 
-    digests: bytearray
+    ``digests[i]`` is region ``first+i``'s digest, or None when it could not be read;
+    ``errors`` then says why.  ``bytes_read`` counts the bytes actually read."""
+
+    first: int
+    count: int
+    digests: list[bytes | None]
     errors: dict[int, str] = field(default_factory=dict)
     bytes_read: int = 0
 
-    def digest(self, region: int) -> bytes:
-        return bytes(self.digests[region * DIGEST_SIZE:(region + 1) * DIGEST_SIZE])
+    def __iter__(self) -> Iterator[tuple[int, bytes | None]]:
+        """``(region, digest or None)`` in ascending order."""
+        return zip(range(self.first, self.first + self.count), self.digests)
+
+
+def data_runs(fd: int, geometry: Geometry, targets: Iterable[Run]) -> Iterator[Run]:
+    """The regions of ``targets`` (ascending runs) that hold any data, as ascending runs.
+
+    A region touching a data extent is in whole; a region wholly inside a hole is left out
+    (it reads as zeros).  The walk asks SEEK_DATA/SEEK_HOLE once per extent, so holes cost
+    nothing whatever their size.  Bytes past the end of the file count as data: a device
+    that shrank must be read to report its short reads.  Where SEEK_DATA is unsupported
+    everything counts as data (a block device answers so by itself: the kernel's generic
+    llseek says every offset below the size is data, and ENXIO at or past it).
+    """
+    shift = geometry.shift
+    try:
+        eof = os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        eof = -1  # cannot even seek: read everything
+    supported = eof >= 0
+    # The extent known from the last question: [asked, data) is a hole, [data, hole) is data.
+    asked = data = hole = -1
+    pending: list[int] | None = None  # [first, end) in regions, not yet yielded
+
+    for first, count in targets:
+        run_end = first + count
+        start, end = first << shift, min(run_end << shift, geometry.size)
+        pos = start
+        while pos < end:
+            if not supported or pos >= eof:
+                lo, hi = pos, end
+            else:
+                if not asked <= pos < hole:
+                    try:
+                        data = os.lseek(fd, pos, os.SEEK_DATA)
+                    except OSError as exc:
+                        if exc.errno != errno.ENXIO:
+                            supported = False
+                            continue
+                        data = eof  # no data from pos to the end of the file
+                    hole = eof
+                    if data < eof:
+                        try:
+                            hole = max(os.lseek(fd, data, os.SEEK_HOLE), data + 1)
+                        except OSError:  # the file shrank under us: read the rest
+                            supported = False
+                            continue
+                    asked = pos
+                if data >= end:
+                    break
+                lo, hi = max(data, pos), min(hole, end)
+                if lo >= hi:  # the extent ended at the end of the file: the rest is past it
+                    pos = max(pos, eof)
+                    continue
+            lo_region, hi_region = max(lo >> shift, first), min(((hi - 1) >> shift) + 1, run_end)
+            if pending is not None and lo_region <= pending[1]:
+                pending[1] = max(pending[1], hi_region)
+            else:
+                if pending is not None:
+                    yield pending[0], pending[1] - pending[0]
+                pending = [lo_region, hi_region]
+            pos = hi_region << shift  # the rest of the last region is read anyway
+    if pending is not None:
+        yield pending[0], pending[1] - pending[0]
+
+
+def _chunks(runs: Iterable[Run], per_chunk: int) -> Iterator[Run]:
+    for first, count in runs:
+        for start in range(first, first + count, per_chunk):
+            yield start, min(per_chunk, first + count - start)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
 
 
 def digest_regions(
     device: Device,
     geometry: Geometry,
-    runs: Sequence[tuple[int, int]] | None = None,
+    runs: Iterable[Run] | None = None,
     progress: ProgressFn | None = None,
     workers: int = WORKERS,
-) -> DigestResult:
-    """Digest every region of ``runs`` (default: the whole volume)."""
+) -> Iterator[DigestBatch]:
+    """Digest every region of ``runs`` (default: the whole volume), yielding batches.
+
+    ``runs`` may be a lazy iterator (the workers draw from it in turn, under a lock).
+    Batches come in the order they finish, not necessarily ascending.  At most a few
+    batches wait for the caller; closing the iterator early stops the workers.
+    ``progress(bytes)`` is called in the caller's thread, once per batch.
+    """
     if runs is None:
         runs = [(0, geometry.count)]
     per_chunk = max(1, CHUNK // geometry.region_size)
-    chunks: list[tuple[int, int]] = []
-    for first, count in runs:
-        for start in range(first, first + count, per_chunk):
-            chunks.append((start, min(per_chunk, first + count - start)))
-    result = DigestResult(bytearray(DIGEST_SIZE * geometry.count))
-    tickets = itertools.count()
-    lock = threading.Lock()
-    failures: list[BaseException] = []
+    chunks = _chunks(runs, per_chunk)
+    take = threading.Lock()
+    finished: queue.Queue[object] = queue.Queue(maxsize=4 * max(1, workers))
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                finished.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def work() -> None:
         view = aligned_bytes(per_chunk * geometry.region_size)
-        done = 0
         try:
-            while True:
-                index = next(tickets)
-                if index >= len(chunks):
+            while not stop.is_set():
+                with take:
+                    chunk = next(chunks, None)
+                if chunk is None:
                     break
-                first, count = chunks[index]
-                done += _digest_chunk(device, geometry, first, count, view, result, lock)
-                if progress:
-                    progress(geometry.run_bounds(first, count)[1])
+                put(_digest_chunk(device, geometry, chunk[0], chunk[1], view))
         except BaseException as exc:  # surfaced in the caller's thread
-            failures.append(exc)
-        with lock:
-            result.bytes_read += done
+            put(_Failed(exc))
+        put(_DONE)
 
-    threads = [threading.Thread(target=work, name=f"digest-{n}") for n in range(max(1, workers))]
+    threads = [threading.Thread(target=work, name=f"digest-{n}", daemon=True) for n in range(max(1, workers))]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
-    return result
+    try:
+        running = len(threads)
+        while running:
+            item = finished.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, _Failed):
+                raise item.exc
+            else:
+                assert isinstance(item, DigestBatch)
+                if progress:
+                    progress(geometry.run_bounds(item.first, item.count)[1])
+                yield item
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
-def _digest_chunk(
-    device: Device, geometry: Geometry, first: int, count: int,
-    view: memoryview, result: DigestResult, lock: threading.Lock,
-) -> int:
+def _digest_chunk(device: Device, geometry: Geometry, first: int, count: int, view: memoryview) -> DigestBatch:
     offset, length = geometry.run_bounds(first, count)
-    digests = result.digests
-    if device.is_hole(offset, length):
-        for region in range(first, first + count):
-            digests[region * DIGEST_SIZE:(region + 1) * DIGEST_SIZE] = zero_digest(geometry.region_length(region))
-        return 0
     try:
         device.readinto(view[:length], offset)
     except DeviceIOError:
-        return _digest_one_by_one(device, geometry, first, count, view, result, lock)
+        return _digest_one_by_one(device, geometry, first, count, view)
     rsize = geometry.region_size
     hasher = blake3.blake3
     data = view[:length]  # the last region of the volume may be partial
-    at = first * DIGEST_SIZE
-    for start in range(0, length, rsize):
-        digests[at:at + DIGEST_SIZE] = hasher(data[start:start + rsize]).digest()
-        at += DIGEST_SIZE
-    return length
+    digests: list[bytes | None] = [hasher(data[start:start + rsize]).digest() for start in range(0, length, rsize)]
+    return DigestBatch(first, count, digests, bytes_read=length)
 
 
-def _digest_one_by_one(
-    device: Device, geometry: Geometry, first: int, count: int,
-    view: memoryview, result: DigestResult, lock: threading.Lock,
-) -> int:
-    done = 0
+def _digest_one_by_one(device: Device, geometry: Geometry, first: int, count: int, view: memoryview) -> DigestBatch:
+    batch = DigestBatch(first, count, [])
     for region in range(first, first + count):
         offset, length = geometry.region_bounds(region)
         part = view[:length]
         try:
             device.readinto(part, offset)
         except DeviceIOError as exc:
-            with lock:
-                result.errors[region] = SHORT_READ if exc.reason.startswith("short read") else IO_ERROR
+            batch.errors[region] = SHORT_READ if exc.reason.startswith("short read") else IO_ERROR
+            batch.digests.append(None)
             continue
-        result.digests[region * DIGEST_SIZE:(region + 1) * DIGEST_SIZE] = blake3.blake3(part).digest()
-        done += length
-    return done
+        batch.digests.append(blake3.blake3(part).digest())
+        batch.bytes_read += length
+    return batch
