@@ -28,6 +28,7 @@ from drtool.errors import DeviceError, DeviceIOError
 from drtool.regions import Geometry, Run, runs_total
 from drtool.storage.device import DeviceProbe, probe
 from drtool.storage.reader import IO_ERROR, SHORT_READ, ProgressFn, data_runs, digest_regions
+from drtool.storage.records import Faulted
 from drtool.storage.volume import Volume
 
 CHECKSUM = "checksum"
@@ -206,8 +207,8 @@ def scrub(volume: Volume, progress: ProgressFn | None = None,
         with lock:
             _apply(volume.bad, volume.ioerror, findings, faulted)  # in place: others hold these maps
             if faulted:
-                since = (volume.record.faulted or {}).get("since") or time.time()
-                volume.record.faulted = {"reason": faulted, "since": since}
+                since = volume.record.faulted.since if volume.record.faulted else time.time()
+                volume.record.faulted = Faulted(reason=faulted, since=since)
             else:
                 volume.record.faulted = None
             volume.record.last_scrub = {

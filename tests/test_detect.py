@@ -120,10 +120,15 @@ def test_deleted_device_faults_the_volume(device):
     assert status["health"] == "FAULTED" and status["bad_count"] == 41
 
 
-def test_device_returns_and_scrubs_online(device):
+def test_device_returns_and_scrubs_online(device, state_root):
     data = device.read_bytes()
     os.unlink(device)
     assert scrub()["health"] == "FAULTED"
+    with Volume.inspect(str(state_root), "vol") as vol:
+        since = vol.record.faulted.since
+    assert scrub()["health"] == "FAULTED"
+    with Volume.inspect(str(state_root), "vol") as vol:
+        assert vol.record.faulted.since == since  # faulted since the first scrub that saw it
     device.write_bytes(data)
     report = scrub()
     assert report["health"] == "ONLINE" and report["bad_regions"] == []
