@@ -339,16 +339,39 @@ class RegionBitmap:
 
     def difference(self, other: RegionBitmap) -> RegionBitmap:
         """Regions set here and not in ``other``, as a scratch bitmap."""
+        return self._combine(other, lambda a, b: a & ~b, keep_if_other_empty=True)
+
+    def intersection(self, other: RegionBitmap) -> RegionBitmap:
+        """Regions set in both, as a scratch bitmap."""
+        return self._combine(other, lambda a, b: a & b, keep_if_other_empty=False)
+
+    def union(self, other: RegionBitmap) -> RegionBitmap:
+        """Regions set in either, as a scratch bitmap."""
+        out = self.copy()
+        for chunk in other._busy_chunks(0, len(other._counts)):
+            if out._counts[chunk] == 0:
+                out._put(chunk, other._chunk_bytes(chunk), other._counts[chunk])
+            elif out._counts[chunk] != out._valid(chunk):
+                value = int.from_bytes(out._chunk_bytes(chunk), "little") | int.from_bytes(other._chunk_bytes(chunk), "little")
+                out._put(chunk, value.to_bytes(PAYLOAD, "little"), value.bit_count())
+        return out
+
+    def _combine(self, other: RegionBitmap, op, keep_if_other_empty: bool) -> RegionBitmap:
+        """Chunk by chunk; an empty or full chunk on either side is settled by its count."""
         out = RegionBitmap(self.count)
         for chunk in self._busy_chunks(0, len(self._counts)):
             theirs = other._counts[chunk]
-            if theirs == other._valid(chunk):
+            mine_full = self._counts[chunk] == self._valid(chunk)
+            if theirs == 0 or theirs == other._valid(chunk):
+                other_full = theirs != 0
+                if other_full != keep_if_other_empty:  # the result is this chunk as it is
+                    out._put(chunk, self._chunk_bytes(chunk), self._counts[chunk])
                 continue
-            mine = self._chunk_bytes(chunk)
-            if theirs == 0:
-                out._put(chunk, mine, self._counts[chunk])
+            if mine_full and not keep_if_other_empty:  # full & theirs = theirs
+                out._put(chunk, other._chunk_bytes(chunk), theirs)
                 continue
-            value = int.from_bytes(mine, "little") & ~int.from_bytes(other._chunk_bytes(chunk), "little")
+            value = op(int.from_bytes(self._chunk_bytes(chunk), "little"),
+                       int.from_bytes(other._chunk_bytes(chunk), "little"))
             out._put(chunk, value.to_bytes(PAYLOAD, "little"), value.bit_count())
         return out
 

@@ -101,3 +101,25 @@ def test_manifest_nonzero_between_is_every_data_region_once(data):
     first = data.draw(st.integers(0, count))
     end = data.draw(st.integers(first, count))
     assert list(m.nonzero_between(first, end)) == sorted(r for r in chosen if first <= r < end)
+
+
+@given(data=st.data())
+def test_set_algebra_matches_python_sets(data):
+    count = 2 * CHUNK_BITS + 100
+    region = st.integers(0, count - 1)
+    a_set = data.draw(st.sets(region, max_size=30))
+    b_set = data.draw(st.sets(region, max_size=30))
+    a, b = RegionBitmap(count), RegionBitmap(count)
+    a.update(a_set)
+    b.update(b_set)
+    full_chunk = data.draw(st.sampled_from([None, 0, 1, 2]))
+    if full_chunk is not None:  # a whole chunk set on one side: settled by counts
+        lo = full_chunk * CHUNK_BITS
+        n = min(CHUNK_BITS, count - lo)
+        a.set_run(lo, n)
+        a_set |= set(range(lo, lo + n))
+    assert list(a.difference(b)) == sorted(a_set - b_set)
+    assert list(a.intersection(b)) == sorted(a_set & b_set)
+    assert list(b.intersection(a)) == sorted(a_set & b_set)
+    assert list(a.union(b)) == sorted(a_set | b_set)
+    assert a.union(b).popcount() == len(a_set | b_set)
