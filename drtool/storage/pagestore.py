@@ -444,8 +444,14 @@ def _recover(path: str, journal_path: str, fd: int, volume_id: bytes, writable: 
         return {}  # an older commit, already in the store
     if 0 not in pages:
         raise CorruptStateFile(journal_path, "the region map journal has no superblock")
+    if generation == current:
+        # Its superblock reached the file; the other pages may not have: only what differs
+        # is written again (an open after a clean commit writes nothing).
+        pages = {p: image for p, image in pages.items() if _pread(fd, p * PAGE_SIZE) != image}
+        if not pages:
+            return {}
     if not writable:
-        return pages if generation > current else {}
+        return pages
     try:
         for page_no, image in pages.items():
             _pwrite_all(fd, image, page_no * PAGE_SIZE)

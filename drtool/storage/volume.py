@@ -20,6 +20,7 @@ A state directory of the first format (whole-volume ``manifest.bin``, ``eras.bin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -73,7 +74,7 @@ class Volume:
         self.eras = EraMap(count, store, layout.eras, layout.era_summary)
         self.manifest = Manifest(count, record.region_size, self.geometry.last_region_length, store,
                                  layout.manifest)
-        self._saved_record: dict[str, Any] | None = None
+        self._saved_record: str | None = None  # volume.json as last read or written
 
     @property
     def covered_seq(self) -> dict[str, int]:
@@ -159,7 +160,7 @@ class Volume:
         except BaseException:
             store.close()
             raise
-        volume._saved_record = record.to_json()
+        volume._saved_record = json.dumps(record.to_json(), sort_keys=True, default=str)
         return volume
 
     def close(self) -> None:
@@ -271,7 +272,7 @@ class Volume:
         return self.store.commit(covered)
 
     def save_record(self) -> None:
-        current = self.record.to_json()
+        current = json.dumps(self.record.to_json(), sort_keys=True, default=str)
         if current == self._saved_record:
             return  # unchanged: a checkpoint writes nothing for it
         self.record.save(self.paths.record)
