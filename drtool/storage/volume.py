@@ -135,6 +135,7 @@ class Volume:
         paths = _existing(root, name)
         lock = VolumeLock(paths.dir, name).acquire()
         try:
+            _remove_leftovers(paths)
             return cls._load(paths, lock)
         except BaseException:
             lock.release()
@@ -313,6 +314,17 @@ def _existing(root: str, name: str) -> StatePaths:
             raise CorruptStateFile(paths.record, "state directory exists but the volume record is missing")
         raise VolumeNotFound(name, root)
     return paths
+
+
+def _remove_leftovers(paths: StatePaths) -> None:
+    """Temporary files a killed process left (``volume.json.tmp.<pid>``, a half-built upgrade):
+    only the lock holder writes here, and we hold the lock, so none is in use."""
+    for entry in os.listdir(paths.dir):
+        if ".tmp." in entry or entry.endswith(".upgrade"):
+            try:
+                os.unlink(os.path.join(paths.dir, entry))
+            except OSError:
+                pass
 
 
 def _clear_state_dir(paths: StatePaths) -> None:

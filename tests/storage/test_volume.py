@@ -165,3 +165,14 @@ def test_bad_names_are_refused(state_root, tmp_path, name):
     make_image(tmp_path / "d.img", 8192)
     with pytest.raises(UsageError, match="is not valid"):
         Volume.create(str(state_root), name, str(tmp_path / "d.img"), "4K")
+
+
+def test_leftover_temporary_files_are_removed_at_open(volume, state_root):
+    volume.close()
+    for leaf in ("volume.json.tmp.4242", "manifest.bin.tmp.77", "maps.pages.upgrade"):
+        with open(os.path.join(volume.paths.dir, leaf), "wb") as handle:
+            handle.write(b"half written")
+    Volume.inspect(str(state_root), "vol").close()  # a reader removes nothing
+    assert os.path.exists(os.path.join(volume.paths.dir, "volume.json.tmp.4242"))
+    Volume.open(str(state_root), "vol").close()
+    assert sorted(os.listdir(volume.paths.dir)) == ["lock", "maps.journal", "maps.pages", "volume.json"]
