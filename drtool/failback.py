@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from drtool import detect
+from drtool.engine import modes
 from drtool.errors import DeviceError, NotPermitted
 from drtool.regions import to_runs
 from drtool.storage import overlay as overlay_file
@@ -33,11 +34,11 @@ def failback(engine: Any, device: str | None = None, rate: int | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) failback; returns a summary.  Idempotent in normal mode."""
     record = engine.record
-    if record.mode == "normal":
+    if modes.is_normal(record):
         if device and device != record.device:
             raise NotPermitted(f"volume {engine.name} is not in recovery; nothing to fail back onto {device}")
-        return {"volume": engine.name, "changed": False, "mode": "normal", "regions_copied": 0}
-    if record.mode == "degraded":
+        return {"volume": engine.name, "changed": False, "mode": record.mode, "regions_copied": 0}
+    if not modes.resyncing(record):
         _prepare(engine, device)
     elif device and device != record.device:
         raise NotPermitted(f"failback of {engine.name} is already running onto {record.device}")
@@ -87,9 +88,7 @@ def _prepare(engine: Any, device: str | None) -> None:
             wanted.set(region)
         for region in wanted:
             engine.volume.resync.set(region)
-        record.mode = "resync"
-        record.failback = Failback(started=time.time(), device=path, total_regions=wanted.popcount())
-        record.history.append({"event": "failback", "time": time.time(), "device": path})
+        modes.start_resync(record, Failback(started=time.time(), device=path, total_regions=wanted.popcount()))
         engine.save()
 
 
@@ -178,12 +177,7 @@ def _finish(engine: Any) -> None:
         if engine.volume.resync.any():
             return
         engine.flush()
-        record.mode = "normal"
-        record.faulted = None
-        if record.failback is not None:
-            record.failback.finished = time.time()
-        record.history.append({"event": "normal", "time": time.time()})
-        record.recovery = None
+        modes.finish_resync(record)
         if engine.overlay is not None:
             engine.overlay.close()
             engine.overlay = None

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from drtool.engine.lag import Pending, lag
 from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, UsageError
 from drtool.regions import to_runs
 from drtool.storage.records import Loss, Replication
@@ -171,6 +172,7 @@ class Replicator:
                     engine.volume.unreplicated.set(region)
                 engine.record.replication.bitmap_mode_since = time.time()
                 engine.record.replication.overflows = (engine.record.replication.overflows or 0) + 1
+                engine.record.replication.dropped_through = covered
             engine.save_bitmaps()
         log.warning("volume %s: replication log over its limit; bitmap mode for %d regions",
                     engine.name, len(regions))
@@ -222,22 +224,8 @@ class Replicator:
 
 
 def lag_of(engine: Any) -> dict[str, Any]:
-    """Pending records, bytes, regions and the age of the oldest unacknowledged write."""
-    log_ = engine.log
-    volume = engine.volume
-    oldest = log_.oldest_entry()
-    since = engine.record.replication.bitmap_mode_since if volume.norecord.any() else None
-    stamps = [t for t in (oldest.stamp if oldest else None, since) if t]
-    norecord = volume.norecord.popcount()
-    return {
-        "records": len(log_.entries),
-        "bytes": log_.pending_bytes + sum(engine.geometry.region_length(r) for r in volume.norecord),
-        "regions": volume.unreplicated.popcount(),
-        "oldest_seconds": round(time.time() - min(stamps), 3) if stamps else 0.0,
-        "bitmap_mode": norecord > 0,
-        "bitmap_regions": norecord,
-        "next_seq": log_.next_seq,
-    }
+    """The lag of an open engine (drtool.engine.lag computes it)."""
+    return lag(engine.volume, Pending.of_log(engine.log))
 
 
 def fast_sync_plan(engine: Any, peer_info: dict[str, Any]) -> Any:

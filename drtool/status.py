@@ -11,31 +11,13 @@ import time
 from typing import Any
 
 from drtool.engine.core import effective_settings
+from drtool.engine.lag import Pending, lag as lag_of
 from drtool.regions import runs_total
 from drtool.storage.lock import is_locked
 from drtool.storage.records import SubRecord
-from drtool.storage.replog import summarize
 from drtool.storage.volume import Volume
 
 SCHEMA = "drtool.status/1"
-
-
-def lag_from_disk(volume: Volume) -> dict[str, Any]:
-    """Replication lag as the files show it (no agent running)."""
-    replication = volume.record.replication
-    pending = summarize(volume.paths.log_dir, after=replication.acked_through or 0,
-                        acked=frozenset(replication.acked_ahead))
-    norecord = volume.norecord.popcount()
-    since = replication.bitmap_mode_since if norecord else None
-    stamps = [t for t in (pending["oldest"], since) if t]
-    return {
-        "records": pending["records"],
-        "bytes": pending["bytes"] + sum(volume.geometry.region_length(r) for r in volume.norecord),
-        "regions": volume.unreplicated.popcount(),
-        "oldest_seconds": round(time.time() - min(stamps), 3) if stamps else 0.0,
-        "bitmap_mode": norecord > 0,
-        "bitmap_regions": norecord,
-    }
 
 
 def peer_status(peer: dict[str, Any] | None, probe: bool = True) -> dict[str, Any] | None:
@@ -57,17 +39,8 @@ def peer_status(peer: dict[str, Any] | None, probe: bool = True) -> dict[str, An
     return out
 
 
-def lag_summary(lag: dict[str, Any]) -> str:
-    if not lag["regions"] and not lag["records"]:
-        return "in sync"
-    text = (f"{lag['records']} records, {lag['regions']} regions, {lag['bytes']} bytes pending, "
-            f"oldest {lag['oldest_seconds']:.1f}s")
-    if lag.get("bitmap_mode"):
-        text += f"; BITMAP MODE (log overflowed): {lag['bitmap_regions']} regions to ship from the volume"
-    return text
-
-
 def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer: bool = True) -> dict[str, Any]:
+    """The status object; ``lag`` (drtool.engine.lag) from a running engine, else read from disk."""
     record = volume.record
     geometry = volume.geometry
     bad = volume.bad.runs()
@@ -75,14 +48,8 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
     overlay = volume.overlay.runs()
     bad_bytes = sum(geometry.run_bounds(a, n)[1] for a, n in bad)
     holder = is_locked(volume.paths.dir)
-    if volume.record.role == "secondary":
-        # A demoted volume ships nothing: what its old log holds was drained, or counted as lost.
-        lag = {"records": 0, "bytes": 0, "regions": 0, "oldest_seconds": 0.0, "bitmap_mode": False,
-               "bitmap_regions": 0, "summary": "not applicable: this host is the secondary"}
-    else:
-        if lag is None:
-            lag = lag_from_disk(volume)
-        lag = {**lag, "summary": lag_summary(lag)}
+    if lag is None:
+        lag = lag_of(volume, Pending.on_disk(volume))
     agent_socket = volume.paths.control_socket
     return {
         "schema": SCHEMA,

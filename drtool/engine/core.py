@@ -16,6 +16,7 @@ from typing import Any
 
 import blake3
 
+from drtool.engine import modes
 from drtool.engine.reads import ReadPath
 from drtool.engine.writes import WritePath
 from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
@@ -102,7 +103,7 @@ class Engine(ReadPath, WritePath):
         if self.record.role == "secondary":
             self.read_only_reason = "this host is the secondary for this volume"
         self._open_device()
-        if self.record.mode != "normal":
+        if modes.in_recovery(self.record):
             self.overlay = overlay_file.open_overlay(volume.paths.overlay, self.geometry.size)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -271,7 +272,7 @@ class Engine(ReadPath, WritePath):
     def _forget_acknowledged(self) -> None:
         """Records the secondary acknowledged before we stopped are not pending any more."""
         replication = self.record.replication
-        acked = replication.acked_through or 0
+        acked = replication.done_through()
         ahead = set(replication.acked_ahead)
         done = [e.seq for e in self.log.pending() if e.seq <= acked or e.seq in ahead]
         if done:
@@ -292,7 +293,7 @@ class Engine(ReadPath, WritePath):
                        auto: bool = False) -> bool:
         """Create the overlay and redirect writes to it.  Instant; idempotent."""
         with self.meta:
-            if self.record.mode != "normal":
+            if modes.in_recovery(self.record):
                 recovery = self.record.recovery
                 if recovery is not None and ((local_era is not None and recovery.local_era != local_era) or (
                         not auto and source != recovery.source)):
@@ -311,10 +312,8 @@ class Engine(ReadPath, WritePath):
             self.overlay = overlay_file.open_overlay(self.volume.paths.overlay, self.geometry.size)
             # Regions written from now on carry a new era: failback ships exactly those to the mirror.
             era = self.volume.checkpoint(self.log.next_seq)
-            self.record.mode = "degraded"
-            self.record.recovery = Recovery(entered=time.time(), reason=reason, auto=auto,
-                                            local_era=local_era, source=source, era=era)
-            self.record.history.append({"event": "degraded", "time": time.time(), "reason": reason})
+            modes.degrade(self.record, Recovery(entered=time.time(), reason=reason, auto=auto,
+                                                local_era=local_era, source=source, era=era))
             self.save_bitmaps()
         log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)
         return True

@@ -19,6 +19,7 @@ from typing import Any
 import blake3
 
 from drtool.buffers import aligned_bytes
+from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceIOError
 from drtool.regions import to_runs
 from drtool.storage.device import Device
@@ -65,7 +66,7 @@ class ReadPath:
 
     def _healthy(self) -> bool:
         """Normal mode, no bad region, a device: every region is read locally."""
-        return self.record.mode == "normal" and self.device is not None and not self.volume.bad.any()
+        return modes.is_normal(self.record) and self.device is not None and not self.volume.bad.any()
 
     def read_region(self, region: int) -> bytes:
         start, length = self.geometry.region_bounds(region)
@@ -164,7 +165,7 @@ class ReadPath:
             self._set_bad(sorted(unreadable), io_error=True)
         log.warning("volume %s: regions %s failed %s while serving; marked bad", self.name, to_runs(regions),
                     "to read" if not mismatched else "verification")
-        if self.record.mode == "normal":
+        if modes.is_normal(self.record):
             if self.settings["auto_degrade"] and self.protected:
                 self.enter_degraded(f"regions {to_runs(regions)} failed verification while serving", auto=True)
             else:
@@ -180,7 +181,7 @@ class ReadPath:
             self.save_bitmaps()
 
     def _read_remote(self, regions: list[int], base: int, view: memoryview) -> None:
-        if self.record.mode == "normal":
+        if modes.is_normal(self.record):
             if not (self.settings["auto_degrade"] and self.protected):
                 raise DataUnavailable(f"volume {self.name}: regions {to_runs(regions)} are bad "
                                       "and the volume is not in recovery (drtool recover)")

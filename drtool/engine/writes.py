@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import blake3
 
+from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted
 from drtool.storage.device import Device
 from drtool.storage.maps import zero_digest
@@ -70,7 +71,7 @@ class WritePath:
         for _ in range(_PREPARE_ATTEMPTS):
             try:
                 with stripe:
-                    if self.record.mode == "normal":
+                    if modes.is_normal(self.record):
                         try:
                             self._write_device(region, inner, piece, zero_length)
                             return
@@ -179,7 +180,7 @@ class WritePath:
             self.volume.eras[region] = self.record.era
             self.volume.overlay.set(region)
             self.volume.unreplicated.set(region)
-            if self.record.mode == "resync":
+            if modes.resyncing(self.record):
                 self.volume.resync.set(region)
         self._done(seq)
 

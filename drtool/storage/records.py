@@ -191,7 +191,7 @@ class Replication(SubRecord):
     """Pairing and shipping: the initial sync, the acknowledged watermark, bitmap mode."""
 
     OMIT_NONE = frozenset({"initial_sync", "started", "mode", "regions", "finished", "acked_through",
-                           "bitmap_mode_since", "overflows"})
+                           "bitmap_mode_since", "overflows", "dropped_through"})
 
     initial_sync: str | None = None  # running / done
     started: float | None = None
@@ -203,6 +203,12 @@ class Replication(SubRecord):
     acked_ahead: list[int] = field(default_factory=list)
     bitmap_mode_since: float | None = None
     overflows: int | None = None
+    # Bitmap mode dropped the log's records up to here (their regions ship from the volume).
+    dropped_through: int | None = None
+
+    def done_through(self) -> int:
+        """Every record up to this sequence is no longer pending (acknowledged, or dropped)."""
+        return max(self.acked_through or 0, self.dropped_through or 0)
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()

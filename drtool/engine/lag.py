@@ -1,0 +1,82 @@
+"""The replication lag of a volume: the one place it is computed.
+
+Two sources tell what the log holds: a running engine's log (in memory) and the log files
+(status with no agent).  Both give a :class:`Pending`; :func:`lag` turns it and the volume's
+maps into the ``lag`` object of ``status --json`` (docs/status.md), so an agent's status, a
+status read from disk and ``replicate --json`` report the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from drtool.storage.replog import ReplicationLog, summarize
+from drtool.storage.volume import Volume
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What the log holds that the secondary has not acknowledged."""
+
+    records: int
+    bytes: int  # of log records (headers included)
+    oldest: float | None  # when the oldest of them was written (epoch seconds)
+
+    @classmethod
+    def of_log(cls, log: ReplicationLog) -> Pending:
+        oldest = log.oldest_entry()
+        return cls(len(log.entries), log.pending_bytes, oldest.stamp if oldest else None)
+
+    @classmethod
+    def on_disk(cls, volume: Volume) -> Pending:
+        replication = volume.record.replication
+        found = summarize(volume.paths.log_dir, after=replication.done_through(),
+                          acked=frozenset(replication.acked_ahead))
+        return cls(int(found["records"]), int(found["bytes"]), found["oldest"] or None)
+
+
+NOT_APPLICABLE = "not applicable: this host is the secondary"
+
+
+def lag(volume: Volume, pending: Pending, now: float | None = None) -> dict[str, Any]:
+    """Pending records, bytes, regions, the oldest write's age and bitmap mode, with a summary."""
+    if volume.record.role == "secondary":
+        # A demoted volume ships nothing: what its old log holds was drained, or counted as lost.
+        return {"records": 0, "bytes": 0, "regions": 0, "oldest_seconds": 0.0, "bitmap_mode": False,
+                "bitmap_regions": 0, "summary": NOT_APPLICABLE}
+    norecord = volume.norecord.popcount()
+    since = volume.record.replication.bitmap_mode_since if norecord else None
+    stamps = [t for t in (pending.oldest, since) if t]
+    now = time.time() if now is None else now
+    out = {
+        "records": pending.records,
+        "bytes": pending.bytes + _bytes_of(volume, norecord),
+        "regions": volume.unreplicated.popcount(),
+        "oldest_seconds": round(now - min(stamps), 3) if stamps else 0.0,
+        "bitmap_mode": norecord > 0,
+        "bitmap_regions": norecord,
+    }
+    out["summary"] = summary(out)
+    return out
+
+
+def _bytes_of(volume: Volume, norecord: int) -> int:
+    """The bytes of the bitmap-mode regions (every region is whole but perhaps the last)."""
+    geometry = volume.geometry
+    total = norecord * geometry.region_size
+    last = geometry.count - 1
+    if norecord and volume.norecord.test(last):
+        total -= geometry.region_size - geometry.region_length(last)
+    return total
+
+
+def summary(lag: dict[str, Any]) -> str:
+    if not lag["regions"] and not lag["records"]:
+        return "in sync"
+    text = (f"{lag['records']} records, {lag['regions']} regions, {lag['bytes']} bytes pending, "
+            f"oldest {lag['oldest_seconds']:.1f}s")
+    if lag.get("bitmap_mode"):
+        text += f"; BITMAP MODE (log overflowed): {lag['bitmap_regions']} regions to ship from the volume"
+    return text
