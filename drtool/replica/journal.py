@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import os
 import sys
+from bisect import bisect_right
 from dataclasses import dataclass
 
 from drtool.errors import CorruptStateFile, DataUnavailable, DeviceError
-from drtool.regions import Geometry
+from drtool.regions import Geometry, Run, coalesce
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.wire import RECORD_HEADER_SIZE, WireError, decode_record_header
 
 DEFAULT_JOURNAL_LIMIT = 256 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     seq: int
     region: int
@@ -170,14 +171,24 @@ class Journal:
             return None, None
         return min(self.entries), max(self.entries)
 
-    def changes(self, after: int, regions: set[int]) -> list[Entry]:
-        """Entries after seq ``after`` touching ``regions``, in seq order."""
+    def changes(self, after: int, runs: list[Run]) -> list[Entry]:
+        """Entries after seq ``after`` touching the regions of ``runs``, in seq order.
+
+        The runs are never expanded into regions: a request may name the whole volume.
+        """
         if self.disabled:
             raise DataUnavailable("this replica server keeps no journal (its journal limit is 0)")
         if after < self.base_seq:
             raise DataUnavailable(f"the journal no longer reaches back to seq {after}: it keeps "
                                   f"records after seq {self.base_seq} only")
-        return sorted((e for e in self.entries.values() if e.seq > after and e.region in regions),
+        merged = coalesce(runs)
+        starts = [first for first, _ in merged]
+
+        def wanted(region: int) -> bool:
+            at = bisect_right(starts, region) - 1
+            return at >= 0 and region < merged[at][0] + merged[at][1]
+
+        return sorted((e for e in self.entries.values() if e.seq > after and wanted(e.region)),
                       key=lambda e: e.seq)
 
     def read(self, entry: Entry) -> bytes:

@@ -176,9 +176,9 @@ def _get_changes(req: ReplicaHandler, name: str) -> None:
         text = req.query["runs"]
     except (KeyError, ValueError):
         raise UsageError("changes needs ?after=SEQ&runs=FIRST+COUNT,...") from None
-    regions = set(from_runs(parse_runs(text, volume.geometry)))
+    runs = parse_runs(text, volume.geometry)
     with volume.lock.shared():
-        entries = volume.journal.changes(after, regions)
+        entries = volume.journal.changes(after, runs)
     req.send_head(200, RECORDS_CONTENT_TYPE, sum(e.size for e in entries),
                   {"X-Drtool-Journal-Base": str(volume.journal.base_seq)})
     for entry in entries:
