@@ -116,8 +116,9 @@ def _merge_overlay(volume: ReplicaVolume) -> int:
         for region in regions:
             if overlay.table.is_zero(region):  # keep the mirror sparse where the overlay holds zeros
                 mirror.image.punch_hole(*volume.geometry.region_bounds(region))
+        mirror.image.sync()  # before the digests: a large merge may write table pages before its save
+        for region in regions:
             mirror.table.set(region, overlay.table.digest(region))
-        mirror.image.sync()
     mirror.applied.absorb(overlay.applied)
     mirror.table.save(mirror.applied.watermark)
     mirror.applied.save()

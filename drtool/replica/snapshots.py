@@ -59,7 +59,7 @@ class Snapshot:
 
     def open(self) -> None:
         self.load()
-        self.table.check()
+        self.table.check(writable=True)
         self.data = Device(self.data_path, writable=True)
 
     def close(self) -> None:
@@ -68,7 +68,7 @@ class Snapshot:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "created": self.info["created"], "applied_seq": self.info["applied_seq"],
-                "preserved_regions": len(self.table.present_regions())}
+                "preserved_regions": self.table.present_count()}
 
 
 class SnapshotSet:
@@ -131,7 +131,11 @@ class SnapshotSet:
         shutil.rmtree(snapshot.directory)
 
     def preserve(self, regions: set[int], mirror: Device, manifest: DigestTable) -> None:
-        """Copy each region's current mirror content into every snapshot lacking it, durably."""
+        """Copy each region's current mirror content into every snapshot lacking it, durably.
+
+        The bytes are flushed before the table marks them preserved (a large batch
+        may write table pages before its save).
+        """
         for snapshot in self.by_name.values():
             missing = sorted(r for r in regions if not snapshot.table.present(r))
             if not missing:
@@ -141,6 +145,7 @@ class SnapshotSet:
                 if not manifest.is_zero(region):
                     offset, length = self.geometry.region_bounds(region)
                     snapshot.data.pwrite(mirror.pread(length, offset), offset)
-                snapshot.table.set(region, manifest.digest(region))
             snapshot.data.sync()
+            for region in missing:
+                snapshot.table.set(region, manifest.digest(region))
             snapshot.table.save(0)

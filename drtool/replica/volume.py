@@ -101,13 +101,13 @@ class Target:
         self.table.create()
         self.applied.create()
 
-    def load(self) -> None:
-        """Check the table and read the applied state (no image opened: a read-only look)."""
-        self.table.check()
+    def load(self, writable: bool = False) -> None:
+        """Check the table and read the applied state; ``writable`` False: a read-only look (no image opened)."""
+        self.table.check(writable)
         self.applied.load()
 
     def open(self) -> None:
-        self.load()
+        self.load(writable=True)
         self.image = Device(self.image_path, writable=True)
 
     def close(self) -> None:
@@ -236,7 +236,7 @@ class ReplicaVolume:
                             "first_seq": first, "last_seq": last,
                             "records": len(self.journal.entries), "bytes": self.journal.total_bytes(),
                             "limit": self.journal_limit},
-                "overlay": {"regions": len(self.overlay.table.present_regions()),
+                "overlay": {"regions": self.overlay.table.present_count(),
                             "applied_seq": overlay.watermark},
             }
 
