@@ -97,6 +97,7 @@ class DigestTable:
         self._index_dirty = False
         self._unlink: set[int] = set()  # pages emptied: their files go once the index no longer lists them
         self._cache_lock = threading.Lock()  # readers share the volume's lock; the LRU is theirs too
+        self._last: tuple[int, bytearray | None] = (-1, None)  # the page looked up last (most lookups)
         self._zero_pages: dict[int, bytes] = {}
 
     # -- geometry -----------------------------------------------------------------------
@@ -137,6 +138,7 @@ class DigestTable:
         self.save(0)
 
     def _reset(self) -> None:
+        self._last = (-1, None)
         self._generation, self._flags = 0, 0
         self._groups.clear()
         self._clean.clear()
@@ -240,8 +242,7 @@ class DigestTable:
             present = int.from_bytes(body[:_BITMAP_BYTES], "little") & ((1 << count) - 1)
             body[:_BITMAP_BYTES] = present.to_bytes(_BITMAP_BYTES, "little")  # format 1 set bits past the end
             if body != self._empty(page):
-                self._group(page // GROUP_PAGES)
-                self._dirty[page] = body
+                self._own(page, body)
                 self._flush_if_full()
         self._flags |= _V1_LEFT  # the index must be durable before the format-1 files go
         self._index_dirty = True
@@ -307,22 +308,37 @@ class DigestTable:
         return found
 
     def _lookup(self, page: int) -> bytearray | None:
-        """The page's body, or None when it was never written (all absent, all zeros)."""
-        body = self._dirty.get(page)
-        if body is not None:
+        """The page's body, or None when it was never written (all absent, all zeros).
+
+        A body is changed in place and stays the page's body while it is cached
+        or remembered as the last one looked up (only ``_own`` gives a page another).
+        """
+        last_page, body = self._last
+        if last_page == page and body is not None:
             return body
-        with self._cache_lock:
-            body = self._clean.get(page)
-            if body is not None:
-                self._clean.move_to_end(page)
-                return body
-        group = self._groups.get(page // GROUP_PAGES)
-        generation = group.generation(page % GROUP_PAGES) if group is not None else 0
-        if not generation:
-            return None
-        body = self._load_page(page, generation, group)  # type: ignore[arg-type]
-        self._cache(page, body)
+        body = self._dirty.get(page)
+        if body is None:
+            with self._cache_lock:
+                body = self._clean.get(page)
+                if body is not None:
+                    self._clean.move_to_end(page)
+        if body is None:
+            group = self._groups.get(page // GROUP_PAGES)
+            generation = group.generation(page % GROUP_PAGES) if group is not None else 0
+            if not generation:
+                return None
+            body = self._load_page(page, generation, group)  # type: ignore[arg-type]
+            self._cache(page, body)
+        self._last = (page, body)
         return body
+
+    def _own(self, page: int, body: bytearray) -> None:
+        """``body`` is the page's (changed) body from now on."""
+        self._group(page // GROUP_PAGES)
+        with self._cache_lock:
+            self._clean.pop(page, None)
+        self._dirty[page] = body
+        self._last = (page, body)
 
     def _cache(self, page: int, body: bytearray) -> None:
         with self._cache_lock:
@@ -377,12 +393,8 @@ class DigestTable:
         body = self._dirty.get(page)
         if body is None:
             body = self._lookup(page)
-            if body is None:
-                body = self._empty(page)
-            self._group(page // GROUP_PAGES)
-            with self._cache_lock:
-                self._clean.pop(page, None)
-            self._dirty[page] = body
+            self._own(page, self._empty(page) if body is None else body)
+            body = self._dirty[page]
         return body
 
     # -- regions ------------------------------------------------------------------------
@@ -462,8 +474,7 @@ class DigestTable:
                     present |= 1 << index
                     body[_BITMAP_BYTES + 32 * index:_BITMAP_BYTES + 32 * index + 32] = mine
             body[:_BITMAP_BYTES] = present.to_bytes(_BITMAP_BYTES, "little")
-            self._group(page // GROUP_PAGES)
-            self._dirty[page] = body
+            self._own(page, body)
             self._flush_if_full()
         self.save(0)
 
