@@ -186,7 +186,8 @@ def test_fill_from_writes_only_pages_holding_data(tmp_path: Path) -> None:
     assert t.zero_count() == geometry.count - 3 and list(t.iter_present()) == sorted(data)
 
 
-def write_format_1(directory: Path, geometry: Geometry, lazy: bool, slots: dict[int, bytes]) -> None:
+def write_format_1(directory: Path, geometry: Geometry, lazy: bool, slots: dict[int, bytes],
+                   magic: bytes = MAGIC) -> None:
     """A table as drtool wrote it before format 2 (eager: every page written at creation)."""
     directory.mkdir()
     pages = range((geometry.count + PAGE_REGIONS - 1) // PAGE_REGIONS)
@@ -199,7 +200,7 @@ def write_format_1(directory: Path, geometry: Geometry, lazy: bool, slots: dict[
         for index, value in mine.items():
             body[index >> 3] |= 1 << (index & 7)
             body[PAGE_REGIONS // 8 + 32 * index:PAGE_REGIONS // 8 + 32 * index + 32] = value
-        header = mapfile.MapHeader(MAGIC, 1, RS, regions, 0, 0, VID)
+        header = mapfile.MapHeader(magic, 1, RS, regions, 0, 0, VID)
         mapfile.save(str(directory / f"page-{page:08d}.bin"), header, body)
 
 
@@ -240,3 +241,48 @@ def test_journal_changes_take_runs_of_the_whole_volume_without_expanding_them(tm
     assert [e.seq for e in journal.changes(0, [(0, HUGE.count)])] == [1, 2, 3]
     assert [e.seq for e in journal.changes(1, [(70, 10), (HUGE.count - 1, 1)])] == [2, 3]
     assert journal.changes(0, [(6, 70)]) == []
+
+
+def test_a_format_1_replica_is_served_after_the_server_converts_it(start_server, tmp_path: Path) -> None:
+    from drtool.replica.store import describe_root
+    from tests.replica.conftest import VOLUME_ID, write
+
+    geometry = Geometry(3 * PAGE_REGIONS * RS, RS)
+    far = 2 * PAGE_REGIONS + 9
+    old, new, other = b"o" * RS, b"n" * RS, b"x" * RS
+    server = start_server(root=tmp_path / "root")
+    with server.client() as c:
+        c.ensure_volume("vol", geometry.size, RS, VOLUME_ID)
+        c.send_records("vol", write(1, RS, old) + write(2, far * RS, other))
+        c.create_snapshot("vol", "s")
+        c.send_records("vol", write(3, RS, new))
+    server.stop()
+    # Rewrite its tables as drtool wrote them before format 2.
+    hashed = {data: blake3.blake3(data).digest() for data in (old, new, other)}
+    replica = tmp_path / "root" / "vol"
+    for directory, magic, slots in ((replica / "manifest", MAGIC, {1: hashed[new], far: hashed[other]}),
+                                    (replica / "snapshots" / "s" / "preserved", b"DRTRSNP\0", {1: hashed[old]}),
+                                    (replica / "overlay", b"DRTROVL\0", {})):
+        for name in os.listdir(directory):
+            os.unlink(directory / name)
+        directory.rmdir()
+        write_format_1(directory, geometry, magic != MAGIC, slots, magic)
+    with pytest.raises(StateError, match=f"drtool serve --root {tmp_path / 'root'}"):
+        describe_root(str(tmp_path / "root"))
+
+    server.start()
+    with server.client() as c:
+        info = c.volume_info("vol")
+        assert info["zero_regions"] == geometry.count - 2 and info["applied_seq"] == 3
+        expected = {1: hashed[new], far: hashed[other], 2: zero_digest(RS)}
+        results = list(c.read_regions("vol", [(1, 2), (far, 1)], expected=expected.get))
+        assert all(r.ok for r in results) and bytes(results[0].data) == new
+        [snapshot] = c.list_snapshots("vol")
+        assert snapshot["preserved_regions"] == 1
+        assert c.read_range("vol", RS, RS, snapshot="s") == old
+        c.send_records("vol", write(4, 5 * RS, other))
+    server.stop()
+    assert [d["zero_regions"] for d in describe_root(str(tmp_path / "root"))] == [geometry.count - 3]
+    for directory in (replica / "manifest", replica / "overlay", replica / "snapshots" / "s" / "preserved"):
+        assert "index.bin" in os.listdir(directory)
+        assert not [n for n in os.listdir(directory) if n.startswith("page-")]
