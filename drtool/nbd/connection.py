@@ -38,6 +38,10 @@ are already buffered and sends before it waits for the client.  With
 bytes) queued for helpers, the reader waits: a client that sends requests
 but never reads replies is pushed back on, not buffered for.
 
+TLS.  On a TLS listener the socket becomes a ``tls.TlsSocket`` once the
+handshake upgraded it (before any export is chosen); the reader and the
+Outbox then go through it.  Plain connections keep their socket as it is.
+
 Nothing a client sends can kill more than its own connection: malformed
 requests get an error reply, a broken stream (bad magic, truncation, a
 hang-up) ends the connection, and requests already received are completed
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from queue import SimpleQueue
@@ -58,6 +63,7 @@ from drtool.nbd.buffers import Outbox, PayloadPool
 from drtool.nbd.handshake import ExportRegistry, Negotiation, Session
 from drtool.nbd.requests import DISC, EINVAL, READ, WRITE, RequestRules, execute
 from drtool.nbd.stream import ClientGone, ProtocolViolation, SocketReader
+from drtool.nbd.tls import TlsSocket
 from drtool.nbd.watch import StallWatch
 
 log = logging.getLogger("drtool.nbd")
@@ -82,9 +88,11 @@ class Connection:
 
     def __init__(self, sock: socket.socket, peer: str, exports: ExportRegistry, *,
                  max_request: int, workers: int, handshake_timeout: float,
-                 watch: StallWatch | None, on_close: Callable[[Connection], None]) -> None:
+                 watch: StallWatch | None, on_close: Callable[[Connection], None],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.peer = peer
-        self._sock = sock
+        self._sock: socket.socket | TlsSocket = sock
+        self._tls = tls
         self._reader = SocketReader(sock)
         self._exports = exports
         self._max_request = max_request
@@ -166,7 +174,13 @@ class Connection:
         """The first thread: the handshake, then its turns."""
         try:
             self._sock.settimeout(self._handshake_timeout)
-            session = Negotiation(self._sock, self._reader, self._exports, self._max_request).run()
+            negotiation = Negotiation(self._sock, self._reader, self._exports, self._max_request,
+                                      self._tls, self.peer)
+            try:
+                session = negotiation.run()
+            finally:
+                if negotiation.sock is not self._sock:  # upgraded to TLS: the TLS stream from now on
+                    self._use_tls(negotiation)
         except ClientGone as gone:
             log.debug("nbd %s: client gone during the handshake: %s", self.peer, gone)
             session = None
@@ -187,6 +201,12 @@ class Connection:
         log.debug("nbd %s: serving %r (%d bytes, flags %s)", self.peer, session.name, session.size,
                   session.transmission_flags)
         self._take_turns(0)
+
+    def _use_tls(self, negotiation: Negotiation) -> None:
+        with self._socket_lock:
+            self._sock = negotiation.sock
+        self._reader = negotiation.reader
+        self._outbox = Outbox(self._sock, self._on_send_failure)
 
     def _take_turns(self, epoch: int | None) -> None:
         """Read while holding the reader role (turn ``epoch``); otherwise run queued jobs."""

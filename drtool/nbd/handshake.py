@@ -1,21 +1,34 @@
 """The fixed newstyle handshake: greeting, option haggling, choice of an export.
 
 Options served: EXPORT_NAME, ABORT, LIST, INFO and GO (with the EXPORT,
-NAME, DESCRIPTION and BLOCK_SIZE information types).  Every other option
-(STARTTLS, STRUCTURED_REPLY, the meta-context options...) is answered with
-NBD_REP_ERR_UNSUP, so clients fall back to simple replies without TLS.
+NAME, DESCRIPTION and BLOCK_SIZE information types), and STARTTLS when the
+listener has a TLS context.  Every other option (STRUCTURED_REPLY, the
+meta-context options...) is answered with NBD_REP_ERR_UNSUP, so clients fall
+back to simple replies.
+
+TLS (proto.md "TLS support").  A listener without a TLS context is in NOTLS
+mode: STARTTLS gets NBD_REP_ERR_UNSUP, as before.  A listener with one is in
+FORCEDTLS mode: until the client upgrades, every option but STARTTLS and
+ABORT is answered NBD_REP_ERR_TLS_REQD (so nothing is listed, described or
+served in the clear) and EXPORT_NAME, which cannot be answered with an
+error, ends the connection; a client that did not negotiate fixed newstyle
+cannot upgrade and is disconnected.  STARTTLS is acknowledged in the clear,
+then the TLS handshake runs and the haggling goes on over TLS, where STARTTLS
+again is NBD_REP_ERR_INVALID.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from drtool.nbd import protocol as p
 from drtool.nbd.export import ExportFlags, NbdExport
 from drtool.nbd.stream import ClientGone, ProtocolViolation, SocketReader, send_buffers
+from drtool.nbd.tls import TlsSocket, peer_subject, start_tls
 
 log = logging.getLogger("drtool.nbd")
 
@@ -45,36 +58,86 @@ class Negotiation:
     """Runs the handshake on one connection and returns the chosen Session.
 
     ``run()`` returns None when the client ends the handshake without
-    choosing an export (ABORT, or an unknown name with EXPORT_NAME).
+    choosing an export (ABORT, or an unknown name with EXPORT_NAME).  With
+    ``tls`` (a server SSLContext), TLS is required; after the upgrade,
+    ``sock`` and ``reader`` are the TLS stream's, for the transmission phase.
     """
 
     def __init__(self, sock: socket.socket, reader: SocketReader, exports: ExportRegistry,
-                 max_request: int) -> None:
-        self._sock = sock
-        self._reader = reader
+                 max_request: int, tls: ssl.SSLContext | None = None, peer: str = "") -> None:
+        self.sock: socket.socket | TlsSocket = sock
+        self.reader = reader
         self._exports = exports
         self._max_request = max_request
         self._no_zeroes = False
+        self._tls = tls
+        self._peer = peer
+        #: TLS is required and not yet running
+        self._tls_pending = tls is not None
 
     def run(self) -> Session | None:
         greeting = p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT,
                                    p.HandshakeFlag.FIXED_NEWSTYLE | p.HandshakeFlag.NO_ZEROES)
         self._send(greeting)
-        (client_flags,) = p.CLIENT_FLAGS.unpack(self._reader.read_exact(p.CLIENT_FLAGS.size))
+        (client_flags,) = p.CLIENT_FLAGS.unpack(self.reader.read_exact(p.CLIENT_FLAGS.size))
         if client_flags & ~int(p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES):
             raise ProtocolViolation(f"unknown client flags {client_flags:#x}")
         self._no_zeroes = bool(client_flags & p.ClientFlag.NO_ZEROES)
+        if self._tls_pending and not client_flags & p.ClientFlag.FIXED_NEWSTYLE:
+            # TLS needs fixed newstyle, and this listener serves nothing without TLS.
+            log.warning("nbd %s: refusing a client without fixed newstyle: TLS is required", self._peer)
+            return None
         while True:
             magic, option, length = p.OPTION_HEADER.unpack(
-                self._reader.read_exact(p.OPTION_HEADER.size))
+                self.reader.read_exact(p.OPTION_HEADER.size))
             if magic != p.IHAVEOPT:
                 raise ProtocolViolation(f"bad option magic {magic:#x}")
             if length > _MAX_OPTION_DATA:
                 raise ProtocolViolation(f"option {option} carries {length} bytes")
-            data = self._reader.read_exact(length)
-            finished, session = self._option(option, data)
+            data = self.reader.read_exact(length)
+            answered = self._tls_option(option, data) if self._tls is not None else None
+            finished, session = answered or self._option(option, data)
             if finished:
                 return session
+
+    def _tls_option(self, option: int, data: bytes) -> tuple[bool, Session | None] | None:
+        """FORCEDTLS: answer ``option`` as _option does when TLS decides it, else return None."""
+        if option == p.Option.STARTTLS:
+            if not self._tls_pending:
+                self._reply(option, p.Reply.ERR_INVALID, b"TLS is already running")
+            elif data:
+                self._reply(option, p.Reply.ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            else:
+                self._reply(option, p.Reply.ACK)
+                self._start_tls()
+            return False, None
+        if not self._tls_pending or option == p.Option.ABORT:
+            return None
+        if option == p.Option.EXPORT_NAME:
+            # It cannot be answered with an error: hang up (proto.md FORCEDTLS).
+            log.warning("nbd %s: NBD_OPT_EXPORT_NAME without TLS on a TLS-only listener: disconnecting",
+                        self._peer)
+            return True, None
+        self._reply(option, p.Reply.ERR_TLS_REQD,
+                    b"TLS is required: this server serves only clients that use NBD_OPT_STARTTLS")
+        return False, None
+
+    def _start_tls(self) -> None:
+        if self.reader.end != self.reader.start:
+            # The client must wait for the ACK; bytes sent in the clear before it
+            # must never count as sent over TLS.
+            raise ProtocolViolation("data sent after NBD_OPT_STARTTLS before its reply")
+        try:
+            self.sock = start_tls(self.sock, self._tls)
+        except ssl.SSLError as error:
+            log.warning("nbd %s: TLS handshake failed: %s", self._peer, error.reason or error)
+            raise ClientGone(f"TLS handshake failed: {error}") from error
+        except OSError as error:
+            raise ClientGone(f"TLS handshake: {error}") from error
+        self.reader = SocketReader(self.sock)
+        self._tls_pending = False
+        subject = peer_subject(self.sock)
+        log.debug("nbd %s: TLS started%s", self._peer, f" (client {subject})" if subject else "")
 
     def _option(self, option: int, data: bytes) -> tuple[bool, Session | None]:
         """Answer one option; say whether the handshake is over, and with what."""
@@ -170,7 +233,7 @@ class Negotiation:
 
     def _send(self, data: bytes) -> None:
         try:
-            send_buffers(self._sock, [data], len(data))
+            send_buffers(self.sock, [data], len(data))
         except OSError as error:
             raise ClientGone(str(error)) from error
 

@@ -13,6 +13,12 @@ degraded mode) without dropping clients; it must be cheap and thread-safe
 disappears makes its connections' requests fail with ESHUTDOWN, which tells
 clients to disconnect.  Size and flags are those seen at each handshake.
 
+With ``tcp_tls`` (an ``ssl.SSLContext``, see ``tls.server_context``) the
+TCP listener requires TLS: clients must upgrade with NBD_OPT_STARTTLS before
+anything is listed or served (``handshake.py``).  The Unix socket never uses
+TLS: its file mode (0600 by default) decides who connects, and the server
+refuses a directory that other users can write (they could swap the socket).
+
 See ``connection.py`` for the threading model of one connection.
 """
 
@@ -24,9 +30,12 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 from drtool.errors import UsageError
@@ -53,7 +62,8 @@ class NbdServer:
     def __init__(self, exports: ExportRegistry, unix_path: str | os.PathLike[str] | None = None,
                  tcp: tuple[str, int] | None = None, *,
                  max_request: int = p.DEFAULT_MAX_REQUEST, workers: int = DEFAULT_WORKERS,
-                 unix_mode: int = 0o600, handshake_timeout: float = 30.0) -> None:
+                 unix_mode: int = 0o600, handshake_timeout: float = 30.0,
+                 tcp_tls: ssl.SSLContext | None = None) -> None:
         if unix_path is None and tcp is None:
             raise UsageError("the NBD server needs a Unix socket path or a TCP address")
         if not p.PREFERRED_BLOCK_SIZE <= max_request <= 0xFFFFFFFF:
@@ -63,11 +73,13 @@ class NbdServer:
         self._exports = exports
         self.unix_path = os.fspath(unix_path) if unix_path is not None else None
         self._tcp = tcp
+        self._tcp_tls = tcp_tls
         self._max_request = max_request
         self._workers = workers
         self._unix_mode = unix_mode
         self._handshake_timeout = handshake_timeout
         self._listeners: list[socket.socket] = []
+        self._tls_listeners: set[socket.socket] = set()
         self._unix_identity: tuple[int, int] | None = None
         self._tcp_port: int | None = None
         self._connections: set[Connection] = set()
@@ -94,6 +106,8 @@ class NbdServer:
             if self._tcp is not None:
                 listener = self._listen_tcp(*self._tcp)
                 self._listeners.append(listener)
+                if self._tcp_tls is not None:
+                    self._tls_listeners.add(listener)
                 self._tcp_port = listener.getsockname()[1]
         except BaseException:
             self._close_listeners()
@@ -108,6 +122,11 @@ class NbdServer:
     @property
     def tcp_port(self) -> int | None:
         return self._tcp_port
+
+    @property
+    def tcp_tls(self) -> bool:
+        """Whether the TCP listener requires TLS."""
+        return self._tcp_tls is not None
 
     def serve_forever(self) -> None:
         """Start if needed, then block until stop() is called (from another thread)."""
@@ -156,6 +175,7 @@ class NbdServer:
     # -- listeners --------------------------------------------------------------
 
     def _listen_unix(self, path: str) -> socket.socket:
+        check_socket_directory(path)
         _remove_stale_socket(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -163,7 +183,8 @@ class NbdServer:
             # bind() creates the file with the socket inode's mode (less the
             # umask): set it first so there is no moment others could connect.
             os.fchmod(listener.fileno(), self._unix_mode)
-            listener.bind(path)
+            with _short_path(path) as short:
+                listener.bind(short)
             os.chmod(path, self._unix_mode)
             status = os.stat(path)
             self._unix_identity = (status.st_dev, status.st_ino)
@@ -189,6 +210,7 @@ class NbdServer:
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
+        self._tls_listeners.clear()
         if self._unix_identity is not None:
             try:
                 status = os.stat(self.unix_path)
@@ -238,7 +260,8 @@ class NbdServer:
             sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
         connection = Connection(sock, peer, self._exports, max_request=self._max_request,
                                 workers=self._workers, handshake_timeout=self._handshake_timeout,
-                                watch=self._watch, on_close=self._forget)
+                                watch=self._watch, on_close=self._forget,
+                                tls=self._tcp_tls if listener in self._tls_listeners else None)
         with self._lock:
             self._connections.add(connection)
         log.debug("nbd %s: connected", peer)
@@ -272,10 +295,58 @@ def _remove_stale_socket(path: str) -> None:
         raise UsageError(f"cannot listen on {path}: it exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        with _short_path(path) as short:
+            probe.connect(short)
     except (ConnectionRefusedError, FileNotFoundError):
         os.unlink(path)
         return
     finally:
         probe.close()
     raise UsageError(f"cannot listen on {path}: another server is listening there")
+
+
+def check_socket_directory(path: str) -> None:
+    """Refuse a socket directory that users other than us (or root) can write.
+
+    Whoever can write the directory can remove the socket and put their own
+    in its place, and clients would then talk to them: sticky or not, a
+    directory writable by group or others is refused.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        status = os.stat(directory)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {path}: {directory}: {error.strerror}") from error
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & 0o022:
+        raise UsageError(
+            f"cannot listen on {path}: its directory {directory} is writable by other users "
+            f"(mode {mode:04o}), who could replace the socket; put the socket in a directory only "
+            f"{_user_name(os.geteuid())} can write (e.g. /run/drtool, mode 0755)")
+    if status.st_uid not in (0, os.geteuid()):
+        raise UsageError(
+            f"cannot listen on {path}: its directory {directory} belongs to "
+            f"{_user_name(status.st_uid)}, who could replace the socket; put the socket in a "
+            f"directory of {_user_name(os.geteuid())} or root")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+@contextmanager
+def _short_path(path: str) -> Iterator[str]:
+    """A path the kernel accepts for AF_UNIX (<108 bytes), valid inside the block."""
+    if len(os.fsencode(path)) < 100:
+        yield path
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 import struct
 
 from drtool.nbd import protocol as p
@@ -16,11 +17,23 @@ class ServerClosed(Exception):
 
 
 class RawClient:
-    def __init__(self, unix_path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(unix_path)
+    """Connects to a Unix socket path, or to a TCP (host, port)."""
+
+    def __init__(self, address: str | tuple[str, int]) -> None:
+        if isinstance(address, tuple):
+            self.sock = socket.create_connection(address, timeout=TIMEOUT)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(TIMEOUT)
+            self.sock.connect(address)
         self._handles = itertools.count(1)
+
+    def starttls(self, context: ssl.SSLContext, server_hostname: str = "127.0.0.1") -> None:
+        """NBD_OPT_STARTTLS, then the client side of the TLS handshake (raises on a refusal)."""
+        self.option(p.Option.STARTTLS)
+        option, reply, data = self.option_reply()
+        assert (option, reply) == (p.Option.STARTTLS, p.Reply.ACK), (hex(reply), data)
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
 
     def close(self) -> None:
         self.sock.close()
