@@ -5,16 +5,28 @@ its log to the secondary in the background, checkpoints its maps every few
 seconds, and answers the CLI and the Ansible modules on a control socket in each
 volume's state directory (``agent.sock``, mode 0600), so nobody has to stop it to
 run status, scrub, recover, failback, replicate or read.
+
+Who can reach the volumes over NBD.  By default only the Unix socket
+(``--nbd-socket``, default ``nbd.sock`` in the state root): mode 0600, owned by
+the user the agent runs as, in a directory no other user can write.  TCP only
+with ``--listen HOST:PORT``: off loopback it requires TLS (``--tls-cert`` and
+``--tls-key``, plus ``--tls-ca`` to require client certificates), as nbdkit's
+``--tls=require`` does; on loopback without TLS it starts with a warning,
+since every local user can then read and write the volumes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from drtool import control, ops
@@ -22,6 +34,7 @@ from drtool.engine import Engine
 from drtool.errors import DrtoolError, UsageError
 from drtool.export import EngineExport
 from drtool.nbd.server import NbdServer
+from drtool.nbd.tls import server_context
 from drtool.progress import Progress
 from drtool.replication import Replicator
 from drtool.storage.paths import state_root, validate_name
@@ -29,30 +42,97 @@ from drtool.storage.paths import state_root, validate_name
 log = logging.getLogger("drtool.agent")
 
 DEFAULT_NBD_PORT = 10809
+#: the NBD Unix socket without --nbd-socket, in the state root
+DEFAULT_NBD_SOCKET = "nbd.sock"
 SAVE_INTERVAL = 2.0
+TLS_FLAGS = "--tls-cert FILE and --tls-key FILE (and --tls-ca FILE to require client certificates)"
 
 
 def parse_listen(text: str | None, default_port: int = DEFAULT_NBD_PORT) -> tuple[str, int] | None:
+    """``--listen``: HOST:PORT ([V6]:PORT), HOST alone (port 10809), or none/empty: no TCP."""
     if not text or text == "none":
         return None
     host, _, port = text.rpartition(":")
-    if not host:
+    if not host or (text.startswith("[") and not host.endswith("]")):
         host, port = text, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (a wildcard is not)."""
     try:
-        return host.strip("[]"), int(port)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        raise UsageError(f"--listen {text!r} is not HOST:PORT") from None
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False  # binding will say what is wrong with it
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+@dataclass(frozen=True)
+class NbdTcp:
+    """The agent's TCP listener: where, and its TLS context (None: plain, loopback only)."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    client_certificates: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def nbd_tcp(listen: str | None, tls_cert: str | None = None, tls_key: str | None = None,
+            tls_ca: str | None = None) -> NbdTcp | None:
+    """Check ``--listen`` and the TLS flags together; load the certificate and key.
+
+    No --listen: no TCP at all, and TLS flags are refused (they would protect
+    nothing).  TLS is required beyond loopback.
+    """
+    address = parse_listen(listen)
+    given = [flag for flag, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
+                                      ("--tls-ca", tls_ca)) if value]
+    if address is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} protect the TCP listener: give --listen HOST:PORT too "
+                             "(without it the agent serves only its Unix socket)")
+        return None
+    host, port = address
+    if given:
+        if not (tls_cert and tls_key):
+            raise UsageError(f"NBD over TLS needs {TLS_FLAGS}")
+        return NbdTcp(host, port, server_context(tls_cert, tls_key, tls_ca), bool(tls_ca))
+    if not is_loopback(host):
+        raise UsageError(
+            f"--listen {listen}: NBD on an address other hosts can reach requires TLS: give {TLS_FLAGS}, "
+            "or listen on loopback (127.0.0.1), or serve only the Unix socket (no --listen)")
+    return NbdTcp(host, port)
 
 
 class Agent:
     def __init__(self, root: str | None, names: list[str], nbd_socket: str | None = None,
-                 listen: tuple[str, int] | None = ("127.0.0.1", DEFAULT_NBD_PORT)) -> None:
+                 listen: NbdTcp | tuple[str, int] | None = None) -> None:
         if not names:
             raise UsageError("name at least one volume to serve")
         self.root = state_root(root)
         self.names = [validate_name(n) for n in names]
         if len(set(self.names)) != len(self.names):
             raise UsageError("a volume is named twice")
+        if isinstance(listen, tuple):
+            listen = nbd_tcp(f"[{listen[0]}]:{listen[1]}")
+        if nbd_socket == "none":
+            if listen is None:
+                raise UsageError("--nbd-socket none without --listen: the volumes would not be served")
+            nbd_socket = None
+        else:
+            nbd_socket = os.path.abspath(nbd_socket or os.path.join(self.root, DEFAULT_NBD_SOCKET))
         self.nbd_socket = nbd_socket
         self.listen = listen
         self.engines: dict[str, Engine] = {}
@@ -74,8 +154,16 @@ class Agent:
                     Replicator(engine)
                 self.exports[name] = EngineExport(engine)
             exports = dict(self.exports)
-            self.nbd = NbdServer(lambda: exports, unix_path=self.nbd_socket, tcp=self.listen)
+            tcp = self.listen
+            self.nbd = NbdServer(lambda: exports, unix_path=self.nbd_socket,
+                                 tcp=(tcp.host, tcp.port) if tcp else None, tcp_tls=tcp.tls if tcp else None)
             self.nbd.start()
+            if tcp is not None and tcp.tls is None:
+                where = f"{tcp.host}:{self.nbd.tcp_port}"
+                log.warning("NBD on TCP %s WITHOUT TLS: any local user can read and write these volumes "
+                            "(%s). Give --tls-cert and --tls-key, or drop --listen and use the Unix "
+                            "socket%s.", where, ", ".join(self.names),
+                            f" {self.nbd_socket}" if self.nbd_socket else "")
             for name, engine in self.engines.items():
                 server = control.ControlServer(engine.volume.paths.control_socket, self._handlers(engine))
                 server.start()
@@ -107,13 +195,16 @@ class Agent:
 
     def addresses(self) -> dict[str, Any]:
         port = self.nbd.tcp_port if self.nbd else None
-        host = self.listen[0] if self.listen else None
+        tcp = NbdTcp(self.listen.host, port) if self.listen and port else None
+        scheme = "nbds" if self.listen and self.listen.tls else "nbd"
         return {
             "pid": os.getpid(),
             "nbd_socket": self.nbd_socket,
-            "tcp": f"{host}:{port}" if port else None,
+            "tcp": tcp.where if tcp else None,
+            "tls": bool(tcp and self.listen.tls),
+            "tls_client_certificates": bool(tcp and self.listen.client_certificates),
             "uris": {name: ([f"nbd+unix:///{name}?socket={self.nbd_socket}"] if self.nbd_socket else [])
-                     + ([f"nbd://{host}:{port}/{name}"] if port else []) for name in self.names},
+                     + ([f"{scheme}://{tcp.where}/{name}"] if tcp else []) for name in self.names},
         }
 
     def wait(self) -> None:
@@ -173,7 +264,7 @@ class Agent:
         return result
 
 
-def run(root: str | None, names: list[str], nbd_socket: str | None, listen: tuple[str, int] | None,
+def run(root: str | None, names: list[str], nbd_socket: str | None, listen: NbdTcp | None,
         announce: Callable[[dict[str, Any]], None]) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a clean shutdown."""
     agent = Agent(root, names, nbd_socket, listen)

@@ -377,8 +377,9 @@ def cmd_agent(ctx: Context) -> int:
     from drtool import agent
 
     a = ctx.args
-    listen = agent.parse_listen(a.listen)
-    nbd_socket = os.path.abspath(a.nbd_socket) if a.nbd_socket else None
+    # Checked (and the TLS key loaded) before detaching, so a mistake fails at once.
+    listen = agent.nbd_tcp(a.listen, a.tls_cert, a.tls_key, a.tls_ca)
+    nbd_socket = os.path.abspath(a.nbd_socket) if a.nbd_socket and a.nbd_socket != "none" else a.nbd_socket
     notify = _maybe_daemonize(ctx)
     _setup_logging(a.debug)
 
@@ -511,8 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("agent", cmd_agent, "serve volumes over NBD, replicate, answer the CLI")
     p.add_argument("names", nargs="+", metavar="NAME")
-    p.add_argument("--nbd-socket", help="Unix socket path for NBD clients")
-    p.add_argument("--listen", default="127.0.0.1:10809", help="TCP HOST:PORT for NBD ('none' to disable)")
+    p.add_argument("--nbd-socket", help="Unix socket for NBD clients, mode 0600 (default nbd.sock in the "
+                   "state root; 'none': TCP only)")
+    p.add_argument("--listen", help="also serve NBD on TCP HOST:PORT (default: no TCP); beyond loopback it "
+                   "requires --tls-cert and --tls-key")
+    p.add_argument("--tls-cert", help="with --listen: PEM certificate; clients must use TLS (nbds://)")
+    p.add_argument("--tls-key", help="with --listen: PEM private key (mode 0600)")
+    p.add_argument("--tls-ca", help="with --tls-cert: PEM CA; clients must present a certificate it signed")
     daemon_options(p)
 
     p = command("serve", cmd_serve, "run the secondary's replica server")
