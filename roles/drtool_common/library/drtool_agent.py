@@ -11,11 +11,14 @@ module: drtool_agent
 short_description: The primary's drtool read agent, in drtool's own daemon mode
 description:
   - Starts, stops or restarts C(drtool agent --daemon), the primary's long-running process, known by its pid
-    file. It holds the volumes it serves, exports each over NBD (a Unix socket and/or loopback TCP), ships
-    their writes to the secondary, and answers drtool's CLI and modules on a control socket per volume.
+    file. It holds the volumes it serves, exports each over NBD, ships their writes to the secondary, and
+    answers drtool's CLI and modules on a control socket per volume.
+  - NBD is served on a Unix socket (mode 0600) only, unless O(listen) asks for TCP too. TCP beyond loopback
+    requires TLS (O(tls_cert) and O(tls_key)); on loopback without TLS the agent warns that every local user
+    can read and write the volumes.
   - V(started) is idempotent. A running agent is restarted when its arguments differ from the task's (the
-    set of volumes, the sockets) or when a file named in O(restart_if_changed) (the peer token) changed
-    since it started.
+    set of volumes, the sockets, the TLS files) or when a file named in O(restart_if_changed) (the peer
+    token) or a TLS file changed since it started.
   - Once an agent runs, every drtool module reaches its volumes through it automatically.
   - For hosts with systemd, the C(drtool_primary) role runs the same command as a systemd unit instead.
   - drtool must be importable by the Python running the module; that Python runs the agent.
@@ -37,12 +40,25 @@ options:
     default: started
   listen:
     description:
-      - TCP HOST:PORT of the NBD export, or V(none) for no TCP listener.
+      - Also serve NBD on TCP HOST:PORT. Omitted (or V(none)), the default, the agent opens no TCP port.
+      - An address other hosts can reach requires O(tls_cert) and O(tls_key).
     type: str
-    default: 127.0.0.1:10809
+  tls_cert:
+    description:
+      - PEM certificate of the TCP listener; with O(tls_key), NBD clients must use TLS (C(nbds://) URIs).
+    type: path
+  tls_key:
+    description:
+      - PEM private key of O(tls_cert), mode 0600.
+    type: path
+  tls_ca:
+    description:
+      - PEM CA certificate; clients must present a certificate it signed.
+    type: path
   nbd_socket:
     description:
-      - Unix socket path of the NBD export.
+      - Unix socket path of the NBD export (mode 0600; its directory must not be writable by other users).
+        Default C(nbd.sock) in the state root; V(none) for none (then O(listen) is required).
     type: path
   pid_file:
     description:
@@ -86,11 +102,21 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Serve the database volumes over NBD on loopback and a Unix socket
+- name: Serve the database volumes over NBD on a Unix socket
   drtool_agent:
     names: [db, logs]
-    listen: 127.0.0.1:10809
     nbd_socket: /run/drtool/nbd.sock
+    pid_file: /run/drtool/agent.pid
+    log_file: /var/log/drtool/agent.log
+    restart_if_changed: [/etc/drtool/peer.token]
+
+- name: Also serve them on the storage network, TLS required
+  drtool_agent:
+    names: [db, logs]
+    nbd_socket: /run/drtool/nbd.sock
+    listen: 192.0.2.10:10809
+    tls_cert: /etc/drtool/nbd/server-cert.pem
+    tls_key: /etc/drtool/nbd/server-key.pem
     pid_file: /run/drtool/agent.pid
     log_file: /var/log/drtool/agent.log
     restart_if_changed: [/etc/drtool/peer.token]
@@ -120,7 +146,7 @@ uris:
   description: NBD URIs of each volume the agent serves.
   returned: when the agent runs
   type: dict
-  sample: {"db": ["nbd+unix:///db?socket=/run/drtool/nbd.sock", "nbd://127.0.0.1:10809/db"]}
+  sample: {"db": ["nbd+unix:///db?socket=/run/drtool/nbd.sock", "nbds://192.0.2.10:10809/db"]}
 cmd:
   description: The drtool arguments the agent runs with.
   returned: when O(state) is not V(stopped)
@@ -137,7 +163,10 @@ def main():
         argument_spec=dict(
             names=dict(type="list", elements="str", aliases=["volumes"]),
             state=dict(type="str", default="started", choices=["started", "stopped", "restarted"]),
-            listen=dict(type="str", default="127.0.0.1:10809"),
+            listen=dict(type="str"),
+            tls_cert=dict(type="path"),
+            tls_key=dict(type="path"),
+            tls_ca=dict(type="path"),
             nbd_socket=dict(type="path"),
             pid_file=dict(type="path", required=True),
             log_file=dict(type="path"),
@@ -149,6 +178,7 @@ def main():
             ("state", "started", ["names", "log_file"]),
             ("state", "restarted", ["names", "log_file"]),
         ],
+        required_together=[("tls_cert", "tls_key")],
         supports_check_mode=True,
     )
     require_drtool(module)
@@ -160,11 +190,18 @@ def main():
     args = ["agent"] + names
     if p["state_root"]:
         args += ["--state-root", p["state_root"]]
-    args += ["--listen", p["listen"]]
+    if p["listen"] and p["listen"] != "none":
+        args += ["--listen", p["listen"]]
+        for option in ("tls_cert", "tls_key", "tls_ca"):
+            if p[option]:
+                args += ["--" + option.replace("_", "-"), p[option]]
+    elif p["tls_cert"] or p["tls_ca"]:
+        module.fail_json(msg="tls_cert, tls_key and tls_ca protect the TCP listener: set listen too")
     if p["nbd_socket"]:
         args += ["--nbd-socket", p["nbd_socket"]]
     args += ["--daemon", "--pid-file", p["pid_file"], "--log-file", p["log_file"] or ""]
-    daemon = Daemon(module, p["pid_file"], args, inputs=p["restart_if_changed"])
+    tls_files = [p[option] for option in ("tls_cert", "tls_key", "tls_ca") if p[option]]
+    daemon = Daemon(module, p["pid_file"], args, inputs=list(p["restart_if_changed"]) + tls_files)
 
     result = manage_daemon(module, daemon, p["state"], p["stop_timeout"], "drtool agent")
     if p["state"] != "stopped":
