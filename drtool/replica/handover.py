@@ -142,7 +142,7 @@ def rebase(volume: ReplicaVolume, seq: int) -> dict[str, Any]:
 
 def _rebase(volume: ReplicaVolume, seq: int) -> None:
     mirror, overlay = volume.mirror.applied, volume.overlay.applied
-    untouched = mirror.records == 0 and overlay.records == 0 and not volume.journal.entries
+    untouched = mirror.records == 0 and overlay.records == 0 and not volume.journal.records
     adopted = volume.meta.get("adopted")
     if adopted is None and not (untouched and mirror.watermark == 0 and not mirror.ahead):
         raise NotPermitted(f"replica {volume.name} was neither adopted nor is it empty: rebase is only for "

@@ -8,6 +8,10 @@ when S >= base_seq.  The in-memory index is rebuilt by scanning the segments
 on start; a torn record at the very end (a crash during an unacknowledged
 append) is cut off, anything else damaged is refused.
 
+The index costs 28 bytes a retained record (arrays per segment) plus a bit per
+sequence number in its span (which seqs it holds: a record appended again after
+a crash is indexed once); nothing in it depends on the volume's size.
+
 A limit of 0 turns the journal off (it doubles what an apply writes to disk):
 its segments are deleted, journal.json says ``disabled``, and every changes
 request is answered 410.  Turned on again, it answers changes after the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
 
@@ -48,8 +53,13 @@ class Journal:
         self.segment_limit = max(1 << 20, min(64 << 20, limit // 4))
         self.base_seq = 0
         self.disabled = False
-        self.entries: dict[int, Entry] = {}
         self._segment_sizes: dict[int, int] = {}
+        self._index: dict[int, _SegmentIndex] = {}
+        self._seen = bytearray()  # bit i: seq _seen_base + i is indexed
+        self._seen_base = 0
+        self.records = 0  # indexed (distinct) records
+        self._first: int | None = None
+        self._last: int | None = None
 
     @property
     def _base_path(self) -> str:
@@ -91,7 +101,7 @@ class Journal:
 
     def rebase(self, seq: int) -> None:
         """A new sequence space starts after ``seq``; only an empty journal can follow it."""
-        assert not self.entries, "rebase of a journal that holds records"
+        assert not self.records, "rebase of a journal that holds records"
         self._save(seq)
 
     def _scan(self, segment: int, last: bool, repair: bool) -> None:
@@ -116,9 +126,8 @@ class Journal:
                     os.truncate(path, position)
                     size = position
                     break
-                if header.seq not in self.entries:
-                    self.entries[header.seq] = Entry(header.seq, self.geometry.region_of(header.offset),
-                                                     segment, position, header.total_size)
+                self._add(segment, header.seq, self.geometry.region_of(header.offset), position,
+                          header.total_size)
                 position += header.total_size
                 handle.seek(position)
         self._segment_sizes[segment] = size
@@ -142,8 +151,7 @@ class Journal:
             try:
                 _write_all(fd, chunks)
                 for seq, region, size in records:
-                    if seq not in self.entries:
-                        self.entries[seq] = Entry(seq, region, segment, position, size)
+                    self._add(segment, seq, region, position, size)
                     position += size
                 os.fdatasync(fd)
             finally:
@@ -153,23 +161,53 @@ class Journal:
         self._segment_sizes[segment] = position
         self._trim()
 
+    def _add(self, segment: int, seq: int, region: int, position: int, size: int) -> None:
+        """Index a record unless its seq is indexed already (the first copy is the one kept)."""
+        if not self._seen:
+            self._seen_base = seq & ~7
+        elif seq < self._seen_base:
+            grow = (self._seen_base - seq + 7) // 8
+            self._seen[0:0] = bytes(grow)
+            self._seen_base -= 8 * grow
+        offset = seq - self._seen_base
+        byte, bit = offset >> 3, 1 << (offset & 7)
+        if byte >= len(self._seen):
+            self._seen.extend(bytes(byte + 1 - len(self._seen)))
+        elif self._seen[byte] & bit:
+            return
+        self._seen[byte] |= bit
+        index = self._index.get(segment)
+        if index is None:
+            index = self._index[segment] = _SegmentIndex()
+        index.add(seq, region, position, size)
+        self.records += 1
+        self._first = seq if self._first is None else min(self._first, seq)
+        self._last = seq if self._last is None else max(self._last, seq)
+
     def _trim(self) -> None:
         while sum(self._segment_sizes.values()) > self.limit and len(self._segment_sizes) > 1:
             oldest = min(self._segment_sizes)
-            dropped = [e for e in self.entries.values() if e.segment == oldest]
-            new_base = max([self.base_seq, *(e.seq for e in dropped)])
+            dropped = self._index.pop(oldest, None) or _SegmentIndex()
+            new_base = max(self.base_seq, max(dropped.seqs, default=0))
             # The retention point is durable before the records go, so a crash can
             # only make the journal claim less than it holds, never more.
             self._save(new_base)
             os.unlink(self._segment_path(oldest))
             del self._segment_sizes[oldest]
-            for entry in dropped:
-                del self.entries[entry.seq]
+            for seq in dropped.seqs:
+                offset = seq - self._seen_base
+                self._seen[offset >> 3] &= ~(1 << (offset & 7)) & 0xFF
+            self.records -= len(dropped.seqs)
+            unused = len(self._seen) - len(self._seen.lstrip(b"\0"))
+            del self._seen[:unused]
+            self._seen_base += 8 * unused
+            held = [index.seqs for index in self._index.values() if index.seqs]
+            self._first = min((min(seqs) for seqs in held), default=None)
+            self._last = max((max(seqs) for seqs in held), default=None)
 
     def range(self) -> tuple[int | None, int | None]:
-        if not self.entries:
-            return None, None
-        return min(self.entries), max(self.entries)
+        """The lowest and the highest seq indexed (None, None when empty)."""
+        return self._first, self._last
 
     def changes(self, after: int, runs: list[Run]) -> list[Entry]:
         """Entries after seq ``after`` touching the regions of ``runs``, in seq order.
@@ -188,8 +226,12 @@ class Journal:
             at = bisect_right(starts, region) - 1
             return at >= 0 and region < merged[at][0] + merged[at][1]
 
-        return sorted((e for e in self.entries.values() if e.seq > after and wanted(e.region)),
-                      key=lambda e: e.seq)
+        found = []
+        for segment, index in self._index.items():
+            for seq, region, position, size in zip(index.seqs, index.regions, index.positions, index.sizes):
+                if seq > after and wanted(region):
+                    found.append(Entry(seq, region, segment, position, size))
+        return sorted(found, key=lambda e: e.seq)
 
     def read(self, entry: Entry) -> bytes:
         with open(self._segment_path(entry.segment), "rb") as handle:
@@ -197,6 +239,22 @@ class Journal:
 
     def total_bytes(self) -> int:
         return sum(self._segment_sizes.values())
+
+
+class _SegmentIndex:
+    """The indexed records of one segment, in file order."""
+
+    def __init__(self) -> None:
+        self.seqs = array("Q")
+        self.regions = array("Q")
+        self.positions = array("Q")
+        self.sizes = array("I")
+
+    def add(self, seq: int, region: int, position: int, size: int) -> None:
+        self.seqs.append(seq)
+        self.regions.append(region)
+        self.positions.append(position)
+        self.sizes.append(size)
 
 
 def _write_all(fd: int, chunks: list[memoryview]) -> None:

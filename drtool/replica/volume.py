@@ -234,7 +234,7 @@ class ReplicaVolume:
                 "snapshots": sorted(self.snapshots.by_name),
                 "journal": {"enabled": not self.journal.disabled, "base_seq": self.journal.base_seq,
                             "first_seq": first, "last_seq": last,
-                            "records": len(self.journal.entries), "bytes": self.journal.total_bytes(),
+                            "records": self.journal.records, "bytes": self.journal.total_bytes(),
                             "limit": self.journal_limit},
                 "overlay": {"regions": self.overlay.table.present_count(),
                             "applied_seq": overlay.watermark},

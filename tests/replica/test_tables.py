@@ -235,9 +235,8 @@ def test_journal_changes_take_runs_of_the_whole_volume_without_expanding_them(tm
     journal = Journal(str(tmp_path / "j"), HUGE, VID.hex())
     journal.create()
     journal.open()
-    from drtool.replica.journal import Entry
     for seq, region in enumerate([5, HUGE.count - 1, 77], 1):
-        journal.entries[seq] = Entry(seq, region, 1, 0, 100)
+        journal._add(1, seq, region, 100 * seq, 100)
     assert [e.seq for e in journal.changes(0, [(0, HUGE.count)])] == [1, 2, 3]
     assert [e.seq for e in journal.changes(1, [(70, 10), (HUGE.count - 1, 1)])] == [2, 3]
     assert journal.changes(0, [(6, 70)]) == []
@@ -286,3 +285,32 @@ def test_a_format_1_replica_is_served_after_the_server_converts_it(start_server,
     for directory in (replica / "manifest", replica / "overlay", replica / "snapshots" / "s" / "preserved"):
         assert "index.bin" in os.listdir(directory)
         assert not [n for n in os.listdir(directory) if n.startswith("page-")]
+
+
+def test_journal_index_keeps_each_seq_once_and_follows_trims_and_reopens(tmp_path: Path) -> None:
+    from drtool import wire
+
+    geometry = Geometry(1 << 30, RS)
+    journal = Journal(str(tmp_path / "j"), geometry, VID.hex(), limit=3 << 20)
+    journal.create()
+    journal.open()
+
+    def batch(seqs: list[int]) -> None:
+        chunks = [b"".join(wire.encode_record(wire.KIND_WRITE, s, (s % 50) * RS, bytes([s % 256]) * RS))
+                  for s in seqs]
+        journal.append([(s, s % 50, len(c)) for s, c in zip(seqs, chunks)], [memoryview(c) for c in chunks])
+
+    for first in range(1, 81, 8):
+        batch(list(range(first, first + 8)))
+    batch([80, 79])  # a batch resent after a crash: already there, indexed once
+    batch([85, 81])  # out of order
+    assert journal.base_seq > 0
+    kept = [s for s in [*range(1, 82), 85] if s > journal.base_seq]
+    for opened in (journal, Journal(str(tmp_path / "j"), geometry, VID.hex(), limit=3 << 20)):
+        if opened is not journal:
+            opened.open()
+        assert opened.records == len(kept) and opened.range() == (kept[0], 85)
+        assert [e.seq for e in opened.changes(journal.base_seq, [(0, geometry.count)])] == kept
+        assert [e.seq for e in opened.changes(80, [(30, 2)])] == [81]
+        entry = opened.changes(84, [(35, 1)])[0]
+        assert wire.decode_record_header(opened.read(entry)[:wire.RECORD_HEADER_SIZE]).seq == 85
