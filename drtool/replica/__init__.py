@@ -4,7 +4,8 @@ One directory per volume under the server's ``--root``::
 
     <name>/replica.json        geometry and the primary's volume id
     <name>/mirror.img          the replica (sparse)
-    <name>/manifest/           blake3 per region of mirror.img, in pages
+    <name>/manifest/           blake3 per region of mirror.img: an index, groups and the
+                               pages written so far (tables.py, format 2)
     <name>/applied.json        mirror watermark + out-of-order applied seqs
     <name>/journal/            applied mirror records (the change-log replica)
     <name>/snapshots/<snap>/   copy-on-write snapshots (preserved regions)
