@@ -20,6 +20,7 @@ from typing import Any
 
 import blake3
 
+from drtool.engine.ports import FetchPort
 from drtool.errors import DataUnavailable, PeerError, RegionsLost, VerificationFailed
 from drtool.regions import to_runs
 from drtool.wire import KIND_WRITE
@@ -28,9 +29,9 @@ log = logging.getLogger("drtool.fetch")
 
 
 class RemoteFetcher:
-    """Used by the engine (passed in, duck-typed: this module does not import it)."""
+    """Made by the engine, which it sees through :class:`drtool.engine.ports.FetchPort`."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: FetchPort) -> None:
         self.engine = engine
         self._local = threading.local()
 
@@ -142,16 +143,19 @@ class RemoteFetcher:
         engine = self.engine
         start = engine.record.era_start(local_era)
         after = (start.seq - 1) if start else 0
-        # Without a device there are no stale local bytes to patch: the mirror has the regions.
-        stale = [r for r in regions if not engine.volume.bad.test(r)] if engine.device is not None else []
+        contents: dict[int, bytearray] = {}
+        for region in regions:
+            if engine.volume.bad.test(region):
+                continue
+            local = engine.local_bytes(region)
+            if local is None:  # no device: no stale local bytes to patch; the mirror has the regions
+                contents = {}
+                break
+            contents[region] = bytearray(local)
         got: dict[int, tuple[bytes, bytes]] = {}
-        if stale:
-            contents: dict[int, bytearray] = {}
-            for region in stale:
-                offset, length = engine.geometry.region_bounds(region)
-                contents[region] = bytearray(engine.device.pread(length, offset))
+        if contents:
             try:
-                for header, data in self.client().changes(engine.name, after, to_runs(stale)):
+                for header, data in self.client().changes(engine.name, after, to_runs(list(contents))):
                     region = engine.geometry.region_of(header.offset)
                     inner = header.offset - engine.geometry.region_start(region)
                     patch = data if header.kind == KIND_WRITE else bytes(header.length)
@@ -174,11 +178,7 @@ class RemoteFetcher:
         the mirror cannot give again)."""
         engine = self.engine
         source = self.source()
-        with engine.meta:
-            recovery = engine.record.recovery
-            if recovery is not None:
-                recovery.fetched_regions += len(got)
-                recovery.fetched_bytes += sum(len(d) for d, _ in got.values())
+        engine.count_fetched(len(got), sum(len(d) for d, _ in got.values()))
         if store and (source != "mirror" or engine.settings["copy_on_read"]):
             rollback = source.startswith("snapshot:")
             for region, (data, digest) in got.items():

@@ -45,17 +45,9 @@ def scrub(engine: Engine, progress: Progress | None = None, record: bool = True)
     progress = progress or NoProgress()
     progress.start(engine.geometry.size, f"scrubbing {engine.name}")
     try:
-        report = detect.scrub(engine.volume, progress.advance, recheck=engine.recheck_region, record=record,
-                              lock=engine.meta)
+        return engine.scrub(progress.advance, record=record).to_json()
     finally:
         progress.finish()
-    if not record:
-        return report.to_json()
-    if report.faulted:
-        engine.drop_device()
-    else:
-        engine.reopen_device()  # the device may be back after a fault
-    return report.to_json()
 
 
 def scan(engine: Engine, progress: Progress | None = None) -> dict[str, Any]:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from drtool.engine.lag import Pending, lag
+from drtool.engine.ports import ReplicationPort
 from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, UsageError
 from drtool.regions import to_runs
+from drtool.storage.maps import RegionBitmap
 from drtool.storage.records import Loss, Replication
 from drtool.storage.replog import LogEntry
 
@@ -47,7 +49,7 @@ def make_client(peer: dict[str, Any] | None, timeout: float | None = None) -> An
 class Replicator:
     """Ships one engine's log.  Safe to call from several threads (one batch at a time)."""
 
-    def __init__(self, engine: Any, client: Any = None, batch_bytes: int | None = None) -> None:
+    def __init__(self, engine: ReplicationPort, client: Any = None, batch_bytes: int | None = None) -> None:
         self.engine = engine
         self.client = client or make_client(engine.record.peer)
         self.batch_bytes = batch_bytes or BATCH_BYTES
@@ -135,16 +137,7 @@ class Replicator:
         self.last_ack = time.time()
         self.shipped_records += len(batch)
         self.shipped_bytes += sum(e.size for e in batch)
-        emptied = engine.log.acknowledge([e.seq for e in batch])
-        engine.region_acknowledged(emptied)
-        oldest = engine.log.oldest_seq()
-        through = (oldest - 1) if oldest else engine.log.next_seq - 1
-        replication = engine.record.replication
-        replication.acked_through = through
-        # Forced batches are acknowledged out of order: remember those above the watermark, so
-        # that neither status nor a restart counts them as pending again.
-        ahead = set(replication.acked_ahead) | {e.seq for e in batch}
-        replication.acked_ahead = sorted(seq for seq in ahead if seq > through)
+        engine.acknowledge([e.seq for e in batch])
         return sum(e.header.length for e in batch)
 
     def _relog(self, budget: int) -> None:
@@ -163,19 +156,8 @@ class Replicator:
         """The log outgrew its limit: drop its records, keep their regions marked (bitmap mode)."""
         engine = self.engine
         with self.lock:
-            covered = engine.covered_seq()
-            engine.save()
-            regions = engine.log.drop_through(covered)
-            with engine.meta:
-                for region in regions:
-                    engine.volume.norecord.set(region)
-                    engine.volume.unreplicated.set(region)
-                engine.record.replication.bitmap_mode_since = time.time()
-                engine.record.replication.overflows = (engine.record.replication.overflows or 0) + 1
-                engine.record.replication.dropped_through = covered
-            engine.save_bitmaps()
-        log.warning("volume %s: replication log over its limit; bitmap mode for %d regions",
-                    engine.name, len(regions))
+            regions = engine.enter_bitmap_mode(time.time())
+        log.warning("volume %s: replication log over its limit; bitmap mode for %d regions", engine.name, regions)
 
     # -- lag ----------------------------------------------------------------------------
 
@@ -223,53 +205,72 @@ class Replicator:
             stop.wait(backoff)
 
 
-def lag_of(engine: Any) -> dict[str, Any]:
+def lag_of(engine: ReplicationPort) -> dict[str, Any]:
     """The lag of an open engine (drtool.engine.lag computes it)."""
     return lag(engine.volume, Pending.of_log(engine.log))
 
 
-def fast_sync_plan(engine: Any, peer_info: dict[str, Any]) -> Any:
+def fast_sync_plan(engine: ReplicationPort, peer_info: dict[str, Any]) -> RegionBitmap | None:
     """After a role swap: the regions the returning peer lacks, or None when it needs everything.
 
     The peer adopted this volume (same identity) when it stepped down; it lacks the regions
     written here since the promotion (their era is the promotion's or later) and holds stale
-    bytes in the regions it marked divergent (written there, never shipped here).
+    bytes in the regions it marked divergent (written there, never shipped here).  Only the
+    era map's pages that hold such regions are read.
     """
-    from drtool.storage.maps import RegionBitmap
-
     promoted = engine.record.promoted
     adopted = peer_info.get("adopted")
     if not promoted or not adopted or peer_info.get("volume_id") != engine.record.volume_id:
         return None
     wanted = RegionBitmap(engine.geometry.count)
-    era = promoted.era
-    for region in range(engine.geometry.count):
-        if engine.volume.eras[region] >= era:
-            wanted.set(region)
+    for region in engine.volume.eras.changed_since(promoted.era):
+        wanted.set(region)
     for first, count in adopted.get("divergent") or []:
         wanted.set_run(first, count)
     return wanted
 
 
-def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None,
+def known_all_zero(replica: dict[str, Any] | None) -> bool:
+    """Does this description (GET or PUT of the replica) prove it holds only zeros?  A replica
+    that does not exist yet will (the server creates it empty); an existing one must never have
+    applied a record and have every region's slot say zeros."""
+    if replica is None:
+        return True
+    return (replica.get("applied_seq") == 0 and not replica.get("applied_ahead")
+            and replica.get("region_count") is not None
+            and replica.get("zero_regions") == replica.get("region_count"))
+
+
+def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str | None = None,
             progress: Callable[[int], None] | None = None, client: Any = None,
             on_plan: Callable[[dict[str, Any]], None] | None = None, plan_only: bool = False) -> dict[str, Any]:
     """Pair the volume with its replica on ``url`` and run (or resume) the initial sync.
 
-    The sync is incremental when the peer is this volume's former primary coming back
-    (fast failback), full otherwise.  ``on_plan`` hears what will be copied before it starts.
+    The sync is incremental when the peer is this volume's former primary coming back (fast
+    failback), full otherwise.  A full sync ships only the regions whose manifest says they are
+    not all zeros, and only into a replica known to hold only zeros (:func:`known_all_zero`:
+    the server creates it so, and says so again when asked); a replica that already existed
+    with content of unknown age gets every region, zeros included (zero records are cheap on
+    the wire).  The replica is never called in sync without that evidence.  ``on_plan`` hears
+    what will be copied before it starts.
     """
     peer = {"url": url.rstrip("/"), "token_file": token_file, "ca": ca}
     client = client or make_client(peer)
     record = engine.record
+    volume = engine.volume
+    count = engine.geometry.count
     same_peer = record.peer is not None and record.peer.get("url") == peer["url"]
+    wanted: RegionBitmap | None = None
+    zero_replica = False
     if same_peer:
-        plan = {"mode": "resume", "regions": engine.volume.norecord.popcount()}
+        plan = {"mode": "resume", "regions": volume.norecord.popcount()}
     else:
         peer_info = _peer_info(client, engine.name)
         wanted = fast_sync_plan(engine, peer_info) if peer_info else None
         if wanted is None:
-            plan = {"mode": "full", "regions": engine.geometry.count}
+            zero_replica = known_all_zero(peer_info)
+            regions = _count(volume.manifest.nonzero_between(0, count)) if zero_replica else count
+            plan = {"mode": "full", "regions": regions}
         else:
             divergent = sum(n for _, n in (peer_info["adopted"].get("divergent") or []))
             plan = {"mode": "incremental", "regions": wanted.popcount(), "divergent": divergent,
@@ -279,42 +280,36 @@ def protect(engine: Any, url: str, token_file: str | None, ca: str | None = None
         on_plan(plan)
     if plan_only:
         return {"volume": engine.name, "peer": peer["url"], "changed": False, "plan": plan}
-    client.ensure_volume(engine.name, engine.geometry.size, engine.geometry.region_size, record.volume_id)
+    replica = client.ensure_volume(engine.name, engine.geometry.size, engine.geometry.region_size,
+                                   record.volume_id)
     changed = not same_peer
-    with engine.meta:
-        if not same_peer:
-            record.peer = {**peer, "paired": time.time()}
-            record.replication = Replication(initial_sync="running", started=time.time(), mode=plan["mode"],
-                                             regions=plan["regions"])
-            if plan["mode"] == "incremental":
-                # The returning peer's sequence numbers end where ours begin again.
-                client.rebase(engine.name, engine.log.next_seq - 1)
-                engine.volume.unreplicated.clear_all()
-                engine.volume.norecord.clear_all()
-                for region in wanted:
-                    engine.volume.unreplicated.set(region)
-                    engine.volume.norecord.set(region)
-                if record.promoted is not None:
-                    record.promoted.lost = Loss.from_json(plan["lost"], "promoted.lost") if plan.get("lost") else None
-            else:
-                # Every region is shipped from the volume itself: the initial sync is bitmap mode.
-                engine.volume.unreplicated.set_all()
-                engine.volume.norecord.set_all()
-        else:
-            record.peer.update({"token_file": token_file, "ca": ca})
-        engine.save()
+    if same_peer:
+        engine.update_peer(token_file=token_file, ca=ca)
+    else:
+        lacking: Iterable[int] | None = None  # every region
+        lost = None
+        if plan["mode"] == "incremental":
+            # The returning peer's sequence numbers end where ours begin again.
+            client.rebase(engine.name, engine.log.next_seq - 1)
+            lacking = wanted
+            lost = Loss.from_json(plan["lost"], "promoted.lost") if plan.get("lost") else None
+        elif zero_replica and known_all_zero(replica):
+            lacking = volume.manifest.nonzero_between(0, count)  # zeros need no shipping
+        elif zero_replica:  # it was written meanwhile: its content is unknown after all
+            plan.update(regions=count, bytes=count * engine.geometry.region_size)
+        engine.pair(peer, Replication(initial_sync="running", started=time.time(), mode=plan["mode"],
+                                      regions=plan["regions"]), lacking, lost)
     replicator = Replicator(engine, client)
-    before = engine.volume.norecord.popcount()
+    before = volume.norecord.popcount()
     replicator.ship(progress=progress)
-    with engine.meta:
-        if record.replication.initial_sync != "done":
-            record.replication.initial_sync = "done"
-            record.replication.finished = time.time()
-            changed = True
-        engine.save()
+    changed = engine.initial_sync_done() or changed
     return {"volume": engine.name, "peer": peer["url"], "changed": changed, "plan": plan,
-            "regions_synced": before - engine.volume.norecord.popcount(),
+            "regions_synced": before - volume.norecord.popcount(),
             "records_shipped": replicator.shipped_records, "bytes_shipped": replicator.shipped_bytes}
+
+
+def _count(regions: Iterable[int]) -> int:
+    return sum(1 for _ in regions)
 
 
 def _peer_info(client: Any, name: str) -> dict[str, Any] | None:

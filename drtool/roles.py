@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from drtool.engine.ports import RolePort
 from drtool.errors import Conflict, DrtoolError, NotPermitted, PeerError
 from drtool.regions import to_runs
 from drtool.replication import make_client
 from drtool.storage.atomic import write_atomic
+from drtool.storage.maps import DIGEST_SIZE, zero_digest
 from drtool.storage.paths import state_root
 from drtool.storage.records import Adopted, Demoted, Loss, Promoted
 from drtool.storage.volume import Volume
@@ -34,7 +37,7 @@ log = logging.getLogger("drtool.roles")
 # -- the old primary ------------------------------------------------------------------
 
 
-def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str, Any]:
+def demote(engine: RolePort, timeout: float = 60.0, force: bool = False) -> dict[str, Any]:
     """Stop writes, drain replication, hand the role to the secondary.  Idempotent.
 
     ``force``: the secondary has already taken over (it is fenced); nothing is drained,
@@ -45,8 +48,7 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
         return {"volume": engine.name, "changed": False, "role": "secondary", "demoted": record.demoted.to_json() if record.demoted else None}
     if not engine.protected:
         raise NotPermitted(f"volume {engine.name} has no secondary to hand over to")
-    previous = engine.read_only_reason
-    engine.read_only_reason = "being demoted: writes are refused"
+    previous = engine.refuse_writes("being demoted: writes are refused")
     client = make_client(record.peer)
     try:
         if force:
@@ -67,16 +69,11 @@ def demote(engine: Any, timeout: float = 60.0, force: bool = False) -> dict[str,
             lost = Loss(records=0, bytes=0, regions=0)
             divergent = _stale_on_device(engine)
     except BaseException:
-        engine.read_only_reason = previous
+        engine.refuse_writes(previous)
         raise
-    with engine.meta:
-        record.role = "secondary"
-        record.demoted = Demoted(time=time.time(), era=record.era, seq=engine.log.next_seq - 1,
-                                 peer=record.peer["url"], forced=force, lost=lost,
-                                 divergent=[list(r) for r in to_runs(divergent)])
-        record.history.append({"event": "demoted", "time": time.time(), "forced": force})
-        engine.read_only_reason = "this host is the secondary for this volume"
-        engine.save()
+    engine.become_secondary(Demoted(time=time.time(), era=record.era, seq=engine.log.next_seq - 1,
+                                    peer=record.peer["url"], forced=force, lost=lost,
+                                    divergent=[list(r) for r in to_runs(divergent)]))
     log.warning("volume %s: demoted (%s); lost %s", engine.name, "forced" if force else "planned", lost)
     return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted.to_json()}
 
@@ -91,12 +88,12 @@ def _release(client: Any, name: str, era: int, seq: int) -> None:
         client.release(name, era, seq)
 
 
-def _stale_on_device(engine: Any) -> set[int]:
+def _stale_on_device(engine: RolePort) -> set[int]:
     """Regions whose device bytes are not the volume's (bad, or living in the overlay)."""
     return set(engine.volume.bad) | set(engine.volume.overlay)
 
 
-def _takeover_loss(engine: Any, client: Any) -> tuple[Loss, set[int]]:
+def _takeover_loss(engine: RolePort, client: Any) -> tuple[Loss, set[int]]:
     """What this host wrote that the new primary never applied: records, bytes, regions."""
     applied = None
     try:
@@ -128,7 +125,7 @@ def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
         if adopted and adopted.url == replica_url:
             return {"volume": name, "changed": False, "adopted": adopted.to_json()}
         manifest = volume.paths.file("adopt-manifest.bin")
-        write_atomic(manifest, volume.manifest.to_bytes())
+        write_atomic(manifest, _manifest_chunks(volume))
         client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
         demoted = record.demoted
         result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
@@ -169,9 +166,10 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
         if len(digests) != 32 * volume.geometry.count:
             raise PeerError(f"replica manifest of {name} has {len(digests)} bytes, "
                             f"expected {32 * volume.geometry.count}")
-        volume.manifest = type(volume.manifest)(volume.geometry.count, digests)
-        for region in range(volume.geometry.count):
-            volume.eras[region] = era - 1
+        _load_manifest(volume, digests)
+        # Every region's era stays 0 ("before this host's first era"): only regions written
+        # here from now on are "changed since" the promotion, and an older local copy cannot
+        # predate the first era this host knows (drtool.engine refuses such a --local-era).
         record = volume.record
         applied = int(info["applied_seq"])
         record.era = era
@@ -189,3 +187,20 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
                 "promoted": record.promoted.to_json()}
     finally:
         volume.close()
+
+
+def _manifest_chunks(volume: Volume, per_chunk: int = 1 << 15) -> Iterator[bytes]:
+    """Every region's digest in region order, a chunk at a time (the file the replica server adopts)."""
+    count = volume.geometry.count
+    for first in range(0, count, per_chunk):
+        yield volume.manifest.digests(first, min(per_chunk, count - first))
+
+
+def _load_manifest(volume: Volume, digests: bytes) -> None:
+    """The replica's digests become the new volume's manifest (all-zero regions need no write)."""
+    manifest = volume.manifest
+    view = memoryview(digests)
+    for region in range(volume.geometry.count):
+        digest = bytes(view[region * DIGEST_SIZE:(region + 1) * DIGEST_SIZE])
+        if digest != zero_digest(volume.geometry.region_length(region)):
+            manifest[region] = digest

@@ -1,9 +1,7 @@
-"""The engine's core: opening a volume, crash replay, checkpoints, modes, and the state
-the read path (reads.py) and the write path (writes.py) share.
-
-Locking: a write holds its region's stripe lock while it changes the region; reads take
-no lock and re-check a failed region under the lock before calling it bad (a write may
-have been half way through).  Lock order: stripe -> meta -> log.
+"""The engine's core: opening a volume, crash replay, checkpoints, the mode transitions
+(engine/modes.py says which exist), role and pairing changes, and the state the read path
+(reads.py), the write path (writes.py) and the commit routine (changes.py, which also
+states the locking rule) share.
 """
 
 from __future__ import annotations
@@ -16,19 +14,21 @@ from typing import Any
 
 import blake3
 
+from drtool import detect
 from drtool.engine import modes
+from drtool.engine.changes import StateChanges
 from drtool.engine.reads import ReadPath
 from drtool.engine.writes import WritePath
-from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
+from drtool.errors import DeviceError, DeviceIOError, NotPermitted, UsageError
 from drtool.regions import Geometry
 from drtool.storage import overlay as overlay_file
 from drtool.storage.device import Device
-from drtool.storage.maps import RegionBitmap, zero_digest
+from drtool.storage.maps import RegionBitmap, merge_regions, zero_digest
 from drtool.storage.paths import state_root
-from drtool.storage.records import Recovery
+from drtool.storage.records import Demoted, Failback, Loss, Recovery, Replication
 from drtool.storage.replog import ReplicationLog
 from drtool.storage.volume import Volume
-from drtool.wire import FLAG_OVERLAY, KIND_WRITE
+from drtool.wire import KIND_WRITE
 
 log = logging.getLogger("drtool.engine")
 
@@ -81,7 +81,7 @@ def check_settings(changes: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-class Engine(ReadPath, WritePath):
+class Engine(ReadPath, WritePath, StateChanges):
     """Open with :meth:`open`; thread-safe for concurrent reads and writes."""
 
     def __init__(self, volume: Volume, log_: ReplicationLog) -> None:
@@ -276,7 +276,7 @@ class Engine(ReadPath, WritePath):
         ahead = set(replication.acked_ahead)
         done = [e.seq for e in self.log.pending() if e.seq <= acked or e.seq in ahead]
         if done:
-            self.region_acknowledged(self.log.acknowledge(done))
+            self._acknowledged(self.log.acknowledge(done))
 
     def _replay_target(self, overlay: bool) -> Device | None:
         if overlay:
@@ -304,8 +304,9 @@ class Engine(ReadPath, WritePath):
                 return False
             if not self.protected:
                 raise NotPermitted(f"volume {self.name} has no replica (run drtool protect first)")
-            if local_era is not None and not 1 <= local_era <= self.record.era:
-                raise UsageError(f"local era {local_era} is not between 1 and the current era {self.record.era}")
+            first = self.record.eras[0].era if self.record.eras else 1  # a promoted volume starts later
+            if local_era is not None and not first <= local_era <= self.record.era:
+                raise UsageError(f"local era {local_era} is not between {first} and the current era {self.record.era}")
             if source == "journal" and local_era is None:
                 raise UsageError("--source journal needs --local-era (the changes are taken after that era)")
             overlay_file.create(self.volume.paths.overlay, self.geometry.size)
@@ -318,6 +319,118 @@ class Engine(ReadPath, WritePath):
         log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)
         return True
 
+    def begin_resync(self, device: str) -> int:
+        """degraded -> resync: mark every region the device must get back (the requested
+        portion and the overlay); returns how many."""
+        volume = self.volume
+        with self.meta:
+            wanted = 0
+            for region in merge_regions(volume.requested_between(0, self.geometry.count), iter(volume.overlay)):
+                volume.resync.set(region)
+                wanted += 1
+            modes.start_resync(self.record, Failback(started=time.time(), device=device, total_regions=wanted))
+            self.save()
+        return wanted
+
+    def finish_resync(self) -> bool:
+        """resync -> normal once every region is back in the device: the overlay goes.  False
+        (nothing changes) while regions remain to copy."""
+        with self.meta:
+            if self.volume.resync.any():
+                return False
+            self.flush()
+            modes.finish_resync(self.record)
+            if self.overlay is not None:
+                self.overlay.close()
+                self.overlay = None
+            self.save()
+            overlay_file.remove(self.volume.paths.overlay)
+        log.info("volume %s: failback complete, back to normal", self.name)
+        return True
+
+    # -- roles --------------------------------------------------------------------------
+
+    def refuse_writes(self, reason: str | None) -> str | None:
+        """Refuse client writes with ``reason`` (None: accept them again); returns the previous one."""
+        previous, self.read_only_reason = self.read_only_reason, reason
+        return previous
+
+    def become_secondary(self, demoted: Demoted) -> None:
+        """The primary role is handed over: writes are refused from now on, durably."""
+        with self.meta:
+            self.record.role = "secondary"
+            self.record.demoted = demoted
+            self.record.history.append({"event": "demoted", "time": demoted.time, "forced": demoted.forced})
+            self.read_only_reason = "this host is the secondary for this volume"
+            self.save()
+
+    # -- pairing ------------------------------------------------------------------------------
+
+    def pair(self, peer: dict[str, Any], sync: Replication, lacking: Iterable[int] | None,
+             lost: Loss | None = None) -> None:
+        """Pair with ``peer``: the initial sync starts, durably.  The peer lacks exactly the
+        ``lacking`` regions (None: every region); they ship from the volume itself (bitmap
+        mode).  ``lost``: what a returning old primary lost, recorded on our promotion."""
+        volume = self.volume
+        with self.meta:
+            self.record.peer = {**peer, "paired": time.time()}
+            self.record.replication = sync
+            if lost is not None and self.record.promoted is not None:
+                self.record.promoted.lost = lost
+            if lacking is None:
+                volume.unreplicated.set_all()
+                volume.norecord.set_all()
+            else:
+                volume.unreplicated.clear_all()
+                volume.norecord.clear_all()
+                for region in lacking:
+                    volume.unreplicated.set(region)
+                    volume.norecord.set(region)
+            self.save()
+
+    def update_peer(self, **settings: Any) -> None:
+        """Change how the peer is reached (token file, CA) without pairing again."""
+        with self.meta:
+            self.record.peer.update(settings)
+            self.save()
+
+    def initial_sync_done(self) -> bool:
+        """The peer holds every region: the initial sync is done (False: it already was)."""
+        with self.meta:
+            replication = self.record.replication
+            changed = replication.initial_sync != "done"
+            if changed:
+                replication.initial_sync = "done"
+                replication.finished = time.time()
+            self.save()
+        return changed
+
+    # -- the device ------------------------------------------------------------------------
+
+    def use_device(self, path: str) -> None:
+        """Serve from (and fail back onto) the device at ``path`` from now on."""
+        with self.meta:
+            if path != self.record.device:
+                self.record.device = path
+            if self.device is not None:
+                self.device.close()
+            self.device = Device(path, writable=True)
+
+    def scrub(self, progress: Any = None, record: bool = True) -> Any:
+        """Verify every local region (drtool.detect.scrub) with this engine's re-check and lock;
+        a faulted device is dropped, a device back after a fault reopened."""
+        report = detect.scrub(self.volume, progress, recheck=self.recheck_region, record=record, lock=self.meta)
+        if record:
+            if report.faulted:
+                self.drop_device()
+            else:
+                self.reopen_device()
+        return report
+
+    def fetch(self, regions: list[int]) -> dict[int, tuple[bytes, bytes]]:
+        """Verified ``{region: (bytes, digest)}`` from the recovery source (drtool.fetch)."""
+        return self._fetcher().fetch(regions)
+
     def requested(self, region: int) -> bool:
         """Must this region's bytes come from the replica?"""
         return self.volume.requested(region)
@@ -328,68 +441,3 @@ class Engine(ReadPath, WritePath):
     def lost_regions(self) -> list[int]:
         """Requested regions nobody holds: never replicated and no log record left."""
         return list(self.volume.lost_regions())
-
-    def store_fetched(self, region: int, data: bytes, digest: bytes, rollback: bool = False) -> None:
-        """Copy-on-read: keep a fetched region in the overlay so the next read is local.
-
-        Bytes that differ from the manifest (a snapshot source rolls the region back)
-        are a change of the volume: they are logged and replicated like a write.
-        """
-        with self.stripes[region % len(self.stripes)]:
-            if self.overlay is None or self.volume.overlay.test(region):
-                return  # not in recovery any more, or a write got there first
-            if not self.volume.manifest.matches(region, digest):
-                if not rollback:
-                    return  # the region changed while it was fetched: these bytes are stale
-                start, length = self.geometry.region_bounds(region)
-                seq = self._log(region, start, length, memoryview(data), digest, FLAG_OVERLAY)
-                self.overlay.pwrite(data, start)
-                with self.meta:
-                    self.volume.manifest[region] = digest
-                    self.volume.eras[region] = self.record.era
-                    self.volume.overlay.set(region)
-                    self.volume.unreplicated.set(region)
-                self._done(seq)
-                return
-            self.overlay.pwrite(data, self.geometry.region_start(region))
-            with self.meta:
-                self.volume.overlay.set(region)
-
-    # -- shipping support (called by the replicator) -------------------------------------
-
-    def relog_region(self, region: int) -> int | None:
-        """Append a log record holding a whole region's current bytes (bitmap-mode resync).
-
-        Returns the sequence number, or None when the region cannot be read correctly
-        (it stays marked: its bytes exist nowhere else).
-        """
-        with self.stripes[region % len(self.stripes)]:
-            in_overlay = self.volume.overlay.test(region)
-            if not in_overlay and (self.volume.bad.test(region) or self.device is None):
-                return None
-            start, length = self.geometry.region_bounds(region)
-            content = bytearray(length)
-            source = self.overlay if in_overlay else self.device
-            try:
-                if self._read_local(source, region, 1, region, memoryview(content)):
-                    return None
-            except DataUnavailable:
-                return None
-            digest = self.volume.manifest[region]
-            if digest == zero_digest(length):
-                seq = self._log(region, start, length, None, None, FLAG_OVERLAY if in_overlay else 0)
-            else:
-                seq = self._log(region, start, length, memoryview(content), digest,
-                                FLAG_OVERLAY if in_overlay else 0)
-            with self.meta:
-                self.volume.norecord.clear(region)
-                self.volume.unreplicated.set(region)
-            self._done(seq)
-            return seq
-
-    def region_acknowledged(self, regions: Iterable[int]) -> None:
-        """The secondary holds these regions' latest records: clear their unreplicated bits."""
-        with self.meta:
-            for region in regions:
-                if not self.volume.norecord.test(region) and not self.log.has_pending(region):
-                    self.volume.unreplicated.clear(region)

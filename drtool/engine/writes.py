@@ -1,10 +1,9 @@
-"""The engine's write path: logged first, then applied, then digested.
+"""The engine's write path: a client write becomes region changes for the commit routine.
 
-A write is split at region boundaries; each piece is appended to the replication log,
-then written to the device (normal mode) or to the overlay (degraded and resync modes);
-then the region's manifest digest, era and unreplicated bit change.  A write covering
-part of a region reads and verifies the region first, so it never blesses bad bytes.
-A writer holds its region's stripe lock for the whole change.
+A write is split at region boundaries; each piece goes to the device (normal mode) or to the
+overlay (degraded and resync modes) through :meth:`StateChanges.commit_region` (log, write,
+maps).  A write covering part of a region reads and verifies the region first, so it never
+blesses bad bytes.  A writer holds its region's stripe lock for the whole change.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import blake3
 
 from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted
-from drtool.storage.device import Device
+from drtool.engine.changes import DEVICE, MIRROR, OVERLAY, RegionChange
 from drtool.storage.maps import zero_digest
-from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
 
 
 class WritePath:
@@ -146,62 +144,18 @@ class WritePath:
 
         content, digest, whole = self._new_content(region, inner, piece, zero_length, base)
         size = zero_length if piece is None else len(piece)
-        seq = self._log(region, start + inner, size, piece, digest if whole else None, flags=0)
         try:
-            if piece is None:
-                self._zero_device(self.device, start + inner, size, whole)
-            else:
-                self.device.pwrite(piece, start + inner)
+            self.commit_region(RegionChange(region, start + inner, size, piece, digest, MIRROR, DEVICE))
         except DeviceError as exc:
-            self._done(seq)
             self._set_bad([region], io_error=True)
             raise _NeedsOverlay(str(exc)) from None
-        with self.meta:
-            self.volume.manifest[region] = digest
-            self.volume.eras[region] = self.record.era
-            if whole:
-                self.volume.bad.clear(region)
-            if self.protected:
-                self.volume.unreplicated.set(region)
-        self._done(seq)
 
     def _write_overlay(self, region: int, inner: int, piece: memoryview | None, zero_length: int) -> None:
         start, length = self.geometry.region_bounds(region)
         content, digest, whole = self._new_content(
             region, inner, piece, zero_length, lambda: self._content_for_write(region))
         # Overlay records always hold the whole region: the overlay replica needs no base to apply them.
-        seq = self._log(region, start, length, content, digest, flags=FLAG_OVERLAY)
-        if content is None:
-            self._zero_device(self.overlay, start, length, True)
-        else:
-            self.overlay.pwrite(content, start)
-        with self.meta:
-            self.volume.manifest[region] = digest
-            self.volume.eras[region] = self.record.era
-            self.volume.overlay.set(region)
-            self.volume.unreplicated.set(region)
-            if modes.resyncing(self.record):
-                self.volume.resync.set(region)
-        self._done(seq)
-
-    def _log(self, region: int, offset: int, length: int, data: memoryview | None, digest: bytes | None,
-             flags: int) -> int:
-        with self.seq_lock:
-            if data is None:
-                entry = self.log.append(KIND_ZERO, offset, length, self.record.era, flags=flags)
-            else:
-                entry = self.log.append(KIND_WRITE, offset, length, self.record.era, data, digest, flags)
-            self.inflight.add(entry.seq)
-        return entry.seq
-
-    def _done(self, seq: int) -> None:
-        with self.seq_lock:
-            self.inflight.discard(seq)
-
-    def _zero_device(self, device: Device, offset: int, length: int, whole: bool) -> None:
-        if whole and device.punch_hole(offset, length):
-            return
-        device.pwrite(bytes(length), offset)
+        self.commit_region(RegionChange(region, start, length, content, digest, OVERLAY, OVERLAY))
 
 
 class _NeedsOverlay(Exception):

@@ -1,0 +1,276 @@
+"""Every change of a volume's state goes through here: the commit routine and its callers.
+
+Locking, once for the whole engine:
+
+- a region's **stripe** lock (256 of them, by region number; re-entrant) is held by whoever
+  changes that region, for the whole change: a client write, a fetched region stored in the
+  overlay, a bitmap-mode relog, a failback copy.  Readers take none unless a region fails
+  verification (re-checked under its stripe) or comes from the replica (then they hold the
+  stripes of the regions they fetch, so a racing write is read back from the overlay);
+- ``meta`` guards the maps and the record (held only for in-memory updates and saves);
+- the log has its own lock (``seq_lock`` here pairs each record with its in-flight mark).
+
+Order: stripe -> meta -> log.  Never force replication while holding a stripe: the
+replicator takes stripes to re-log bitmap-mode regions.
+
+Helpers (drtool.fetch, drtool.replication, drtool.failback, drtool.roles) see the engine
+through drtool.engine.ports and never take these locks; one that must keep a region still
+across a read and a commit uses :meth:`StateChanges.holding`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from drtool.engine import modes
+from drtool.errors import DataUnavailable, DeviceError
+from drtool.storage.device import Device
+from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
+
+DEVICE, OVERLAY = "device", "overlay"  # where a change's bytes go
+MIRROR = "mirror"  # a log record for the mirror endpoint (OVERLAY: for the overlay replica)
+
+
+@dataclass(frozen=True)
+class RegionChange:
+    """One change of one region, as :meth:`StateChanges.commit_region` applies it.
+
+    ``data`` None means zeros.  ``digest`` is the region's digest after the change (None: its
+    content does not change, as when a relog or a failback copy moves bytes that are already
+    the volume's).  ``log`` names the log record's endpoint (None: not logged); ``target``
+    where the bytes are written (None: they are already in place)."""
+
+    region: int
+    offset: int
+    length: int
+    data: memoryview | bytes | bytearray | None
+    digest: bytes | None
+    log: str | None
+    target: str | None
+
+
+class StateChanges:
+    """Mixed into :class:`drtool.engine.Engine` (which holds the state these methods use)."""
+
+    stripes: list[threading.RLock]
+    meta: threading.RLock
+    seq_lock: threading.Lock
+    inflight: set[int]
+    device: Device | None
+    overlay: Device | None
+
+    # -- the commit routine -------------------------------------------------------------
+
+    def commit_region(self, change: RegionChange) -> int | None:
+        """Apply one region change, in the one order crash recovery relies on: append the log
+        record, write the bytes (device or overlay), update the manifest digest and era, the
+        overlay/resync/bad bits and the unreplicated bit, then mark the record done (the maps
+        now reflect it, so a checkpoint may cover it).  Returns the record's sequence number.
+
+        Takes the region's stripe (a caller may already hold it).  A DeviceError while writing
+        leaves the maps unchanged and is raised."""
+        region = change.region
+        start, length = self.geometry.region_bounds(region)
+        whole = change.offset == start and change.length == length
+        with self.stripes[region % len(self.stripes)]:
+            seq = None
+            if change.log is not None:
+                digest = (change.digest or self.volume.manifest[region]) if whole else None
+                seq = self._append(change, digest)
+            try:
+                if change.target is not None:
+                    self._put(self.device if change.target == DEVICE else self.overlay, change, whole)
+            except DeviceError:
+                if seq is not None:
+                    self._done(seq)
+                raise
+            volume = self.volume
+            with self.meta:
+                if change.digest is not None:
+                    volume.manifest[region] = change.digest
+                    volume.eras[region] = self.record.era
+                if change.target == OVERLAY:
+                    volume.overlay.set(region)
+                    if modes.resyncing(self.record):
+                        volume.resync.set(region)
+                elif change.target == DEVICE and whole:  # the device holds the region again
+                    for bitmap in (volume.bad, volume.ioerror, volume.overlay, volume.resync):
+                        bitmap.clear(region)
+                if seq is not None:
+                    if whole:  # the record carries the whole region: nothing left to re-log
+                        volume.norecord.clear(region)
+                    if self.protected:
+                        volume.unreplicated.set(region)
+            if seq is not None:
+                self._done(seq)
+        return seq
+
+    def _append(self, change: RegionChange, digest: bytes | None) -> int:
+        flags = FLAG_OVERLAY if change.log == OVERLAY else 0
+        with self.seq_lock:
+            if change.data is None:
+                entry = self.log.append(KIND_ZERO, change.offset, change.length, self.record.era, flags=flags)
+            else:
+                entry = self.log.append(KIND_WRITE, change.offset, change.length, self.record.era,
+                                        memoryview(change.data), digest, flags)
+            self.inflight.add(entry.seq)
+        return entry.seq
+
+    def _done(self, seq: int) -> None:
+        with self.seq_lock:
+            self.inflight.discard(seq)
+
+    @staticmethod
+    def _put(handle: Device | None, change: RegionChange, whole: bool) -> None:
+        if handle is None or not handle.writable:
+            raise DeviceError(f"cannot write region {change.region}: no writable {change.target}")
+        if change.data is not None:
+            handle.pwrite(change.data, change.offset)
+        elif not (whole and handle.punch_hole(change.offset, change.length)):
+            handle.pwrite(bytes(change.length), change.offset)
+
+    @contextmanager
+    def holding(self, region: int) -> Iterator[None]:
+        """Keep ``region`` still (no write changes it) while a caller reads it and commits a
+        change of it: the commit routine's own lock, for a read-then-commit."""
+        with self.stripes[region % len(self.stripes)]:
+            yield
+
+    # -- reading a region whole ---------------------------------------------------------------
+
+    def read_verified(self, region: int) -> bytes | None:
+        """The region's bytes from where the volume keeps them (the overlay if it holds the
+        region, else the device), verified against the manifest; None when they fail."""
+        source = self.overlay if self.volume.overlay.test(region) else self.device
+        if source is None:
+            return None
+        content = bytearray(self.geometry.region_length(region))
+        try:
+            if self._read_local(source, region, 1, region, memoryview(content)):
+                return None
+        except DataUnavailable:
+            return None
+        return bytes(content)
+
+    def local_bytes(self, region: int) -> bytes | None:
+        """The device's bytes of a region, unverified (a journal source patches them); None
+        without a device."""
+        if self.device is None:
+            return None
+        start, length = self.geometry.region_bounds(region)
+        return self.device.pread(length, start)
+
+    # -- the paths that change regions ------------------------------------------------------
+
+    def store_fetched(self, region: int, data: bytes, digest: bytes, rollback: bool = False) -> None:
+        """Copy-on-read: keep a fetched region in the overlay so the next read is local.
+
+        Bytes that differ from the manifest (a snapshot source rolls the region back) are a
+        change of the volume: they are logged and replicated like a write."""
+        start, length = self.geometry.region_bounds(region)
+        with self.holding(region):
+            if self.overlay is None or self.volume.overlay.test(region):
+                return  # not in recovery any more, or a write got there first
+            if self.volume.manifest.matches(region, digest):
+                self.commit_region(RegionChange(region, start, length, data, None, None, OVERLAY))
+            elif rollback:
+                self.commit_region(RegionChange(region, start, length, data, digest, OVERLAY, OVERLAY))
+            # else the region changed while it was fetched: these bytes are stale
+
+    def relog_region(self, region: int) -> int | None:
+        """Append a log record holding a whole region's current bytes (bitmap-mode resync).
+
+        Returns the sequence number, or None when the region cannot be read correctly
+        (it stays marked: its bytes exist nowhere else)."""
+        with self.holding(region):
+            in_overlay = self.volume.overlay.test(region)
+            if not in_overlay and (self.volume.bad.test(region) or self.device is None):
+                return None
+            content = self.read_verified(region)
+            if content is None:
+                return None
+            start, length = self.geometry.region_bounds(region)
+            data = None if self.volume.manifest.is_zero(region) else content
+            return self.commit_region(RegionChange(region, start, length, data, None,
+                                                   OVERLAY if in_overlay else MIRROR, None))
+
+    def copy_back(self, region: int, data: bytes, relog: bool) -> int:
+        """Failback: write a region's verified bytes into the device, which then holds it again;
+        ``relog``: also log them for the mirror (written during the incident, never shipped
+        there).  The caller holds the region (:meth:`holding`).  Returns the bytes written."""
+        start, length = self.geometry.region_bounds(region)
+        zero = self.volume.manifest.is_zero(region)
+        self.commit_region(RegionChange(region, start, length, None if zero else data, None,
+                                        MIRROR if relog else None, DEVICE))
+        return length
+
+    def forget_overlay_copy(self, region: int) -> bool:
+        """The device holds this region correctly (a copy-on-read kept it in the overlay too):
+        stop keeping it there.  False when the device does not."""
+        with self.holding(region):
+            if not self.recheck_region(region):
+                return False
+            with self.meta:
+                for bitmap in (self.volume.overlay, self.volume.bad, self.volume.ioerror):
+                    bitmap.clear(region)
+            return True
+
+    # -- replication's bookkeeping ----------------------------------------------------------
+
+    def acknowledge(self, seqs: list[int]) -> None:
+        """The secondary holds these records: forget them, clear the unreplicated bit of regions
+        left with nothing pending, and move the watermark (forced batches are acknowledged out
+        of order: those above it are remembered, so neither status nor a restart counts them)."""
+        emptied = self.log.acknowledge(seqs)
+        with self.meta:
+            self._acknowledged(emptied)
+            oldest = self.log.oldest_seq()
+            through = (oldest - 1) if oldest else self.log.next_seq - 1
+            replication = self.record.replication
+            replication.acked_through = through
+            ahead = set(replication.acked_ahead) | set(seqs)
+            replication.acked_ahead = sorted(seq for seq in ahead if seq > through)
+
+    def _acknowledged(self, regions: Iterable[int]) -> None:
+        with self.meta:
+            for region in regions:
+                if not self.volume.norecord.test(region) and not self.log.has_pending(region):
+                    self.volume.unreplicated.clear(region)
+
+    def enter_bitmap_mode(self, now: float) -> int:
+        """The log outgrew its limit: drop its records, keep their regions marked (they ship from
+        the volume itself later).  Returns how many regions."""
+        with self.meta:
+            covered = self.covered_seq()
+            self.save()
+            regions = self.log.drop_through(covered)
+            for region in regions:
+                self.volume.norecord.set(region)
+                self.volume.unreplicated.set(region)
+            replication = self.record.replication
+            replication.bitmap_mode_since = now
+            replication.overflows = (replication.overflows or 0) + 1
+            replication.dropped_through = covered
+            self.save_bitmaps()
+        return len(regions)
+
+    # -- recovery's bookkeeping --------------------------------------------------------------
+
+    def count_fetched(self, regions: int, nbytes: int) -> None:
+        """Regions served from the replica, in the recovery's totals."""
+        with self.meta:
+            recovery = self.record.recovery
+            if recovery is not None:
+                recovery.fetched_regions += regions
+                recovery.fetched_bytes += nbytes
+
+    def failback_progress(self, regions: int, nbytes: int) -> None:
+        """Regions copied back: counted, and durable with the maps (a restart resumes here)."""
+        with self.meta:
+            info = self.record.failback
+            info.done_regions += regions
+            info.bytes_copied += nbytes
+        self.save()
