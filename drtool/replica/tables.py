@@ -76,16 +76,21 @@ class DigestTable:
     ``lazy`` only says how a format-1 table stored its pages (lazy: a missing
     page was empty; eager: every page was written at creation, so a missing one
     was lost); it matters only when such a table is converted.
+
+    ``presence`` False: a table that only answers digests (the mirror's manifest).
+    A region set to the zeros' digest is then absent, so zeroing regions (an
+    initial sync sends a ZERO record for each region of zeros) writes no page.
     """
 
     def __init__(self, directory: str, magic: bytes, what: str, geometry: Geometry,
-                 volume_id: bytes, lazy: bool) -> None:
+                 volume_id: bytes, lazy: bool, presence: bool = True) -> None:
         self.directory = directory
         self.magic = magic
         self.what = what
         self.geometry = geometry
         self.volume_id = volume_id
         self.lazy = lazy
+        self.presence = presence
         self._group_magic = magic[:7] + b"G"
         self._index_magic = magic[:7] + b"I"
         self._generation = 0  # of the last index.bin written (or read)
@@ -239,8 +244,12 @@ class DigestTable:
                                    self.geometry.region_size, self._regions_in(page), self.volume_id,
                                    _BITMAP_BYTES + 32 * self._regions_in(page))
             count = self._regions_in(page)
-            present = int.from_bytes(body[:_BITMAP_BYTES], "little") & ((1 << count) - 1)
-            body[:_BITMAP_BYTES] = present.to_bytes(_BITMAP_BYTES, "little")  # format 1 set bits past the end
+            present = int.from_bytes(body[:_BITMAP_BYTES], "little") & ((1 << count) - 1)  # format 1 set
+            if not self.presence:  # bits past the end; a manifest keeps the regions that are not zeros
+                present = (1 << count) - 1
+                for index in _aligned(body[_BITMAP_BYTES:], NO_DIGEST, count):
+                    present &= ~(1 << index)
+            body[:_BITMAP_BYTES] = present.to_bytes(_BITMAP_BYTES, "little")
             if body != self._empty(page):
                 self._own(page, body)
                 self._flush_if_full()
@@ -424,6 +433,10 @@ class DigestTable:
         if digest == zero_digest(self.geometry.region_length(region)):
             digest = NO_DIGEST
         page, index = divmod(region, PAGE_REGIONS)
+        if digest == NO_DIGEST and not self.presence:
+            if self.present(region):
+                self.discard(region)
+            return
         body = self._changing(page)
         body[index >> 3] |= 1 << (index & 7)
         start = _BITMAP_BYTES + 32 * index

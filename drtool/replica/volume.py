@@ -125,7 +125,7 @@ class ReplicaVolume:
         vid = bytes.fromhex(self.volume_id)
         self.mirror = Target(self.image_path,
                              DigestTable(self._path("manifest"), MANIFEST_MAGIC, "manifest", self.geometry,
-                                         vid, lazy=False),
+                                         vid, lazy=False, presence=False),
                              AppliedState(self._path("applied.json"), self.volume_id))
         self.overlay = Target(self._path("overlay.img"), self._overlay_table(),
                               AppliedState(self._path("overlay-applied.json"), self.volume_id))

@@ -314,3 +314,23 @@ def test_journal_index_keeps_each_seq_once_and_follows_trims_and_reopens(tmp_pat
         assert [e.seq for e in opened.changes(80, [(30, 2)])] == [81]
         entry = opened.changes(84, [(35, 1)])[0]
         assert wire.decode_record_header(opened.read(entry)[:wire.RECORD_HEADER_SIZE]).seq == 85
+
+
+def test_a_manifest_stores_no_page_for_regions_of_zeros(tmp_path: Path) -> None:
+    t = DigestTable(str(tmp_path / "m"), MAGIC, "manifest", HUGE, VID, lazy=False, presence=False)
+    t.create()
+    for region in range(0, HUGE.count, HUGE.count // 1000):  # an initial sync's ZERO records
+        t.set(region, zero_digest(RS))
+    t.save(1)
+    assert os.listdir(tmp_path / "m") == ["index.bin"]
+    t.set(5, digest(5))
+    t.set(6, digest(6))
+    t.save(2)
+    t.set(5, zero_digest(RS))
+    t.save(3)
+    t = DigestTable(str(tmp_path / "m"), MAGIC, "manifest", HUGE, VID, lazy=False, presence=False)
+    t.check(writable=True)
+    assert t.is_zero(5) and t.digest(6) == digest(6) and t.zero_count() == HUGE.count - 1
+    t.set(6, zero_digest(RS))
+    t.save(4)
+    assert not (tmp_path / "m" / "pg-00000000.bin").exists() and t.zero_count() == HUGE.count
