@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any
 
 from drtool.engine.lag import Pending, lag
@@ -59,6 +60,7 @@ class Replicator:
         self.last_ack: float | None = None
         self.shipped_records = 0
         self.shipped_bytes = 0
+        self._relog_from = 0  # where the next re-log of bitmap-mode regions starts looking
         engine.replicator = self
 
     # -- shipping ---------------------------------------------------------------------
@@ -146,9 +148,17 @@ class Replicator:
         if engine.log.pending_bytes >= budget or not engine.volume.norecord.any():
             return
         used = engine.log.pending_bytes
-        for region in list(engine.volume.norecord):
+        # Only as many marked regions as the budget can take are looked at, from where the last
+        # batch stopped (a region that cannot be re-logged now must not stall the ones after it).
+        norecord, count = engine.volume.norecord, engine.geometry.count
+        want = max(1, (budget - used) // engine.geometry.region_size + 1)
+        candidates = list(islice(norecord.set_between(self._relog_from, count), want))
+        if len(candidates) < want:
+            candidates += islice(norecord.set_between(0, self._relog_from), want - len(candidates))
+        for region in candidates:
             if used >= budget:
                 break
+            self._relog_from = region + 1
             if engine.relog_region(region) is not None:
                 used += engine.geometry.region_length(region)
 

@@ -21,12 +21,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from drtool.engine.lag import bitmap_bytes
 from drtool.engine.ports import RolePort
 from drtool.errors import Conflict, DrtoolError, NotPermitted, PeerError
-from drtool.regions import to_runs
 from drtool.replication import make_client
 from drtool.storage.atomic import write_atomic
-from drtool.storage.maps import DIGEST_SIZE, zero_digest
+from drtool.storage.maps import DIGEST_SIZE, RegionBitmap, zero_digest
 from drtool.storage.paths import state_root
 from drtool.storage.records import Adopted, Demoted, Loss, Promoted
 from drtool.storage.volume import Volume
@@ -73,7 +73,7 @@ def demote(engine: RolePort, timeout: float = 60.0, force: bool = False) -> dict
         raise
     engine.become_secondary(Demoted(time=time.time(), era=record.era, seq=engine.log.next_seq - 1,
                                     peer=record.peer["url"], forced=force, lost=lost,
-                                    divergent=[list(r) for r in to_runs(divergent)]))
+                                    divergent=[list(r) for r in divergent.runs()]))
     log.warning("volume %s: demoted (%s); lost %s", engine.name, "forced" if force else "planned", lost)
     return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted.to_json()}
 
@@ -88,12 +88,14 @@ def _release(client: Any, name: str, era: int, seq: int) -> None:
         client.release(name, era, seq)
 
 
-def _stale_on_device(engine: RolePort) -> set[int]:
+def _stale_on_device(engine: RolePort) -> RegionBitmap:
     """Regions whose device bytes are not the volume's (bad, or living in the overlay)."""
-    return set(engine.volume.bad) | set(engine.volume.overlay)
+    stale = engine.volume.bad.copy()
+    stale.set_runs(engine.volume.overlay.runs())
+    return stale
 
 
-def _takeover_loss(engine: RolePort, client: Any) -> tuple[Loss, set[int]]:
+def _takeover_loss(engine: RolePort, client: Any) -> tuple[Loss, RegionBitmap]:
     """What this host wrote that the new primary never applied: records, bytes, regions."""
     applied = None
     try:
@@ -102,12 +104,15 @@ def _takeover_loss(engine: RolePort, client: Any) -> tuple[Loss, set[int]]:
     except PeerError as exc:
         log.warning("volume %s: peer unreachable (%s); counting every pending write as lost", engine.name, exc)
     entries = [e for e in engine.log.pending() if applied is None or e.seq > applied]
-    regions = {e.region for e in entries} | set(engine.volume.norecord)
-    lost_bytes = sum(e.header.length for e in entries)
-    lost_bytes += sum(engine.geometry.region_length(r) for r in engine.volume.norecord)
-    lost = Loss(records=len(entries), bytes=lost_bytes, regions=len(regions),
+    norecord = engine.volume.norecord
+    regions = norecord.copy()
+    regions.update(e.region for e in entries)
+    lost_bytes = sum(e.header.length for e in entries) + bitmap_bytes(engine.geometry, norecord)
+    lost = Loss(records=len(entries), bytes=lost_bytes, regions=regions.popcount(),
                 exact=applied is not None, after_seq=applied)
-    return lost, regions | _stale_on_device(engine)
+    divergent = _stale_on_device(engine)
+    divergent.set_runs(regions.runs())
+    return lost, divergent
 
 
 def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from drtool.regions import Geometry
+from drtool.storage.maps import RegionBitmap
 from drtool.storage.replog import ReplicationLog, summarize
 from drtool.storage.volume import Volume
 
@@ -52,7 +54,7 @@ def lag(volume: Volume, pending: Pending, now: float | None = None) -> dict[str,
     now = time.time() if now is None else now
     out = {
         "records": pending.records,
-        "bytes": pending.bytes + _bytes_of(volume, norecord),
+        "bytes": pending.bytes + bitmap_bytes(volume.geometry, volume.norecord),
         "regions": volume.unreplicated.popcount(),
         "oldest_seconds": round(now - min(stamps), 3) if stamps else 0.0,
         "bitmap_mode": norecord > 0,
@@ -62,12 +64,12 @@ def lag(volume: Volume, pending: Pending, now: float | None = None) -> dict[str,
     return out
 
 
-def _bytes_of(volume: Volume, norecord: int) -> int:
-    """The bytes of the bitmap-mode regions (every region is whole but perhaps the last)."""
-    geometry = volume.geometry
-    total = norecord * geometry.region_size
+def bitmap_bytes(geometry: Geometry, regions: RegionBitmap) -> int:
+    """The bytes of the regions set in a bitmap, without a walk over them (every region is
+    whole but perhaps the last)."""
+    total = regions.popcount() * geometry.region_size
     last = geometry.count - 1
-    if norecord and volume.norecord.test(last):
+    if total and regions.test(last):
         total -= geometry.region_size - geometry.region_length(last)
     return total
 
