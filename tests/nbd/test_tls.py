@@ -25,7 +25,7 @@ from drtool.nbd import FileExport, NbdServer
 from drtool.nbd import protocol as p
 from drtool.nbd.tls import server_context
 from tests.conftest import require_tool
-from tests.nbd.conftest import EXPORT, IMAGE_SIZE, Image, Served
+from tests.nbd.conftest import EXPORT, IMAGE_SIZE, GatedExport, Image, Served
 from tests.nbd.rawclient import RawClient, ServerClosed
 from tests.nbd.tlscerts import Pki, make_pki
 
@@ -194,6 +194,35 @@ def test_starttls_then_the_usual_handshake(serve_tls, pki: Pki, image: Image) ->
         assert client.write(0, b"\xab" * 512) == 0
         assert client.command(p.Command.FLUSH) == 0
     assert image.current()[:512] == b"\xab" * 512
+
+
+def test_stalled_call_over_tls_lets_others_pass(pki: Pki, image: Image, tmp_path: Path) -> None:
+    """A call that waits hands the reader role over: one thread reads the TLS stream while others
+    send replies through it, and the bytes stay right."""
+    chunk = 65536
+    context = server_context(str(pki.cert), str(pki.key))
+    with GatedExport(image.path, chunk, name=EXPORT) as export, \
+            NbdServer(lambda: {EXPORT: export}, unix_path=tmp_path / "nbd.sock", tcp=("127.0.0.1", 0),
+                      tcp_tls=context, workers=4) as server, \
+            RawClient(("127.0.0.1", server.tcp_port)) as client:
+        client.greeting()
+        client.starttls(client_context(pki))
+        assert client.info(p.Option.GO, EXPORT)[0] == p.Reply.ACK
+        stuck = client.request(p.Command.READ, chunk, chunk)
+        assert export.waiting.wait(10)
+        payload = os.urandom(chunk)
+        handles = {client.request(p.Command.READ, 4 * chunk + index * 4096, 4096): index for index in range(8)}
+        written = client.request(p.Command.WRITE, 16 * chunk, chunk, payload=payload)
+        for _ in range(9):
+            error, handle = client.reply()
+            assert error == 0 and handle != stuck
+            if handle != written:
+                offset = 4 * chunk + handles[handle] * 4096
+                assert client.recv_exact(4096) == image.data[offset:offset + 4096]
+        export.gate.set()
+        assert client.reply() == (0, stuck)
+        assert client.recv_exact(chunk) == image.data[chunk:2 * chunk]
+        assert client.read(16 * chunk, chunk) == (0, payload)
 
 
 def test_starttls_with_data_is_invalid(serve_tls) -> None:
