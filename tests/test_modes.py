@@ -50,3 +50,20 @@ def test_other_transitions_are_refused_and_change_nothing(steps, refused, messag
     with pytest.raises(NotPermitted, match=message.replace("(", r"\(").replace(")", r"\)")):
         move()
     assert r.to_json() == before
+
+
+def test_the_engine_asks_the_machine_before_it_marks_anything(tmp_path, state_root):
+    from drtool import api
+    from drtool.engine import Engine
+    from tests.conftest import make_image
+
+    path = tmp_path / "dev.img"
+    make_image(path, 4 * 65536)
+    api.init_volume("vol", str(path), "64K")
+    with Engine.open(None, "vol") as engine:
+        engine.volume.bad.set(1)
+        with pytest.raises(NotPermitted, match="cannot go from normal to resync mode"):
+            engine.begin_resync(str(path))
+        assert not engine.volume.resync.any() and engine.mode == "normal" and engine.record.failback is None
+        with pytest.raises(NotPermitted, match="cannot go from normal to normal mode"):
+            engine.finish_resync()

@@ -324,6 +324,7 @@ class Engine(ReadPath, WritePath, StateChanges):
         portion and the overlay); returns how many."""
         volume = self.volume
         with self.meta:
+            modes.check(self.record, modes.RESYNC)  # before any bit is set
             wanted = 0
             for region in merge_regions(volume.requested_between(0, self.geometry.count), iter(volume.overlay)):
                 volume.resync.set(region)
