@@ -240,6 +240,7 @@ class ReplicationLog:
         self.mark_dirty = False  # the newest header's mark is written but not fsynced yet
         self._syncing: dict[object, int] = {}  # syncs in flight: the mark each started from
         self._captured = 0  # the highest sequence a sync has started to make durable
+        self._completed = 0  # the highest sequence a finished sync made durable
         self._mark_poisoned = False  # an fsync failed: the sync mark stays where it is
         self.start_seq: int | None = None  # log/start: the log holds every record from here
         self.settled: list[tuple[int, int]] = []  # damaged ranges the caller accounted for
@@ -311,6 +312,9 @@ class ReplicationLog:
 
     def _open(self, last_seq: int, covered: int | None, done: int | None, ahead: frozenset[int],
               report_damage: bool, accept_loss: bool) -> None:
+        for entry in os.listdir(self.directory):
+            if entry.startswith(f"{START_FILE}.tmp."):  # a rewrite of log/start a crash interrupted
+                os.unlink(os.path.join(self.directory, entry))
         start = self._read_start()
         if start is not None:
             self.start_seq, self.settled = start
@@ -354,7 +358,7 @@ class ReplicationLog:
         # Records above the mark may sit only in the page cache (a killed process, no reboot):
         # the first sync makes their segments durable before the mark covers them.
         self.unsynced = {s.first_seq for s in self.segments.values() if s.last_seq > self.synced_mark}
-        self._captured = self.synced_mark
+        self._captured = self._completed = self.synced_mark
         self._judge(covered, done, ahead, report_damage, accept_loss)
 
     def _open_segment(self, path: str) -> None:
@@ -673,8 +677,10 @@ class ReplicationLog:
             with self.lock:
                 del self._syncing[token]
         with self.lock:
-            # Another sync still in flight may be making older records durable: mark below them.
-            safe = min([through] + list(self._syncing.values()))
+            # Syncs make consecutive ranges durable; one still in flight may hold older records:
+            # the mark is the highest completed sequence below every range still in flight.
+            self._completed = max(self._completed, through)
+            safe = min([self._completed] + list(self._syncing.values()))
             if safe <= self.synced_mark or self._mark_poisoned:
                 return
             self.synced_mark = safe

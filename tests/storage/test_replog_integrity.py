@@ -297,3 +297,27 @@ def test_the_engine_refuses_a_log_with_a_gap(tmp_path, state_root):
     with pytest.raises(CorruptStateFile, match=r"records missing between .* records 4 are lost") as caught:
         Engine.open(None, "vol")
     assert isinstance(caught.value, StateError) and caught.value.path == segments[2]
+
+
+def test_concurrent_appends_and_syncs_leave_a_consistent_mark(tmp_path):
+    import threading
+
+    directory = tmp_path / "vol" / "log"
+    log = ReplicationLog.open(str(directory), VOLUME_ID, GEOMETRY)
+
+    def writer(index: int) -> None:
+        for i in range(40):
+            log.append(KIND_WRITE, (index * 8 + i % 8) * RS, DATA, 1, bytes([index + 1]) * DATA)
+            log.sync()
+
+    threads = [threading.Thread(target=writer, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert log.synced_mark == 160 and not log._syncing
+    log.close()
+    log = reopen(directory, covered_through=160, done_through=0, report_damage=True)
+    assert log.damage == [] and list(log.entries) == list(range(1, 161)) and log.synced_mark == 160
+    log.close()
+    assert summarize(str(directory))["damage"] == []
