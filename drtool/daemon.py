@@ -2,7 +2,9 @@
 
 The parent returns only when the daemon says it is ready (its sockets are bound)
 or failed, so `drtool agent --daemon` and `drtool serve --daemon` are safe to
-follow with a client in a script or an Ansible task.
+follow with a client in a script or an Ansible task.  It exits with exactly the
+code the daemon failed with (drtool's exit codes go past 9: 10 is NotPermitted,
+11 Conflict), and prints the daemon's error.
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from collections.abc import Callable
+from typing import Protocol
 
 from drtool.errors import StateError
 from drtool.storage.atomic import write_atomic
 
-Notify = Callable[[bool, str], None]
+
+class Notify(Protocol):
+    """Tell the waiting parent: ready (``ok``, the announcement to print), or failed
+    (the error's message and the exit code the parent should exit with).  Once only."""
+
+    def __call__(self, ok: bool, message: str, exit_code: int = 1) -> None: ...
 
 
 def read_pid(pid_file: str) -> int | None:
@@ -46,13 +53,14 @@ def daemonize(pid_file: str, log_file: str) -> Notify:
         message = b""
         while chunk := os.read(ready_r, 4096):
             message += chunk
-        text = message.decode(errors="replace")
-        if text.startswith("ok"):
-            sys.stdout.write(text[3:])
+        code, text = parse_readiness(message, log_file)
+        if code == 0:
+            sys.stdout.write(text)
             sys.stdout.flush()
-            os._exit(0)
-        sys.stderr.write(f"drtool: {text[6:] or 'the daemon exited before it was ready'}\n")
-        os._exit(int(text[5:6]) if text[5:6].isdigit() else 1)
+        else:
+            sys.stderr.write(f"drtool: {text}\n")
+            sys.stderr.flush()
+        os._exit(code)
     os.close(ready_r)
     os.setsid()
     if os.fork() > 0:
@@ -69,15 +77,44 @@ def daemonize(pid_file: str, log_file: str) -> Notify:
     write_atomic(pid_file, f"{os.getpid()}\n".encode(), mode=0o644)
     atexit.register(_remove_pid_file, pid_file, os.getpid())
 
+    sent = False
+
     def notify(ok: bool, message: str, exit_code: int = 1) -> None:
-        payload = f"ok\n{message}" if ok else f"error{exit_code % 10}{message}"
+        nonlocal sent
+        if sent:  # once only: the pipe's descriptor number may belong to another file by now
+            return
+        sent = True
         try:
-            os.write(ready_w, payload.encode())
+            os.write(ready_w, readiness_message(ok, message, exit_code))
             os.close(ready_w)
         except OSError:
             pass
 
     return notify
+
+
+def readiness_message(ok: bool, message: str, exit_code: int = 1) -> bytes:
+    """What the daemon sends its waiting parent: ``ok`` or ``error CODE`` (the whole exit code,
+    in decimal) on the first line, then the message (the announcement, or the error)."""
+    head = "ok" if ok else f"error {int(exit_code)}"
+    return f"{head}\n{message}".encode()
+
+
+def parse_readiness(payload: bytes, log_file: str) -> tuple[int, str]:
+    """The parent's reading of :func:`readiness_message`: (its exit code, what to print).
+
+    ``ok`` exits 0 and prints the announcement; ``error CODE`` exits with exactly CODE
+    (an error never exits 0: a code outside 1..255 becomes 1); nothing at all (the daemon
+    died before it could say) exits 1 and points at the log file."""
+    text = payload.decode(errors="replace")
+    head, _, rest = text.partition("\n")
+    if head == "ok":
+        return 0, rest
+    if head.startswith("error "):
+        number = head[len("error "):]
+        code = int(number) if number.isascii() and number.isdigit() and len(number) <= 3 else 1
+        return (code if 1 <= code <= 255 else 1), rest or "the daemon failed before it was ready"
+    return 1, f"the daemon exited before it was ready (see {log_file})"
 
 
 def _remove_pid_file(pid_file: str, pid: int) -> None:

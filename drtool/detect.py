@@ -2,8 +2,11 @@
 
 Scrub is the zpool-scrub of drtool: every region the device should hold is read
 and checked against the manifest; what fails goes into the bad map with its
-reason, what verifies again leaves it.  A device that is missing or unreadable
-faults the whole volume.
+reason, what verifies again leaves it.  A device that cannot be used at all faults the
+whole volume (missing, not a file or block device, cannot be opened, smaller than the
+volume, or fails every read the probe tries: :func:`drtool.storage.device.probe`); a
+device that is there and reads is never faulted for the regions that fail: those are
+bad, as ``io-error`` regions, and only those.
 
 All three cost what the data costs, not what the volume's size costs.  The regions read
 are those that should hold data (a digest other than the all-zero default in the
@@ -400,5 +403,6 @@ def _minus(runs: Iterable[Run], removed: list[Run]) -> Iterator[Run]:
 
 
 def quick_probe(volume: Volume) -> DeviceProbe:
-    """Is the device there, the right size, and readable at both ends?"""
+    """Is the device usable (there, the right size, readable)?  ``ok`` false means FAULTED;
+    an ``ok`` probe may still list ``read_errors`` (a scrub finds the regions they hit)."""
     return probe(volume.record.device, expected_size=volume.geometry.size)

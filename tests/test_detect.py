@@ -326,3 +326,53 @@ def test_run_arithmetic_matches_set_arithmetic(data):
         for region in data.draw(st.permutations(list(from_runs([(first, count)])))):
             collected.add(region)
     assert collected.runs() == to_runs(a)
+
+
+# -- a real device failing reads at its ends (issue 11: the probe faulted the whole volume) ------
+
+ENDS_SIZE = 16 * RS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spans, bad", [
+    ([(0, 4096)], [[0, 1]]),
+    ([(ENDS_SIZE - 4096, 4096)], [[15, 1]]),
+    ([(0, 4096), (ENDS_SIZE - 4096, 4096)], [[0, 1], [15, 1]]),
+], ids=["first-4k", "last-4k", "both"])
+def test_eio_at_the_ends_marks_only_those_regions(tmp_path, state_root, faulty_device, cli, spans, bad):
+    """EIO in the first and/or last 4 KiB (nbdkit's ddrescue filter under nbdfuse): the probe
+    does not fault the volume; the scrub finds exactly those regions, as io-error; DEGRADED, exit 3."""
+    image = tmp_path / "disk.img"
+    make_image(image, ENDS_SIZE, seed=8)
+    device = faulty_device(image)  # registered while it reads everywhere
+    api.init_volume("vol", str(device.path), "64K")
+    device.stop()
+    device.start(spans)  # the same path now fails there
+    found = api.probe_volume("vol")
+    assert found["ok"] is True and found["state"] == "ok", found
+    scrubbed = cli("scrub", "vol", "--json")
+    assert scrubbed.code == 3, scrubbed.err
+    report = scrubbed.json()
+    assert report["health"] == "DEGRADED" and report["faulted"] is None
+    assert report["bad_regions"] == bad
+    assert report["errors"] == {"checksum": 0, "io-error": len(bad), "short-read": 0}
+    assert report["regions_scanned"] == 16
+    status = cli("status", "vol", "--json")
+    assert status.json()["health"] == "DEGRADED" and status.json()["faulted"] is None
+    assert status.json()["bad_regions"] == bad
+
+
+@pytest.mark.slow
+def test_a_device_failing_every_read_faults(tmp_path, state_root, faulty_device, cli):
+    image = tmp_path / "disk.img"
+    make_image(image, ENDS_SIZE, seed=8)
+    device = faulty_device(image)
+    api.init_volume("vol", str(device.path), "64K")
+    device.stop()
+    device.start([(0, ENDS_SIZE)])
+    found = api.probe_volume("vol")
+    assert found["ok"] is False and found["state"] == "unreadable"
+    scrubbed = cli("scrub", "vol", "--json")
+    assert scrubbed.code == 4, scrubbed.err
+    assert scrubbed.json()["health"] == "FAULTED"
+    assert "every read failed" in scrubbed.json()["faulted"]

@@ -18,15 +18,19 @@ BLKGETSIZE64 = 0x80081272
 
 @dataclass(frozen=True)
 class DeviceProbe:
-    """What a quick look at the device path found."""
+    """What a quick look at the device path found (see :func:`probe`)."""
 
     path: str
     state: str  # "ok", "missing", "unreadable", "wrong-size", "not-a-device"
     size: int | None
     reason: str
+    #: byte spans (offset, length) the probe could not read on a device that is nevertheless
+    #: usable (``ok``): only the regions there are bad, and a scrub finds them
+    read_errors: tuple[tuple[int, int], ...] = ()
 
     @property
     def ok(self) -> bool:
+        """The device can be used: the volume is not FAULTED (some of its regions may be bad)."""
         return self.state == "ok"
 
 
@@ -65,8 +69,30 @@ def check_device_path(path: str) -> int:
         return device.size
 
 
+#: what the probe reads: 4 KiB at each end of the device, and when both fail, up to this many
+#: 4 KiB blocks spread between them (a device that fails every one of them is dead)
+PROBE_BLOCK = 4096
+PROBE_SAMPLES = 6
+
+
 def probe(path: str, expected_size: int | None = None) -> DeviceProbe:
-    """Open the device, find its size and read its first and last bytes."""
+    """Is the device usable at all?  A quick look, not a scrub: a few reads, no digests.
+
+    The volume is FAULTED (``ok`` false: every region is bad until a scrub finds the device
+    usable again) exactly when its device
+
+    - is ``missing``: the path does not exist;
+    - is ``not-a-device``: neither a regular file nor a block device;
+    - is ``unreadable``: it cannot be stat'ed or opened, its size cannot be found, or every
+      read the probe tries fails (the first and the last 4 KiB, then up to
+      :data:`PROBE_SAMPLES` 4 KiB blocks spread between them: a dead or detached disk);
+    - has the ``wrong-size``: fewer bytes than the volume (``expected_size``).
+
+    A device that is there, of the right size, and reads somewhere is ``ok``, even when some
+    of the probe's reads fail (an I/O error in the first or the last 4 KiB): those spans are
+    listed in ``read_errors`` and named in ``reason``, and only the regions that fail are
+    bad, which the scrub then finds (as ``io-error`` regions).
+    """
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -78,14 +104,57 @@ def probe(path: str, expected_size: int | None = None) -> DeviceProbe:
     try:
         with Device(path) as device:
             size = device.size
-            if size:
-                device.pread(min(4096, size), 0)
-                device.pread(1, size - 1)
+            if expected_size is not None and size < expected_size:
+                return DeviceProbe(path, "wrong-size", size,
+                                   f"device has {size} bytes, volume needs {expected_size}")
+            failed, first_error, any_read = _probe_reads(device)
     except (DeviceError, OSError) as exc:
         return DeviceProbe(path, "unreadable", None, str(exc))
-    if expected_size is not None and size < expected_size:
-        return DeviceProbe(path, "wrong-size", size, f"device has {size} bytes, volume needs {expected_size}")
+    if failed and not any_read:
+        return DeviceProbe(path, "unreadable", size,
+                           f"every read failed ({len(failed)} blocks tried; first: {first_error})",
+                           tuple(failed))
+    if failed:
+        spans = ", ".join(f"{offset} (+{length})" for offset, length in failed)
+        return DeviceProbe(path, "ok", size,
+                           f"read errors at offset {spans}: only the regions there are bad (scrub finds them)",
+                           tuple(failed))
     return DeviceProbe(path, "ok", size, "")
+
+
+def _probe_blocks(size: int) -> list[tuple[int, int]]:
+    """The 4 KiB-aligned blocks the probe may read: the first, the last, then the samples."""
+    if size <= 0:
+        return []
+    last = (size - 1) // PROBE_BLOCK * PROBE_BLOCK
+    blocks = [(0, min(PROBE_BLOCK, size))]
+    if last > 0:
+        blocks.append((last, size - last))
+    inner = last // PROBE_BLOCK - 1  # the whole blocks strictly between the first and the last
+    for i in range(1, min(PROBE_SAMPLES, inner) + 1):
+        offset = (1 + inner * i // (min(PROBE_SAMPLES, inner) + 1)) * PROBE_BLOCK
+        blocks.append((offset, PROBE_BLOCK))
+    return list(dict.fromkeys(blocks))
+
+
+def _probe_reads(device: Device) -> tuple[list[tuple[int, int]], str, bool]:
+    """Read both ends; when both fail, the samples between until one reads.
+    Returns (the spans that failed, the first error, whether any read succeeded)."""
+    failed: list[tuple[int, int]] = []
+    first_error = ""
+    blocks = _probe_blocks(device.size)
+    ends = blocks[:2]
+    any_read = False
+    for index, (offset, length) in enumerate(blocks):
+        if index >= len(ends) and any_read:
+            break  # the samples only decide between "some reads fail" and "every read fails"
+        try:
+            device.pread(length, offset)
+            any_read = True
+        except DeviceIOError as exc:
+            failed.append((offset, length))
+            first_error = first_error or str(exc)
+    return failed, first_error, any_read or not blocks
 
 
 class Device:
