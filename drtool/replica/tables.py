@@ -42,16 +42,19 @@ on that root once.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from drtool.errors import CorruptStateFile, StateError
 from drtool.regions import Geometry, Run, to_runs
 from drtool.storage import mapfile
+from drtool.storage.atomic import fsync_dir
 from drtool.storage.mapfile import HEADER, MapHeader
 from drtool.wire import NO_DIGEST, zero_digest
 
@@ -304,9 +307,10 @@ class DigestTable:
             raise CorruptStateFile(path, f"{what} checksum mismatch (torn write or damage)")
         return header, body
 
-    def _write(self, path: str, magic: bytes, region_count: int, generation: int, seq: int, body: bytes) -> None:
-        mapfile.save(path, MapHeader(magic, FORMAT, self.geometry.region_size, region_count, generation, seq,
-                                     self.volume_id), body)
+    def _file(self, path: str, magic: bytes, region_count: int, generation: int, seq: int,
+              body: bytes) -> tuple[str, list[bytes]]:
+        header = MapHeader(magic, FORMAT, self.geometry.region_size, region_count, generation, seq, self.volume_id)
+        return path, mapfile.encode(header, body)
 
     # -- pages --------------------------------------------------------------------------
 
@@ -544,8 +548,8 @@ class DigestTable:
                 self._unlink.add(page)
             self._dirty_groups.add(group)
         self._write_groups(generation, seq)
-        for page in sorted(encoded):
-            self._write(self._page_path(page), self.magic, self._regions_in(page), generation, seq, encoded[page])
+        _replace_all(self.directory, [self._file(self._page_path(page), self.magic, self._regions_in(page),
+                                                 generation, seq, encoded[page]) for page in sorted(encoded)])
         for page, body in self._dirty.items():
             if page in encoded:
                 self._cache(page, body)
@@ -553,11 +557,12 @@ class DigestTable:
         self._index_dirty = True
 
     def _write_groups(self, generation: int, seq: int) -> None:
-        for group in sorted(self._dirty_groups):
-            entries = self._groups[group]
-            self._write(self._group_path(group), self._group_magic, entries.count * PAGE_REGIONS, generation,
-                        seq, entries.encode())
-            entries.file_generation = generation
+        groups = sorted(self._dirty_groups)
+        _replace_all(self.directory, [self._file(self._group_path(group), self._group_magic,
+                                                 self._groups[group].count * PAGE_REGIONS, generation, seq,
+                                                 self._groups[group].encode()) for group in groups])
+        for group in groups:
+            self._groups[group].file_generation = generation
         self._dirty_groups.clear()
 
     def save(self, seq: int) -> None:
@@ -571,7 +576,8 @@ class DigestTable:
         body = bytearray(_ROOT_HEAD.pack(self._flags, len(listed)))
         for group in listed:
             body += _ROOT_ENTRY.pack(group, 0, self._groups[group].file_generation)
-        self._write(self._index_path, self._index_magic, self.geometry.count, generation, seq, bytes(body))
+        _replace_all(self.directory, [self._file(self._index_path, self._index_magic, self.geometry.count,
+                                                 generation, seq, bytes(body))])
         self._generation = generation
         self._index_dirty = False
         for page in sorted(self._unlink):
@@ -629,6 +635,55 @@ class DigestTable:
         return self.geometry.count - self._totals()[1]
 
 
+_SYNCERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="drtool-tables")
+
+
+def _replace_all(directory: str, files: list[tuple[str, list[bytes]]]) -> None:
+    """Replace each file (all in ``directory``) so a crash leaves either its old or its new content.
+
+    Temporary files are written and fsync'ed in parallel (the file system
+    commits concurrent fsyncs together), then renamed in the order given, then
+    the directory is fsync'ed once: one flush per file plus one, not two per file.
+    """
+    if not files:
+        return
+    pid = os.getpid()
+
+    def write(item: tuple[str, list[bytes]]) -> str:
+        path, chunks = item
+        tmp = f"{path}.tmp.{pid}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
+    try:
+        tmps = [write(files[0])] if len(files) == 1 else list(_SYNCERS.map(write, files))
+        for tmp, (path, _) in zip(tmps, files):
+            _rename(tmp, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        for path, _ in files:
+            try:
+                os.unlink(f"{path}.tmp.{pid}")
+            except OSError:
+                pass
+        where = files[0][0] if len(files) == 1 else f"{len(files)} files in {directory}"
+        if exc.errno == errno.ENOSPC:
+            raise StateError(f"no space left to write {where}; the previous versions are intact") from exc
+        raise StateError(f"cannot write {where}: {exc.strerror}") from exc
+
+
+def _rename(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+
+
 class _Group:
     """The entries of one group file: per page, its file's generation and its counts."""
 
@@ -675,33 +730,41 @@ def _aligned(raw: bytes | bytearray, slot: bytes, count: int) -> Iterator[int]:
 
 def _counts(body: bytearray) -> tuple[int, int]:
     """(present, non-zero) slots of a page body."""
-    present = int.from_bytes(body[:_BITMAP_BYTES], "little").bit_count()
+    return int.from_bytes(body[:_BITMAP_BYTES], "little").bit_count(), len(_nonzero_slots(body))
+
+
+def _nonzero_slots(body: bytearray) -> list[int]:
+    """The slots of a page body that hold a digest other than zeros, in order."""
     slots = (len(body) - _BITMAP_BYTES) // 32
-    zero = sum(1 for _ in _aligned(body[_BITMAP_BYTES:], NO_DIGEST, slots))
-    return present, slots - zero
+    bitmap = body[:_BITMAP_BYTES]
+    if int.from_bytes(bitmap, "little").bit_count() * 4 < slots:
+        # Sparse: look at the present slots only (a slot that is not present holds zeros).
+        view = memoryview(body)
+        found = []
+        for byte_index, byte in enumerate(bitmap):
+            if byte:
+                for bit in _BITS[byte]:
+                    start = _BITMAP_BYTES + 32 * (byte_index * 8 + bit)
+                    if view[start:start + 32] != NO_DIGEST:
+                        found.append(byte_index * 8 + bit)
+        return found
+    zero = set(_aligned(body[_BITMAP_BYTES:], NO_DIGEST, slots))
+    return [index for index in range(slots) if index not in zero] if zero else list(range(slots))
 
 
 def _encode(body: bytearray) -> tuple[bytes, int, int]:
     """A page body as stored: presence bitmap, non-zero bitmap, the non-zero digests; and its counts."""
     view = memoryview(body)
     slots = (len(body) - _BITMAP_BYTES) // 32
-    zero = set(_aligned(body[_BITMAP_BYTES:], NO_DIGEST, slots))
-    nonzero_bits = ((1 << slots) - 1)
-    for index in zero:
-        nonzero_bits &= ~(1 << index)
-    if not zero:
+    nonzero = _nonzero_slots(body)
+    if len(nonzero) == slots:
+        bits = ((1 << slots) - 1).to_bytes(_BITMAP_BYTES, "little")
         packed = bytes(view[_BITMAP_BYTES:])
     else:
-        parts = []
-        start = None
-        for index in range(slots + 1):  # join runs of non-zero slots
-            if index < slots and index not in zero:
-                if start is None:
-                    start = index
-            elif start is not None:
-                parts.append(view[_BITMAP_BYTES + 32 * start:_BITMAP_BYTES + 32 * index])
-                start = None
-        packed = b"".join(parts)
+        marks = bytearray(_BITMAP_BYTES)
+        for index in nonzero:
+            marks[index >> 3] |= 1 << (index & 7)
+        bits = bytes(marks)
+        packed = b"".join(view[_BITMAP_BYTES + 32 * index:_BITMAP_BYTES + 32 * index + 32] for index in nonzero)
     present = int.from_bytes(view[:_BITMAP_BYTES], "little").bit_count()
-    raw = bytes(view[:_BITMAP_BYTES]) + nonzero_bits.to_bytes(_BITMAP_BYTES, "little") + packed
-    return raw, present, slots - len(zero)
+    return bytes(view[:_BITMAP_BYTES]) + bits + packed, present, len(nonzero)
