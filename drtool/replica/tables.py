@@ -24,10 +24,14 @@ another generation than the index says is refused with CorruptStateFile naming
 the file, so a lost page is never taken for an empty one.
 
 Saving (one generation G+1): the changed groups first, then the changed pages,
-then index.bin, each file atomically.  ``index.bin`` is the commit: a crash
+then index.bin, each file atomically (a step's files are fsync'ed together, then
+renamed, then the directory is fsync'ed).  ``index.bin`` is the commit: a crash
 before it leaves files newer than G, which opening recognises (a group newer
 than the index, a group entry newer than G) and settles by reading the few pages
-that save touched, so the counts stay exact; everything else must match.
+that save touched, so the counts stay exact; everything else must match.  A
+batch changing more than MAX_DIRTY_PAGES pages writes them (groups first) before
+its save, in the same generation.  A page whose regions are all absent again is
+dropped: its group says "never written" and its file is removed after the commit.
 
 A digest slot of all zero bytes means "the region is all zeros": that lets the
 server answer ZERO frames without reading the image.  ``digest()`` returns the
