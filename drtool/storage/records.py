@@ -1,13 +1,13 @@
 """The sub-records of ``volume.json``: one typed dataclass each, with its one owner.
 
-| sub-record    | class         | owner (the only code that changes it)                   |
-|---------------|---------------|---------------------------------------------------------|
-| `faulted`     | `Faulted`     | drtool.detect (scrub)                                   |
-| `recovery`    | `Recovery`    | drtool.engine.modes (enter degraded), engine fetch totals |
-| `failback`    | `Failback`    | drtool.engine.modes (enter resync, finish), failback progress |
-| `replication` | `Replication` | drtool.replication (pairing, acknowledgements, bitmap mode) |
-| `promoted`    | `Promoted`    | drtool.roles.promote                                    |
-| `demoted`     | `Demoted`     | drtool.roles.demote / adopt                             |
+| sub-record    | class         | changed only by                                          |
+|---------------|---------------|----------------------------------------------------------|
+| `faulted`     | `Faulted`     | drtool.detect.scrub; cleared by the mode machine          |
+| `recovery`    | `Recovery`    | the mode machine (engine/modes.py); Engine.count_fetched  |
+| `failback`    | `Failback`    | the mode machine; Engine.failback_progress                |
+| `replication` | `Replication` | the engine: pair, acknowledge, enter_bitmap_mode, save    |
+| `promoted`    | `Promoted`    | drtool.roles.promote (a new volume); Engine.pair (`lost`) |
+| `demoted`     | `Demoted`     | Engine.become_secondary; drtool.roles.adopt (`adopted`)   |
 
 Each class reads its JSON with :meth:`from_json`, which checks every field's type and
 refuses malformed input with :class:`CorruptStateFile` naming the field (``recovery.source``);
