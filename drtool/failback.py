@@ -21,7 +21,6 @@ from typing import Any
 from drtool.engine import modes
 from drtool.engine.ports import FailbackPort
 from drtool.errors import DeviceError, NotPermitted
-from drtool.regions import to_runs
 from drtool.storage.device import probe
 
 log = logging.getLogger("drtool.failback")
@@ -73,9 +72,9 @@ def _prepare(engine: FailbackPort, device: str | None) -> None:
             raise DeviceError(f"cannot fail back: device {path} is still unusable ({record.faulted.reason})")
         _drop_copies_the_device_holds(engine)
     lost = engine.lost_regions()
-    if lost:
+    if lost.any():
         raise NotPermitted(
-            f"volume {engine.name}: regions {to_runs(lost)} are lost (never replicated); write them "
+            f"volume {engine.name}: regions {lost.runs()} are lost (never replicated); write them "
             "(they then live in the overlay) before failing back")
     engine.begin_resync(path)
 

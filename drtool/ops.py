@@ -12,7 +12,7 @@ from drtool import failback as failback_mod
 from drtool.engine import Engine
 from drtool.errors import UsageError
 from drtool.progress import NoProgress, Progress
-from drtool.regions import from_runs, parse_runs, to_runs
+from drtool.regions import from_runs, parse_runs
 from drtool.status import volume_status
 from drtool.units import parse_rate
 from drtool.storage.paths import validate_name
@@ -128,7 +128,7 @@ def recover(engine: Engine, local_era: int | None = None, source: str | None = N
     return {"volume": engine.name, "changed": changed, "mode": engine.mode,
             "recovery": engine.record.recovery.to_json() if engine.record.recovery else None, "bad_count": engine.volume.bad.popcount(),
             "requested_count": engine.requested_regions().popcount(),
-            "lost_regions": [list(r) for r in to_runs(engine.lost_regions())]}
+            "lost_regions": [list(r) for r in engine.lost_regions().runs()]}
 
 
 def failback(engine: Engine, device: str | None = None, rate: int | str | None = None,

@@ -439,6 +439,6 @@ class Engine(ReadPath, WritePath, StateChanges):
     def requested_regions(self) -> RegionBitmap:
         return self.volume.requested_regions()
 
-    def lost_regions(self) -> list[int]:
+    def lost_regions(self) -> RegionBitmap:
         """Requested regions nobody holds: never replicated and no log record left."""
-        return list(self.volume.lost_regions())
+        return self.volume.lost_regions()

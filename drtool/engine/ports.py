@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from drtool.regions import Geometry
+from drtool.storage.maps import RegionBitmap
 from drtool.storage.record import VolumeRecord
 from drtool.storage.records import Demoted, Loss, Replication
 from drtool.storage.replog import ReplicationLog
@@ -83,7 +84,7 @@ class FailbackPort(VolumeView, Protocol):
 
     def scrub(self, progress: Any = None, record: bool = True) -> Any: ...
 
-    def lost_regions(self) -> list[int]: ...
+    def lost_regions(self) -> RegionBitmap: ...
 
     def forget_overlay_copy(self, region: int) -> bool: ...
 
