@@ -120,7 +120,8 @@ def test_a_full_sync_into_a_replica_with_content_ships_every_region(tmp_path, st
 
 
 def test_protect_of_a_sparse_15_tib_volume_ships_only_its_data(tmp_path, state_root, replica_server):
-    """251M regions, three of them written: the plan, the sync and the lag follow those three."""
+    """251M regions, three of them written: the plan, the sync, the lag, recovery and failback
+    follow the regions in use."""
     size = 15 << 40
     path = tmp_path / "big.img"
     try:
@@ -138,3 +139,15 @@ def test_protect_of_a_sparse_15_tib_volume_ships_only_its_data(tmp_path, state_r
     status = api.status("vol", probe_peer=False)[0]
     assert status["lag"]["summary"] == "in sync" and status["replication"]["initial_sync"] == "done"
     assert replica_server.client().read_range("vol", size // 3, RS) == b"x" * RS
+    # ... and an incident: one region damaged, recovered from the replica, written, failed back.
+    with open(path, "r+b") as handle:
+        handle.seek(size // 3)
+        handle.write(b"y" * 100)
+    assert api.scrub_volume("vol")["bad_regions"] == [[size // 3 // RS, 1]]
+    assert api.recover("vol")["requested_count"] == 1
+    assert api.read("vol", size // 3, RS) == b"x" * RS
+    api.write("vol", 7 * RS, b"z" * 10)
+    result = api.failback("vol")
+    assert result["mode"] == "normal" and result["regions_copied"] == 2
+    assert api.replicate("vol", wait=True)["lag"]["summary"] == "in sync"
+    assert replica_server.client().read_range("vol", 7 * RS, 10) == b"z" * 10
