@@ -92,6 +92,8 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
     target = volume.overlay if overlay else volume.mirror
     with volume.lock.exclusive():
         volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)
+        if complete_through is not None:
+            _check_complete_through(volume, records, complete_through)
         todo: list[Record] = []
         seen: set[int] = set()
         for record in records:
@@ -136,6 +138,21 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
             target.applied.save()
         return {"applied_seq": target.applied.watermark, "applied": len(todo),
                 "skipped": len(records) - len(todo)}
+
+
+def _check_complete_through(volume: ReplicaVolume, records: list[Record], through: int) -> None:
+    """Refuse a Complete-Through beyond every sequence number this replica has seen.
+
+    It vouches that nothing up to ``through`` is missing; a record the primary really
+    sent or dropped is below a record it sent since (in this batch, or applied before:
+    mirror and overlay share one sequence space).  One beyond them all would make the
+    watermark skip records not yet written, each acknowledged and never applied.
+    """
+    reach = max(max((r.header.seq for r in records), default=0),
+                volume.mirror.applied.highest, volume.overlay.applied.highest)
+    if through > reach:
+        raise UsageError(f"X-Drtool-Complete-Through {through} is beyond the highest sequence number "
+                         f"sent in this batch or applied here ({reach}): it would skip records never received")
 
 
 def _supersede_overlay(volume: ReplicaVolume, regions: set[int]) -> None:

@@ -12,6 +12,7 @@ from drtool.regions import from_runs, parse_runs
 from drtool.replica import handover, reading
 from drtool.replica.adopt import AdoptRequest
 from drtool.replica.apply import PROMOTED_REFUSES_RECORDS, apply_batch, parse_batch
+from drtool.replica.numbers import parse_count
 from drtool.replica.problems import Problem
 from drtool.replica.snapshots import Snapshot
 from drtool.replica.volume import ReplicaVolume
@@ -109,7 +110,7 @@ def _flag(text: str | None) -> bool:
     raise UsageError(f"flag value {text!r} is not 0/1/true/false")
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def _get_data(req: ReplicaHandler, name: str) -> None:
@@ -121,15 +122,16 @@ def _get_data(req: ReplicaHandler, name: str) -> None:
     if header is None:
         start, length, status, extra = 0, size, 200, {}
     else:
-        match = _RANGE.match(header.strip())
+        match = _RANGE.fullmatch(header.strip(" \t"))
         first, last = (match.group(1), match.group(2)) if match else ("", "")
         if not match or (not first and not last):
             raise Problem(416, "Range not satisfiable", f"unsupported Range {header!r} (one bytes=A-B range)",
                           {"Content-Range": f"bytes */{size}"})
         if first:
-            start, end = int(first), min(int(last), size - 1) if last else size - 1
+            start = parse_count(first, "Range start")
+            end = min(parse_count(last, "Range end"), size - 1) if last else size - 1
         else:  # bytes=-N: the last N bytes
-            start, end = max(size - int(last), 0), size - 1
+            start, end = max(size - parse_count(last, "Range length"), 0), size - 1
         if start >= size or end < start:
             raise Problem(416, "Range not satisfiable", f"range {header!r} is outside the volume ({size} bytes)",
                           {"Content-Range": f"bytes */{size}"})
@@ -171,11 +173,10 @@ def _post_read(req: ReplicaHandler, name: str) -> None:
 
 def _get_changes(req: ReplicaHandler, name: str) -> None:
     volume = req.server.replicas.get(name)
-    try:
-        after = int(req.query["after"])
-        text = req.query["runs"]
-    except (KeyError, ValueError):
-        raise UsageError("changes needs ?after=SEQ&runs=FIRST+COUNT,...") from None
+    if "after" not in req.query or "runs" not in req.query:
+        raise UsageError("changes needs ?after=SEQ&runs=FIRST+COUNT,...")
+    after = parse_count(req.query["after"], "after")
+    text = req.query["runs"]
     runs = parse_runs(text, volume.geometry)
     with volume.lock.shared():
         entries = volume.journal.changes(after, runs)
@@ -192,14 +193,15 @@ def _get_changes(req: ReplicaHandler, name: str) -> None:
 
 def _records(req: ReplicaHandler, name: str, overlay: bool) -> None:
     volume = req.server.replicas.get(name)
-    raw = req.headers.get("X-Drtool-Complete-Through")
-    if raw is not None and not raw.strip().isdigit():
-        raise UsageError(f"X-Drtool-Complete-Through {raw!r} is not a sequence number")
+    raws = req.headers.get_all("X-Drtool-Complete-Through") or []
+    if len(raws) > 1:
+        raise UsageError(f"{len(raws)} X-Drtool-Complete-Through headers: send one")
+    through = parse_count(raws[0], "X-Drtool-Complete-Through") if raws else None
     volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)  # before reading a large body for nothing
     limits = req.server.limits
     body = req.read_body(limits.max_body)
     batch = parse_batch(volume, body, overlay, limits.max_records)
-    req.send_json(200, apply_batch(volume, batch, int(raw) if raw is not None else None, overlay))
+    req.send_json(200, apply_batch(volume, batch, through, overlay))
 
 
 def _post_records(req: ReplicaHandler, name: str) -> None:

@@ -79,6 +79,41 @@ def test_out_of_order_seqs_and_complete_through(client: ReplicaClient, vol: str)
     assert client.volume_info(vol)["applied_ahead"] == []
 
 
+def test_complete_through_beyond_what_was_sent_is_refused(server: ServerProcess, client: ReplicaClient,
+                                                          vol: str) -> None:
+    """Complete-Through 2**64 (or any seq past the batch and what was applied) once made the
+    watermark jump there: every later record was skipped, yet acknowledged."""
+    from tests.replica.conftest import assert_problem, call
+
+    headers = {"Content-Type": wire.RECORDS_CONTENT_TYPE}
+    assert client.send_records(vol, write(1, 0, b"a" * 10), complete_through=1)["applied_seq"] == 1
+    for through in (2**64, 2**64 - 1, 3):
+        body = b"".join(write(2, RS, b"b" * 10))
+        response = call(server, "POST", "/v1/volumes/vol/records", data=body,
+                        headers={**headers, "X-Drtool-Complete-Through": str(through)})
+        assert_problem(response, 400, "X-Drtool-Complete-Through", kind="bad-request")
+    for bad in ("²", "1" * 5000, "+2", "2x", "2, 3"):
+        response = call(server, "POST", "/v1/volumes/vol/records", data=b"".join(write(2, RS, b"b" * 10)),
+                        headers={**headers, "X-Drtool-Complete-Through": bad})
+        assert_problem(response, 400, "X-Drtool-Complete-Through")
+    with pytest.raises(UsageError, match="beyond the highest sequence"):
+        client.send_records(vol, [], complete_through=2)
+    # Nothing of the refused batches was applied, and the watermark did not move.
+    info = client.volume_info(vol)
+    assert info["applied_seq"] == 1 and info["applied_ahead"] == [] and info["journal"]["records"] == 1
+    assert client.read_range(vol, RS, 10) == bytes(10)
+    # Later writes land.
+    assert client.send_records(vol, write(2, RS, b"b" * 10), complete_through=2) == \
+        {"applied_seq": 2, "applied": 1, "skipped": 0}
+    assert client.read_range(vol, RS, 10) == b"b" * 10
+    # Up to what was applied out of order (a forced batch) or sent in the batch is vouched for.
+    assert client.send_records(vol, write(5, 2 * RS, b"c" * 10))["applied_seq"] == 2
+    assert client.send_records(vol, [], complete_through=5)["applied_seq"] == 5
+    assert client.send_records(vol, write(9, 0, b"d" * 10), complete_through=9)["applied_seq"] == 9
+    assert client.send_records(vol, write(10, 0, b"e" * 10))["applied_seq"] == 10
+    assert client.read_range(vol, 0, 10) == b"e" * 10
+
+
 def test_zero_records_keep_the_mirror_sparse(server: ServerProcess, client: ReplicaClient, vol: str) -> None:
     client.send_records(vol, write(1, 0, os.urandom(4 * RS)[:RS]) + write(2, RS, os.urandom(RS))
                         + write(3, 2 * RS, b"q" * RS))
