@@ -363,6 +363,8 @@ def cmd_serve(ctx: Context) -> int:
         limits["request_timeout"] = a.request_timeout
     if a.max_connections:
         limits["max_connections"] = a.max_connections
+    if a.header_timeout:
+        limits["header_timeout"] = a.header_timeout
     journal = DEFAULT_JOURNAL_LIMIT if a.journal_limit is None else parse_size(a.journal_limit, "--journal-limit")
     try:
         return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
@@ -532,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", help="largest record batch accepted (default 256M)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may take to arrive (default 60)")
     p.add_argument("--max-connections", type=int, help="concurrent connections (default 64)")
+    p.add_argument("--header-timeout", type=float, help="seconds a client without the token may take to send "
+                   "a request's headers (default 5)")
     daemon_options(p)
 
     p = command("report", cmd_report, "render status JSON gathered from many hosts")

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 from drtool import __version__
 from drtool.errors import DrtoolError
 from drtool.replica import routes
+from drtool.replica.numbers import parse_count
 from drtool.replica.problems import Problem, problem_body, status_of
 
 if TYPE_CHECKING:
@@ -102,14 +103,29 @@ class ReplicaHandler(BaseHTTPRequestHandler):
 
     do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if not self.request_version.startswith("HTTP/1."):
+            # An HTTP/0.9 request line ("GET /"): http.server would answer it without a status line.
+            self.send_error(400, "the request line must end with HTTP/1.0 or HTTP/1.1")
+            return False
+        return True
+
     def _dispatch(self) -> None:
         self._status, self._sent, self._body_read = 0, 0, False
+        self._length: int | None = None
         self._started = time.monotonic()
-        if self.headers.get("Content-Length", "0").strip() == "0" and not self.headers.get("Transfer-Encoding"):
-            # The whole request is in: from here on only the idle timeout applies, so a
-            # long response to a slow (but moving) reader is not cut off.
-            self.server.unwatch(self.connection)
         try:
+            # Headers are in.  Ambiguous framing (where a second, smuggled request could hide
+            # in the body) is refused before anything else, and the connection closes.
+            self._length = self._framing()
+            if self._token_ok():
+                self.server.authenticated(self.connection)
+            if not self._length:
+                # The whole request is in: from here on only the idle timeout applies, so a
+                # long response to a slow (but moving) reader is not cut off.
+                self.server.unwatch(self.connection)
             try:
                 self._route()
             finally:
@@ -136,35 +152,33 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._send_problem(problem)
 
-    def _content_length(self) -> int | None:
-        if self.headers.get("Transfer-Encoding"):
-            self._body_read = True  # never read: the connection closes instead
+    def _framing(self) -> int | None:
+        """The body's length (None: no Content-Length, no body), or a problem when the
+        framing is not exactly one Content-Length of plain digits."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get_all("Transfer-Encoding"):
+            if lengths:
+                raise Problem(400, "Bad request", "Transfer-Encoding and Content-Length together: ambiguous framing")
             raise Problem(411, "Length required", "chunked request bodies are not accepted; send Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return None
-        if not raw.isdigit():
-            self._body_read = True
-            raise Problem(400, "Bad request", f"Content-Length {raw!r} is not a number")
-        return int(raw)
+        if len(lengths) > 1:
+            raise Problem(400, "Bad request", f"{len(lengths)} Content-Length headers: ambiguous framing")
+        return parse_count(lengths[0], "Content-Length") if lengths else None
 
     def _discard_body(self) -> None:
-        """Skip a small body nobody read, or hang up rather than read a large one."""
+        """Skip a small body nobody read, or hang up rather than read a large one (or any
+        body of a client that has not shown the token: it gets no more of our time)."""
         self._body_read = True
-        try:
-            length = self._content_length() or 0
-        except Problem:
-            length = -1
-        if 0 < length <= _SMALL_BODY:
+        length = self._length or 0
+        if 0 < length <= _SMALL_BODY and self.server.is_authenticated(self.connection):
             self.rfile.read(length)
             self.server.unwatch(self.connection)
         elif length:
             self.close_connection = True
 
     def read_body(self, limit: int) -> memoryview:
-        length = self._content_length()
+        length = self._length
         if length is None:
-            self._body_read = True
+            self._body_read = True  # there is none: the connection stays in step
             raise Problem(411, "Length required", "this request needs a body with Content-Length")
         if length > limit:
             raise Problem(413, "Request body too large", f"body of {length} bytes exceeds the limit of {limit}")
@@ -202,13 +216,17 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             raise Problem(400, "Bad request", "the body must be a JSON object")
         return data
 
-    def authorize(self) -> None:
+    def _token_ok(self) -> bool:
         token = self.server.token
         if token is None:
-            return
+            return True
         given = self.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+    def authorize(self) -> None:
+        if not self._token_ok():
+            given = self.headers.get("Authorization", "")
             raise Problem(401, "Unauthorized", "the bearer token is wrong" if given else
                           "this server needs an 'Authorization: Bearer TOKEN' header",
                           {"WWW-Authenticate": 'Bearer realm="drtool-replica"'})

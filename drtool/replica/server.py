@@ -39,17 +39,35 @@ class Limits:
     request_timeout: float = 60.0  # from waiting for a request to having read all of it (--request-timeout)
     idle_timeout: float = 30.0  # any single send or receive
     max_connections: int = 64  # (--max-connections)
+    # A connection is unauthenticated until one of its requests carried the token.  Until then it
+    # must deliver each request's headers within header_timeout (--header-timeout), and such
+    # connections may hold only some of the slots, so the primary always finds one free.
+    header_timeout: float = 5.0
+    max_unauthenticated: int = 32  # in total, and never more than half of max_connections
+    max_unauthenticated_per_address: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_body", "max_records", "max_read_regions", "max_connections"):
+        for name in ("max_body", "max_records", "max_read_regions", "max_connections", "max_unauthenticated",
+                     "max_unauthenticated_per_address"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}")
-        for name in ("request_timeout", "idle_timeout"):
+        for name in ("request_timeout", "idle_timeout", "header_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 86400:
                 raise UsageError(f"{name.replace('_', '-')} must be seconds in (0, 86400], not {value!r}")
 
+    @property
+    def unauthenticated_slots(self) -> int:
+        """Connections without a token at once: the other slots stay free for clients that have one."""
+        return max(1, min(self.max_unauthenticated, self.max_connections // 2))
+
+
+@dataclass
+class _Connection:
+    address: str
+    accepted: float
+    authenticated: bool = False
 
 
 class ReplicaHTTPServer(ThreadingHTTPServer):
@@ -65,7 +83,7 @@ class ReplicaHTTPServer(ThreadingHTTPServer):
         self.tls = tls
         self.limits = limits
         self._deadlines: dict[socket.socket, tuple[float, Any]] = {}
-        self._open: set[socket.socket] = set()
+        self._open: dict[socket.socket, _Connection] = {}
         self._watch_lock = threading.Lock()
         self._stopping = threading.Event()
         super().__init__(address, ReplicaHandler)
@@ -80,17 +98,56 @@ class ReplicaHTTPServer(ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._watch_lock:
-            busy = len(self._open) >= self.limits.max_connections
-            if not busy:
-                self._open.add(request)
-        if busy:
-            sys.stderr.write(f"drtool-replica: {client_address[0]}: refused, {self.limits.max_connections} "
-                             "connections already open\n")
+        refused, evicted = self._admit(request, client_address[0])
+        if evicted is not None:
+            sock, who = evicted
+            sys.stderr.write(f"drtool-replica: {who}: unauthenticated connection closed to make room\n")
+            _hang_up(sock)
+        if refused:
+            sys.stderr.write(f"drtool-replica: {client_address[0]}: refused, {refused}\n")
             super().shutdown_request(request)
             return
         self.watch(request, client_address)
         super().process_request(request, client_address)
+
+    def _admit(self, request: socket.socket, address: str) -> tuple[str | None, tuple[socket.socket, str] | None]:
+        """Take a slot for a new connection: (why it is refused, or None; a connection evicted for it).
+
+        Every new connection is unauthenticated.  One address may hold only so many of those
+        (more are refused); all together they may hold only unauthenticated_slots, and when
+        those (or all slots) are taken, the oldest unauthenticated connection makes room:
+        a client that sends its request at once gets in even while others dribble theirs.
+        """
+        limits = self.limits
+        with self._watch_lock:
+            unauthenticated = [(c.accepted, s) for s, c in self._open.items() if not c.authenticated]
+            mine = sum(1 for _, s in unauthenticated if self._open[s].address == address)
+            if mine >= limits.max_unauthenticated_per_address:
+                return (f"{mine} connections from this address have not authenticated yet", None)
+            evicted = None
+            if len(self._open) >= limits.max_connections or len(unauthenticated) >= limits.unauthenticated_slots:
+                if not unauthenticated:
+                    return (f"{limits.max_connections} connections already open", None)
+                _, victim = min(unauthenticated, key=lambda item: item[0])
+                evicted = (victim, self._open.pop(victim).address)
+                self._deadlines.pop(victim, None)
+            self._open[request] = _Connection(address, time.monotonic())
+            return None, evicted
+
+    def authenticated(self, sock: socket.socket) -> None:
+        """A request on ``sock`` carried the token: it keeps its slot and the long timeouts."""
+        with self._watch_lock:
+            state = self._open.get(sock)
+            if state is None or state.authenticated:
+                return
+            state.authenticated = True
+            if sock in self._deadlines:
+                self._deadlines[sock] = (time.monotonic() + self.limits.request_timeout, self._deadlines[sock][1])
+
+    def is_authenticated(self, sock: socket.socket) -> bool:
+        with self._watch_lock:
+            state = self._open.get(sock)
+            return state is not None and state.authenticated
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):
@@ -109,15 +166,22 @@ class ReplicaHTTPServer(ThreadingHTTPServer):
     def shutdown_request(self, request: Any) -> None:
         with self._watch_lock:
             self._deadlines.pop(request, None)
-            self._open.discard(request)
+            self._open.pop(request, None)
         super().shutdown_request(request)
 
     # -- watchdog -----------------------------------------------------------------------
 
     def watch(self, sock: socket.socket, client_address: Any) -> None:
-        """The request on ``sock`` must be fully received by request_timeout from now."""
+        """The request on ``sock`` must be fully received by request_timeout from now (its
+        headers by header_timeout while the connection has not authenticated)."""
+        limits = self.limits
         with self._watch_lock:
-            self._deadlines[sock] = (time.monotonic() + self.limits.request_timeout, client_address)
+            state = self._open.get(sock)
+            if state is None:
+                return  # evicted meanwhile: it is being hung up on
+            timeout = (limits.request_timeout if state.authenticated
+                       else min(limits.header_timeout, limits.request_timeout))
+            self._deadlines[sock] = (time.monotonic() + timeout, client_address)
 
     def unwatch(self, sock: socket.socket) -> None:
         with self._watch_lock:
@@ -131,16 +195,21 @@ class ReplicaHTTPServer(ThreadingHTTPServer):
                 for sock, _ in late:
                     del self._deadlines[sock]
             for sock, address in late:
-                sys.stderr.write(f"drtool-replica: {address[0]}:{address[1]}: no complete request within "
-                                 f"{self.limits.request_timeout:g}s, closing\n")
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                sys.stderr.write(f"drtool-replica: {address[0]}:{address[1]}: no complete request in time, "
+                                 "closing\n")
+                _hang_up(sock)
 
     def server_close(self) -> None:
         self._stopping.set()
         super().server_close()
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """Cut a connection another thread is serving: its blocked read or write fails at once."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def read_token(path: str) -> str:
