@@ -8,7 +8,7 @@ import pytest
 
 from drtool import api
 from drtool.engine import Engine
-from drtool.engine.changes import DEVICE, MIRROR, OVERLAY, RegionChange
+from drtool.engine.changes import DEVICE, MIRROR, RegionChange
 from drtool.replication import Replicator, fast_sync_plan, known_all_zero, protect
 from drtool.storage.maps import zero_digest
 from drtool.wire import KIND_ZERO
