@@ -368,7 +368,8 @@ def cmd_serve(ctx: Context) -> int:
     journal = DEFAULT_JOURNAL_LIMIT if a.journal_limit is None else parse_size(a.journal_limit, "--journal-limit")
     try:
         return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
-                     tls_key=a.tls_key, announce=announce, limits=Limits(**limits), journal_limit=journal)
+                     tls_key=a.tls_key, announce=announce, limits=Limits(**limits), journal_limit=journal,
+                     insecure=a.insecure)
     except DrtoolError as exc:
         if notify:
             notify(False, str(exc), int(exc.exit_code))
@@ -527,8 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="directory holding the replicas")
     p.add_argument("--listen", default="127.0.0.1:8470", help="HOST:PORT (port 0 picks one and prints it)")
     p.add_argument("--token-file", help="file (mode 0600) holding the bearer token clients must send")
-    p.add_argument("--tls-cert", help="PEM certificate; with --tls-key, serve HTTPS")
-    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--tls-cert", help="PEM certificate; with --tls-key, serve HTTPS (required beyond loopback)")
+    p.add_argument("--tls-key", help="PEM private key (mode 0600)")
+    p.add_argument("--insecure", action="store_true", help="serve plain HTTP beyond loopback anyway: the token "
+                   "and the volumes' bytes cross the network in cleartext")
     p.add_argument("--journal-limit", help="bytes of applied records kept per replica for change queries "
                    "(default 256M; 0: no journal)")
     p.add_argument("--max-body", help="largest record batch accepted (default 256M)")

@@ -13,12 +13,13 @@ with the digest the caller expects, or else with the digest the server sent.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import blake3
 import requests
@@ -78,10 +79,37 @@ class _Body:
             yield b"".join(pending)
 
 
+def check_peer_url(url: str, insecure: bool = False) -> None:
+    """Refuse a peer URL that would carry the token and the volume's bytes in cleartext across
+    the network: ``http://`` is for loopback only unless the peer was configured ``insecure``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"replica server URL {url!r} must be https://HOST:PORT (or http:// on loopback)")
+    if parts.scheme == "http" and not insecure and not is_loopback_host(parts.hostname):
+        raise UsageError(f"refusing plain HTTP to the replica server {url}: the bearer token and the volume's "
+                         "bytes would cross the network in cleartext; use https:// (drtool serve --tls-cert "
+                         "--tls-key on the peer), or configure the peer as insecure (--insecure) to accept that")
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1): traffic that never leaves the host."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class ReplicaClient:
     def __init__(self, url: str, token: str | None = None, token_file: str | None = None,
-                 ca: str | None = None, timeout: tuple[float, float] = (5.0, 60.0), retries: int = 3) -> None:
+                 ca: str | None = None, timeout: tuple[float, float] = (5.0, 60.0), retries: int = 3,
+                 insecure: bool = False) -> None:
+        """``insecure``: the peer was configured to be reached over plain HTTP beyond loopback
+        (``--insecure``); without it such a URL is refused here, before anything is sent."""
+        check_peer_url(url, insecure)
         self.url = url.rstrip("/")
+        self.insecure = insecure
         if token is None and token_file is not None:
             try:
                 with open(token_file, encoding="utf-8") as handle:

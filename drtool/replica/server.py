@@ -236,6 +236,13 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
         return None
     if not (cert and key):
         raise UsageError("TLS needs both --tls-cert and --tls-key")
+    try:
+        mode = stat.S_IMODE(os.stat(key).st_mode)
+    except OSError as exc:
+        raise UsageError(f"cannot read --tls-key {key}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise UsageError(f"TLS key {key} is mode {mode:04o}; it must be readable by its owner only "
+                         f"(chmod 600 {key})")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -264,20 +271,27 @@ def _is_loopback(host: str) -> bool:
 
 def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str | None = None,
           tls_key: str | None = None, announce: Callable[[str], None] | None = None, *,
-          limits: Limits | None = None, journal_limit: int = DEFAULT_JOURNAL_LIMIT) -> int:
+          limits: Limits | None = None, journal_limit: int = DEFAULT_JOURNAL_LIMIT, insecure: bool = False) -> int:
     """Serve replicas under ``root`` until SIGTERM or SIGINT; return 0 after a clean stop.
 
     ``journal_limit``: bytes of change log kept per replica (the newest records;
     it may exceed the limit by one segment, limit/4 clamped to 1-64 MiB); 0 keeps
     no journal at all, which halves what an apply writes to disk.
+    Beyond loopback the server needs a token and TLS; ``insecure`` (``--insecure``)
+    lets it serve plain HTTP there anyway, with a warning.
     """
     host, port = parse_listen(listen)
     if not isinstance(journal_limit, int) or journal_limit < 0:
         raise UsageError(f"journal-limit must be a size of 0 (no journal) or more bytes, not {journal_limit!r}")
     token = read_token(token_file) if token_file else None
-    if token is None and not _is_loopback(host):
+    loopback = _is_loopback(host)
+    if token is None and not loopback:
         raise UsageError(f"refusing to serve {host} without --token-file (only loopback may go without)")
     context = tls_context(tls_cert, tls_key)
+    if context is None and not loopback and not insecure:
+        raise UsageError(f"refusing to serve {host} without TLS: the bearer token and every byte of the "
+                         "volumes would cross the network in cleartext; give --tls-cert and --tls-key "
+                         "(or --insecure to accept that)")
     replicas = ReplicaRoot(root, journal_limit)
     try:
         server = ReplicaHTTPServer((host, port), replicas, token, context, limits or Limits())
@@ -290,6 +304,10 @@ def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str |
     try:
         if token is None:
             sys.stderr.write("drtool-replica: no --token-file: accepting unauthenticated requests on loopback\n")
+        if context is None and not loopback:
+            sys.stderr.write(f"drtool-replica: WARNING: --insecure: serving plain HTTP on {host}: the bearer "
+                             "token (which lets its holder overwrite every replica) and the volumes' bytes "
+                             "cross the network in cleartext; use --tls-cert and --tls-key\n")
         bound = server.server_address
         if announce is not None:
             announce(f"{bound[0]}:{bound[1]}" if server.address_family == socket.AF_INET

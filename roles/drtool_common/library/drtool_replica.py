@@ -50,8 +50,15 @@ options:
     type: path
   tls_key:
     description:
-      - PEM private key of O(tls_cert).
+      - PEM private key of O(tls_cert) (mode 0600).
     type: path
+  insecure:
+    description:
+      - Serve plain HTTP on a non-loopback O(listen) address (C(--insecure)); without it drtool refuses to start
+        there without O(tls_cert) and O(tls_key). The bearer token and the volumes' bytes then cross the network
+        in cleartext.
+    type: bool
+    default: false
   pid_file:
     description:
       - The daemon's pid file, by which the module knows it.
@@ -140,6 +147,7 @@ def main():
             token=dict(type="str", no_log=True),
             tls_cert=dict(type="path"),
             tls_key=dict(type="path"),
+            insecure=dict(type="bool", default=False),
             pid_file=dict(type="path", required=True),
             log_file=dict(type="path"),
             stop_timeout=dict(type="float", default=30.0),
@@ -160,6 +168,8 @@ def main():
         args += ["--token-file", p["token_file"]]
     if p["tls_cert"]:
         args += ["--tls-cert", p["tls_cert"], "--tls-key", p["tls_key"]]
+    if p["insecure"]:
+        args += ["--insecure"]
     args += ["--daemon", "--pid-file", p["pid_file"], "--log-file", p["log_file"] or ""]
     daemon = Daemon(module, p["pid_file"], args, inputs=[p["token_file"], p["tls_cert"], p["tls_key"]])
 
