@@ -272,6 +272,7 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
     same_peer = record.peer is not None and record.peer.get("url") == peer["url"]
     wanted: RegionBitmap | None = None
     zero_replica = False
+    plan: dict[str, Any]
     if same_peer:
         plan = {"mode": "resume", "regions": volume.norecord.popcount()}
     else:
