@@ -87,3 +87,39 @@ def test_client_accepts_tls_or_loopback(url: str) -> None:
 def test_client_refuses_what_is_not_a_server_url(url: str) -> None:
     with pytest.raises(UsageError, match="must be https://"):
         ReplicaClient(url, insecure=True)
+
+
+def _outside_address() -> str | None:
+    """An address of this host that is not loopback (the one a route to the outside would use)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: only a route is looked up
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_both_ends_over_a_real_non_loopback_address(tmp_path: Path) -> None:
+    address = _outside_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address")
+    token = _token(tmp_path)
+    log = tmp_path / "server.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "drtool", "serve", "--root", str(tmp_path / "r"),
+                                 "--listen", f"{address}:0", "--token-file", str(token), "--insecure"],
+                                stdout=subprocess.PIPE, stderr=err)
+    try:
+        line = _read_line(proc, 20)
+        assert line.startswith(f"drtool replica server listening on {address}:"), (line, log.read_text())
+        url = "http://" + line.rsplit(" ", 1)[1].strip()
+        with pytest.raises(UsageError, match="cleartext"):
+            ReplicaClient(url, token_file=str(token))
+        with ReplicaClient(url, token_file=str(token), insecure=True) as client:
+            assert client.list_volumes() == []
+    finally:
+        proc.terminate()
+        proc.wait(15)
