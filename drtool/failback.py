@@ -7,7 +7,7 @@ Overlay regions written during the incident are also logged as ordinary records
 so the mirror receives them.  Progress persists in the ``resync`` bitmap, so an
 interrupted failback resumes where it stopped; ``rate`` throttles it.
 
-The engine makes every change (drtool.engine.ports.FailbackPort): this module
+The engine makes every change (drtool.ports.FailbackPort): this module
 decides what to copy, in which order and how fast.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from drtool.engine import modes
-from drtool.engine.ports import FailbackPort
 from drtool.errors import DeviceError, NotPermitted
+from drtool.ports import FailbackPort
 from drtool.storage.device import probe
 
 log = logging.getLogger("drtool.failback")

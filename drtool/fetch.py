@@ -20,8 +20,9 @@ from typing import Any
 
 import blake3
 
-from drtool.engine.ports import FetchPort
 from drtool.errors import DataUnavailable, PeerError, RegionsLost, VerificationFailed
+from drtool.peer import make_client
+from drtool.ports import FetchPort
 from drtool.regions import to_runs
 from drtool.wire import KIND_WRITE
 
@@ -29,7 +30,7 @@ log = logging.getLogger("drtool.fetch")
 
 
 class RemoteFetcher:
-    """Made by the engine, which it sees through :class:`drtool.engine.ports.FetchPort`."""
+    """Made by the engine, which it sees through :class:`drtool.ports.FetchPort`."""
 
     def __init__(self, engine: FetchPort) -> None:
         self.engine = engine
@@ -41,8 +42,6 @@ class RemoteFetcher:
         timeout = float(self.engine.settings["fetch_timeout"])
         client = getattr(self._local, "client", None)
         if client is None or getattr(self._local, "timeout", None) != timeout:
-            from drtool.replication import make_client
-
             if client is not None:
                 client.close()
             client = make_client(self.engine.record.peer, timeout=timeout)

@@ -22,8 +22,9 @@ from itertools import islice
 from typing import Any
 
 from drtool.engine.lag import Pending, lag
-from drtool.engine.ports import ReplicationPort
-from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, UsageError
+from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable
+from drtool.peer import make_client
+from drtool.ports import ReplicationPort
 from drtool.regions import to_runs
 from drtool.storage.maps import RegionBitmap
 from drtool.storage.records import Loss, Replication
@@ -32,19 +33,6 @@ from drtool.storage.replog import LogEntry
 log = logging.getLogger("drtool.replication")
 
 BATCH_BYTES = 16 << 20
-
-
-def make_client(peer: dict[str, Any] | None, timeout: float | None = None) -> Any:
-    """A client for the volume's peer (drtool.client.ReplicaClient); ``timeout``: the seconds
-    one request may wait for the peer (the client's default otherwise)."""
-    if not peer:
-        raise UsageError("the volume has no peer: run drtool protect first")
-    from drtool.client import ReplicaClient
-
-    extra: dict[str, Any] = {}
-    if timeout:
-        extra["timeout"] = (min(5.0, timeout), timeout)
-    return ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"), **extra)
 
 
 class Replicator:

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from drtool.engine.lag import bitmap_bytes
-from drtool.engine.ports import RolePort
 from drtool.errors import Conflict, DrtoolError, NotPermitted, PeerError
-from drtool.replication import make_client
+from drtool.peer import make_client
+from drtool.ports import RolePort
 from drtool.storage.atomic import write_atomic
 from drtool.storage.maps import DIGEST_SIZE, RegionBitmap, zero_digest
 from drtool.storage.paths import state_root

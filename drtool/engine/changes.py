@@ -14,7 +14,7 @@ Order: stripe -> meta -> log.  Never force replication while holding a stripe: t
 replicator takes stripes to re-log bitmap-mode regions.
 
 Helpers (drtool.fetch, drtool.replication, drtool.failback, drtool.roles) see the engine
-through drtool.engine.ports and never take these locks; one that must keep a region still
+through drtool.ports and never take these locks; one that must keep a region still
 across a read and a commit uses :meth:`StateChanges.holding`.
 """
 

@@ -20,6 +20,7 @@ from drtool.engine.changes import StateChanges
 from drtool.engine.reads import ReadPath
 from drtool.engine.writes import WritePath
 from drtool.errors import DeviceError, DeviceIOError, NotPermitted, UsageError
+from drtool.fetch import RemoteFetcher
 from drtool.regions import Geometry
 from drtool.storage import overlay as overlay_file
 from drtool.storage.device import Device
@@ -96,7 +97,7 @@ class Engine(ReadPath, WritePath, StateChanges):
         self.inflight: set[int] = set()
         self.device: Device | None = None
         self.overlay: Device | None = None
-        self.fetcher: Any = None  # drtool.fetch.RemoteFetcher, created on first need
+        self.fetcher: RemoteFetcher | None = None  # created on first need
         self.replicator: Any = None  # drtool.replication.Replicator, set by the caller
         self.read_only_reason: str | None = None
         self.look_only = False  # set by open(look_only=True): close() saves nothing

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import blake3
 
 from drtool.buffers import aligned_bytes
 from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceIOError
+from drtool.fetch import RemoteFetcher
 from drtool.regions import to_runs
 from drtool.storage.device import Device
 
@@ -224,10 +224,8 @@ class ReadPath:
                     break
         return ahead
 
-    def _fetcher(self) -> Any:
+    def _fetcher(self) -> RemoteFetcher:
         if self.fetcher is None:
-            from drtool.fetch import RemoteFetcher
-
             self.fetcher = RemoteFetcher(self)
         return self.fetcher
 

@@ -5,7 +5,9 @@ helpers around it, drtool.fetch, drtool.replication, drtool.failback and drtool.
 receive it as one of these protocols: they read the volume's record and maps, and change
 them only through the methods listed here (each takes the engine's locks itself; see
 drtool.engine.changes for the rule).  They never call the engine's private names nor take
-its locks.  Nothing here imports the engine: it satisfies these protocols structurally.
+its locks.  Nothing here imports the engine: it satisfies these protocols structurally,
+and this file stands below it, so a helper the engine itself uses (fetch) needs nothing
+from the engine package.
 """
 
 from __future__ import annotations
