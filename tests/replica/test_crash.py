@@ -86,7 +86,7 @@ def test_kill_in_the_middle_of_a_batch_then_the_replicator_converges(tmp_path, s
         finally:
             stop.set()
             loop.join(30)
-        assert engine.record.replication["acked_through"] == batch_end
+        assert engine.record.replication.acked_through == batch_end
 
     assert mirror.read_bytes() == content
     state = applied_state(replica_server.root)
