@@ -116,8 +116,12 @@ class Engine(ReadPath, WritePath, StateChanges):
         volume = Volume.open(state_root(root), name)
         try:
             last = max(volume.covered_seq.values())
+            replication = volume.record.replication
             replog = ReplicationLog.open(volume.paths.log_dir, volume.record.volume_id_bytes,
-                                         volume.geometry, last_seq=last)
+                                         volume.geometry, last_seq=last,
+                                         covered_through=min(volume.covered_seq.values()),
+                                         done_through=replication.done_through(),
+                                         acked_ahead=replication.acked_ahead, report_damage=True)
         except BaseException:
             volume.close()
             raise
@@ -125,6 +129,7 @@ class Engine(ReadPath, WritePath, StateChanges):
         engine.look_only = look_only
         try:
             engine._replay()
+            engine._account_log_damage()
             engine._forget_acknowledged()
         except BaseException:
             engine.close()
@@ -224,6 +229,7 @@ class Engine(ReadPath, WritePath, StateChanges):
 
     def save_bitmaps(self) -> None:
         with self.meta:
+            self.flush()  # the maps may only claim records (and bytes) that are durable
             self.volume.save_bitmaps(self.covered_seq())
             self.volume.save_record()
 
@@ -269,6 +275,45 @@ class Engine(ReadPath, WritePath, StateChanges):
                     continue
             self.volume.manifest[region] = digest
         self.save()
+
+    def _account_log_damage(self) -> None:
+        """The log lost records (damage found at open, storage.replog): never believe them
+        shipped.  Their regions are shipped whole from the volume (bitmap mode); regions whose
+        current bytes the maps may not know are digested again from where they live."""
+        damaged = self.log
+        if not (damaged.damage or damaged.damaged_regions or damaged.rescan_regions or damaged.lost_ranges):
+            return
+        for line in damaged.damage:
+            log.error("volume %s: replication log damage: %s", self.name, line)
+        with self.meta:
+            volume = self.volume
+            ship_whole = set(damaged.damaged_regions)
+            if damaged.lost_ranges and self.protected:
+                # Lost pending records of unknown regions: every unreplicated region ships whole.
+                volume.norecord.set_runs(volume.unreplicated.runs())
+            for region in sorted(damaged.rescan_regions):
+                target = self.overlay if volume.overlay.test(region) else self.device
+                start, length = self.geometry.region_bounds(region)
+                try:
+                    digest = blake3.blake3(target.pread(length, start)).digest() if target else None
+                except DeviceIOError:
+                    digest = None
+                if digest is None:
+                    self._set_bad([region], io_error=True)
+                    continue
+                if not volume.manifest.matches(region, digest):
+                    volume.manifest[region] = digest
+                    volume.eras[region] = self.record.era
+                ship_whole.add(region)
+            if self.protected:
+                for region in ship_whole:
+                    volume.unreplicated.set(region)
+                    volume.norecord.set(region)
+            self.record.history.append({"event": "log-damage", "time": time.time(),
+                                        "findings": damaged.damage[:20],
+                                        "regions_shipped_whole": len(ship_whole)})
+        self.save()
+        damaged.settle_damage()
 
     def _forget_acknowledged(self) -> None:
         """Records the secondary acknowledged before we stopped are not pending any more."""

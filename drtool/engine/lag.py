@@ -25,18 +25,20 @@ class Pending:
     records: int
     bytes: int  # of log records (headers included)
     oldest: float | None  # when the oldest of them was written (epoch seconds)
+    damage: tuple[str, ...] = ()  # what the log lost and nobody has accounted for yet
 
     @classmethod
     def of_log(cls, log: ReplicationLog) -> Pending:
         oldest = log.oldest_entry()
-        return cls(len(log.entries), log.pending_bytes, oldest.stamp if oldest else None)
+        return cls(len(log.entries), log.pending_bytes, oldest.stamp if oldest else None, tuple(log.damage))
 
     @classmethod
     def on_disk(cls, volume: Volume) -> Pending:
         replication = volume.record.replication
         found = summarize(volume.paths.log_dir, after=replication.done_through(),
                           acked=frozenset(replication.acked_ahead))
-        return cls(int(found["records"]), int(found["bytes"]), found["oldest"] or None)
+        return cls(int(found["records"]), int(found["bytes"]), found["oldest"] or None,
+                   tuple(found.get("damage") or ()))
 
 
 NOT_APPLICABLE = "not applicable: this host is the secondary"
@@ -60,6 +62,8 @@ def lag(volume: Volume, pending: Pending, now: float | None = None) -> dict[str,
         "bitmap_mode": norecord > 0,
         "bitmap_regions": norecord,
     }
+    if pending.damage:
+        out["log_damage"] = list(pending.damage)
     out["summary"] = summary(out)
     return out
 
@@ -75,6 +79,9 @@ def bitmap_bytes(geometry: Geometry, regions: RegionBitmap) -> int:
 
 
 def summary(lag: dict[str, Any]) -> str:
+    if lag.get("log_damage"):
+        return ("REPLICATION LOG DAMAGED: " + "; ".join(lag["log_damage"][:3])
+                + " (opening the volume marks the affected regions to ship whole)")
     if not lag["regions"] and not lag["records"]:
         return "in sync"
     text = (f"{lag['records']} records, {lag['regions']} regions, {lag['bytes']} bytes pending, "
