@@ -5,7 +5,7 @@ import json
 import pytest
 
 from drtool.errors import CorruptStateFile
-from drtool.storage.record import VolumeRecord
+from drtool.storage.record import VolumeRecord, record_checksum
 from drtool.storage.records import Demoted, Failback, Faulted, Loss, Promoted, Recovery, Replication
 
 RECOVERY = {"entered": 1.5, "reason": "operator ran recover", "auto": False, "local_era": None,
@@ -58,6 +58,7 @@ def test_a_volume_record_with_a_malformed_sub_record_is_refused(tmp_path):
     assert VolumeRecord.load(str(path)) == record
     data = json.loads(path.read_text())
     data["recovery"]["fetched_bytes"] = "lots"
+    data["checksum"] = record_checksum(data)  # a well-formed file with a wrong field
     path.write_text(json.dumps(data))
     with pytest.raises(CorruptStateFile, match="recovery.fetched_bytes"):
         VolumeRecord.load(str(path))

@@ -1,7 +1,12 @@
 """``volume.json``: a volume's identity, geometry, mode and bookkeeping.
 
 The file is replaced atomically and checked on load: a file that is not JSON,
-has another ``format``, or lacks a field is refused, never rewritten.  The
+has another ``format``, fails its checksum, or lacks a field is refused, never
+rewritten.  ``checksum`` is the blake3 (hex) of the record's canonical JSON (sorted
+keys, no spaces) without the checksum itself: a flipped byte anywhere that matters
+(a key, a value) is caught, while the file stays readable and pretty-printed.
+A record of the first format (``drtool.volume/1``, no checksum) is refused with
+:class:`UpgradeNeeded`; ``drtool upgrade`` reads it with ``allow_first_format``.  The
 sub-records (``recovery``, ``failback``, ``replication``, ``promoted``,
 ``demoted``, ``faulted``) are typed dataclasses of :mod:`drtool.storage.records`,
 checked field by field; assigning one its JSON form checks it the same way.
@@ -15,13 +20,16 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from drtool.errors import CorruptStateFile
+import blake3
+
+from drtool.errors import CorruptStateFile, UpgradeNeeded
 from drtool.storage.atomic import write_atomic
 from drtool.storage.records import (
     SUB_RECORDS, Demoted, Failback, Faulted, Promoted, Recovery, Replication, SubRecord,
 )
 
-FORMAT = "drtool.volume/1"
+FORMAT = "drtool.volume/2"
+FIRST_FORMAT = "drtool.volume/1"
 MODES = ("normal", "degraded", "resync")
 ROLES = ("primary", "secondary")
 
@@ -96,11 +104,13 @@ class VolumeRecord:
         return data
 
     def save(self, path: str) -> None:
-        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        data = self.to_json()
+        data["checksum"] = record_checksum(data)
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         write_atomic(path, text.encode())
 
     @classmethod
-    def load(cls, path: str) -> VolumeRecord:
+    def load(cls, path: str, allow_first_format: bool = False) -> VolumeRecord:
         try:
             with open(path, "rb") as handle:
                 raw = handle.read()
@@ -112,9 +122,19 @@ class VolumeRecord:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptStateFile(path, f"volume record is not valid JSON (torn or foreign): {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found == FIRST_FORMAT:
+            if not allow_first_format:
+                raise UpgradeNeeded(path, str(data.get("name")), "the first format (volume.json without a checksum)")
+            data["format"] = FORMAT
+            return cls._from_json(path, data)
+        if not isinstance(data, dict) or found != FORMAT:
             raise CorruptStateFile(path, f"not a drtool volume record (format {found!r}, expected {FORMAT!r})")
+        stored = data.pop("checksum", None)
+        if stored is None:
+            raise CorruptStateFile(path, "volume record has no checksum")
+        if stored != record_checksum(data):
+            raise CorruptStateFile(path, "volume record checksum mismatch (edited by hand, damaged, or torn)")
         return cls._from_json(path, data)
 
     @classmethod
@@ -143,3 +163,9 @@ class VolumeRecord:
             if fields.get(name) is not None:
                 fields[name] = kind.from_json(fields[name], name, path)
         return cls(**fields)
+
+
+def record_checksum(data: dict[str, Any]) -> str:
+    """blake3 (hex) of a record's canonical JSON, its ``checksum`` field left out."""
+    body = {key: value for key, value in data.items() if key != "checksum"}
+    return blake3.blake3(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

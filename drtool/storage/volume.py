@@ -35,6 +35,7 @@ from drtool.storage.lock import VolumeLock
 from drtool.storage.maps import EraMap, Layout, Manifest, RegionBitmap, merge_regions
 from drtool.storage.pagestore import PageStore
 from drtool.storage.paths import StatePaths, validate_name
+from drtool.storage.record import FORMAT as RECORD_FORMAT
 from drtool.storage.record import EraStart, VolumeRecord
 
 #: The bitmaps a volume keeps.
@@ -351,15 +352,20 @@ def upgrade(root: str, name: str) -> dict[str, Any]:
 
     paths = _existing(root, name)
     with VolumeLock(paths.dir, name):
-        record = VolumeRecord.load(paths.record)
+        record = VolumeRecord.load(paths.record, allow_first_format=True)
+        with open(paths.record, "rb") as handle:
+            old_record = json.loads(handle.read()).get("format") != RECORD_FORMAT
         old_files = [p for p in (paths.manifest, paths.eras, paths.bitmaps) if os.path.exists(p)]
         if os.path.exists(paths.maps):
+            if old_record:  # interrupted after the maps' switch: the record's turn
+                record.save(paths.record)
             for path in old_files:
                 os.unlink(path)
             if old_files:
                 fsync_dir(paths.dir)
-            return {"volume": name, "changed": bool(old_files), "from": None, "format": "paged",
-                    "removed": [os.path.basename(p) for p in old_files]}
+            return {"volume": name, "changed": bool(old_files) or old_record,
+                    "from": "first format (volume.json)" if old_record and not old_files else None,
+                    "format": "paged", "removed": [os.path.basename(p) for p in old_files]}
         geometry = Geometry(record.size, record.region_size)
         count = geometry.count
         common = dict(region_size=record.region_size, region_count=count, volume_id=record.volume_id_bytes)
@@ -398,6 +404,7 @@ def upgrade(root: str, name: str) -> dict[str, Any]:
         os.unlink(building_journal)  # its commit is in the file (fdatasync'd)
         os.replace(building, paths.maps)
         fsync_dir(paths.dir)
+        record.save(paths.record)  # now with its checksum
         for path in old_files:
             os.unlink(path)
         fsync_dir(paths.dir)

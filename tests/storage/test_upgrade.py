@@ -1,5 +1,6 @@
 """`drtool upgrade`: a first-format state directory is refused until converted, and converted whole."""
 
+import json
 import os
 import time
 
@@ -25,7 +26,9 @@ def write_first_format(state_root, name, device, seq=7):
                           eras=[EraStart(1, time.time(), 1), EraStart(2, time.time(), 4), EraStart(3, time.time(), 6)])
     directory = state_root / name
     directory.mkdir(parents=True)
-    record.save(str(directory / "volume.json"))
+    data = record.to_json()
+    data["format"] = "drtool.volume/1"  # the first format had no checksum
+    (directory / "volume.json").write_text(json.dumps(data, indent=2, sort_keys=True))
     vid = record.volume_id_bytes
     digests = bytearray()
     for region in range(COUNT):
@@ -75,6 +78,17 @@ def test_upgrade_converts_every_map(old_volume, state_root, cli):
         assert volume.covered_seq["manifest"] == 7
     again = cli("upgrade", "vol")
     assert again.code == 0 and "already in the current format" in again.out
+    assert json.loads((state_root / "vol" / "volume.json").read_text())["format"] == "drtool.volume/2"
+
+
+def test_upgrade_interrupted_before_the_record_was_saved(old_volume, state_root, cli):
+    record = (state_root / "vol" / "volume.json").read_text()
+    assert cli("upgrade", "vol").code == 0
+    (state_root / "vol" / "volume.json").write_text(record)  # as if killed right after the switch
+    result = cli("upgrade", "vol", "--json")
+    assert result.code == 0 and result.json()["changed"] is True
+    with Volume.open(str(state_root), "vol") as volume:
+        assert list(volume.bad) == [2, 17]
 
 
 def test_interrupted_upgrade_is_run_again(old_volume, state_root, cli):

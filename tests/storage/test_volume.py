@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from drtool.errors import CorruptStateFile, VolumeBusy, VolumeExists, VolumeNotFound, UsageError
+from drtool.errors import CorruptStateFile, UpgradeNeeded, VolumeBusy, VolumeExists, VolumeNotFound, UsageError
 from drtool.storage.volume import Volume
 from tests.conftest import make_image
 
@@ -144,6 +144,28 @@ def test_torn_volume_record_is_refused(volume, state_root):
     with open(path, "w") as handle:
         handle.write(text[: len(text) // 2])
     with pytest.raises(CorruptStateFile, match="not valid JSON"):
+        Volume.open(str(state_root), "vol")
+
+
+@pytest.mark.parametrize("change", [("\"mode\"", "\"modf\""), ("\"era\": 1", "\"era\": 2")])
+def test_flipped_byte_in_the_volume_record_is_refused(volume, state_root, change):
+    volume.close()
+    text = open(volume.paths.record).read()
+    assert change[0] in text
+    with open(volume.paths.record, "w") as handle:
+        handle.write(text.replace(change[0], change[1], 1))
+    with pytest.raises(CorruptStateFile, match="volume record checksum mismatch"):
+        Volume.open(str(state_root), "vol")
+
+
+def test_first_format_volume_record_asks_for_an_upgrade(volume, state_root):
+    volume.close()
+    data = json.loads(open(volume.paths.record).read())
+    data["format"] = "drtool.volume/1"
+    del data["checksum"]
+    with open(volume.paths.record, "w") as handle:
+        json.dump(data, handle)
+    with pytest.raises(UpgradeNeeded, match="run `drtool upgrade vol`"):
         Volume.open(str(state_root), "vol")
 
 
