@@ -115,12 +115,13 @@ def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
 
 
 def protect(name: str, peer: str, token_file: str | None = None, ca: str | None = None,
-            root: str | None = None, progress: Progress | None = None, plan_only: bool = False) -> dict[str, Any]:
+            root: str | None = None, progress: Progress | None = None, plan_only: bool = False,
+            insecure: bool = False) -> dict[str, Any]:
     """Pair a volume with its replica and run (or resume) the initial sync.
 
     After a role swap the sync is incremental (fast failback); ``plan_only`` reports what
     would be copied and copies nothing."""
-    args = {"peer": peer, "token_file": token_file, "ca": ca, "plan_only": plan_only}
+    args = {"peer": peer, "token_file": token_file, "ca": ca, "plan_only": plan_only, "insecure": insecure}
     return _run(name, root, "protect", args, lambda e: ops.protect(e, progress=progress, **args), progress,
                 look_only=plan_only)
 
@@ -168,15 +169,15 @@ def demote(name: str, timeout: float = 60.0, force: bool = False, root: str | No
 
 
 def adopt(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
-          root: str | None = None) -> dict[str, Any]:
+          root: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Serve a demoted volume from this host's replica server (the agent must be stopped)."""
-    return roles.adopt(root, name, replica_url, token_file, ca)
+    return roles.adopt(root, name, replica_url, token_file, ca, insecure=insecure)
 
 
 def promote(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
-            force: bool = False, root: str | None = None) -> dict[str, Any]:
+            force: bool = False, root: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Turn this host's replica into the primary volume (``force``: takeover)."""
-    return roles.promote(root, name, replica_url, token_file, ca, force=force)
+    return roles.promote(root, name, replica_url, token_file, ca, force=force, insecure=insecure)
 
 
 def remove_volume(name: str, root: str | None = None) -> dict[str, Any]:

@@ -188,12 +188,13 @@ def cmd_protect(ctx: Context) -> int:
     a = ctx.args
     if not ctx.json:
         # The plan is known only once the peer answered; show it before the copying starts.
-        plan = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, plan_only=True)["plan"]
+        plan = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, plan_only=True,
+                           insecure=a.insecure)["plan"]
         ctx.err.print(_plan_text(plan))
         if a.plan:
             return ExitCode.OK
     result = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, progress=ctx.progress(),
-                         plan_only=a.plan)
+                         plan_only=a.plan, insecure=a.insecure)
     if ctx.json:
         ctx.emit_json(result)
     else:
@@ -222,7 +223,7 @@ def cmd_demote(ctx: Context) -> int:
 
 def cmd_adopt(ctx: Context) -> int:
     a = ctx.args
-    result = api.adopt(a.name, a.replica_url, a.token_file, a.ca, root=ctx.root)
+    result = api.adopt(a.name, a.replica_url, a.token_file, a.ca, root=ctx.root, insecure=a.insecure)
     if ctx.json:
         ctx.emit_json(result)
     else:
@@ -233,7 +234,8 @@ def cmd_adopt(ctx: Context) -> int:
 
 def cmd_promote(ctx: Context) -> int:
     a = ctx.args
-    result = api.promote(a.name, a.replica_url, a.token_file, a.ca, force=a.force, root=ctx.root)
+    result = api.promote(a.name, a.replica_url, a.token_file, a.ca, force=a.force, root=ctx.root,
+                         insecure=a.insecure)
     if ctx.json:
         ctx.emit_json(result)
     elif not result["changed"]:
@@ -459,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", required=True, help="replica server URL, e.g. https://dr-site:8470")
     p.add_argument("--token-file", help="file holding the bearer token")
     p.add_argument("--ca", help="CA certificate to verify the peer's TLS certificate")
+    p.add_argument("--insecure", action="store_true", help="allow a plain http:// URL beyond loopback: the token "
+                   "and the volume's bytes cross the network in cleartext")
 
     p.add_argument("--plan", action="store_true", help="show what would be copied; copy nothing")
 
@@ -472,12 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-url", required=True, help="this host's replica server")
     p.add_argument("--token-file")
     p.add_argument("--ca")
+    p.add_argument("--insecure", action="store_true", help="allow a plain http:// URL beyond loopback: the token "
+                   "and the volume's bytes cross the network in cleartext")
 
     p = command("promote", cmd_promote, "turn this host's replica into the primary volume")
     p.add_argument("name")
     p.add_argument("--replica-url", required=True, help="this host's replica server")
     p.add_argument("--token-file")
     p.add_argument("--ca")
+    p.add_argument("--insecure", action="store_true", help="allow a plain http:// URL beyond loopback: the token "
+                   "and the volume's bytes cross the network in cleartext")
     p.add_argument("--force", action="store_true", help="takeover: the old primary is unreachable")
 
     p = command("write", cmd_write, "write bytes through drtool (logged and replicated)")

@@ -99,7 +99,7 @@ def replicate(engine: Engine, wait: bool = False, regions: str | None = None,
 
 
 def protect(engine: Engine, peer: str, token_file: str | None = None, ca: str | None = None,
-            progress: Progress | None = None, plan_only: bool = False) -> dict[str, Any]:
+            progress: Progress | None = None, plan_only: bool = False, insecure: bool = False) -> dict[str, Any]:
     progress = progress or NoProgress()
     started = False
 
@@ -112,7 +112,7 @@ def protect(engine: Engine, peer: str, token_file: str | None = None, ca: str | 
 
     try:
         return replication.protect(engine, peer, token_file, ca, progress=progress.advance,
-                                   on_plan=on_plan, plan_only=plan_only)
+                                   on_plan=on_plan, plan_only=plan_only, insecure=insecure)
     finally:
         if started:
             progress.finish()

@@ -16,4 +16,5 @@ def make_client(peer: dict[str, Any] | None, timeout: float | None = None) -> Re
     extra: dict[str, Any] = {}
     if timeout:
         extra["timeout"] = (min(5.0, timeout), timeout)
-    return ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"), **extra)
+    return ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"),
+                         insecure=bool(peer.get("insecure")), **extra)

@@ -241,7 +241,8 @@ def known_all_zero(replica: dict[str, Any] | None) -> bool:
 
 def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str | None = None,
             progress: Callable[[int], None] | None = None, client: Any = None,
-            on_plan: Callable[[dict[str, Any]], None] | None = None, plan_only: bool = False) -> dict[str, Any]:
+            on_plan: Callable[[dict[str, Any]], None] | None = None, plan_only: bool = False,
+            insecure: bool = False) -> dict[str, Any]:
     """Pair the volume with its replica on ``url`` and run (or resume) the initial sync.
 
     The sync is incremental when the peer is this volume's former primary coming back (fast
@@ -253,6 +254,8 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
     what will be copied before it starts.
     """
     peer = {"url": url.rstrip("/"), "token_file": token_file, "ca": ca}
+    if insecure:  # plain http:// beyond loopback, said explicitly (--insecure); kept with the peer
+        peer["insecure"] = True
     client = client or make_client(peer)
     record = engine.record
     volume = engine.volume
@@ -283,7 +286,7 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
                                    record.volume_id)
     changed = not same_peer
     if same_peer:
-        engine.update_peer(token_file=token_file, ca=ca)
+        engine.update_peer(token_file=token_file, ca=ca, insecure=insecure)
     else:
         lacking: Iterable[int] | None = None  # every region
         lost = None

@@ -122,6 +122,13 @@ def _when(stamp: float) -> str:
 
 
 def peer_text(peer: dict[str, Any]) -> Text:
+    text = _peer_reach(peer)
+    if peer.get("insecure"):
+        text.append("  INSECURE: not encrypted (--insecure)", style="bold yellow")
+    return text
+
+
+def _peer_reach(peer: dict[str, Any]) -> Text:
     reachable = peer.get("reachable")
     if reachable is None:
         return Text(f"{peer['url']} (not probed)")

@@ -116,7 +116,7 @@ def _takeover_loss(engine: RolePort, client: Any) -> tuple[Loss, RegionBitmap]:
 
 
 def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
-          ca: str | None = None) -> dict[str, Any]:
+          ca: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Let this host's replica server serve the demoted volume from its own device.
 
     The agent must be stopped (this takes the volume's lock): from now on the replica
@@ -131,7 +131,7 @@ def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
             return {"volume": name, "changed": False, "adopted": adopted.to_json()}
         manifest = volume.paths.file("adopt-manifest.bin")
         write_atomic(manifest, _manifest_chunks(volume))
-        client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
+        client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
         demoted = record.demoted
         result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
                               size=record.size, region_size=record.region_size, volume_id=record.volume_id,
@@ -146,7 +146,7 @@ def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
 
 
 def promote(root: str | None, name: str, replica_url: str, token_file: str | None,
-            ca: str | None = None, force: bool = False) -> dict[str, Any]:
+            ca: str | None = None, force: bool = False, insecure: bool = False) -> dict[str, Any]:
     """Turn this host's replica of ``name`` into a primary volume.  Idempotent.
 
     Refused while the old primary still claims the role, unless ``force`` (takeover).
@@ -161,7 +161,7 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
             return {"volume": name, "changed": False, "role": "primary",
                     "promoted": current.record.promoted.to_json()}
         raise NotPermitted(f"volume {name} is already a primary on this host")
-    client = make_client({"url": replica_url, "token_file": token_file, "ca": ca})
+    client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
     info = client.promote(name, force=force)
     digests = client.manifest(name)
     era = int(info.get("max_era") or 0) + 1

@@ -25,12 +25,17 @@ def peer_status(peer: dict[str, Any] | None, probe: bool = True) -> dict[str, An
         return None
     out: dict[str, Any] = {"url": peer["url"], "reachable": None, "error": None,
                            "token_file": peer.get("token_file"), "ca": peer.get("ca")}
+    if peer.get("insecure"):
+        # Paired with --insecure: the token and the volume's bytes cross the network in clear.
+        out["insecure"] = True
+        out["warning"] = "the replica link is not encrypted (paired with --insecure): use https"
     if probe:
         from drtool.client import ReplicaClient
         from drtool.errors import DrtoolError
 
         try:
             ReplicaClient(peer["url"], token_file=peer.get("token_file"), ca=peer.get("ca"),
+                          insecure=bool(peer.get("insecure")),
                           timeout=(1.0, 2.0), retries=0).health()
             out["reachable"] = True
         except DrtoolError as exc:

@@ -123,3 +123,11 @@ def test_both_ends_over_a_real_non_loopback_address(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_status_warns_of_an_insecure_link(tmp_path, state_root, cli):
+    from drtool.status import peer_status
+
+    found = peer_status({"url": "http://192.0.2.2:1", "insecure": True, "token_file": None}, probe=False)
+    assert found["insecure"] is True and "not encrypted" in found["warning"]
+    assert "insecure" not in peer_status({"url": "https://dr:8470"}, probe=False)
