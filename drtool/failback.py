@@ -46,8 +46,11 @@ def failback(engine: FailbackPort, device: str | None = None, rate: int | None =
     total = engine.volume.resync.popcount()
     if progress_start:
         progress_start(total * engine.geometry.region_size)
-    copied = _copy(engine, rate, progress)
-    engine.finish_resync()
+    copied = 0
+    while True:
+        copied += _copy(engine, rate, progress)
+        if engine.finish_resync():  # False: a write put a region back in the overlay meanwhile
+            break
     return {"volume": engine.name, "changed": True, "mode": record.mode, "regions_copied": copied,
             "device": record.device, "failback": record.failback.to_json()}
 
@@ -106,10 +109,11 @@ def _copy(engine: FailbackPort, rate: int | None, progress: Callable[[int], None
         fetched = engine.fetch(remote) if remote else {}
         done_bytes = 0
         for region in batch:
-            done_bytes += _copy_region(engine, region, fetched.get(region))
-        copied += len(batch)
+            written = _copy_region(engine, region, fetched.get(region))
+            copied += 1 if written else 0
+            done_bytes += written
         copied_bytes += done_bytes
-        engine.failback_progress(len(batch), done_bytes)  # durable: a restart resumes here
+        engine.failback_progress(done_bytes)  # durable: a restart resumes here
         if progress:
             progress(done_bytes)
         if rate:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceError
 from drtool.storage.device import Device
+from drtool.storage.records import Failback
 from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
 
 DEVICE, OVERLAY = "device", "overlay"  # where a change's bytes go
@@ -87,26 +88,39 @@ class StateChanges:
                 if seq is not None:
                     self._done(seq)
                 raise
-            volume = self.volume
-            with self.meta:
-                if change.digest is not None:
-                    volume.manifest[region] = change.digest
-                    volume.eras[region] = self.record.era
-                if change.target == OVERLAY:
-                    volume.overlay.set(region)
-                    if modes.resyncing(self.record):
-                        volume.resync.set(region)
-                elif change.target == DEVICE and whole:  # the device holds the region again
-                    for bitmap in (volume.bad, volume.ioerror, volume.overlay, volume.resync):
-                        bitmap.clear(region)
-                if seq is not None:
-                    if whole:  # the record carries the whole region: nothing left to re-log
-                        volume.norecord.clear(region)
-                    if self.protected:
-                        volume.unreplicated.set(region)
+            self._commit_maps(region, change.digest, self.record.era, change.target, whole, seq is not None)
             if seq is not None:
                 self._done(seq)
         return seq
+
+    def _commit_maps(self, region: int, digest: bytes | None, era: int, target: str | None, whole: bool,
+                     logged: bool) -> None:
+        """The commit routine's map step, the one owner of what a change does to the maps: the
+        manifest digest and era (``digest`` None: the content did not change), the overlay and
+        resync bits (``target`` OVERLAY), the bad/ioerror/overlay/resync bits (the device gets
+        the whole region back), the unreplicated bit and, for a whole-region record, the
+        norecord bit (``logged``).  Crash replay (core._replay) redoes a record through here too,
+        so a replayed write rebuilds every map the live write set."""
+        volume = self.volume
+        with self.meta:
+            if digest is not None:
+                volume.manifest[region] = digest
+                volume.eras[region] = era
+            if target == OVERLAY:
+                volume.overlay.set(region)
+                if modes.resyncing(self.record) and not volume.resync.test(region):
+                    # Written during failback: copied back (again); the failback's total counts it.
+                    volume.resync.set(region)
+                    if self.record.failback is not None:
+                        self.record.failback.total_regions += 1
+            elif target == DEVICE and whole:  # the device holds the region again
+                for bitmap in (volume.bad, volume.ioerror, volume.overlay, volume.resync):
+                    bitmap.clear(region)
+            if logged:
+                if whole:  # the record carries the whole region: nothing left to re-log
+                    volume.norecord.clear(region)
+                if self.protected:
+                    volume.unreplicated.set(region)
 
     def _append(self, change: RegionChange, digest: bytes | None) -> int:
         flags = FLAG_OVERLAY if change.log == OVERLAY else 0
@@ -267,10 +281,19 @@ class StateChanges:
                 recovery.fetched_regions += regions
                 recovery.fetched_bytes += nbytes
 
-    def failback_progress(self, regions: int, nbytes: int) -> None:
-        """Regions copied back: counted, and durable with the maps (a restart resumes here)."""
+    def failback_progress(self, nbytes: int) -> None:
+        """Regions copied back: counted, and durable with the maps (a restart resumes here).
+
+        Exact: the regions done are those marked to copy (``total_regions``, which grows when a
+        write puts an already copied region back in the overlay) less those still marked, so a
+        redone batch or a rewritten region never counts twice."""
         with self.meta:
             info = self.record.failback
-            info.done_regions += regions
+            self._count_failback(info)
             info.bytes_copied += nbytes
         self.save()
+
+    def _count_failback(self, info: Failback) -> None:
+        remaining = self.volume.resync.popcount()
+        info.total_regions = max(info.total_regions, remaining)
+        info.done_regions = info.total_regions - remaining

@@ -16,7 +16,7 @@ import blake3
 
 from drtool import detect
 from drtool.engine import modes
-from drtool.engine.changes import StateChanges
+from drtool.engine.changes import DEVICE, OVERLAY, StateChanges
 from drtool.engine.reads import ReadPath
 from drtool.engine.writes import WritePath
 from drtool.errors import DeviceError, DeviceIOError, NotPermitted, UsageError
@@ -218,6 +218,8 @@ class Engine(ReadPath, WritePath, StateChanges):
         with self.meta:
             self.flush()  # maps on disk must never point at log records or bytes that are not
             covered = self.covered_seq()
+            if self.record.failback is not None and modes.resyncing(self.record):
+                self._count_failback(self.record.failback)  # the progress saved is the maps
             if not self.protected:
                 # Without a peer the log is only a write-ahead log: checkpointed records are done.
                 self.log.acknowledge([e.seq for e in self.log.pending() if e.seq <= covered])
@@ -234,13 +236,18 @@ class Engine(ReadPath, WritePath, StateChanges):
             self.volume.save_record()
 
     def _replay(self) -> None:
-        """Redo log records newer than the maps on disk (after a crash; idempotent)."""
+        """Redo log records newer than the maps on disk (after a crash; idempotent).
+
+        Each record's bytes go back where the live change wrote them (the device, or the
+        overlay for an overlay record), and the maps are rebuilt by the commit routine's own map
+        step (changes.StateChanges._commit_maps): an overlay record written during failback is
+        marked to be copied back again, a whole region back on the device leaves the overlay."""
         since = min(self.volume.covered_seq.values())
         records = self.log.records_after(since)
         if not records:
             return
         log.info("volume %s: replaying %d log records after sequence %d", self.name, len(records), since)
-        touched: dict[int, bytes | None] = {}
+        partial: dict[int, int] = {}  # region -> era of its last partial record: digested at the end
         for entry in records:
             header = entry.header
             region = entry.region
@@ -253,27 +260,26 @@ class Engine(ReadPath, WritePath, StateChanges):
             else:
                 target.pwrite(bytes(header.length), header.offset)
             whole = header.length == self.geometry.region_length(region)
+            digest = None
             if whole:
-                touched[region] = header.digest if header.kind == KIND_WRITE else zero_digest(header.length)
+                digest = header.digest if header.kind == KIND_WRITE else zero_digest(header.length)
+                partial.pop(region, None)
             else:
-                touched[region] = None
-            self.volume.eras[region] = header.era
-            if header.overlay:
-                self.volume.overlay.set(region)
-            if self.protected:
-                self.volume.unreplicated.set(region)
-        for region, digest in touched.items():
+                partial[region] = header.era
+            self._commit_maps(region, digest, header.era, OVERLAY if header.overlay else DEVICE, whole,
+                              logged=True)
+        for region, era in partial.items():
+            target = self.overlay if self.volume.overlay.test(region) else self.device
+            start, length = self.geometry.region_bounds(region)
+            try:
+                digest = blake3.blake3(target.pread(length, start)).digest() if target else None
+            except DeviceIOError:
+                digest = None
             if digest is None:
-                target = self.overlay if self.volume.overlay.test(region) else self.device
-                start, length = self.geometry.region_bounds(region)
-                try:
-                    digest = blake3.blake3(target.pread(length, start)).digest() if target else None
-                except DeviceIOError:
-                    digest = None
-                if digest is None:
-                    self._set_bad([region], io_error=True)
-                    continue
+                self._set_bad([region], io_error=True)
+                continue
             self.volume.manifest[region] = digest
+            self.volume.eras[region] = era
         self.save()
 
     def _account_log_damage(self) -> None:
@@ -382,9 +388,21 @@ class Engine(ReadPath, WritePath, StateChanges):
     def finish_resync(self) -> bool:
         """resync -> normal once every region is back in the device: the overlay goes.  False
         (nothing changes) while regions remain to copy."""
+        volume = self.volume
         with self.meta:
-            if self.volume.resync.any():
+            # The overlay goes with this transition: a region it still holds must be on the
+            # device first (a write during failback marks it; this catches any it did not).
+            for region in list(volume.overlay):
+                if not volume.resync.test(region):
+                    log.warning("volume %s: overlay region %d was not marked to copy back; copying it",
+                                self.name, region)
+                    volume.resync.set(region)
+                    if self.record.failback is not None:
+                        self.record.failback.total_regions += 1
+            if volume.resync.any():
                 return False
+            if self.record.failback is not None:
+                self._count_failback(self.record.failback)
             self.flush()
             modes.finish_resync(self.record)
             if self.overlay is not None:
