@@ -219,21 +219,32 @@ class ReplicaClient:
         """
         return self._json("POST", self._path(name, "promote"), json={"force": bool(force)})
 
-    def manifest(self, name: str) -> bytes:
-        """The blake3 of every region of the replica, 32 bytes each, in region order."""
-        response = self._request("GET", self._path(name, "manifest"))
-        got = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if got != "application/octet-stream" or len(response.content) % 32:
-            raise PeerProtocolError(f"replica server {response.url} answered a manifest of "
-                                    f"{len(response.content)} bytes as {got or 'no content type'}")
-        return response.content
+    def manifest(self, name: str, region_count: int) -> Iterator[tuple[int, bytes]]:
+        """The replica's digests as (region, blake3) for every region that is not all zeros, in
+        order (drtool.wire manifest entries), streamed: memory follows a chunk, not the volume."""
+        response = self._request("GET", self._path(name, "manifest"), stream=True)
+        complete = False
+        try:
+            _expect_type(response, wire.MANIFEST_CONTENT_TYPE)
+            try:
+                yield from wire.iter_manifest_entries(response.raw.read, region_count)
+            except wire.WireError as exc:
+                raise PeerProtocolError(f"replica server {response.url} sent a bad manifest: {exc}") from None
+            except OSError as exc:
+                raise PeerUnreachable(f"replica server {self.url} vanished while sending the manifest: {exc}") from None
+            complete = True
+        finally:
+            if complete:
+                response.raw.release_conn()
+            else:
+                response.close()
 
     def adopt(self, name: str, image: str, manifest: str, size: int, region_size: int, volume_id: str,
               applied_seq: int, era: int, divergent: Iterable[Run] = (),
               lost: dict[str, Any] | None = None) -> dict[str, Any]:
         """Make the server hold ``name`` in place on ``image`` (a file or device on the server's host).
 
-        ``manifest``: a file of 32-byte digests per region, also on the server's host.
+        ``manifest``: a file of manifest entries (drtool.wire), also on the server's host.
         Returns the replica's description.  Conflict if the server holds another
         volume under ``name``; NotPermitted if it was promoted there with another image.
         """

@@ -26,10 +26,11 @@ from drtool.errors import Conflict, DrtoolError, NotPermitted, PeerError
 from drtool.peer import make_client
 from drtool.ports import RolePort
 from drtool.storage.atomic import write_atomic
-from drtool.storage.maps import DIGEST_SIZE, RegionBitmap, zero_digest
+from drtool.storage.maps import RegionBitmap
 from drtool.storage.paths import state_root
 from drtool.storage.records import Adopted, Demoted, Loss, Promoted
 from drtool.storage.volume import Volume
+from drtool.wire import encode_manifest_entries
 
 log = logging.getLogger("drtool.roles")
 
@@ -130,7 +131,7 @@ def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
         if adopted and adopted.url == replica_url:
             return {"volume": name, "changed": False, "adopted": adopted.to_json()}
         manifest = volume.paths.file("adopt-manifest.bin")
-        write_atomic(manifest, _manifest_chunks(volume))
+        write_atomic(manifest, encode_manifest_entries(_manifest_entries(volume)))  # streamed
         client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
         demoted = record.demoted
         result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
@@ -163,15 +164,11 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
         raise NotPermitted(f"volume {name} is already a primary on this host")
     client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
     info = client.promote(name, force=force)
-    digests = client.manifest(name)
     era = int(info.get("max_era") or 0) + 1
     volume = Volume.create(root, name, info["image"], info["region_size"], force=True,
                            size=info["size"], volume_id=info["volume_id"])
     try:
-        if len(digests) != 32 * volume.geometry.count:
-            raise PeerError(f"replica manifest of {name} has {len(digests)} bytes, "
-                            f"expected {32 * volume.geometry.count}")
-        _load_manifest(volume, digests)
+        _load_manifest(volume, client.manifest(name, volume.geometry.count))
         # Every region's era stays 0 ("before this host's first era"): only regions written
         # here from now on are "changed since" the promotion, and an older local copy cannot
         # predate the first era this host knows (drtool.engine refuses such a --local-era).
@@ -194,25 +191,18 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
         volume.close()
 
 
-def _manifest_chunks(volume: Volume, per_chunk: int = 1 << 15) -> Iterator[bytes]:
-    """Every region's digest in region order, a chunk at a time (the file the replica server adopts)."""
-    count = volume.geometry.count
-    for first in range(0, count, per_chunk):
-        yield volume.manifest.digests(first, min(per_chunk, count - first))
+def _manifest_entries(volume: Volume) -> Iterator[tuple[int, bytes]]:
+    """(region, digest) of every region that is not all zeros: what the replica server adopts."""
+    manifest = volume.manifest
+    for region in manifest.nonzero_between(0, volume.geometry.count):
+        yield region, manifest.stored(region)
 
 
-def _load_manifest(volume: Volume, digests: bytes, block: int = 4096) -> None:
-    """The replica's digests become the new volume's manifest.  All-zero regions need no write,
-    and a block of them is passed over with one comparison."""
-    manifest, geometry = volume.manifest, volume.geometry
-    view = memoryview(digests)
-    zero = zero_digest(geometry.region_size)
-    zeros = zero * block
-    for first in range(0, geometry.count, block):
-        end = min(first + block, geometry.count)
-        if view[first * DIGEST_SIZE:end * DIGEST_SIZE] == zeros[:(end - first) * DIGEST_SIZE]:
-            continue
-        for region in range(first, end):
-            digest = bytes(view[region * DIGEST_SIZE:(region + 1) * DIGEST_SIZE])
-            if digest != zero_digest(geometry.region_length(region)):
-                manifest[region] = digest
+def _load_manifest(volume: Volume, entries: Iterator[tuple[int, bytes]]) -> None:
+    """The replica's digests become the new volume's manifest (regions without an entry are
+    all zeros: the default, nothing to write); committed as it grows, so memory stays bounded."""
+    manifest = volume.manifest
+    for region, digest in entries:
+        manifest[region] = digest
+        if volume.dirty_bytes > (64 << 20):
+            volume.commit()

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -66,6 +66,11 @@ FRAME_END = 4
 
 NO_DIGEST = b"\0" * 32
 RECORDS_CONTENT_TYPE = "application/x-drtool-records"
+# A manifest as entries: (region u64, blake3 32s) for every region that is not all zeros,
+# ascending; a region without an entry is all zeros.  It costs what the volume holds, not
+# its size (a sparse 15 TiB volume's manifest is a few entries, not 8 GB).
+MANIFEST_CONTENT_TYPE = "application/x-drtool-manifest"
+MANIFEST_ENTRY = struct.Struct("<Q32s")
 FRAMES_CONTENT_TYPE = "application/x-drtool-frames"
 
 _CRC = struct.Struct("<I")
@@ -200,3 +205,38 @@ def zero_digest(length: int) -> bytes:
         hasher.update(memoryview(chunk)[:step])
         left -= step
     return hasher.digest()
+
+
+def encode_manifest_entries(entries: Iterator[tuple[int, bytes]]) -> Iterator[bytes]:
+    """Manifest entries in chunks of up to 4096 (for a file or a response body)."""
+    chunk = bytearray()
+    for region, digest in entries:
+        chunk += MANIFEST_ENTRY.pack(region, digest)
+        if len(chunk) >= 4096 * MANIFEST_ENTRY.size:
+            yield bytes(chunk)
+            chunk.clear()
+    if chunk:
+        yield bytes(chunk)
+
+
+def iter_manifest_entries(read: Callable[[int], bytes], region_count: int) -> Iterator[tuple[int, bytes]]:
+    """Decode entries from ``read(n)`` (a file's or a response's read) until it ends; each is
+    checked: ascending, inside the volume, not the all-zero slot."""
+    last = -1
+    while True:
+        raw = read(MANIFEST_ENTRY.size * 4096)
+        if not raw:
+            return
+        while len(raw) % MANIFEST_ENTRY.size:
+            more = read(MANIFEST_ENTRY.size - len(raw) % MANIFEST_ENTRY.size)
+            if not more:
+                raise WireError(f"manifest entries end inside an entry ({len(raw)} bytes in the last block)")
+            raw += more
+        for region, digest in MANIFEST_ENTRY.iter_unpack(raw):
+            if region <= last or region >= region_count:
+                raise WireError(f"manifest entry for region {region} is out of order or outside the volume "
+                                f"({region_count} regions, previous {last})")
+            if digest == NO_DIGEST:
+                raise WireError(f"manifest entry for region {region} has no digest")
+            last = region
+            yield region, digest

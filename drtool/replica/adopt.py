@@ -22,7 +22,6 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from drtool.replica.volume import META_FILE, MIRROR_FILE, ReplicaVolume, check_v
 from drtool.storage.atomic import fsync_dir
 from drtool.storage.device import Device
 from drtool.storage.paths import validate_name
+from drtool.wire import MANIFEST_ENTRY, WireError, iter_manifest_entries
 
 _STATE_LEAVES = ("manifest", "applied.json", "journal", "snapshots", "overlay.img", "overlay",
                  "overlay-applied.json")
@@ -82,10 +82,15 @@ class AdoptRequest:
             if device.size < self.size:
                 raise UsageError(f"image {self.image} has {device.size} bytes, the volume needs {self.size}")
         manifest = _stat(self.manifest, "manifest")
-        want = 32 * self.geometry.count
-        if not stat.S_ISREG(manifest.st_mode) or manifest.st_size != want:
-            raise UsageError(f"manifest {self.manifest} must be a file of {want} bytes (32 per region, "
-                             f"{self.geometry.count} regions), not {manifest.st_size}")
+        if not stat.S_ISREG(manifest.st_mode) or manifest.st_size % MANIFEST_ENTRY.size:
+            raise UsageError(f"manifest {self.manifest} must be a file of manifest entries "
+                             f"({MANIFEST_ENTRY.size} bytes each), not {manifest.st_size} bytes")
+        with open(self.manifest, "rb") as handle:  # every entry checked before anything changes
+            try:
+                for _ in iter_manifest_entries(handle.read, self.geometry.count):
+                    pass
+            except WireError as exc:
+                raise UsageError(f"manifest {self.manifest}: {exc}") from None
 
     def fingerprint(self) -> str:
         """Identifies this exact request, so a resent adopt is recognised and changes nothing."""
@@ -196,7 +201,10 @@ def build(directory: str, request: AdoptRequest, keep_mirror: bool, journal_limi
     _clear(directory, keep_mirror)
     volume = ReplicaVolume(directory, request.name, meta, journal_limit)
     with open(request.manifest, "rb") as manifest:
-        volume.mirror.table.fill_from(_reader(manifest.read, request.manifest))
+        try:
+            volume.mirror.table.fill_entries(iter_manifest_entries(manifest.read, request.geometry.count))
+        except WireError as exc:
+            raise UsageError(f"manifest {request.manifest}: {exc}") from None
     volume.mirror.applied.max_era = request.era  # the image holds the old primary's writes up to this era
     volume.mirror.applied.create(watermark=request.applied_seq)
     volume.overlay.create(request.size)
@@ -217,12 +225,3 @@ def _clear(directory: str, keep_mirror: bool) -> None:
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.unlink(path)
-
-
-def _reader(read: Callable[[int], bytes], path: str) -> Callable[[int], bytes]:
-    def exactly(count: int) -> bytes:
-        data = read(count)
-        if len(data) != count:
-            raise UsageError(f"manifest {path} ended early (it changed while being read?)")
-        return data
-    return exactly

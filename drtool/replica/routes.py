@@ -17,7 +17,9 @@ from drtool.replica.problems import Problem
 from drtool.replica.snapshots import Snapshot
 from drtool.replica.volume import ReplicaVolume
 from drtool.storage.paths import validate_name
-from drtool.wire import FRAMES_CONTENT_TYPE, RECORDS_CONTENT_TYPE
+from drtool.wire import (
+    FRAMES_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, MANIFEST_ENTRY, RECORDS_CONTENT_TYPE, encode_manifest_entries,
+)
 
 if TYPE_CHECKING:
     from drtool.replica.handler import ReplicaHandler
@@ -279,15 +281,17 @@ def _post_adopt(req: ReplicaHandler, name: str) -> None:
 
 
 def _get_manifest(req: ReplicaHandler, name: str) -> None:
-    """32 bytes per region, region order: the blake3 of each region's mirror content."""
+    """The mirror's digests as manifest entries (drtool.wire): one per region that is not all
+    zeros, in order.  Taken under the volume's shared lock, so it is one point in time."""
     volume = req.server.replicas.get(name)
     table = volume.mirror.table
-    req.send_head(200, "application/octet-stream", 32 * volume.geometry.count,
-                  {"X-Drtool-Applied-Seq": str(volume.mirror.applied.watermark)})
-    for page in range(table.page_count):
-        with volume.lock.shared():
-            digests = table.digests_of_page(page)
-        req.wfile.write(digests)
+    with volume.lock.shared():
+        count = volume.geometry.count - table.zero_count()
+        req.send_head(200, MANIFEST_CONTENT_TYPE, MANIFEST_ENTRY.size * count,
+                      {"X-Drtool-Applied-Seq": str(volume.mirror.applied.watermark),
+                       "X-Drtool-Regions": str(count)})
+        for chunk in encode_manifest_entries(table.iter_nonzero()):
+            req.wfile.write(chunk)
 
 
 def _number(body: dict[str, object], key: str) -> int:

@@ -52,7 +52,7 @@ import struct
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from drtool.errors import CorruptStateFile, StateError
@@ -610,6 +610,29 @@ class DigestTable:
                 if byte:
                     for bit in _BITS[byte]:
                         yield base + byte_index * 8 + bit
+
+    def iter_nonzero(self) -> Iterator[tuple[int, bytes]]:
+        """(region, digest) of every region whose slot is not the all-zero one, in order;
+        reads only the pages ever written (a manifest as wire entries)."""
+        for page in self._stored_pages():
+            body = self._lookup(page)
+            if body is None:
+                continue
+            base = page * PAGE_REGIONS
+            view = memoryview(body)[_BITMAP_BYTES:]
+            for index in range(self._regions_in(page)):
+                slot = view[32 * index:32 * index + 32]
+                if slot != NO_DIGEST:
+                    yield base + index, bytes(slot)
+
+    def fill_entries(self, entries: Iterable[tuple[int, bytes]]) -> None:
+        """Start over with these (region, digest) entries (an adopted manifest); every other
+        region is all zeros.  Pages are written as they fill: bounded memory."""
+        os.makedirs(self.directory, exist_ok=True)
+        self.create()
+        for region, digest in entries:
+            self.set(region, digest)
+        self.save(0)
 
     def present_regions(self) -> list[int]:
         return list(self.iter_present())

@@ -14,6 +14,7 @@ from drtool.client import ReplicaClient
 from drtool.errors import Conflict, CorruptStateFile, NotPermitted, UsageError
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.store import describe_root
+from drtool.wire import encode_manifest_entries, zero_digest
 from tests.replica.conftest import VOLUME_ID, ServerProcess, assert_problem, call, write, zero
 
 RS = 4096
@@ -21,8 +22,18 @@ COUNT = 40
 SIZE = COUNT * RS - 1000  # a partial last region
 
 
-def digests_of(content: bytes) -> bytes:
-    return b"".join(blake3.blake3(content[r * RS:(r + 1) * RS]).digest() for r in range(COUNT))
+def digests_of(content: bytes) -> list[tuple[int, bytes]]:
+    """The manifest as entries (drtool.wire): (region, blake3) of every region that is not all zeros."""
+    out = []
+    for region in range(COUNT):
+        piece = content[region * RS:(region + 1) * RS]
+        if piece.count(0) != len(piece):
+            out.append((region, blake3.blake3(piece).digest()))
+    return out
+
+
+def manifest_file(content: bytes) -> bytes:
+    return b"".join(encode_manifest_entries(iter(digests_of(content))))
 
 
 @pytest.fixture
@@ -34,7 +45,7 @@ def device(tmp_path: Path) -> tuple[Path, Path, bytearray]:
         content[region * RS:(region + 1) * RS] = bytes(len(content[region * RS:(region + 1) * RS]))
     image, manifest = tmp_path / "old-primary.img", tmp_path / "old-primary.manifest"
     image.write_bytes(content)
-    manifest.write_bytes(digests_of(bytes(content)))
+    manifest.write_bytes(manifest_file(bytes(content)))
     return image, manifest, content
 
 
@@ -55,15 +66,15 @@ def test_adopt_holds_the_replica_in_the_image_itself(client: ReplicaClient, devi
     assert adopted["era"] == 7 and adopted["seq"] == 100 and info["max_era"] == 7
     assert info["snapshots"] == [] and info["journal"]["records"] == 0 and info["overlay"]["regions"] == 0
     assert info["zero_regions"] == COUNT // 4
-    assert client.manifest("vol") == manifest.read_bytes()
-    expected = {r: manifest.read_bytes()[32 * r:32 * r + 32] for r in range(COUNT)}
+    assert list(client.manifest("vol", COUNT)) == digests_of(bytes(content))
+    expected = {r: zero_digest(min(RS, SIZE - r * RS)) for r in range(COUNT)} | dict(digests_of(bytes(content)))
     assert all(r.ok for r in client.read_regions("vol", [(0, COUNT)], expected=expected.get))
     # Records land in the adopted file; those at or below the watermark are skipped.
     assert client.send_records("vol", write(100, 0, b"old" * 10) + write(101, RS + 5, b"new" * 10)) == \
         {"applied_seq": 101, "applied": 1, "skipped": 1}
     content[RS + 5:RS + 35] = b"new" * 10
     assert image.read_bytes() == content
-    assert client.manifest("vol") == digests_of(bytes(content))
+    assert list(client.manifest("vol", COUNT)) == digests_of(bytes(content))
     # A resent adopt changes nothing (the records since stay applied).
     assert adopt(client, image, manifest)["applied_seq"] == 101
 
@@ -79,7 +90,8 @@ def test_adopt_refusals(server: ServerProcess, client: ReplicaClient, device, tm
     for changes, match in [({"image": "old-primary.img"}, "absolute"),
                            ({"image": f"{tmp_path}/../{tmp_path.name}/old-primary.img"}, "normalised"),
                            ({"image": str(tmp_path / "missing.img")}, "No such file"),
-                           ({"manifest": str(image)}, "must be a file of 1280 bytes"),
+                           ({"manifest": str(image)}, "manifest entry for region 0 has no digest"),
+                           ({"manifest": str(tmp_path / "short")}, "No such file"),
                            ({"size": SIZE + RS * 10}, "has 162840 bytes, the volume needs"),
                            ({"divergent": [[39, 2]]}, "outside the volume"),
                            ({"lost": {"records": -1, "bytes": 0}}, "records must be an integer"),
@@ -134,13 +146,13 @@ def test_a_promoted_host_is_demoted_by_adopting_its_own_image(server: ServerProc
     data[3 * RS:4 * RS] = b"w" * RS
     own.write_bytes(data)
     own_manifest = own.parent.parent / "own.manifest"
-    own_manifest.write_bytes(digests_of(bytes(data)))
+    own_manifest.write_bytes(manifest_file(bytes(data)))
     info = adopt(client, own, own_manifest, applied_seq=9, era=2, divergent=[], lost=None)
     assert info["state"] == "replica" and info["promoted"] is None and info["image"] == str(own)
     assert client.send_records("vol", write(10, 5 * RS, b"b" * 5))["applied"] == 1
     data[5 * RS:5 * RS + 5] = b"b" * 5
     assert own.read_bytes() == data  # unfenced: records land in the very same file
-    assert client.manifest("vol") == digests_of(bytes(data))
+    assert list(client.manifest("vol", COUNT)) == digests_of(bytes(data))
 
 
 def test_adopt_and_states_survive_a_restart_and_describe_root_reads_them(  # type: ignore[no-untyped-def]
@@ -189,7 +201,7 @@ def test_manifest_holds_the_digest_of_every_region(client: ReplicaClient) -> Non
         content[start + 7:start + 7 + len(piece)] = piece
         chunks += write(seq, start + 7, piece)
     client.send_records("vol", chunks)
-    assert client.manifest("vol") == digests_of(bytes(content))
+    assert list(client.manifest("vol", COUNT)) == digests_of(bytes(content))
 
 
 def test_an_interrupted_adopt_is_refused_until_sent_again(server: ServerProcess, client: ReplicaClient,
@@ -209,3 +221,30 @@ def test_an_interrupted_adopt_is_refused_until_sent_again(server: ServerProcess,
         assert "did not finish" in c.list_volumes()[0]["error"]
         assert adopt(c, image, manifest)["applied_seq"] == 100
         assert c.send_records("vol", write(101, 0, b"z"))["applied_seq"] == 101
+
+
+def test_the_manifest_of_a_sparse_15_tib_replica_costs_its_data(server: ServerProcess, client: ReplicaClient,
+                                                                tmp_path: Path) -> None:
+    """Promote and adopt move the manifest as entries: 3 written regions of 251M are 120 bytes."""
+    size, region_size = 15 << 40, 64 * 1024
+    count = size // region_size
+    client.ensure_volume("big", size, region_size, VOLUME_ID)
+    regions = [0, count // 2, count - 1]
+    chunks: list[bytes] = []
+    for seq, region in enumerate(regions, 1):
+        chunks += write(seq, region * region_size, bytes([seq]) * region_size)
+    client.send_records("big", chunks)
+    raw = call(server, "GET", "/v1/volumes/big/manifest")
+    assert raw.status_code == 200 and raw.headers["Content-Type"] == "application/x-drtool-manifest"
+    assert len(raw.content) == 3 * 40
+    assert list(client.manifest("big", count)) == [
+        (region, blake3.blake3(bytes([seq]) * region_size).digest()) for seq, region in enumerate(regions, 1)]
+    # A manifest whose entries are out of order is refused before anything changes.
+    bad = tmp_path / "bad.manifest"
+    bad.write_bytes(b"".join(encode_manifest_entries(iter([(5, b"\x01" * 32), (4, b"\x02" * 32)]))))
+    image = tmp_path / "big.img"
+    with open(image, "wb") as handle:
+        handle.truncate(size)
+    with pytest.raises(UsageError, match="region 4 is out of order"):
+        client.adopt("other", image=str(image), manifest=str(bad), size=size, region_size=region_size,
+                     volume_id=VOLUME_ID, applied_seq=0, era=1)
