@@ -74,7 +74,7 @@ def _prepare(engine: FailbackPort, device: str | None) -> None:
         if record.faulted:
             raise DeviceError(f"cannot fail back: device {path} is still unusable ({record.faulted.reason})")
         _drop_copies_the_device_holds(engine)
-    lost = engine.lost_regions()
+    lost = engine.settle_lost()  # lost only when the replica lacks them too
     if lost.any():
         raise NotPermitted(
             f"volume {engine.name}: regions {lost.runs()} are lost (never replicated); write them "

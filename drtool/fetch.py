@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import blake3
@@ -27,6 +28,8 @@ from drtool.regions import to_runs
 from drtool.wire import KIND_WRITE
 
 log = logging.getLogger("drtool.fetch")
+
+SETTLE_BATCH = 256  # regions asked of the replica in one read when settling possibly lost regions
 
 
 class RemoteFetcher:
@@ -70,10 +73,52 @@ class RemoteFetcher:
     def lagging(self, regions: list[int]) -> list[int]:
         """Refuse lost regions (nobody holds them); return those the replica lacks the latest bytes of."""
         volume = self.engine.volume
-        lost = [r for r in regions if volume.norecord.test(r)]
-        if lost:
-            raise RegionsLost(self.engine.name, to_runs(lost))
+        unsure = [r for r in regions if volume.norecord.test(r)]
+        if unsure:
+            lost = self.settle(unsure)
+            if lost:
+                raise RegionsLost(self.engine.name, to_runs(lost))
         return [r for r in regions if volume.unreplicated.test(r)]
+
+    def settle(self, regions: Iterable[int]) -> list[int]:
+        """Of regions no log record holds (``norecord``: bitmap mode, a damaged log) whose local
+        copy cannot be shipped, those really lost: a region is lost only when no copy matching
+        the manifest exists anywhere.  The mirror is asked for each one, verified against the
+        manifest; a region it holds is not lost and needs no shipping (the engine clears its
+        marks, drtool.ports.FetchPort.replica_holds).  Returns the regions still lost.
+
+        DataUnavailable when the replica cannot be asked."""
+        engine = self.engine
+        manifest = engine.volume.manifest
+        lost: list[int] = []
+        batch: list[int] = []
+
+        def ask() -> None:
+            held: dict[int, bytes] = {}
+            try:
+                for result in self.client().read_regions(engine.name, to_runs(batch),
+                                                         expected=lambda region: manifest[region]):
+                    if result.ok:
+                        held[result.region] = result.digest
+            except PeerError as exc:
+                raise DataUnavailable(f"volume {engine.name}: cannot ask the replica whether it holds "
+                                      f"regions {to_runs(batch)} (no log record holds them): {exc}") from None
+            for region in batch:
+                digest = held.get(region)
+                if digest is None or not engine.replica_holds(region, digest):
+                    lost.append(region)
+            if held:
+                log.info("volume %s: the replica holds regions %s as the manifest says: not lost",
+                         engine.name, to_runs(sorted(r for r in held if r not in lost)))
+            batch.clear()
+
+        for region in regions:
+            batch.append(region)
+            if len(batch) >= SETTLE_BATCH:
+                ask()
+        if batch:
+            ask()
+        return lost
 
     def prepare(self, regions: list[int]) -> None:
         """Refuse lost regions; force-replicate lagging ones so the replica has their latest bytes."""

@@ -128,7 +128,7 @@ def recover(engine: Engine, local_era: int | None = None, source: str | None = N
     return {"volume": engine.name, "changed": changed, "mode": engine.mode,
             "recovery": engine.record.recovery.to_json() if engine.record.recovery else None, "bad_count": engine.volume.bad.popcount(),
             "requested_count": engine.requested_regions().popcount(),
-            "lost_regions": [list(r) for r in engine.lost_regions().runs()]}
+            "lost_regions": [list(r) for r in engine.settle_lost().runs()]}
 
 
 def failback(engine: Engine, device: str | None = None, rate: int | str | None = None,
@@ -144,6 +144,27 @@ def failback(engine: Engine, device: str | None = None, rate: int | str | None =
     try:
         return failback_mod.failback(engine, device=device, rate=parse_rate(rate),
                                      progress_start=start, progress=progress.advance)
+    finally:
+        if started:
+            progress.finish()
+
+
+def verify(engine: Engine, regions: str | None = None, repair: bool = False, rate: int | str | None = None,
+           restart: bool = False, timeout: float = 300.0, progress: Progress | None = None) -> dict[str, Any]:
+    """drtool verify: the replica re-reads and re-hashes its regions; compared here (drtool.verify)."""
+    from drtool import verify as verify_mod
+
+    progress = progress or NoProgress()
+    started = False
+
+    def start(total: int) -> None:
+        nonlocal started
+        started = True
+        progress.start(total, f"verifying {engine.name}")
+
+    try:
+        return verify_mod.verify(engine, regions=regions, repair=repair, rate=parse_rate(rate), restart=restart,
+                                 timeout=timeout, progress_start=start, progress=progress.advance)
     finally:
         if started:
             progress.finish()

@@ -22,7 +22,7 @@ from itertools import islice
 from typing import Any
 
 from drtool.engine.lag import Pending, lag
-from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable
+from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost
 from drtool.peer import make_client
 from drtool.ports import ReplicationPort
 from drtool.regions import to_runs
@@ -167,6 +167,7 @@ class Replicator:
         """Ship until the lag is zero, retrying an unreachable peer until ``timeout`` runs out."""
         deadline = time.monotonic() + timeout
         pause = 0.2
+        settled = False
         while True:
             try:
                 self.ship(deadline=deadline)
@@ -179,6 +180,14 @@ class Replicator:
                 continue
             if not self.engine.volume.unreplicated.any():
                 return
+            if not settled:
+                # What is left may be regions the volume cannot give (bad, no log record): the
+                # replica may hold them already, as the manifest says (then nothing is pending).
+                settled = True
+                lost = self.engine.settle_lost()
+                if lost.any() and not self.engine.volume.unreplicated.difference(lost).any():
+                    raise RegionsLost(self.engine.name, lost.runs())  # no wait can ship them
+                continue
             if time.monotonic() > deadline:
                 raise OperationTimeout(f"volume {self.engine.name}: {self.pending_summary()} after shipping")
 

@@ -232,6 +232,20 @@ class StateChanges:
                     bitmap.clear(region)
             return True
 
+    def replica_holds(self, region: int, digest: bytes) -> bool:
+        """The mirror holds bytes of this region whose digest is ``digest`` (verified by the
+        caller, drtool.fetch): when that is what the manifest says, no log record is needed to
+        ship the region (its ``norecord`` bit goes, and its ``unreplicated`` bit unless records
+        of it are pending).  False, nothing changed, when the region changed meanwhile."""
+        with self.holding(region):
+            if not self.volume.manifest.matches(region, digest):
+                return False
+            with self.meta:
+                self.volume.norecord.clear(region)
+                if not self.log.has_pending(region):
+                    self.volume.unreplicated.clear(region)
+            return True
+
     # -- replication's bookkeeping ----------------------------------------------------------
 
     def acknowledge(self, seqs: list[int]) -> None:

@@ -19,7 +19,7 @@ from drtool.engine import modes
 from drtool.engine.changes import DEVICE, OVERLAY, StateChanges
 from drtool.engine.reads import ReadPath
 from drtool.engine.writes import WritePath
-from drtool.errors import DeviceError, DeviceIOError, NotPermitted, UsageError
+from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
 from drtool.fetch import RemoteFetcher
 from drtool.regions import Geometry
 from drtool.storage import overlay as overlay_file
@@ -504,5 +504,19 @@ class Engine(ReadPath, WritePath, StateChanges):
         return self.volume.requested_regions()
 
     def lost_regions(self) -> RegionBitmap:
-        """Requested regions nobody holds: never replicated and no log record left."""
+        """Requested regions that no log record holds and that the replica is not known to hold
+        (:meth:`settle_lost` asks it)."""
         return self.volume.lost_regions()
+
+    def settle_lost(self) -> RegionBitmap:
+        """The lost regions, after asking the replica: a region is lost only when no copy
+        matching the manifest exists anywhere, so those the mirror holds are not (their marks
+        go, drtool.fetch.RemoteFetcher.settle).  The replica unreachable: as far as is known."""
+        lost = self.lost_regions()
+        if lost.any() and self.protected:
+            try:
+                self._fetcher().settle(iter(lost))
+            except DataUnavailable as exc:
+                log.warning("%s", exc)
+            lost = self.lost_regions()
+        return lost
