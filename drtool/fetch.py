@@ -21,7 +21,7 @@ from typing import Any
 
 import blake3
 
-from drtool.errors import DataUnavailable, PeerError, RegionsLost, VerificationFailed
+from drtool.errors import DataUnavailable, PeerError, RegionsLost, UsageError, VerificationFailed
 from drtool.peer import make_client
 from drtool.ports import FetchPort
 from drtool.regions import to_runs
@@ -69,6 +69,20 @@ class RemoteFetcher:
     def source(self) -> str:
         recovery = self.engine.record.recovery
         return recovery.source if recovery is not None else "mirror"
+
+    def check_snapshot(self, snapshot: str) -> None:
+        """Refuse a snapshot the replica server does not have (UsageError, naming those it has)."""
+        engine = self.engine
+        if engine.record.peer is None:
+            return  # not protected: recovering is refused for that reason
+        try:
+            names = [info["name"] for info in self.client().list_snapshots(engine.name)]
+        except PeerError as exc:
+            raise PeerError(f"volume {engine.name}: cannot check snapshot {snapshot} on the replica "
+                            f"server: {exc}") from None
+        if snapshot not in names:
+            raise UsageError(f"volume {engine.name}: the replica server has no snapshot {snapshot} "
+                             f"(it has: {', '.join(names) if names else 'none'})")
 
     def lagging(self, regions: list[int]) -> list[int]:
         """Refuse lost regions (nobody holds them); return those the replica lacks the latest bytes of."""

@@ -343,7 +343,11 @@ class Engine(ReadPath, WritePath, StateChanges):
 
     def enter_degraded(self, reason: str, local_era: int | None = None, source: str = "mirror",
                        auto: bool = False) -> bool:
-        """Create the overlay and redirect writes to it.  Instant; idempotent."""
+        """Create the overlay and redirect writes to it.  Instant; idempotent.  A snapshot
+        source must exist on the replica server (asked first: nothing changes otherwise)."""
+        recovery = self.record.recovery
+        if source.startswith("snapshot:") and not (recovery is not None and recovery.source == source):
+            self._fetcher().check_snapshot(source.split(":", 1)[1])
         with self.meta:
             if modes.in_recovery(self.record):
                 recovery = self.record.recovery
