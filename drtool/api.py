@@ -17,7 +17,7 @@ from drtool import control, detect, ops, roles
 from drtool.engine import Engine
 from drtool.progress import NoProgress, Progress
 from drtool.regions import DEFAULT_REGION_SIZE
-from drtool.replication import Replicator
+from drtool.replication import Replicator, absolute_path
 from drtool.status import volume_status
 from drtool.storage.paths import StatePaths, list_volumes, state_root, validate_name
 from drtool.storage.volume import Volume
@@ -121,7 +121,9 @@ def protect(name: str, peer: str, token_file: str | None = None, ca: str | None 
 
     After a role swap the sync is incremental (fast failback); ``plan_only`` reports what
     would be copied and copies nothing."""
-    args = {"peer": peer, "token_file": token_file, "ca": ca, "plan_only": plan_only, "insecure": insecure}
+    # Paths are the caller's: absolute before they reach an agent running in another directory.
+    args = {"peer": peer, "token_file": absolute_path(token_file), "ca": absolute_path(ca),
+            "plan_only": plan_only, "insecure": insecure}
     return _run(name, root, "protect", args, lambda e: ops.protect(e, progress=progress, **args), progress,
                 look_only=plan_only)
 
@@ -158,7 +160,7 @@ def recover(name: str, local_era: int | None = None, source: str | None = None,
 def failback(name: str, device: str | None = None, rate: int | str | None = None,
              root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Copy bad and overlay regions back into the (repaired or new) device; back to normal."""
-    args = {"device": device, "rate": rate}
+    args = {"device": absolute_path(device), "rate": rate}
     return _run(name, root, "failback", args, lambda e: ops.failback(e, progress=progress, **args), progress)
 
 
@@ -171,13 +173,14 @@ def demote(name: str, timeout: float = 60.0, force: bool = False, root: str | No
 def adopt(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
           root: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Serve a demoted volume from this host's replica server (the agent must be stopped)."""
-    return roles.adopt(root, name, replica_url, token_file, ca, insecure=insecure)
+    return roles.adopt(root, name, replica_url, absolute_path(token_file), absolute_path(ca), insecure=insecure)
 
 
 def promote(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
             force: bool = False, root: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Turn this host's replica into the primary volume (``force``: takeover)."""
-    return roles.promote(root, name, replica_url, token_file, ca, force=force, insecure=insecure)
+    return roles.promote(root, name, replica_url, absolute_path(token_file), absolute_path(ca), force=force,
+                         insecure=insecure)
 
 
 def remove_volume(name: str, root: str | None = None) -> dict[str, Any]:

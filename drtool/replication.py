@@ -15,6 +15,7 @@ each) a batch at a time, and shipped like any record.  The initial full sync of
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -262,6 +263,8 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
     the wire).  The replica is never called in sync without that evidence.  ``on_plan`` hears
     what will be copied before it starts.
     """
+    # Kept absolute: later commands (and the agent) run from other directories.
+    token_file, ca = absolute_path(token_file), absolute_path(ca)
     peer = {"url": url.rstrip("/"), "token_file": token_file, "ca": ca}
     if insecure:  # plain http:// beyond loopback, said explicitly (--insecure); kept with the peer
         peer["insecure"] = True
@@ -317,6 +320,11 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
     return {"volume": engine.name, "peer": peer["url"], "changed": changed, "plan": plan,
             "regions_synced": before - volume.norecord.popcount(),
             "records_shipped": replicator.shipped_records, "bytes_shipped": replicator.shipped_bytes}
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A file named on the command line, absolute (relative to the caller's directory)."""
+    return os.path.abspath(path) if path else path
 
 
 def _count(regions: Iterable[int]) -> int:
