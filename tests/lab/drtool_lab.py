@@ -7,9 +7,12 @@ what drtool's playbooks need on top, all of it inside the lab's own directory (r
 
 - an inventory directory generated from the lab's own inventory: the lab's connection settings,
   plus group_vars that keep everything drtool creates on the hosts' private storage (the venv in
-  ``/srv/drtool/venv``, replicas in ``/srv/drtool/replicas``, tokens in ``/srv/drtool/etc``, the
-  volume images in ``/srv/drtool/images``).  ``primary`` is in both groups: a host that may become
-  the secondary after a swap runs a replica server too;
+  ``/srv/drtool/venv``, replicas in ``/srv/drtool/replicas``, tokens and TLS files in
+  ``/srv/drtool/etc``, the volume images in ``/srv/drtool/images``).  ``primary`` is in both groups:
+  a host that may become the secondary after a swap runs a replica server too;
+- TLS end to end, as at a real site (drtool refuses plain HTTP beyond loopback): a throwaway CA made
+  with openssl at setup, a server certificate per host for its lab address (each host serves
+  replicas in turn as the roles swap), the CA given to the primaries, ``https://`` peer URLs;
 - a wheelhouse of drtool's dependencies and a snapshot of the sources, so ``drtool_install`` builds
   a wheel and installs it offline into each host's venv;
 - helpers that act as an operator would, over SSH: playbook runs with the PLAY RECAP parsed, writes
@@ -24,6 +27,7 @@ import random
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,41 @@ REGION = 64 * 1024
 VOLUME_SIZE = 16 * 1024 * 1024
 VOLUMES = ("vol-a", "vol-b")
 TOKEN = "drtool-lab-token-" + "5c" * 12
+
+
+@dataclass(frozen=True)
+class LabPki:
+    """The lab's throwaway CA and one server certificate (and key) per host, as PEM text."""
+
+    ca_cert: str
+    servers: dict[str, tuple[str, str]]  # host name -> (certificate, key)
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def make_lab_pki(directory: Path, hosts: dict[str, dict[str, Any]]) -> LabPki:
+    """A CA valid for two days and, for each host, a certificate for its lab address and its name
+    (subjectAltName), signed by it.  Keys are mode 0600; nothing here outlives the lab's dir."""
+    directory.mkdir(mode=0o700)
+    ca_cert, ca_key = directory / "ca.pem", directory / "ca-key.pem"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", ca_key, "-out", ca_cert, "-days", "2", "-subj", "/CN=drtool lab CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    servers = {}
+    for name, host in hosts.items():
+        cert, key, csr, ext = (directory / f"{name}{suffix}" for suffix in (".pem", "-key.pem", ".csr", ".ext"))
+        ext.write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n"
+                       f"subjectAltName=IP:{host['address']},DNS:{name}\n")
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        _openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                 "-days", "2", "-extfile", ext)
+        key.chmod(0o600)
+        servers[name] = (cert.read_text(), key.read_text())
+    return LabPki(ca_cert.read_text(), servers)
+
 
 def region_digests(data: bytes | bytearray) -> list[str]:
     return [hashlib.sha256(data[i:i + REGION]).hexdigest() for i in range(0, len(data), REGION)]
@@ -75,6 +114,7 @@ class DrtoolLab:
         self.inventory = self.dir / "inventory"
         self.wheelhouse = self.dir / "wheelhouse"
         self.source = self.dir / "source"
+        self.pki: LabPki | None = None
         self.expected = {name: initial_image(name) for name in VOLUMES}
 
     # -- setup ------------------------------------------------------------------------------
@@ -83,6 +123,7 @@ class DrtoolLab:
         self.dir.mkdir()
         (self.dir / "build").mkdir()
         self._snapshot_sources()
+        self.pki = make_lab_pki(self.dir / "pki", self.lab.hosts)
         self._write_inventory()
         self._build_wheelhouse()
         for name in VOLUMES:
@@ -100,12 +141,16 @@ class DrtoolLab:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(self.wheelhouse), *deps],
                        check=True, capture_output=True, timeout=600)
 
+    def replica_url(self, host: str) -> str:
+        """The host's replica server as its pair reaches it (and as drtool reports the peer)."""
+        return f"https://{self.lab.hosts[host]['address']}:{REPLICA_PORT}"
+
     def _write_inventory(self) -> None:
+        assert self.pki is not None
         generated = yaml.safe_load(self.lab.inventory.read_text())
         groups = generated["all"]["children"]
         # Either host may be the secondary after a swap: both run a replica server.
         groups["secondaries"]["hosts"].update({name: None for name in groups["primaries"]["hosts"]})
-        address = {name: host["address"] for name, host in self.lab.hosts.items()}
         common = {
             "drtool_token": TOKEN,
             # drtool_install: a wheel of the snapshot, offline from the wheelhouse, into each host's
@@ -123,14 +168,20 @@ class DrtoolLab:
             "drtool_secondary_token": "{{ drtool_token }}",
             "drtool_secondary_token_file": f"{STORAGE}/etc/replica.token",
             "drtool_secondary_service_manager": "daemon",
+            # TLS (each host's certificate and key are in its host_vars): the role writes them here.
+            "drtool_secondary_tls_dir": f"{STORAGE}/etc/tls",
             # drtool_primary: the settings a host needs whenever it is the primary.
             "drtool_primary_token": "{{ drtool_token }}",
             "drtool_primary_token_file": f"{STORAGE}/etc/peer.token",
+            # The CA of every replica server's certificate: a host verifies its pair's and, in a role
+            # swap, its own (promote, adopt).
+            "drtool_primary_ca_cert": self.pki.ca_cert,
+            "drtool_primary_ca_file": f"{STORAGE}/etc/peer-ca.pem",
             "drtool_primary_service_manager": "daemon",
             "drtool_failover_timeout": 60,
         }
         primary_vars = {
-            "drtool_primary_peer_url": f"http://{address['secondary']}:{REPLICA_PORT}",
+            "drtool_primary_peer_url": self.replica_url("secondary"),
             "drtool_primary_volumes": [
                 {"name": name, "device": f"{STORAGE}/images/{name}.img", "region_size": "64K",
                  "create_size": str(VOLUME_SIZE)} for name in VOLUMES],
@@ -140,7 +191,13 @@ class DrtoolLab:
         header = f"# drtool lab {self.lab.id}: generated by tests/lab/drtool_lab.py, removed by `lab.py down`.\n"
         (self.inventory / "hosts.yml").write_text(header + yaml.safe_dump(generated, sort_keys=False))
         (self.inventory / "group_vars" / "all.yml").write_text(header + yaml.safe_dump(common, sort_keys=False))
-        (self.inventory / "host_vars" / "primary.yml").write_text(header + yaml.safe_dump(primary_vars, sort_keys=False))
+        host_vars = {name: {"drtool_secondary_tls_cert": cert, "drtool_secondary_tls_key": key}
+                     for name, (cert, key) in self.pki.servers.items()}
+        host_vars["primary"].update(primary_vars)
+        for name, variables in host_vars.items():
+            path = self.inventory / "host_vars" / f"{name}.yml"
+            path.write_text(header + yaml.safe_dump(variables, sort_keys=False))
+            path.chmod(0o600)  # a TLS key
 
     # -- running things ---------------------------------------------------------------------
 

@@ -102,6 +102,8 @@ def test_site_installs_and_protects(d: DrtoolLab) -> None:
     for volume in VOLUMES:
         status = d.status(A, volume)
         assert status["role"] == "primary" and status["replication"]["initial_sync"] == "done", status
+        # Over TLS, verified against the lab's CA: nothing crosses the lab's network in cleartext.
+        assert status["peer"]["url"] == d.replica_url(B) and not status["peer"].get("insecure"), status["peer"]
     replicas = d.replica_status(B)
     assert sorted(replicas) == sorted(VOLUMES)
     assert d.replica_status(A) == {}  # A's own replica server runs, idle until A steps down
@@ -110,6 +112,39 @@ def test_site_installs_and_protects(d: DrtoolLab) -> None:
     assert d.ssh(A, f"test -e {REPLICA_ROOT}/vol-a").returncode == 1
     assert d.ssh(B, f"test -e {STORAGE}/images/vol-a.img").returncode == 1
     assert_serves_expected(d, A)
+
+
+_PROBE_SCRIPT = (
+    "import ssl, sys, urllib.error, urllib.request\n"
+    "def get(url, context=None):\n"
+    "    try:\n"
+    "        urllib.request.urlopen(url, timeout=5, context=context)\n"
+    "        return 'http 200'\n"
+    "    except urllib.error.HTTPError as exc:\n"
+    "        return f'http {exc.code}'\n"
+    "    except Exception as exc:\n"
+    "        return type(exc).__name__\n"
+    "print(get('https://' + sys.argv[1] + '/v1/health', ssl.create_default_context(cafile=sys.argv[2])))\n"
+    "print(get('http://' + sys.argv[1] + '/v1/health'))\n"
+)
+
+
+def test_cleartext_is_refused_beyond_loopback(d: DrtoolLab) -> None:
+    # Each replica server answers HTTPS with a certificate the lab's CA signed for its address, and
+    # no plain HTTP at all.
+    for host in (A, B):
+        probe = d.ssh(A, ["python3", "-c", _PROBE_SCRIPT, f"{d.lab.hosts[host]['address']}:8470",
+                          f"{STORAGE}/etc/peer-ca.pem"], check=True)
+        https, http = probe.stdout.split("\n")[:2]
+        assert https.startswith("http ") and not http.startswith("http "), (host, probe.stdout)
+    # The primary's role refuses an http:// peer off loopback before it changes anything.
+    http_peer = f"http://{d.lab.hosts[B]['address']}:8470"
+    run = d.playbook("site.yml", "--limit", A, drtool_primary_peer_url=http_peer)
+    check = "drtool_primary : Check that the peer is reached over TLS beyond loopback"
+    assert run.rc != 0 and failed_task(run) == check, f"{run}"
+    assert "drtool_primary_insecure" in run.output and run.changed == 0, f"{run}"
+    for volume in VOLUMES:
+        assert d.status(A, volume)["peer"]["url"] == d.replica_url(B)
 
 
 def test_planned_failover_refuses_to_start_until_replication_drains(d: DrtoolLab) -> None:
@@ -147,7 +182,7 @@ def test_planned_failover_swaps_the_roles(d: DrtoolLab) -> None:
         assert old["role"] == "secondary" and old["last_swap"]["event"] == "demoted", old
         assert old["demoted"]["lost"]["records"] == 0
         # Reverse replication to A's own replica server: A kept every region, nothing to copy.
-        assert new["direction"] == f"this host -> http://{d.lab.hosts[A]['address']}:8470"
+        assert new["direction"] == f"this host -> {d.replica_url(A)}"
         assert (new["replication"]["mode"], new["replication"]["regions"]) == ("incremental", 0), new["replication"]
         assert new["replication"]["initial_sync"] == "done"
     # The new primary serves exactly what A held before the swap, read by an NBD client on B.
@@ -166,7 +201,7 @@ def test_while_swapped_the_playbooks_follow_the_roles(d: DrtoolLab) -> None:
     assert status["mode"] == "degraded" and status["bad_regions"] == [[17, 1]], status
     # Served from the replica on the old primary (A's replica server, on A's own device) over the
     # lab's network, verified: the NBD client on B reads exact bytes.
-    assert status["direction"] == f"this host -> http://{d.lab.hosts[A]['address']}:8470"
+    assert status["direction"] == f"this host -> {d.replica_url(A)}"
     assert status["recovery"]["fetched_regions"] >= 1
     assert_serves_expected(d, B)
     # A's demoted volumes were neither scrubbed nor put in recovery (its replica server writes them).
@@ -234,7 +269,7 @@ def test_swap_back_moves_only_what_changed(d: DrtoolLab) -> None:
     d.write(A, "vol-b", [(9 * REGION, 4096, 0x71)])
     d.drtool(A, "replicate", "vol-b", "--wait")
     assert_device_expected(d, B)  # B's replica is exact too (its devices are its replica images)
-    url = f"http://{d.lab.hosts[B]['address']}:8470"
+    url = d.replica_url(B)
     for volume in VOLUMES:
         assert_plan_shown(run, f"{volume}: incremental sync to {url}: 0 regions (0 bytes) to copy",
                           f"{volume}: incremental sync to {url} done: 0 regions copied")
@@ -304,7 +339,7 @@ def test_takeover_then_the_old_primary_returns(d: DrtoolLab) -> None:
     assert (new["replication"]["mode"], new["replication"]["regions"]) == ("incremental", 3), new["replication"]
     assert new["last_swap"]["lost"]["records"] == 3 and new["promoted"]["lost"]["bytes"] == 5632
     assert (d.status(B, "vol-b")["replication"]["regions"]) == 0
-    url = f"http://{d.lab.hosts[A]['address']}:8470"
+    url = d.replica_url(A)
     assert f"vol-a: incremental sync to {url} done: 3 regions copied (196608 bytes planned), 2 divergent" in said
     assert_serves_expected(d, B)
     # A is the secondary again, its devices exact (served by its replica server).

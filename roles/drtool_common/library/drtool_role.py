@@ -71,6 +71,15 @@ options:
     description:
       - CA certificate (PEM file) of an V(https) O(replica_url).
     type: path
+  insecure:
+    description:
+      - Reach an V(http://) O(replica_url) whose host is not loopback (C(drtool promote/adopt --insecure)). Without
+        it drtool refuses such a URL, because the bearer token and the volume's bytes would cross the network in
+        cleartext.
+      - Only when that replica server runs with its own C(insecure) (a link private by other means, or a lab).
+        Not needed for V(https://), or for V(http://) on loopback.
+    type: bool
+    default: false
   state_root:
     description:
       - drtool's state root on the host. Default C($DRTOOL_STATE_ROOT), else C(/var/lib/drtool).
@@ -208,16 +217,31 @@ def _view(status):
     return {"role": status["role"], "registered": True, "adopted_by": adopted.get("url")}
 
 
-def _replica_info(module, api, name, url, token_file, ca):
+def _replica_info(module, api, name, url, token_file, ca, insecure):
     """The replica server's description of the volume (None when it holds no such volume)."""
     from drtool.errors import DrtoolError, VolumeNotFound
 
     try:
+        if insecure:
+            return _replica_info_insecure(api, name, url, token_file, ca)
         return api.replica_info(name, url, token_file=token_file, ca=ca)
     except VolumeNotFound:
         return None
     except DrtoolError as exc:
         fail_drtool(module, exc)
+
+
+def _replica_info_insecure(api, name, url, token_file, ca):
+    """replica_info over plain HTTP beyond loopback.  TODO: drop the fallback once every drtool in use
+    has ``drtool.api.replica_info(..., insecure=)``: until then its client refuses such a URL."""
+    import inspect
+
+    if "insecure" in inspect.signature(api.replica_info).parameters:
+        return api.replica_info(name, url, token_file=token_file, ca=ca, insecure=True)
+    from drtool.peer import make_client
+
+    with make_client({"url": url, "token_file": token_file, "ca": ca, "insecure": True}) as client:
+        return client.volume_info(name)
 
 
 def _secondary(module, api, name, root, before):
@@ -227,7 +251,7 @@ def _secondary(module, api, name, root, before):
     if before is None:
         # Not registered here: this host was never the volume's primary.  Its replica server,
         # when named, must hold the volume (a typo in the name must not pass as "already done").
-        if url and _replica_info(module, api, name, url, p["token_file"], p["ca"]) is None:
+        if url and _replica_info(module, api, name, url, p["token_file"], p["ca"], p["insecure"]) is None:
             module.fail_json(msg="volume %s is neither registered on this host%s nor held by the replica server %s"
                                  % (name, " under %s" % root if root else "", url))
         return result, None
@@ -248,7 +272,7 @@ def _secondary(module, api, name, root, before):
                 module.fail_json(msg="volume %s is demoted, but the agent still serves it: stop the agent "
                                      "(drtool_agent state=stopped) before its replica server can adopt it" % name,
                                  actions=result["actions"])
-            call(module, api.adopt, name, url, p["token_file"], p["ca"], root=root)
+            call(module, api.adopt, name, url, p["token_file"], p["ca"], root=root, insecure=p["insecure"])
             status = volume_status(module, name, root)
     return result, status
 
@@ -260,7 +284,7 @@ def _primary(module, api, name, root, before):
         return result, before  # promoted earlier, or the original primary: nothing to do
     result["actions"].append("promoted")
     if module.check_mode:
-        info = _replica_info(module, api, name, p["replica_url"], p["token_file"], p["ca"])
+        info = _replica_info(module, api, name, p["replica_url"], p["token_file"], p["ca"], p["insecure"])
         if info is None:
             module.fail_json(msg="the replica server %s holds no volume %s to promote" % (p["replica_url"], name))
         result["replica"] = {key: info.get(key) for key in ("state", "applied_seq", "primary", "promoted", "image")}
@@ -269,7 +293,8 @@ def _primary(module, api, name, root, before):
                         "happen first, or force=true (a takeover)" % name)
         # Not promoted yet: an earlier promotion's record (before a swap back) is not this one.
         return result, dict(before or {}, role="primary", demoted=None, promoted=None)
-    call(module, api.promote, name, p["replica_url"], p["token_file"], p["ca"], force=p["force"], root=root)
+    call(module, api.promote, name, p["replica_url"], p["token_file"], p["ca"], force=p["force"], root=root,
+         insecure=p["insecure"])
     return result, volume_status(module, name, root)
 
 
@@ -283,6 +308,7 @@ def main():
             replica_url=dict(type="str"),
             token_file=dict(type="path"),
             ca=dict(type="path"),
+            insecure=dict(type="bool", default=False),
             state_root=STATE_ROOT_OPTION,
         ),
         # The replica that becomes the primary volume lives in this host's replica server.

@@ -64,6 +64,16 @@ options:
     description:
       - CA certificate (PEM file) that signed the replica server's TLS certificate, for an V(https) peer.
     type: path
+  insecure:
+    description:
+      - Pair with an V(http://) O(peer) whose host is not loopback (C(drtool protect --insecure)). Without it drtool
+        refuses such a peer, because the bearer token and the volume's bytes would cross the network in cleartext.
+      - Only for a link that is private by other means (a dedicated, encrypted tunnel or VPN), or a lab. The pairing
+        keeps it (C(drtool status) shows the link as insecure); the replica server must run with its own
+        C(insecure) as well. Changing it on a paired volume updates the pairing.
+      - Not needed for V(https://) peers, or for V(http://) on loopback.
+    type: bool
+    default: false
   settings:
     description:
       - The volume's settings (C(drtool configure)), changed live when an agent serves it. Only the keys given
@@ -177,6 +187,11 @@ peer:
   returned: when registered
   type: str
   sample: https://dr-site.example.com:8470
+insecure:
+  description: Whether the pairing accepts plain HTTP beyond loopback (O(insecure)).
+  returned: when registered
+  type: bool
+  sample: false
 initial_sync:
   description: State of the initial sync (V(running), V(done)), or null when not paired.
   returned: when registered
@@ -225,6 +240,7 @@ def _view(status):
         "device": status["device"],
         "region_size": status["region_size"],
         "peer": (status.get("peer") or {}).get("url"),
+        "insecure": bool((status.get("peer") or {}).get("insecure")),
         "initial_sync": replication.get("initial_sync"),
     }
 
@@ -240,6 +256,7 @@ def main():
             token_file=dict(type="path"),
             token=dict(type="str", no_log=True),
             ca=dict(type="path"),
+            insecure=dict(type="bool", default=False),
             settings=dict(type="dict", options=dict(
                 copy_on_read=dict(type="bool"), auto_degrade=dict(type="bool"),
                 log_limit=dict(type="str"), fetch_timeout=dict(type="float"))),
@@ -298,21 +315,27 @@ def main():
                 call(module, api.configure, name, wanted, root=root)
         peer = p["peer"].rstrip("/") if p["peer"] else None
         fresh = before is None or differs
-        if peer and (fresh or view["peer"] != peer or view["initial_sync"] != "done"):
-            actions.append("paired" if fresh or view["peer"] != peer else "sync resumed")
+        insecure = p["insecure"]
+        if peer and (fresh or view["peer"] != peer or view["initial_sync"] != "done"
+                     or view["insecure"] != insecure):
+            if fresh or view["peer"] != peer:
+                actions.append("paired")
+            else:
+                actions.append("sync resumed" if view["initial_sync"] != "done" else "pairing updated")
             if not module.check_mode:
-                result["protect"] = call(module, api.protect, name, peer, p["token_file"], p["ca"], root=root)
+                result["protect"] = call(module, api.protect, name, peer, p["token_file"], p["ca"], root=root,
+                                         insecure=insecure)
                 result["plan"] = result["protect"].get("plan")
             elif not fresh:
                 # What the sync would copy, as drtool plans it (the replica server is asked; nothing is
                 # copied): after a role swap, the fast failback's regions.
-                result["plan"] = _plan(module, api, name, peer, p["token_file"], p["ca"], root)
+                result["plan"] = _plan(module, api, name, peer, p["token_file"], p["ca"], root, insecure)
         if not actions:
             predicted = _view(before)
         elif module.check_mode:
             predicted = dict(_view(before), registered=True, device=device, region_size=region_size)
             if peer:
-                predicted.update(peer=peer, initial_sync="done")
+                predicted.update(peer=peer, insecure=insecure, initial_sync="done")
         else:
             predicted = _view(volume_status(module, name, root))
 
@@ -334,12 +357,12 @@ def _settings(module, api, name, root):
     return call(module, api.configure, name, root=root)["settings"]
 
 
-def _plan(module, api, name, peer, token_file, ca, root):
+def _plan(module, api, name, peer, token_file, ca, root, insecure):
     """drtool's plan for pairing the volume with ``peer`` (check mode); None if the peer cannot tell."""
     from drtool.errors import DrtoolError
 
     try:
-        return api.protect(name, peer, token_file, ca, root=root, plan_only=True)["plan"]
+        return api.protect(name, peer, token_file, ca, root=root, plan_only=True, insecure=insecure)["plan"]
     except DrtoolError as exc:
         module.warn("volume %s: cannot tell what the sync to %s would copy: %s" % (name, peer, exc))
         return None
