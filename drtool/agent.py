@@ -254,6 +254,7 @@ class Agent:
             "failback": lambda a, p: ops.failback(engine, progress=p, **a),
             "protect": lambda a, p: self._protect(engine, a, p),
             "demote": lambda a, p: ops.demote(engine, **a),
+            "verify": lambda a, p: ops.verify(engine, progress=p, **a),
         }
 
     def _protect(self, engine: Engine, args: dict[str, Any], progress: Progress) -> dict[str, Any]:

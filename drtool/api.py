@@ -150,6 +150,17 @@ def replicate(name: str, wait: bool = False, regions: str | None = None, timeout
     return _run(name, root, "replicate", args, lambda e: ops.replicate(e, **args))
 
 
+def verify_volume(name: str, regions: str | None = None, repair: bool = False, rate: int | str | None = None,
+                  restart: bool = False, timeout: float = 300.0, root: str | None = None,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Prove the replica: it re-reads and re-hashes its regions, compared with the manifest and
+    with what this side believes acknowledged (drtool.verify).  ``repair``: ship the regions
+    that differ again, then verify them once more.  Resumable unless ``restart``."""
+    args = {"regions": regions, "repair": repair, "rate": rate, "restart": restart, "timeout": timeout}
+    return _run(name, root, "verify", args, lambda e: ops.verify(e, progress=progress, **args), progress,
+                look_only=not repair)
+
+
 def recover(name: str, local_era: int | None = None, source: str | None = None,
             root: str | None = None) -> dict[str, Any]:
     """Enter degraded mode: create the overlay, redirect writes, merge reads.  Idempotent."""

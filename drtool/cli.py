@@ -388,6 +388,17 @@ def cmd_agent(ctx: Context) -> int:
     notify = _maybe_daemonize(ctx)
     _setup_logging(a.debug)
 
+def cmd_verify(ctx: Context) -> int:
+    a = ctx.args
+    result = api.verify_volume(a.name, regions=a.regions, repair=a.repair, rate=a.rate, restart=a.restart,
+                               timeout=a.timeout, root=ctx.root, progress=ctx.progress())
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        report.render_verify(ctx.out, result)
+    return ExitCode.BAD_REGIONS if result["result"] == "differ" else ExitCode.OK
+
+
     def announce(addresses: dict) -> None:
         lines = [f"drtool agent (pid {addresses['pid']}) serving"]
         for name, uris in addresses["uris"].items():
@@ -599,6 +610,15 @@ def _fail(exc: BaseException, code: int, debug: bool, wants_json: bool, stdout: 
     if wants_json:
         error = {"type": type(exc).__name__, "message": message, "exit_code": int(code)}
         stdout.write(json.dumps({"error": error}) + "\n")
+    p = command("verify", cmd_verify, "prove the replica: it re-reads and re-hashes its regions, compared with "
+                "the manifest; exit 3 when regions differ")
+    p.add_argument("name")
+    p.add_argument("--regions", help="only these regions (e.g. 3,10-12,40+4); default every region")
+    p.add_argument("--repair", action="store_true", help="ship the regions that differ again, then verify them")
+    p.add_argument("--rate", help="throttle: bytes per second the replica reads (e.g. 200M)")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted verify")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --repair may wait for replication")
+
     return int(code)
 
 

@@ -257,6 +257,32 @@ class ReplicaClient:
         """A new primary's sequence numbers start after ``seq``; the replica's description."""
         return self._json("POST", self._path(name, "rebase"), json={"seq": seq})
 
+    # -- the replica's own scrub (docs/api.md "Verify and scrub") -------------------------
+
+    def verify_regions(self, name: str, runs: Iterable[Run], start: int = 0, overlay: bool = False,
+               max_bytes: int | None = None) -> dict[str, Any]:
+        """Have the server re-read and re-hash a batch of ``runs`` from region ``start`` on.
+
+        Returns {"entries": [{"region", "source", "stored", "computed", "error"?}], "next",
+        "bytes_read", "regions_read", "bad", "applied_seq"}; regions of the runs before ``next``
+        without an entry are all zeros on the replica (table and image).  Idempotent (retried)."""
+        body: dict[str, Any] = {"runs": [[int(a), int(n)] for a, n in runs], "from": int(start),
+                                "overlay": bool(overlay)}
+        if max_bytes is not None:
+            body["max_bytes"] = int(max_bytes)
+        answer = self._json("POST", self._path(name, "verify"), json=body)
+        if not isinstance(answer.get("entries"), list) or "next" not in answer:
+            raise PeerProtocolError(f"replica server {self.url} answered a verify without entries or next")
+        return answer
+
+    def scrub(self, name: str, rate: int | None = None, restart: bool = False) -> dict[str, Any]:
+        """Start (or resume) the server's background scrub of the whole replica; its description."""
+        return self._json("POST", self._path(name, "scrub"), json={"rate": rate, "restart": bool(restart)})
+
+    def scrub_status(self, name: str) -> dict[str, Any]:
+        """What the server's scrubs found (bad regions per target) and the last whole scrub."""
+        return self._json("GET", self._path(name, "scrub"))
+
     # -- records ------------------------------------------------------------------------
 
     def send_records(self, name: str, chunks: Sequence[Chunk], complete_through: int | None = None,

@@ -318,3 +318,41 @@ def render_scan(console: Console, report: dict[str, Any], region_size: int | Non
         total = sum(n for _, n in report["cleared_regions"])
         console.print(Text(f"  {total} bad regions hold their expected bytes again and left the bad map",
                            style="green"))
+
+
+VERIFY_STYLE = {"equal": "green", "pending": "yellow", "differ": "bold red"}
+
+
+def render_verify(console: Console, report: dict[str, Any]) -> None:
+    """``drtool verify``: what the replica holds compared with the manifest, region runs by reason."""
+    result = report["result"]
+    seconds = report.get("seconds") or 1e-9
+    console.print(Text.assemble(("volume ", "bold"), report["volume"], "  replica ", (result.upper(),
+                                VERIFY_STYLE.get(result, ""))))
+    console.print(f"  verify of the {report['source']} on {report['peer']}"
+                  f"{' (resumed)' if report.get('resumed') else ''}: {report['regions_compared']} of "
+                  f"{report['regions_total']} regions compared (the rest are zeros on both sides), "
+                  f"{format_bytes(report['bytes_read'])} read on the replica in {format_duration(seconds)}"
+                  f" ({format_rate(report['bytes_read'] / seconds)})")
+    region_size = report["region_size"]
+    size = (max((a + n for a, n in report["regions"]), default=0)) * region_size
+    for key, label, style in (("replica_rot", "replica rot (its bytes fail its own digest)", "red"),
+                              ("divergent", "divergent (acknowledged, yet other bytes than the manifest)", "red"),
+                              ("pending", "pending (not replicated yet)", "yellow")):
+        runs = report.get(key) or []
+        if runs:
+            console.print(Text(f"  {sum(n for _, n in runs)} regions {label}:", style=style))
+            for line in _runs_text(runs, region_size, size):
+                console.print(Text(f"    {line}", style=style))
+    repair = report.get("repair")
+    if repair:
+        relogged = sum(n for _, n in repair["relogged"])
+        console.print(f"  repair: {relogged} regions shipped again, {repair['regions_checked']} verified again: "
+                      f"{repair['result']}")
+        if repair["unrepairable"]:
+            console.print(Text(f"  not repairable from this side (no verified copy here): "
+                               f"{repair['unrepairable']}", style="red"))
+        for line in _runs_text(repair["after"]["replica_rot"] + repair["after"]["divergent"], region_size, size):
+            console.print(Text(f"    still differs: {line}", style="red"))
+    elif result == "differ":
+        console.print("  run drtool verify --repair to ship these regions again")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from drtool import __version__
 from drtool.errors import Conflict, DrtoolError, UsageError
 from drtool.regions import from_runs, parse_runs
-from drtool.replica import handover, reading
+from drtool.replica import handover, reading, scrub
 from drtool.replica.adopt import AdoptRequest
 from drtool.replica.apply import PROMOTED_REFUSES_RECORDS, apply_batch, parse_batch
 from drtool.replica.numbers import parse_count
@@ -80,7 +80,8 @@ def _put_volume(req: ReplicaHandler, name: str) -> None:
 
 
 def _get_volume(req: ReplicaHandler, name: str) -> None:
-    req.send_json(200, req.server.replicas.get(name).describe())
+    volume = req.server.replicas.get(name)
+    req.send_json(200, {**volume.describe(), "scrub": scrub.describe(volume)})
 
 
 def _delete_volume(req: ReplicaHandler, name: str) -> None:
@@ -294,6 +295,47 @@ def _get_manifest(req: ReplicaHandler, name: str) -> None:
             req.wfile.write(chunk)
 
 
+# -- the replica's own scrub (docs/api.md "Verify and scrub") ------------------------------
+
+
+def _post_verify(req: ReplicaHandler, name: str) -> None:
+    """Re-read and re-hash the given regions (a bounded batch): stored and computed digests."""
+    volume = req.server.replicas.get(name)
+    volume.refuse_if_promoted("its stored digests no longer describe its image, so there is nothing to "
+                              "verify it against; verify it through its agent")
+    body = req.read_json()
+    runs = scrub.check_runs(volume, body.get("runs"))
+    start = body.get("from", 0)
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise UsageError(f'"from" must be a region number >= 0, not {start!r}')
+    overlay = body.get("overlay", False)
+    if not isinstance(overlay, bool):
+        raise UsageError(f'"overlay" must be true or false, not {overlay!r}')
+    max_bytes = body.get("max_bytes", scrub.MAX_BATCH_BYTES)
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+        raise UsageError(f'"max_bytes" must be a positive integer, not {max_bytes!r}')
+    req.send_json(200, scrub.verify_batch(volume, runs, start, "merged" if overlay else "mirror",
+                                          min(max_bytes, scrub.MAX_BATCH_BYTES)))
+
+
+def _post_scrub(req: ReplicaHandler, name: str) -> None:
+    """Start (or resume) a scrub of the whole replica in the background: 202, or 200 when one runs."""
+    volume = req.server.replicas.get(name)
+    body = req.read_json() if req.headers.get("Content-Length") not in (None, "0") else {}
+    rate = body.get("rate")
+    if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate < 1):
+        raise UsageError(f'"rate" must be bytes per second (an integer >= 1) or null, not {rate!r}')
+    restart = body.get("restart", False)
+    if not isinstance(restart, bool):
+        raise UsageError(f'"restart" must be true or false, not {restart!r}')
+    started, described = scrub.start_scrub(volume, rate, restart)
+    req.send_json(202 if started else 200, described)
+
+
+def _get_scrub(req: ReplicaHandler, name: str) -> None:
+    req.send_json(200, scrub.describe(req.server.replicas.get(name)))
+
+
 def _number(body: dict[str, object], key: str) -> int:
     value = body.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -315,5 +357,7 @@ _ROUTES: dict[tuple[str, ...], dict[str, Handler]] = {
     ("rebase",): {"POST": _post_rebase},
     ("adopt",): {"POST": _post_adopt},
     ("manifest",): {"GET": _get_manifest},
+    ("verify",): {"POST": _post_verify},
+    ("scrub",): {"GET": _get_scrub, "POST": _post_scrub},
 }
 

@@ -599,28 +599,40 @@ class DigestTable:
             pages.update(group * GROUP_PAGES + i for i in entries.written())
         return sorted(pages)
 
-    def iter_present(self) -> Iterator[int]:
-        """Present regions in order; reads only the pages ever written."""
+    def iter_present(self, first: int = 0, end: int | None = None) -> Iterator[int]:
+        """Present regions in [first, end), in order; reads only the pages ever written there."""
+        end = self.geometry.count if end is None else min(end, self.geometry.count)
         for page in self._stored_pages():
+            base = page * PAGE_REGIONS
+            if base + PAGE_REGIONS <= first:
+                continue
+            if base >= end:
+                return
             body = self._lookup(page)
             if body is None:
                 continue
-            base = page * PAGE_REGIONS
             for byte_index, byte in enumerate(body[:_BITMAP_BYTES]):
                 if byte:
                     for bit in _BITS[byte]:
-                        yield base + byte_index * 8 + bit
+                        region = base + byte_index * 8 + bit
+                        if first <= region < end:
+                            yield region
 
-    def iter_nonzero(self) -> Iterator[tuple[int, bytes]]:
-        """(region, digest) of every region whose slot is not the all-zero one, in order;
-        reads only the pages ever written (a manifest as wire entries)."""
+    def iter_nonzero(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(region, digest) of every region in [first, end) whose slot is not the all-zero one, in
+        order; reads only the pages ever written there (a manifest as wire entries)."""
+        end = self.geometry.count if end is None else min(end, self.geometry.count)
         for page in self._stored_pages():
+            base = page * PAGE_REGIONS
+            if base + PAGE_REGIONS <= first:
+                continue
+            if base >= end:
+                return
             body = self._lookup(page)
             if body is None:
                 continue
-            base = page * PAGE_REGIONS
             view = memoryview(body)[_BITMAP_BYTES:]
-            for index in range(self._regions_in(page)):
+            for index in range(max(first - base, 0), min(self._regions_in(page), end - base)):
                 slot = view[32 * index:32 * index + 32]
                 if slot != NO_DIGEST:
                     yield base + index, bytes(slot)
