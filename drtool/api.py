@@ -10,7 +10,6 @@ answer is the same.  Results are JSON-able dicts; errors are drtool.errors.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 from drtool import control, detect, ops, roles
@@ -37,13 +36,16 @@ def _open(root: str | None, name: str, look_only: bool = False) -> Engine:
     return engine
 
 
-def _run(name: str, root: str | None, op: str, args: dict[str, Any],
-         direct: Callable[[Engine], Any], progress: Progress | None = None, look_only: bool = False) -> Any:
+def _run(name: str, root: str | None, op: str, args: dict[str, Any], progress: Progress | None = None) -> Any:
+    """Run the registered operation ``op`` (drtool.ops.OPERATIONS) with ``args``: in the agent
+    serving the volume (the same registry answers its control socket), or here on the volume
+    opened for it (saving nothing on close when the operation only looks)."""
+    operation = ops.operation(op)
     socket_path = agent_socket(name, root)
     if socket_path:
         return control.call(socket_path, op, args, progress)
-    with _open(root, name, look_only=look_only) as engine:
-        return direct(engine)
+    with _open(root, name, look_only=operation.look_only(args)) as engine:
+        return ops.run(engine, op, args, progress)
 
 
 def init_volume(
@@ -78,12 +80,11 @@ def init_volume(
 def scrub_volume(name: str, root: str | None = None, progress: Progress | None = None,
                  record: bool = True) -> dict[str, Any]:
     """Verify every region.  ``record=False`` reports what it finds and changes nothing."""
-    return _run(name, root, "scrub", {"record": record}, lambda e: ops.scrub(e, progress, record=record), progress,
-                look_only=not record)
+    return _run(name, root, "scrub", {"record": record}, progress)
 
 
 def scan_volume(name: str, root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    return _run(name, root, "scan", {}, lambda e: ops.scan(e, progress), progress)
+    return _run(name, root, "scan", {}, progress)
 
 
 def configure(name: str, changes: dict[str, Any] | None = None, root: str | None = None) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def configure(name: str, changes: dict[str, Any] | None = None, root: str | None
     ``copy_on_read`` and ``auto_degrade`` (booleans), ``log_limit`` (bytes), ``fetch_timeout``
     (seconds)."""
     args = {"changes": changes or {}}
-    return _run(name, root, "configure", args, lambda e: ops.configure(e, **args), look_only=not changes)
+    return _run(name, root, "configure", args)
 
 
 def settings_with(changes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def upgrade(name: str, root: str | None = None) -> dict[str, Any]:
 
 
 def checkpoint(name: str, root: str | None = None) -> dict[str, Any]:
-    return _run(name, root, "checkpoint", {}, ops.checkpoint)
+    return _run(name, root, "checkpoint", {})
 
 
 def protect(name: str, peer: str, token_file: str | None = None, ca: str | None = None,
@@ -124,30 +125,24 @@ def protect(name: str, peer: str, token_file: str | None = None, ca: str | None 
     # Paths are the caller's: absolute before they reach an agent running in another directory.
     args = {"peer": peer, "token_file": absolute_path(token_file), "ca": absolute_path(ca),
             "plan_only": plan_only, "insecure": insecure}
-    return _run(name, root, "protect", args, lambda e: ops.protect(e, progress=progress, **args), progress,
-                look_only=plan_only)
+    return _run(name, root, "protect", args, progress)
 
 
 def write(name: str, offset: int, data: bytes, sync: bool = False, root: str | None = None) -> dict[str, Any]:
     """Write through drtool: logged, applied, digested, marked for replication."""
-    socket_path = agent_socket(name, root)
-    if socket_path:
-        return control.call(socket_path, "write", {"offset": offset, "data": data.hex(), "sync": sync})
-    with _open(root, name) as engine:
-        return ops.write(engine, offset, data, sync)
+    return _run(name, root, "write", {"offset": offset, "data": data.hex(), "sync": sync})
 
 
 def read(name: str, offset: int, length: int, root: str | None = None) -> bytes:
     """A merged, verified read (the bytes a block client would get)."""
-    return _run(name, root, "read", {"offset": offset, "length": length},
-                lambda e: ops.read(e, offset, length))
+    return _run(name, root, "read", {"offset": offset, "length": length})
 
 
 def replicate(name: str, wait: bool = False, regions: str | None = None, timeout: float = 300.0,
               root: str | None = None) -> dict[str, Any]:
     """Ship pending records (all, or force exactly the given regions' records)."""
     args = {"wait": wait, "regions": regions, "timeout": timeout}
-    return _run(name, root, "replicate", args, lambda e: ops.replicate(e, **args))
+    return _run(name, root, "replicate", args)
 
 
 def verify_volume(name: str, regions: str | None = None, repair: bool = False, rate: int | str | None = None,
@@ -157,28 +152,27 @@ def verify_volume(name: str, regions: str | None = None, repair: bool = False, r
     with what this side believes acknowledged (drtool.verify).  ``repair``: ship the regions
     that differ again, then verify them once more.  Resumable unless ``restart``."""
     args = {"regions": regions, "repair": repair, "rate": rate, "restart": restart, "timeout": timeout}
-    return _run(name, root, "verify", args, lambda e: ops.verify(e, progress=progress, **args), progress,
-                look_only=not repair)
+    return _run(name, root, "verify", args, progress)
 
 
 def recover(name: str, local_era: int | None = None, source: str | None = None,
             root: str | None = None) -> dict[str, Any]:
     """Enter degraded mode: create the overlay, redirect writes, merge reads.  Idempotent."""
     args = {"local_era": local_era, "source": source}
-    return _run(name, root, "recover", args, lambda e: ops.recover(e, **args))
+    return _run(name, root, "recover", args)
 
 
 def failback(name: str, device: str | None = None, rate: int | str | None = None,
              root: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Copy bad and overlay regions back into the (repaired or new) device; back to normal."""
     args = {"device": absolute_path(device), "rate": rate}
-    return _run(name, root, "failback", args, lambda e: ops.failback(e, progress=progress, **args), progress)
+    return _run(name, root, "failback", args, progress)
 
 
 def demote(name: str, timeout: float = 60.0, force: bool = False, root: str | None = None) -> dict[str, Any]:
     """Hand the primary role over: refuse writes, drain replication, release."""
     args = {"timeout": timeout, "force": force}
-    return _run(name, root, "demote", args, lambda e: ops.demote(e, **args))
+    return _run(name, root, "demote", args)
 
 
 def adopt(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
@@ -245,3 +239,35 @@ def status(name: str | None = None, root: str | None = None, probe_peer: bool = 
         else:
             out.append(volume_status(Volume.inspect(root, each), probe_peer=probe_peer))
     return out
+
+
+def snapshot(action: str, volume: str, snap: str | None = None, replica_url: str | None = None,
+             token_file: str | None = None, ca: str | None = None, insecure: bool = False,
+             root: str | None = None) -> dict[str, Any]:
+    """``create``, ``list`` or ``delete`` snapshots of a replica on a replica server (docs/api.md,
+    Snapshots).  Without ``replica_url``, the server is the peer of the volume registered here."""
+    from drtool.errors import UsageError
+    from drtool.peer import make_client
+
+    if action not in ("create", "list", "delete"):
+        raise UsageError(f"snapshot action {action!r} is not create, list or delete")
+    validate_name(volume)
+    if action != "list":
+        if not snap:
+            raise UsageError(f"snapshot {action} needs the snapshot's name")
+        validate_name(snap, "snapshot name")
+    if replica_url:
+        peer: dict[str, Any] = {"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}
+    else:
+        with Volume.inspect(state_root(root), volume) as registered:
+            peer = dict(registered.record.peer or {})
+        if not peer:
+            raise UsageError(f"volume {volume} has no peer here: give --replica-url")
+    with make_client(peer) as client:
+        if action == "create":
+            return {"volume": volume, "replica_url": peer["url"], "changed": True,
+                    "snapshot": client.create_snapshot(volume, snap or "")}
+        if action == "delete":
+            client.delete_snapshot(volume, snap or "")
+            return {"volume": volume, "replica_url": peer["url"], "changed": True, "deleted": snap}
+        return {"volume": volume, "replica_url": peer["url"], "snapshots": client.list_snapshots(volume)}

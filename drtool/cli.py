@@ -13,8 +13,10 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from drtool import __version__, api, report
-from drtool.errors import DrtoolError, ExitCode, UsageError
+from drtool.errors import DrtoolError, ExitCode, StateError, UsageError
 from drtool.progress import NoProgress, Progress
+from drtool.status import HEALTH_STATES, needs_attention
+from drtool.status import finish as finish_status
 from drtool.units import format_bytes, parse_size
 
 
@@ -131,8 +133,29 @@ def cmd_configure(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def _check_status(where: str, status: Any) -> None:
+    """A gathered status object must carry what the report reads (older drtool versions'
+    objects lack only the derived fields, which the report adds)."""
+    if not isinstance(status, dict):
+        raise UsageError(f"{where} is not a drtool status object (a JSON object)")
+    wanted: dict[str, Any] = {"volume": str, "health": str, "mode": str, "bad_count": int, "device": str,
+                              "size": int, "era": int}
+    missing = [key for key in wanted if key not in status]
+    if missing:
+        raise UsageError(f"{where} is not a drtool status object: no {', '.join(missing)}")
+    for key, kind in wanted.items():
+        if not isinstance(status[key], kind) or isinstance(status[key], bool):
+            raise UsageError(f"{where}: {key} must be a {'string' if kind is str else 'whole number'}, "
+                             f"not {json.dumps(status[key])}")
+    if status["health"] not in HEALTH_STATES:
+        raise UsageError(f"{where}: health {status['health']!r} is not one of {', '.join(HEALTH_STATES)}")
+
+
 def cmd_report(ctx: Context) -> int:
-    """Render status JSON gathered elsewhere (e.g. by playbooks/status.yml) as one report."""
+    """Render status JSON gathered elsewhere (e.g. by playbooks/status.yml) as one report.
+
+    Exit code by the worst volume: 4 FAULTED, 3 DEGRADED (or lost regions), 7 replication
+    broken (a paired volume UNPROTECTED), else 0."""
     path = ctx.args.file
     try:
         raw = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
@@ -141,16 +164,31 @@ def cmd_report(ctx: Context) -> int:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
     hosts = gathered if isinstance(gathered, dict) else {"": gathered}
-    if not all(isinstance(v, list) and all(isinstance(s, dict) and "volume" in s for s in v)
-               for v in hosts.values()):
-        raise UsageError(f"{path} must map host names to lists of drtool status objects")
+    for host, statuses in hosts.items():
+        if not isinstance(statuses, list):
+            raise UsageError(f"{path}: host {host!r} must map to a list of drtool status objects")
+        for index, status in enumerate(statuses):
+            _check_status(f"{path}: host {host!r}, entry {index}", status)
+            if "protection" not in status or "attention" not in status:
+                finish_status(status)  # gathered from an older drtool: derive what it lacks
     if ctx.json:
         ctx.emit_json(hosts)
-        return ExitCode.OK
-    report.render_fleet(ctx.out, hosts, detail=ctx.args.detail)
-    worst = [s["health"] for v in hosts.values() for s in v]
-    return ExitCode.OK if all(h == "ONLINE" for h in worst) else ExitCode.BAD_REGIONS
+    else:
+        report.render_fleet(ctx.out, hosts, detail=ctx.args.detail)
+    return report_exit_code([s for v in hosts.values() for s in v])
+
+
+def report_exit_code(statuses: list[dict[str, Any]]) -> int:
+    if any(s["health"] == "FAULTED" for s in statuses):
+        return ExitCode.FAULTED
+    if any(s["health"] == "DEGRADED" or s.get("lost_count") for s in statuses):
+        return ExitCode.BAD_REGIONS
+    if any(s.get("protection") == "UNPROTECTED" and s.get("peer") for s in statuses):
+        return ExitCode.PEER
+    return ExitCode.OK
 
 
 def cmd_status(ctx: Context) -> int:
@@ -161,9 +199,17 @@ def cmd_status(ctx: Context) -> int:
         else:
             report.render_replicas(ctx.out, replicas)
         return ExitCode.OK
+    _check_readable_root(ctx.root)
     statuses = api.status(ctx.args.name, root=ctx.root)
+    if ctx.args.x:
+        # Like zpool status -x: only the volumes that need attention.
+        statuses = [s for s in statuses if needs_attention(s)]
+        if not statuses and not ctx.json:
+            ctx.out.print("all volumes are healthy and protected" if not ctx.args.name
+                          else f"volume {ctx.args.name} is healthy and protected")
+            return ExitCode.OK
     if ctx.json:
-        ctx.emit_json(statuses[0] if ctx.args.name else statuses)
+        ctx.emit_json(statuses[0] if ctx.args.name and statuses else (None if ctx.args.name else statuses))
     elif ctx.args.name:
         report.render_status(ctx.out, statuses[0])
     else:
@@ -187,12 +233,14 @@ def _plan_text(plan: dict) -> str:
 def cmd_protect(ctx: Context) -> int:
     a = ctx.args
     if not ctx.json:
-        # The plan is known only once the peer answered; show it before the copying starts.
+        # The plan is known only once the peer answered; show it before the copying starts:
+        # with --plan it is the answer (stdout), else a note before the work (stderr).
         plan = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, plan_only=True,
                            insecure=a.insecure)["plan"]
-        ctx.err.print(_plan_text(plan))
         if a.plan:
+            ctx.stdout.write(_plan_text(plan) + "\n")
             return ExitCode.OK
+        ctx.err.print(_plan_text(plan))
     result = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, progress=ctx.progress(),
                          plan_only=a.plan, insecure=a.insecure)
     if ctx.json:
@@ -200,6 +248,24 @@ def cmd_protect(ctx: Context) -> int:
     else:
         ctx.out.print(f"volume {a.name} protected by {result['peer']}: {result['regions_synced']} regions "
                       f"synced, {result['records_shipped']} records shipped")
+    return ExitCode.OK
+
+
+def cmd_snapshot(ctx: Context) -> int:
+    """Snapshots of a replica on the secondary's replica server (docs/api.md, Snapshots)."""
+    a = ctx.args
+    result = api.snapshot(a.action, a.name, getattr(a, "snapshot", None), replica_url=a.replica_url,
+                          token_file=a.token_file, ca=a.ca, insecure=a.insecure, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    elif a.action == "create":
+        snap = result["snapshot"]
+        ctx.stdout.write(f"snapshot {snap['name']} of {a.name} created on {result['replica_url']} at sequence "
+                         f"{snap.get('applied_seq')}\n")
+    elif a.action == "delete":
+        ctx.stdout.write(f"snapshot {result['deleted']} of {a.name} deleted on {result['replica_url']}\n")
+    else:
+        report.render_snapshots(ctx.out, a.name, result["snapshots"])
     return ExitCode.OK
 
 
@@ -322,6 +388,17 @@ def cmd_read(ctx: Context) -> int:
     return ExitCode.OK
 
 
+def cmd_verify(ctx: Context) -> int:
+    a = ctx.args
+    result = api.verify_volume(a.name, regions=a.regions, repair=a.repair, rate=a.rate, restart=a.restart,
+                               timeout=a.timeout, root=ctx.root, progress=ctx.progress())
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        report.render_verify(ctx.out, result)
+    return ExitCode.BAD_REGIONS if result["result"] == "differ" else ExitCode.OK
+
+
 def _setup_logging(debug: bool) -> None:
     import logging
 
@@ -387,17 +464,6 @@ def cmd_agent(ctx: Context) -> int:
     nbd_socket = os.path.abspath(a.nbd_socket) if a.nbd_socket and a.nbd_socket != "none" else a.nbd_socket
     notify = _maybe_daemonize(ctx)
     _setup_logging(a.debug)
-
-def cmd_verify(ctx: Context) -> int:
-    a = ctx.args
-    result = api.verify_volume(a.name, regions=a.regions, repair=a.repair, rate=a.rate, restart=a.restart,
-                               timeout=a.timeout, root=ctx.root, progress=ctx.progress())
-    if ctx.json:
-        ctx.emit_json(result)
-    else:
-        report.render_verify(ctx.out, result)
-    return ExitCode.BAD_REGIONS if result["result"] == "differ" else ExitCode.OK
-
 
     def announce(addresses: dict) -> None:
         lines = [f"drtool agent (pid {addresses['pid']}) serving"]
@@ -477,6 +543,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--plan", action="store_true", help="show what would be copied; copy nothing")
 
+    p = command("snapshot", cmd_snapshot, "create, list or delete snapshots of a volume's replica on the "
+                "replica server")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    for action, help_text in (("create", "take a copy-on-write snapshot of the replica now"),
+                              ("list", "list the replica's snapshots"),
+                              ("delete", "delete a snapshot")):
+        q = actions.add_parser(action, parents=[common], help=help_text, description=help_text)
+        q.add_argument("name", help="the volume")
+        if action != "list":
+            q.add_argument("snapshot", help="the snapshot's name")
+        q.add_argument("--replica-url", help="the replica server (default: the volume's peer, when it is "
+                       "registered on this host)")
+        q.add_argument("--token-file", help="file holding the bearer token")
+        q.add_argument("--ca", help="CA certificate to verify the server's TLS certificate")
+        q.add_argument("--insecure", action="store_true", help="allow a plain http:// URL beyond loopback")
+
     p = command("demote", cmd_demote, "hand the primary role over: stop writes, drain, release")
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to drain replication")
@@ -527,6 +610,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", required=True)
     p.add_argument("-o", "--output", help="file to write (default standard output)")
 
+    p = command("verify", cmd_verify, "prove the replica: it re-reads and re-hashes its regions, compared with "
+                "the manifest; exit 3 when regions differ")
+    p.add_argument("name")
+    p.add_argument("--regions", help="only these regions (e.g. 3,10-12,40+4); default every region")
+    p.add_argument("--repair", action="store_true", help="ship the regions that differ again, then verify them")
+    p.add_argument("--rate", help="throttle: bytes per second the replica reads (e.g. 200M)")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted verify")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --repair may wait for replication")
+
     def daemon_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--daemon", action="store_true", help="detach (for hosts without systemd)")
         p.add_argument("--pid-file", help="with --daemon: where to write the pid")
@@ -567,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", cmd_status, "show the status of one volume or all")
     p.add_argument("name", nargs="?")
     p.add_argument("--replica-root", help="on a secondary: show the replicas kept under this directory")
+    p.add_argument("-x", action="store_true", help="only the volumes that need attention (not ONLINE, not "
+                   "protected, not in normal mode)")
     return parser
 
 
@@ -596,9 +690,26 @@ def main(argv: Sequence[str] | None = None, stdout: Any = None, stderr: Any = No
         return 130
     except BrokenPipeError:
         return ExitCode.OK
+    except PermissionError as exc:  # not a bug: this user may not read or write there
+        return _fail(StateError(permission_message(exc.filename)), ExitCode.STATE, debug, wants_json, stdout, stderr)
     except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
         return _fail(exc, ExitCode.ERROR, debug, wants_json, stdout, stderr,
                      prefix="internal error: ")
+
+
+def permission_message(path: Any) -> str:
+    where = f" on {path}" if path else ""
+    return (f"permission denied{where}: drtool needs to read and write its state root (and the devices); "
+            "run it as root or as the user that owns them")
+
+
+def _check_readable_root(root: str | None) -> None:
+    """A state root this user cannot list must not look empty ("not registered")."""
+    from drtool.storage.paths import state_root
+
+    path = state_root(root)
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        raise StateError(permission_message(path))
 
 
 def _fail(exc: BaseException, code: int, debug: bool, wants_json: bool, stdout: Any, stderr: Any,
@@ -610,15 +721,6 @@ def _fail(exc: BaseException, code: int, debug: bool, wants_json: bool, stdout: 
     if wants_json:
         error = {"type": type(exc).__name__, "message": message, "exit_code": int(code)}
         stdout.write(json.dumps({"error": error}) + "\n")
-    p = command("verify", cmd_verify, "prove the replica: it re-reads and re-hashes its regions, compared with "
-                "the manifest; exit 3 when regions differ")
-    p.add_argument("name")
-    p.add_argument("--regions", help="only these regions (e.g. 3,10-12,40+4); default every region")
-    p.add_argument("--repair", action="store_true", help="ship the regions that differ again, then verify them")
-    p.add_argument("--rate", help="throttle: bytes per second the replica reads (e.g. 200M)")
-    p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted verify")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds --repair may wait for replication")
-
     return int(code)
 
 

@@ -151,7 +151,7 @@ class ReplicaClient:
             except requests.exceptions.SSLError as exc:
                 raise PeerAuthError(f"TLS with the replica server {url} failed: {_reason(exc)}") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
-                error: PeerError = PeerUnreachable(f"replica server {url} is unreachable: {_reason(exc)}")
+                error: PeerError = PeerUnreachable(connect_failure(exc, self.url))
             else:
                 if response.status_code not in _RETRY_STATUSES or attempt == attempts - 1:
                     if response.status_code >= 400:
@@ -529,6 +529,39 @@ def _expect_type(response: requests.Response, content_type: str) -> None:
                                 f"{got or 'without a content type'}, expected {content_type}")
 
 
+def connect_failure(exc: BaseException, url: str) -> str:
+    """One plain sentence for a connection that failed: "connection refused to http://h:p",
+    not the library's repr of its exception chain."""
+    import errno
+    import socket
+
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        chain.append(item)
+        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None)])
+        todo.extend(arg for arg in getattr(item, "args", ()) if isinstance(arg, BaseException))
+    for item in chain:
+        if isinstance(item, ConnectionRefusedError) or getattr(item, "errno", None) == errno.ECONNREFUSED:
+            return f"connection refused to {url}"
+    for item in chain:
+        if isinstance(item, socket.gaierror):
+            return f"cannot resolve the host of {url}: {item.strerror or item}"
+    if isinstance(exc, requests.Timeout) or any(isinstance(i, (TimeoutError, socket.timeout)) for i in chain):
+        return f"no answer from {url} in time (timed out)"
+    for item in chain:
+        if isinstance(item, OSError) and item.strerror:
+            return f"cannot connect to {url}: {item.strerror.lower()}"
+    if "Connection refused" in str(exc):
+        return f"connection refused to {url}"
+    return f"cannot connect to {url}: {_reason(exc)}"
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc)
     for noise in ("HTTPConnectionPool", "HTTPSConnectionPool"):
@@ -546,7 +579,9 @@ def _http_error(method: str, url: str, response: requests.Response) -> DrtoolErr
         kind = str(problem.get("type", ""))
     except (ValueError, AttributeError):
         detail, title, kind = response.text[:200], "", ""
-    message = f"replica server {url}: {method} answered {status} {title}: {detail}".replace(": :", ":")
+    # The problem's detail often begins with its title: say it once.
+    said = detail if title and detail.startswith(title) else ": ".join(p for p in (title, detail) if p)
+    message = f"replica server {url}: {method} answered {status}" + (f" {said}" if said else "")
     if status in (401, 403):
         return PeerAuthError(message)
     if status == 404 and title == "No such replica":

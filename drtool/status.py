@@ -13,6 +13,7 @@ from typing import Any
 from drtool.engine.core import effective_settings
 from drtool.engine.lag import Pending, lag as lag_of
 from drtool.regions import runs_total
+from drtool.storage.device import probe as probe_device
 from drtool.storage.lock import is_locked
 from drtool.storage.records import SubRecord
 from drtool.storage.volume import Volume
@@ -56,22 +57,35 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
     if lag is None:
         lag = lag_of(volume, Pending.on_disk(volume))
     agent_socket = volume.paths.control_socket
-    return {
+    faulted = _json(record.faulted)
+    if faulted is None:
+        # Health is current: a cheap look at the device (there, the right size, readable
+        # somewhere), not only what the last scrub recorded.
+        found = probe_device(record.device, expected_size=geometry.size)
+        if not found.ok:
+            faulted = {"reason": f"{found.state}: {found.reason}", "since": None, "probe": found.state}
+    # After a recovery from an older local copy (--local-era), the regions written since that
+    # era are stale on the device: served from the replica, not healthy here.
+    stale = volume.requested_regions().difference(volume.bad).runs() if record.recovery else []
+    health = "FAULTED" if faulted else ("DEGRADED" if bad or stale else "ONLINE")
+    out = {
         "schema": SCHEMA,
         "volume": record.name,
         "device": record.device,
         "size": record.size,
         "region_size": record.region_size,
         "regions_total": geometry.count,
-        "health": volume.health,
+        "health": health,
         "mode": record.mode,
         "role": record.role,
-        "faulted": _json(record.faulted),
+        "faulted": faulted,
         "bad_regions": [list(run) for run in bad],
         "bad_count": runs_total(bad),
         "bad_bytes": bad_bytes,
         "lost_regions": [list(run) for run in lost],
         "lost_count": runs_total(lost),
+        "stale_regions": [list(run) for run in stale],
+        "stale_count": runs_total(stale),
         "era": record.era,
         "era_started": record.eras[-1].started if record.eras else None,
         "last_scrub": record.last_scrub,
@@ -101,6 +115,19 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "failback": _json(record.failback),
         "settings": effective_settings(volume.record.settings),
     }
+    return finish(out)
+
+
+def finish(status: dict[str, Any]) -> dict[str, Any]:
+    """Add what is derived from the rest: ``protection``, ``status``, ``action``, ``problems``
+    and ``attention``.  Called again once a running agent filled in what it knows (peer)."""
+    status["protection"], status["protection_reason"] = protection(status)
+    problems = diagnose(status)
+    status["problems"] = problems
+    status["status"] = problems[0]["status"] if problems else None
+    status["action"] = problems[0]["action"] if problems else None
+    status["attention"] = any(p["attention"] for p in problems)
+    return status
 
 
 def direction(record: Any) -> str:
@@ -132,3 +159,146 @@ def _json(sub: SubRecord | None) -> dict[str, Any] | None:
 def summary_row(status: dict[str, Any]) -> dict[str, Any]:
     keys = ("volume", "health", "mode", "role", "size", "bad_count", "lost_count", "era", "device")
     return {key: status.get(key) for key in keys}
+
+
+# -- what the operator needs to know, derived from the status object alone ----------------------
+
+PROTECTION_STATES = ("PROTECTED", "LAGGING", "UNPROTECTED")
+HEALTH_STATES = ("ONLINE", "DEGRADED", "FAULTED")
+
+
+def protection(status: dict[str, Any]) -> tuple[str | None, str]:
+    """``PROTECTED`` (the replica holds every acknowledged write), ``LAGGING`` (writes wait to
+    be shipped, the peer is reachable or not probed), ``UNPROTECTED`` (no peer, the initial
+    sync never finished, the peer is unreachable, the log overflowed into bitmap mode or is
+    damaged); None on a secondary (a demoted volume protects nothing).  With the reason."""
+    if status.get("role") == "secondary":
+        return None, "this host holds the secondary copy"
+    peer = status.get("peer")
+    lag = status.get("lag") or {}
+    replication = status.get("replication") or {}
+    if not peer:
+        return "UNPROTECTED", "no replica peer, never protected"
+    if replication.get("initial_sync") != "done":
+        return "UNPROTECTED", "the initial sync to the replica has not finished"
+    if peer.get("reachable") is False:
+        return "UNPROTECTED", f"the replica server is unreachable: {peer.get('error') or peer['url']}"
+    if lag.get("log_damage"):
+        return "UNPROTECTED", "the replication log is damaged"
+    if lag.get("bitmap_mode"):
+        return "UNPROTECTED", (f"bitmap mode: the replication log overflowed, {lag.get('bitmap_regions', 0)} "
+                               "regions must ship whole from the volume")
+    if lag.get("records") or lag.get("regions"):
+        return "LAGGING", _lag_words(lag)
+    return "PROTECTED", "the replica holds every acknowledged write"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _size(n: float) -> str:
+    from drtool.units import format_bytes
+
+    return format_bytes(n)
+
+
+def _lag_words(lag: dict[str, Any]) -> str:
+    text = (f"{_plural(lag.get('regions', 0), 'region')} ({_size(lag.get('bytes', 0))}) wait to be replicated")
+    if lag.get("oldest_seconds"):
+        text += f", the oldest write {lag['oldest_seconds']:.0f}s ago"
+    return text
+
+
+def _problem(status_line: str, action: str | None, attention: bool = True) -> dict[str, Any]:
+    return {"status": status_line, "action": action, "attention": attention}
+
+
+def diagnose(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """zpool-style: what is wrong, worst first, each in one sentence with the exact next command
+    (``action``).  Empty when nothing needs doing."""
+    name = status.get("volume", "NAME")
+    problems: list[dict[str, Any]] = []
+    mode = status.get("mode")
+    peer = status.get("peer") or {}
+    peer_url = peer.get("url")
+    faulted = status.get("faulted")
+    bad, lost, stale = status.get("bad_count", 0), status.get("lost_count", 0), status.get("stale_count", 0)
+    if status.get("role") == "secondary":
+        direction = status.get("direction") or ""
+        if "not serving yet" in direction:
+            problems.append(_problem("this host holds the demoted copy, which no replica server serves yet",
+                                     f"drtool adopt {name} --replica-url URL"))
+        return problems
+    if faulted:
+        device = status.get("device")
+        what = f"the device {device} cannot be used ({faulted.get('reason')})"
+        if mode == "degraded":
+            problems.append(_problem(f"{what}; every region is served from the replica",
+                                     f"replace the device, then drtool failback {name} --device NEW"))
+        elif peer_url:
+            problems.append(_problem(f"{what}; reads fail until the replica serves them",
+                                     f"drtool recover {name}, then replace the device and "
+                                     f"drtool failback {name} --device NEW"))
+        else:
+            problems.append(_problem(f"{what} and there is no replica",
+                                     f"reattach or restore {device}, then drtool scrub {name}"))
+    if lost:
+        problems.append(_problem(f"{_plural(lost, 'region')} {'is' if lost == 1 else 'are'} lost (bad, never "
+                                 "replicated): reads of them fail with EIO",
+                                 f"restore them from a backup (drtool write {name} --offset N), "
+                                 f"then drtool scrub {name}"))
+    if not faulted and mode == "normal" and bad:
+        if peer_url:
+            problems.append(_problem(f"{_plural(bad, 'region')} {'is' if bad == 1 else 'are'} bad on the device",
+                                     f"drtool recover {name}"))
+        else:
+            problems.append(_problem(f"{_plural(bad, 'region')} {'is' if bad == 1 else 'are'} bad on the device "
+                                     "and there is no replica", f"restore them, then drtool scan {name}"))
+    if not faulted and mode == "degraded":
+        served = bad + stale
+        if served:
+            problems.append(_problem(f"{_plural(served, 'region')} {'is' if served == 1 else 'are'} served from "
+                                     "the replica" + (f" ({stale} stale on the older local copy)" if stale else ""),
+                                     f"repair or replace the device, then drtool failback {name} "
+                                     f"(or --device NEW)"))
+        else:
+            problems.append(_problem("degraded mode: writes go to the overlay",
+                                     f"drtool failback {name}"))
+    if mode == "resync":
+        failback = status.get("failback") or {}
+        done, total = failback.get("done_regions", 0), failback.get("total_regions", 0)
+        running = (status.get("agent") or {}).get("running")
+        problems.append(_problem(f"failback copies regions back onto the device: {done} of {total} done",
+                                 None if running else f"drtool failback {name} (resumes it)", attention=not running))
+    state, reason = status.get("protection"), status.get("protection_reason", "")
+    if state == "UNPROTECTED":
+        replication = status.get("replication") or {}
+        lag = status.get("lag") or {}
+        if not peer_url:
+            action = f"drtool protect {name} --peer URL --token-file FILE"
+        elif replication.get("initial_sync") != "done":
+            action = f"drtool protect {name} --peer {peer_url} (resumes the sync)"
+        elif peer.get("reachable") is False:
+            action = f"start the replica server at {peer_url} (drtool serve) or fix the network; drtool status {name}"
+        elif lag.get("bitmap_mode") or lag.get("log_damage"):
+            action = f"drtool replicate {name} --wait"
+        else:
+            action = None
+        problems.append(_problem(f"the volume is not protected: {reason}", action))
+    elif state == "LAGGING":
+        running = (status.get("agent") or {}).get("running")
+        problems.append(_problem(f"replication lags: {reason}",
+                                 None if running else f"drtool replicate {name} --wait", attention=not running))
+    if peer.get("insecure"):
+        problems.append(_problem("the replica link is not encrypted (paired with --insecure)",
+                                 f"drtool protect {name} --peer https://HOST:PORT --ca CA"))
+    return problems
+
+
+def needs_attention(status: dict[str, Any]) -> bool:
+    """What ``drtool status -x`` shows: anything not ONLINE, PROTECTED and in normal mode
+    with no problem (a lag an agent is shipping does not count)."""
+    if "attention" not in status:
+        finish(status)
+    return bool(status.get("attention")) or status.get("health") != "ONLINE"

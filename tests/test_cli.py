@@ -163,7 +163,7 @@ def test_protect_through_main(cli, image, replica_server):
 def test_protect_plan_copies_nothing(cli, image, replica_server):
     cli("init", "vol", "--device", str(image))
     result = cli(*protect_argv(replica_server), "--plan")
-    assert result.code == 0 and result.err == "full sync: 17 regions (1.1 MiB) to copy\n" and result.out == ""
+    assert result.code == 0 and result.out == "full sync: 17 regions (1.1 MiB) to copy\n" and result.err == ""
     assert cli("status", "vol", "--json").json()["peer"] is None
 
 
