@@ -228,41 +228,35 @@ class Agent:
     # -- control handlers ------------------------------------------------------------
 
     def _handlers(self, engine: Engine) -> dict[str, control.Handler]:
-        def status(args: dict[str, Any], _: Progress) -> dict[str, Any]:
-            result = ops.status(engine, probe_peer=bool(args.get("probe_peer", True)))
-            result["agent"] = {"running": True, "socket": engine.volume.paths.control_socket,
-                               "started": self.started, **self.addresses()}
-            return result
+        """One handler per operation of drtool.ops.OPERATIONS (the registry api uses too), run
+        with the arguments as sent; what only an agent adds comes after (``_after``)."""
 
-        def read(args: dict[str, Any], _: Progress) -> control.RawResult:
-            return control.RawResult({"volume": engine.name}, ops.read(engine, int(args["offset"]),
-                                                                      int(args["length"])))
+        def handler(op: str) -> control.Handler:
+            def handle(args: dict[str, Any], progress: Progress) -> Any:
+                result = ops.run(engine, op, args, progress)
+                after = self._after.get(op)
+                return after(self, engine, result) if after else result
+            return handle
 
-        def write(args: dict[str, Any], _: Progress) -> dict[str, Any]:
-            return ops.write(engine, int(args["offset"]), bytes.fromhex(args["data"]), bool(args.get("sync")))
+        return {op: handler(op) for op in ops.OPERATIONS}
 
-        return {
-            "status": status,
-            "read": read,
-            "write": write,
-            "scrub": lambda a, p: ops.scrub(engine, p),
-            "scan": lambda a, p: ops.scan(engine, p),
-            "checkpoint": lambda a, p: ops.checkpoint(engine),
-            "configure": lambda a, p: ops.configure(engine, **a),
-            "replicate": lambda a, p: ops.replicate(engine, **a),
-            "recover": lambda a, p: ops.recover(engine, **a),
-            "failback": lambda a, p: ops.failback(engine, progress=p, **a),
-            "protect": lambda a, p: self._protect(engine, a, p),
-            "demote": lambda a, p: ops.demote(engine, **a),
-            "verify": lambda a, p: ops.verify(engine, progress=p, **a),
-        }
+    def _status(self, engine: Engine, result: dict[str, Any]) -> dict[str, Any]:
+        result["agent"] = {"running": True, "socket": engine.volume.paths.control_socket,
+                           "started": self.started, **self.addresses()}
+        return result
 
-    def _protect(self, engine: Engine, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        result = ops.protect(engine, progress=progress, **args)
+    def _read(self, engine: Engine, result: bytes) -> control.RawResult:
+        return control.RawResult({"volume": engine.name}, result)
+
+    def _protect(self, engine: Engine, result: dict[str, Any]) -> dict[str, Any]:
         # A plan pairs nothing: there may be no replicator to run yet.
         if engine.replicator is not None and not any(t.name == f"replicate:{engine.name}" for t in self.threads):
             self._thread(f"replicate:{engine.name}", engine.replicator.run, self.stop_event)
         return result
+
+    #: What the agent adds to an operation's result (ops.OPERATIONS runs the operation itself).
+    _after: dict[str, Callable[[Agent, Engine, Any], Any]] = {
+        "status": _status, "read": _read, "protect": _protect}
 
 
 def run(root: str | None, names: list[str], nbd_socket: str | None, listen: NbdTcp | None,

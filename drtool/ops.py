@@ -1,10 +1,16 @@
 """Operations on an open engine.  One implementation, two callers: drtool.api opens the
 engine itself when no agent runs; the agent calls the same functions on the engine it
 already holds, on behalf of its control socket.  Every function returns JSON-able data.
+
+:data:`OPERATIONS` is the one registry both callers use: an operation's name, how it runs
+from the arguments api sends (the same dict crosses the control socket), and whether it only
+looks.  A new operation is registered there, and nowhere else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from drtool import detect, replication, roles
@@ -168,3 +174,53 @@ def verify(engine: Engine, regions: str | None = None, repair: bool = False, rat
     finally:
         if started:
             progress.finish()
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operation:
+    """``run(engine, args, progress)``: the operation, from the arguments api sends (JSON, as
+    they cross the agent's control socket).  ``look_only(args)``: it changes nothing, so a
+    volume opened for it saves nothing when closed."""
+
+    run: Callable[[Engine, dict[str, Any], Progress], Any]
+    look_only: Callable[[dict[str, Any]], bool] = lambda args: False
+
+
+def _bytes(value: Any) -> bytes:
+    return bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+
+
+OPERATIONS: dict[str, Operation] = {
+    "status": Operation(lambda e, a, p: status(e, probe_peer=bool(a.get("probe_peer", True))),
+                        lambda a: True),
+    "read": Operation(lambda e, a, p: read(e, int(a["offset"]), int(a["length"]))),
+    "write": Operation(lambda e, a, p: write(e, int(a["offset"]), _bytes(a["data"]), bool(a.get("sync")))),
+    "scrub": Operation(lambda e, a, p: scrub(e, p, record=bool(a.get("record", True))),
+                       lambda a: not a.get("record", True)),
+    "scan": Operation(lambda e, a, p: scan(e, p)),
+    "checkpoint": Operation(lambda e, a, p: checkpoint(e)),
+    "configure": Operation(lambda e, a, p: configure(e, a.get("changes")), lambda a: not a.get("changes")),
+    "replicate": Operation(lambda e, a, p: replicate(e, **a)),
+    "protect": Operation(lambda e, a, p: protect(e, progress=p, **a), lambda a: bool(a.get("plan_only"))),
+    "recover": Operation(lambda e, a, p: recover(e, **a)),
+    "failback": Operation(lambda e, a, p: failback(e, progress=p, **a)),
+    "verify": Operation(lambda e, a, p: verify(e, progress=p, **a), lambda a: not a.get("repair")),
+    "demote": Operation(lambda e, a, p: demote(e, **a)),
+}
+
+
+def operation(op: str) -> Operation:
+    """The registered operation ``op`` (UsageError for any other name)."""
+    found = OPERATIONS.get(op) if isinstance(op, str) else None
+    if found is None:
+        raise UsageError(f"unknown operation {op!r} (known: {', '.join(sorted(OPERATIONS))})")
+    return found
+
+
+def run(engine: Engine, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None) -> Any:
+    """Run the registered operation ``op`` on ``engine``: what api does without an agent and the
+    agent does for its control socket."""
+    return operation(op).run(engine, dict(args or {}), progress or NoProgress())
