@@ -145,7 +145,9 @@ def region_cells(status: dict[str, Any], cells: int) -> list[str]:
     worst = [rank["ok"]] * cells
     maps = dict(status["maps"])
     overlay = maps.get("overlay", [])
-    maps["bad"] = _minus(maps.get("bad", []), overlay)
+    # a FAULTED device serves no region, whatever the bad map recorded so far
+    bad = [[0, total]] if status.get("faulted") else maps.get("bad", [])
+    maps["bad"] = _minus(bad, overlay)
     maps["stale"] = status.get("stale_regions", [])
     for name, *_rest in CELL_STATES[:-1]:
         for first, count in maps.get(name, []):
@@ -220,8 +222,8 @@ def _peer_reach(peer: dict[str, Any]) -> Text:
         return Text(f"{peer['url']} (not probed)")
     if reachable:
         return Text.assemble(peer["url"], " ", ("reachable", "green"))
-    return Text.assemble(peer["url"], " ", ("UNREACHABLE", "bold red"),
-                         f": {peer['error']}" if peer.get("error") else "")
+    error = (peer.get("error") or "").replace(f" to {peer['url']}", "")  # the URL is said once, in front
+    return Text.assemble(peer["url"], " ", ("UNREACHABLE", "bold red"), f": {error}" if error else "")
 
 
 def recovery_text(recovery: dict[str, Any]) -> str:

@@ -280,7 +280,7 @@ def diagnose(status: dict[str, Any]) -> list[dict[str, Any]]:
         elif replication.get("initial_sync") != "done":
             action = f"drtool protect {name} --peer {peer_url} (resumes the sync)"
         elif peer.get("reachable") is False:
-            action = f"start the replica server at {peer_url} (drtool serve) or fix the network; drtool status {name}"
+            action = f"start the replica server at {peer_url} (drtool serve) or fix the network, then drtool status {name}"
         elif lag.get("bitmap_mode") or lag.get("log_damage"):
             action = f"drtool replicate {name} --wait"
         else:

@@ -91,8 +91,9 @@ def test_a_deleted_device_is_faulted_at_once_and_report_exits_4(vol, cli, tmp_pa
     assert status["faulted"]["probe"] == "missing"
     assert status["status"].startswith(f"the device {vol} cannot be used (missing: device does not exist)")
     assert status["action"] == "drtool recover vol, then replace the device and drtool failback vol --device NEW"
-    shown = words(cli("status", "vol").out)
-    assert "health FAULTED" in shown
+    plain = cli("status", "vol").out
+    assert "health FAULTED" in words(plain)
+    assert "█" * REGIONS + "\n" in plain  # the region map: no region is served by the device
     gathered = tmp_path / "fleet.json"
     gathered.write_text(json.dumps({"host-a": [status]}))
     assert cli("report", str(gathered)).code == 4
