@@ -80,8 +80,7 @@ def _put_volume(req: ReplicaHandler, name: str) -> None:
 
 
 def _get_volume(req: ReplicaHandler, name: str) -> None:
-    volume = req.server.replicas.get(name)
-    req.send_json(200, {**volume.describe(), "scrub": scrub.describe(volume)})
+    req.send_json(200, req.server.replicas.get(name).describe())
 
 
 def _delete_volume(req: ReplicaHandler, name: str) -> None:

@@ -238,7 +238,14 @@ class ReplicaVolume:
                             "limit": self.journal_limit},
                 "overlay": {"regions": self.overlay.table.present_count(),
                             "applied_seq": overlay.watermark},
+                "scrub": self._scrub(),
             }
+
+    def _scrub(self) -> dict[str, Any]:
+        """What the replica's own scrub found (drtool.replica.scrub: it builds on this module)."""
+        from drtool.replica import scrub
+
+        return scrub.describe(self)
 
     # -- the overlay replica ------------------------------------------------------------
 
