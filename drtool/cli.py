@@ -201,6 +201,8 @@ def cmd_status(ctx: Context) -> int:
         return ExitCode.OK
     _check_readable_root(ctx.root)
     statuses = api.status(ctx.args.name, root=ctx.root)
+    for status in statuses:
+        finish_status(status)  # once more: a running agent may have filled in what it knows of the peer
     if ctx.args.x:
         # Like zpool status -x: only the volumes that need attention.
         statuses = [s for s in statuses if needs_attention(s)]

@@ -527,9 +527,12 @@ def render_scrub(console: Console, report: dict[str, Any]) -> None:
     seconds = report["seconds"] or 1e-9
     errors = report["errors"]
     parts = [f"{errors[k]} {k}" for k in ("checksum", "io-error", "short-read") if errors.get(k)]
+    read = report["bytes_scanned"]
+    # A sparse device's holes are proved zeros without a read: the rate is of the bytes read.
+    rate = f", {format_rate(read / seconds)}" if read else ""
     console.print(
-        f"  scrub: {format_bytes(report['bytes_scanned'])} read, {report['regions_scanned']} regions "
-        f"verified in {format_duration(seconds)} ({format_rate(report['bytes_scanned'] / seconds)}), "
+        f"  scrub: {report['regions_scanned']} regions verified in {format_duration(seconds)} "
+        f"({format_bytes(read)} read{rate}), "
         f"{report['bad_count']} bad regions" + (f" ({', '.join(parts)})" if parts else "")
     )
     size = report["regions_total"] * report["region_size"]

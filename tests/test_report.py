@@ -217,3 +217,24 @@ def test_a_scrub_bar_says_checked_never_a_read_rate():
     _raw, plain = _bar("scrubbing vol")
     assert "300 MiB/1 GiB checked" in plain
     assert "/s" not in plain  # holes count as checked at once: no throughput is claimed
+
+
+def test_a_sparse_scrub_says_what_it_read():
+    result = {"volume": "sp", "health": "ONLINE", "faulted": None, "seconds": 0.004, "errors": {},
+              "bytes_scanned": 0, "regions_scanned": 64, "bad_count": 0, "bad_regions": [], "regions_total": 64,
+              "region_size": RS, "cleared_regions": [], "skipped_overlay_regions": 0}
+    shown = draw(report.render_scrub, result, width=200, terminal=False)
+    assert "scrub: 64 regions verified in 4ms (0 B read), 0 bad regions" in shown and "/s" not in shown
+    result["bytes_scanned"] = 3 << 20
+    shown = draw(report.render_scrub, result, width=200, terminal=False)
+    assert "(3 MiB read, 750 MiB/s)" in shown
+
+
+def test_the_panel_at_80_and_200_columns_keeps_health_whole():
+    status = _status("vol-with-a-rather-long-name", "FAULTED",
+                     faulted={"reason": "unreadable: every read failed (6 blocks tried; first: EIO)"})
+    for width in (80, 200):
+        shown = draw(report.render_status, status, width=width)
+        assert all(len(line) <= width for line in shown.splitlines())
+        assert "health  FAULTED " in shown
+        assert " action  drtool recover vol-with-a-rather-long-name" in shown
