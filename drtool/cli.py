@@ -710,8 +710,14 @@ def _check_readable_root(root: str | None) -> None:
     from drtool.storage.paths import state_root
 
     path = state_root(root)
-    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+    if not os.path.isdir(path):
+        return
+    if not os.access(path, os.R_OK | os.X_OK):
         raise StateError(permission_message(path))
+    for entry in sorted(os.listdir(path)):  # a volume's own directory (mode 0700) hides its record
+        inside = os.path.join(path, entry)
+        if os.path.isdir(inside) and not os.access(inside, os.R_OK | os.X_OK):
+            raise StateError(permission_message(inside))
 
 
 def _fail(exc: BaseException, code: int, debug: bool, wants_json: bool, stdout: Any, stderr: Any,

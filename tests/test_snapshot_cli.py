@@ -83,6 +83,11 @@ def test_a_permission_problem_is_reported_as_one(tmp_path, state_root, cli, monk
     assert result.code == 5
     assert result.err.startswith(f"drtool: permission denied on {state_root}: ")
     assert "not registered" not in result.err
+    # the root may be listed, but a volume's directory not
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path) == str(state_root / "vol")
+                        else real_access(path, mode, **kw))
+    result = cli("status")
+    assert result.code == 5 and result.err.startswith(f"drtool: permission denied on {state_root / 'vol'}: ")
 
     def denied(*_args, **_kwargs):
         raise PermissionError(13, "Permission denied", str(state_root / "v2"))
