@@ -23,7 +23,7 @@ from itertools import islice
 from typing import Any
 
 from drtool.engine.lag import Pending, lag
-from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost
+from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost, StateError
 from drtool.peer import make_client
 from drtool.ports import ReplicationPort
 from drtool.regions import to_runs
@@ -85,6 +85,14 @@ class Replicator:
             total += sent
             if progress:
                 progress(sent)
+            self._checkpoint_if_large()
+
+    def _checkpoint_if_large(self) -> None:
+        """Shipped and acknowledged records leave the state directory as the maps are saved past
+        them (a checkpoint trims the log): a long sync (protect's full copy, a bitmap-mode
+        catch-up) then needs room for a segment and a batch, not for the whole volume."""
+        if self.engine.log.disk_bytes() > 2 * self.batch_bytes:
+            self.engine.save()
 
     def force(self, regions: list[int]) -> None:
         """Ship exactly these regions' pending records now and wait for the acknowledgement."""
@@ -147,8 +155,18 @@ class Replicator:
         for region in candidates:
             if used >= budget:
                 break
+            try:
+                relogged = engine.relog_region(region)
+            except StateError as exc:
+                if not engine.log.pending_bytes:
+                    raise  # nothing logged to ship first: the state directory is full
+                # No room for more records now: ship those logged (a checkpoint then frees
+                # their space) and come back to this region.
+                log.warning("volume %s: %s; shipping the %d bytes already logged first",
+                            engine.name, exc, engine.log.pending_bytes)
+                return
             self._relog_from = region + 1
-            if engine.relog_region(region) is not None:
+            if relogged is not None:
                 used += engine.geometry.region_length(region)
 
     def overflow(self) -> None:

@@ -8,14 +8,20 @@ blesses bad bytes.  A writer holds its region's stripe lock for the whole change
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import blake3
 
 from drtool.engine import modes
-from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted
+from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, DrtoolError, NotPermitted
 from drtool.engine.changes import DEVICE, MIRROR, OVERLAY, RegionChange
 from drtool.storage.maps import zero_digest
+
+log = logging.getLogger("drtool.engine")
 
 
 class WritePath:
@@ -30,26 +36,46 @@ class WritePath:
         view = memoryview(data).cast("B")
         self.geometry.check_range(offset, len(view))
         position = 0
-        for region, inner, length in self.geometry.split(offset, len(view)):
-            self._write_region(region, inner, view[position:position + length])
-            position += length
-        self._after_write(fua)
+        with self._space_errors():
+            for region, inner, length in self.geometry.split(offset, len(view)):
+                self._write_region(region, inner, view[position:position + length])
+                position += length
+            self._after_write(fua)
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable()
         self.geometry.check_range(offset, length)
-        for region, inner, part in self.geometry.split(offset, length):
-            self._write_region(region, inner, None, zero_length=part)
-        self._after_write(fua)
+        with self._space_errors():
+            for region, inner, part in self.geometry.split(offset, length):
+                self._write_region(region, inner, None, zero_length=part)
+            self._after_write(fua)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard: whole regions become zeros (kept verifiable); partial regions are left alone."""
         self._check_writable()
         self.geometry.check_range(offset, length)
-        for region, inner, part in self.geometry.split(offset, length):
-            if part == self.geometry.region_length(region):
-                self._write_region(region, inner, None, zero_length=part)
-        self._after_write(fua)
+        with self._space_errors():
+            for region, inner, part in self.geometry.split(offset, length):
+                if part == self.geometry.region_length(region):
+                    self._write_region(region, inner, None, zero_length=part)
+            self._after_write(fua)
+
+    @contextmanager
+    def _space_errors(self) -> Iterator[None]:
+        """A write refused because a disk is full (the state directory's log or maps, the
+        overlay, the device) says so: ENOSPC for an NBD client (the error's ``errno``), the path
+        in its message and, at most every few seconds, in the log."""
+        try:
+            yield
+        except DrtoolError as exc:
+            if not out_of_space(exc):
+                raise
+            exc.errno = errno.ENOSPC
+            now = time.monotonic()
+            if now - getattr(self, "_space_logged", -_SPACE_LOG_EVERY) >= _SPACE_LOG_EVERY:
+                self._space_logged = now
+                log.error("volume %s: write refused, no space left: %s", self.name, exc)
+            raise
 
     def _after_write(self, fua: bool) -> None:
         if fua:
@@ -156,6 +182,23 @@ class WritePath:
             region, inner, piece, zero_length, lambda: self._content_for_write(region))
         # Overlay records always hold the whole region: the overlay replica needs no base to apply them.
         self.commit_region(RegionChange(region, start, length, content, digest, OVERLAY, OVERLAY))
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Was ``exc`` caused by a full disk (ENOSPC, EDQUOT, EFBIG anywhere in its chain)?"""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if getattr(current, "errno", None) == errno.ENOSPC and not isinstance(current, OSError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_SPACE_LOG_EVERY = 10.0  # seconds between two log lines about writes refused for lack of space
 
 
 class _NeedsOverlay(Exception):
