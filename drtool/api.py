@@ -147,11 +147,13 @@ def replicate(name: str, wait: bool = False, regions: str | None = None, timeout
 
 def verify_volume(name: str, regions: str | None = None, repair: bool = False, rate: int | str | None = None,
                   restart: bool = False, timeout: float = 300.0, root: str | None = None,
-                  progress: Progress | None = None) -> dict[str, Any]:
+                  progress: Progress | None = None, cursor: bool = True) -> dict[str, Any]:
     """Prove the replica: it re-reads and re-hashes its regions, compared with the manifest and
     with what this side believes acknowledged (drtool.verify).  ``repair``: ship the regions
-    that differ again, then verify them once more.  Resumable unless ``restart``."""
-    args = {"regions": regions, "repair": repair, "rate": rate, "restart": restart, "timeout": timeout}
+    that differ again, then verify them once more.  Resumable unless ``restart``; ``cursor``
+    False neither resumes nor saves a cursor (writes nothing: check mode)."""
+    args = {"regions": regions, "repair": repair, "rate": rate, "restart": restart, "timeout": timeout,
+            "cursor": cursor}
     return _run(name, root, "verify", args, progress)
 
 

@@ -156,7 +156,8 @@ def failback(engine: Engine, device: str | None = None, rate: int | str | None =
 
 
 def verify(engine: Engine, regions: str | None = None, repair: bool = False, rate: int | str | None = None,
-           restart: bool = False, timeout: float = 300.0, progress: Progress | None = None) -> dict[str, Any]:
+           restart: bool = False, timeout: float = 300.0, cursor: bool = True,
+           progress: Progress | None = None) -> dict[str, Any]:
     """drtool verify: the replica re-reads and re-hashes its regions; compared here (drtool.verify)."""
     from drtool import verify as verify_mod
 
@@ -170,7 +171,7 @@ def verify(engine: Engine, regions: str | None = None, repair: bool = False, rat
 
     try:
         return verify_mod.verify(engine, regions=regions, repair=repair, rate=parse_rate(rate), restart=restart,
-                                 timeout=timeout, progress_start=start, progress=progress.advance)
+                                 timeout=timeout, cursor=cursor, progress_start=start, progress=progress.advance)
     finally:
         if started:
             progress.finish()

@@ -273,18 +273,19 @@ def _result(found: Findings) -> str:
 
 
 def verify(engine: VerifyPort, regions: str | None = None, repair: bool = False, rate: int | None = None,
-           restart: bool = False, timeout: float = 300.0, client: Any = None,
+           restart: bool = False, timeout: float = 300.0, client: Any = None, cursor: bool = True,
            progress_start: Callable[[int], None] | None = None,
            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Verify the replica of ``engine``'s volume (``regions``: a run list such as ``3,10-12``;
-    default every region); ``repair``: ship what differs again and verify it once more."""
+    default every region); ``repair``: ship what differs again and verify it once more;
+    ``cursor`` False: neither resume nor save a cursor (nothing is written: check mode)."""
     record, geometry = engine.record, engine.geometry
     if record.peer is None:
         raise UsageError(f"volume {engine.name} has no peer: run drtool protect first")
     target = parse_runs(regions, geometry) if regions is not None else [(0, geometry.count)]
     overlay = modes.in_recovery(record)
     path = cursor_path(engine)
-    saved = None if restart else load_cursor(path)
+    saved = None if restart or not cursor else load_cursor(path)
     wanted = [list(run) for run in target]
     resumed = bool(saved and not saved.get("finished") and saved.get("target") == wanted
                    and saved.get("overlay") == overlay and saved.get("next") is not None)
@@ -311,6 +312,8 @@ def verify(engine: VerifyPort, regions: str | None = None, repair: bool = False,
         def checkpoint(following: int | None, finished: bool = False, now: bool = False) -> None:
             nonlocal last_save, reached
             reached = following
+            if not cursor:
+                return
             if finished or now or time.monotonic() - last_save >= SAVE_EVERY:
                 save_cursor(path, {"target": wanted, "overlay": overlay, "next": following, "started": started,
                                    "finished": finished, "found": found.to_json(), "saved": time.time()})

@@ -8,13 +8,18 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: drtool_replication
-short_description: Replication of a drtool volume caught up, or given regions forced
+short_description: Replication of a drtool volume caught up, given regions forced, or the replica verified
 description:
   - Without O(regions), ships the volume's pending writes to its replica server and waits until the lag is
     zero (C(drtool replicate --wait)). If that takes longer than O(timeout), the task fails and says how much
     is still pending.
   - With O(regions), ships exactly those regions' pending writes now and waits for the acknowledgement
     (C(drtool replicate --regions)).
+  - With O(verify=true), proves the replica instead (C(drtool verify)). The replica server re-reads and re-hashes
+    its copy of each region (O(regions) only, when given) and the digests are compared with the volume's
+    manifest and with what was acknowledged. Regions whose replica bytes fail the replica's own digest
+    (C(replica-rot)) or differ from the manifest though acknowledged (C(divergent)) fail the task, unless
+    O(repair=true) ships them again and they then verify. Regions not replicated yet are C(pending), not a failure.
   - Through a running agent when there is one (its background replicator keeps shipping meanwhile).
   - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
 version_added: "0.1.0"
@@ -37,6 +42,20 @@ options:
       - Seconds the wait for a zero lag may take.
     type: float
     default: 300
+  verify:
+    description:
+      - Verify the replica (C(drtool verify)) instead of shipping pending writes.
+    type: bool
+    default: false
+  repair:
+    description:
+      - With O(verify=true), ship the regions that differ again (and whatever is pending), then verify them once more.
+    type: bool
+    default: false
+  rate:
+    description:
+      - With O(verify=true), bytes per second the replica server may read (V(200M)); default unthrottled.
+    type: str
   state_root:
     description:
       - drtool's state root on the host. Default C($DRTOOL_STATE_ROOT), else C(/var/lib/drtool).
@@ -50,7 +69,8 @@ attributes:
       - Predicts C(changed) as the real run would decide it, and ships nothing. Without O(regions), whether
         anything is pending; with O(regions), whether any of those regions has pending writes (the others are
         left to the background replicator). Fails as the real run would on a volume without a peer or a region
-        outside the volume.
+        outside the volume. With O(verify=true), the verify runs (it reads, it writes nothing, not even its resume
+        cursor) and C(changed) says whether O(repair=true) would ship regions.
   diff_mode:
     support: full
     description: Shows the lag before and after.
@@ -70,6 +90,13 @@ EXAMPLES = r"""
   drtool_replication:
     name: db
     regions: ["3", "10-12"]
+
+- name: Prove the replica holds what was acknowledged; ship again what it does not
+  drtool_replication:
+    name: db
+    verify: true
+    repair: true
+    rate: 200M
 """
 
 RETURN = r"""
@@ -92,6 +119,17 @@ lag:
   returned: always
   type: dict
   sample: {"records": 0, "regions": 0, "bytes": 0, "oldest_seconds": 0.0, "bitmap_mode": false}
+verify:
+  description:
+    - What C(drtool verify --json) reports (docs/status.md) - result (V(equal), V(pending), V(differ)), replica_rot,
+      divergent and pending runs, differ, regions_compared, bytes_read, and with O(repair=true) repair.
+  returned: with O(verify=true)
+  type: dict
+  sample: {"result": "equal", "replica_rot": [], "divergent": [], "pending": [], "regions_compared": 16}
+in_sync:
+  description: The replica holds exactly what the volume does (the verify's result is V(equal)).
+  returned: with O(verify=true)
+  type: bool
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -119,6 +157,9 @@ def main():
             name=dict(type="str", required=True, aliases=["volume"]),
             regions=dict(type="list", elements="str"),
             timeout=dict(type="float", default=300.0),
+            verify=dict(type="bool", default=False),
+            repair=dict(type="bool", default=False),
+            rate=dict(type="str"),
             state_root=STATE_ROOT_OPTION,
         ),
         supports_check_mode=True,
@@ -136,6 +177,10 @@ def main():
         module.fail_json(msg="volume %s is not registered%s" % (name, " under %s" % root if root else ""))
     before = status["lag"]
     regions = ",".join(r.strip() for r in p["regions"]) if p["regions"] else None
+    if (p["repair"] or p["rate"]) and not p["verify"]:
+        module.fail_json(msg="repair and rate apply to verify=true")
+    if p["verify"]:
+        _verify(module, api, name, root, regions, before)
 
     if module.check_mode:
         # Predict what the real run does: it fails without a peer, forces exactly the given regions
@@ -164,6 +209,45 @@ def main():
         output["diff"] = dict(before={"lag": before}, after={"lag": result["lag"]},
                               before_header="volume %s" % name, after_header="volume %s" % name)
     module.exit_json(**output)
+
+
+def _verify(module, api, name, root, regions, before):
+    """verify=true: drtool verify [--repair]; fails while regions differ (replica-rot, divergent)."""
+    from drtool.errors import DrtoolError, ExitCode
+
+    p = module.params
+    repair = p["repair"] and not module.check_mode
+    try:
+        result = api.verify_volume(name, regions=regions, repair=repair, rate=p["rate"], timeout=p["timeout"],
+                                   root=root, cursor=not module.check_mode)
+    except DrtoolError as exc:
+        fail_drtool(module, exc)
+    if repair:
+        shipped = result["repair"]["relogged"] or result["pending"] or result["differ"]
+        changed = bool(shipped)
+    else:
+        changed = bool(p["repair"] and (result["differ"] or result["pending"]))
+    now = volume_status(module, name, root) or {}
+    output = dict(changed=changed, verify=result, in_sync=result["in_sync"], records_shipped=0, bytes_shipped=0,
+                  forced_regions=[], lag=now.get("lag", before))
+    if module._diff:
+        output["diff"] = dict(before={"replica": result["result"] if not repair else _before(result)},
+                              after={"replica": result["result"]},
+                              before_header="replica of %s" % name, after_header="replica of %s" % name)
+    if result["result"] == "differ" and not (module.check_mode and p["repair"]):
+        runs = ", ".join("%s %s" % (d["reason"], d["first"] if d["count"] == 1 else "%d-%d" % (
+            d["first"], d["first"] + d["count"] - 1)) for d in (result["repair"]["after"]["differ"]
+                                                                   if result["repair"] else result["differ"]))
+        module.fail_json(msg="the replica of %s differs from the volume: %s%s" % (
+            name, runs, "" if p["repair"] else " (repair=true ships them again)"),
+            exit_code=int(ExitCode.BAD_REGIONS), **output)
+    module.exit_json(**output)
+
+
+def _before(result):
+    if result["differ"]:
+        return "differ"
+    return "pending" if result["pending"] else "equal"
 
 
 if __name__ == "__main__":
