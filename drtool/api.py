@@ -273,3 +273,34 @@ def snapshot(action: str, volume: str, snap: str | None = None, replica_url: str
             client.delete_snapshot(volume, snap or "")
             return {"volume": volume, "replica_url": peer["url"], "changed": True, "deleted": snap}
         return {"volume": volume, "replica_url": peer["url"], "snapshots": client.list_snapshots(volume)}
+
+
+def replica_scrub(volume: str, rate: int | str | None = None, restart: bool = False, wait: bool = False,
+                  timeout: float = 3600.0, replica_url: str | None = None, token_file: str | None = None,
+                  ca: str | None = None, insecure: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Have the replica server scrub its whole copy of ``volume`` (mirror, then overlay replica) in
+    the background (docs/api.md, Verify and scrub); ``wait``: until it finished.  Returns what
+    the server's scrubs found.  Without ``replica_url``, the peer of the volume registered here."""
+    import time
+
+    from drtool.errors import OperationTimeout, UsageError
+    from drtool.peer import make_client
+    from drtool.units import parse_rate
+
+    validate_name(volume)
+    if replica_url:
+        peer: dict[str, Any] = {"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}
+    else:
+        with Volume.inspect(state_root(root), volume) as registered:
+            peer = dict(registered.record.peer or {})
+        if not peer:
+            raise UsageError(f"volume {volume} has no peer here: give the replica server's URL")
+    with make_client(peer) as client:
+        found = client.scrub(volume, parse_rate(rate), restart)
+        deadline = time.monotonic() + timeout
+        while wait and (found.get("last") or {}).get("state") == "running":
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"the replica server's scrub of {volume} did not finish in {timeout:g}s")
+            time.sleep(0.2)
+            found = client.scrub_status(volume)
+    return {"volume": volume, "replica_url": peer["url"], **found}

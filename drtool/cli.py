@@ -392,6 +392,8 @@ def cmd_read(ctx: Context) -> int:
 
 def cmd_verify(ctx: Context) -> int:
     a = ctx.args
+    if a.replica_scrub:
+        return _replica_scrub(ctx)
     result = api.verify_volume(a.name, regions=a.regions, repair=a.repair, rate=a.rate, restart=a.restart,
                                timeout=a.timeout, root=ctx.root, progress=ctx.progress())
     if ctx.json:
@@ -399,6 +401,24 @@ def cmd_verify(ctx: Context) -> int:
     else:
         report.render_verify(ctx.out, result)
     return ExitCode.BAD_REGIONS if result["result"] == "differ" else ExitCode.OK
+
+
+def _replica_scrub(ctx: Context) -> int:
+    """verify --replica-scrub: the replica server scrubs its whole copy (in the background)."""
+    a = ctx.args
+    if a.regions is not None or a.repair:
+        raise UsageError("--replica-scrub scrubs the whole replica on the server: no --regions or --repair")
+    result = api.replica_scrub(a.name, rate=a.rate, restart=a.restart, wait=a.wait, timeout=a.timeout,
+                               root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        last = result.get("last") or {}
+        ctx.out.print(f"replica server {result['replica_url']}: scrub of {a.name} {last.get('state')}, "
+                      f"{last.get('done_regions', 0)} of {last.get('total_regions', 0)} regions, "
+                      f"{format_bytes(last.get('bytes_read', 0))} read; {result['bad_count']} bad regions "
+                      f"(mirror {result['bad_regions']['mirror']}, overlay {result['bad_regions']['overlay']})")
+    return ExitCode.BAD_REGIONS if result["bad_count"] else ExitCode.OK
 
 
 def _setup_logging(debug: bool) -> None:
@@ -619,7 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="ship the regions that differ again, then verify them")
     p.add_argument("--rate", help="throttle: bytes per second the replica reads (e.g. 200M)")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted verify")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds --repair may wait for replication")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --repair may wait for replication "
+                   "(--replica-scrub --wait: for the scrub)")
+    p.add_argument("--replica-scrub", action="store_true", help="have the replica server scrub its whole copy "
+                   "in the background (mirror and overlay replica) and show what its scrubs found")
+    p.add_argument("--wait", action="store_true", help="with --replica-scrub: until the scrub finished")
 
     def daemon_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--daemon", action="store_true", help="detach (for hosts without systemd)")

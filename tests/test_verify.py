@@ -283,3 +283,41 @@ def test_verify_goes_through_replicator_interfaces_only():
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "engine":
             assert not node.attr.startswith("_") and node.attr not in ("meta", "stripes", "device", "overlay")
     assert Replicator  # the shipping goes through engine.replicator (force, wait_caught_up)
+
+
+def test_in_degraded_mode_the_overlay_replica_is_compared(volume, cli, replica_server):
+    """recover: writes go to the overlay and its replica; verify compares the overlay merged over the mirror."""
+    path, data, image = volume
+    assert cli("recover", "vol").code == 0
+    new = os.urandom(RS)
+    api.write("vol", 4 * RS, new)
+    api.replicate("vol", wait=True)
+    code, report, result = verify(cli)
+    assert code == ExitCode.OK, result
+    assert report["source"] == "overlay" and report["result"] == "equal"
+    overlay_image = image.parent / "overlay.img"
+    corrupt(overlay_image, 4 * RS + 1)
+    code, report, _ = verify(cli)
+    assert code == ExitCode.BAD_REGIONS and report["replica_rot"] == [[4, 1]]
+    with replica_server.client() as client:
+        assert client.volume_info("vol")["scrub"]["bad_regions"] == {"mirror": [], "overlay": [[4, 1]]}
+    code, report, result = verify(cli, "--repair")
+    assert code == ExitCode.OK and report["repair"]["relogged"] == [[4, 1]], result
+    assert overlay_image.read_bytes()[4 * RS:5 * RS] == new
+    with replica_server.client() as client:
+        assert client.volume_info("vol")["scrub"]["bad_count"] == 0
+
+
+def test_the_replica_server_scrubs_its_whole_copy_on_request(volume, cli, replica_server):
+    path, data, image = volume
+    corrupt(image, 13 * RS + 2)
+    result = cli("verify", "vol", "--replica-scrub", "--wait", "--json")
+    assert result.code == ExitCode.BAD_REGIONS, result
+    found = result.json()
+    assert found["last"]["state"] == "done" and found["bad_regions"]["mirror"] == [[13, 1]]
+    assert found["last"]["bytes_read"] == 16 * RS and found["replica_url"] == replica_server.url
+    assert cli("status", "vol").code == 0  # the primary's own health is not the replica's
+    assert verify(cli, "--repair")[0] == ExitCode.OK
+    result = cli("verify", "vol", "--replica-scrub", "--wait", "--rate", "8M")
+    assert result.code == ExitCode.OK and "0 bad regions" in result.out, result
+    assert cli("verify", "vol", "--replica-scrub", "--regions", "1").code == ExitCode.USAGE
