@@ -168,6 +168,11 @@ class _Walker:
         except VolumeNotFound:
             raise PeerError(f"the replica server {self.client.url} holds no replica of {self.engine.name} "
                             "(run drtool protect again)") from None
+        except UsageError as exc:
+            if "no such endpoint" in str(exc):  # a drtool serve from before verify
+                raise PeerError(f"the replica server {self.client.url} cannot verify (its drtool predates "
+                                "POST .../verify: upgrade it)") from None
+            raise
         following = answer["next"]
         if following is not None and (not isinstance(following, int) or following < start):
             raise PeerError(f"the replica server {self.client.url} answered a verify that goes backwards")
@@ -234,8 +239,16 @@ class _Walker:
         """Check the suspects once more: still different and acknowledged is divergent."""
         if not found.suspect:
             return
+        # Acknowledged before the server reads them again, and unchanged until compared: then
+        # the replica must hold them.  Anything else was changing while we looked: pending.
+        volume = self.engine.volume
+        before = {r: (volume.manifest.stored(r), volume.unreplicated.test(r)) for r in found.suspect}
         again = Findings()
-        self.walk(to_runs(found.suspect), 0, again)  # progress: these regions were counted already
+        progress, self.progress = self.progress, None  # these regions were counted already
+        try:
+            self.walk(to_runs(found.suspect), 0, again)
+        finally:
+            self.progress = progress
         found.compared -= len(found.suspect)
         for region in found.suspect:
             if region in again.rot:
@@ -244,7 +257,11 @@ class _Walker:
             elif region in again.pending:
                 found.pending.add(region)
             elif region in again.suspect:
-                found.divergent.add(region)
+                digest, pending = before[region]
+                if pending or volume.manifest.stored(region) != digest:
+                    found.pending.add(region)
+                else:
+                    found.divergent.add(region)
             else:
                 found.equal += 1
             found.compared += 1

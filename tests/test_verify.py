@@ -321,3 +321,50 @@ def test_the_replica_server_scrubs_its_whole_copy_on_request(volume, cli, replic
     result = cli("verify", "vol", "--replica-scrub", "--wait", "--rate", "8M")
     assert result.code == ExitCode.OK and "0 bad regions" in result.out, result
     assert cli("verify", "vol", "--replica-scrub", "--regions", "1").code == ExitCode.USAGE
+
+
+def test_a_replica_server_without_verify_is_a_peer_error(volume, replica_server):
+    """A drtool serve from before verify answers 404 'no such endpoint': the peer cannot be used (exit 7)."""
+    from drtool.errors import PeerError
+
+    class OldServer:
+        def __init__(self) -> None:
+            self.real = replica_server.client()
+            self.url = self.real.url
+
+        def verify_regions(self, name, *args, **kwargs):
+            return self.real._json("POST", self.real._path(name, "verify-not-here"), json={})
+
+    old = OldServer()
+    with Engine.open(None, "vol") as engine, pytest.raises(PeerError, match="upgrade it") as raised:
+        verify_mod.verify(engine, client=old)
+    assert raised.value.exit_code == ExitCode.PEER
+    old.real.close()
+
+
+def test_writes_racing_a_verify_are_never_called_divergent(volume, cli, start_agent):
+    """The agent writes and ships region 3 over and over while verify runs: equal or pending, never differ."""
+    import threading
+
+    start_agent("vol")
+    stop = threading.Event()
+    writes = []
+
+    def writer() -> None:
+        while not stop.is_set():
+            api.write("vol", 3 * RS, os.urandom(RS))
+            writes.append(1)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        for _ in range(8):
+            code, report, result = verify(cli, "--restart")
+            assert code == ExitCode.OK, result
+            assert report["differ"] == [] and set(map(tuple, report["pending"])) <= {(3, 1)}, report
+    finally:
+        stop.set()
+        thread.join(30)
+    assert len(writes) > 8
+    assert cli("replicate", "vol", "--wait").code == 0
+    assert verify(cli)[1]["result"] == "equal"
