@@ -11,44 +11,72 @@
    replica over the bytes of the bad regions;
 3. time to recover: from `recover` (through the running agent's control socket) to the first
    verified read of a bad region, for a 1 GiB and a 16 GiB sparse volume.
+
+A/B against an older commit (only the healthy rows, 64K regions):
+
+    .venv/bin/python bench/agent.py --rev c7c8018 [--new HEAD] --size 2G --runs 5 --fio-seconds 5
+
+``--rev REV``'s drtool (``git archive`` into the scratch directory) and the new one (``--new
+REV``, archived the same way; default: this checkout) each register the same warm image in
+their own state root with their own ``drtool init`` and serve it with their own ``drtool
+agent`` (same venv interpreter and packages, PYTHONPATH pointing at the tree, started outside
+the checkout so ``-m drtool`` cannot import it from the working directory), next to ``nbdkit
+file``.  All three run for the whole bench and are measured in rounds (old, new, nbdkit; the
+two agents swap places every other round): ``--runs`` rounds of nbdcopy to null: and then
+``--runs`` rounds of fio randread 4k iodepth 32.  Every figure is a median with its min-max;
+the CPU is the agent process's own (utime + stime of all its threads), per GiB and per I/O.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import median, parse_size, random_image, row, scratch_dir, warm  # noqa: E402
 from bench.nbd_read import (  # noqa: E402
-    Endpoint, _alternate, _process_cpu_seconds, compare, fio_run, nbdcopy_run, nbdkit_file, print_rows,
+    Endpoint, Subject, _alternate, _process_cpu_seconds, compare, fio_run, nbdcopy_run, nbdkit_file, print_rows,
 )
 from bench.remote_fetch import _start_server  # noqa: E402
 from drtool import api  # noqa: E402
 
 RS = 64 * 1024
 DRTOOL = [sys.executable, "-m", "drtool"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_GIB = 1 << 30
+
+
+def _env(root: str, source: str) -> dict[str, str]:
+    """The environment of a drtool process run from the tree ``source`` (holding ``drtool/``)."""
+    return {**os.environ, "DRTOOL_STATE_ROOT": root,
+            "PYTHONPATH": source + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 @contextmanager
-def agent(root: str, name: str, work: str) -> Iterator[Endpoint]:
-    sock = os.path.join(work, f"{name}.agent.sock")
-    env = {**os.environ, "DRTOOL_STATE_ROOT": root}
+def agent(root: str, name: str, work: str, source: str = REPO) -> Iterator[Endpoint]:
+    """``drtool agent`` from ``source`` serving ``name`` on a Unix socket only (both the old
+    agent, whose default is also TCP 127.0.0.1:10809, and the new one take ``--listen none``).
+    It runs in ``work``, not the checkout: ``-m drtool`` imports from the working directory
+    before PYTHONPATH."""
+    sock = os.path.join(work, f"{os.path.basename(root)}.{name}.agent.sock")
+    log = os.path.join(work, f"{os.path.basename(root)}.{name}.agent.log")
     proc = subprocess.Popen([*DRTOOL, "agent", name, "--nbd-socket", sock, "--listen", "none"],
-                            stdout=subprocess.PIPE, stderr=open(os.path.join(work, f"{name}.agent.log"), "ab"),
-                            text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=open(log, "ab"),
+                            text=True, env=_env(root, source), cwd=work)
     try:
         announce = proc.stdout.readline() + proc.stdout.readline()
         if "nbd+unix" not in announce:
-            raise SystemExit(f"drtool agent did not start: {announce!r}")
+            with open(log, errors="replace") as handle:
+                raise SystemExit(f"drtool agent did not start: {announce!r}\n{handle.read()[-4000:]}")
         yield Endpoint(f"nbd+unix:///{name}?socket={sock}", lambda: _process_cpu_seconds(proc.pid))
     finally:
         proc.terminate()
@@ -162,14 +190,174 @@ def time_to_recover(work: str, size: int, url: str, token: str, runs: int) -> di
     return result
 
 
+def source_tree(rev: str) -> tuple[str, str]:
+    """``git archive`` of REV's drtool package into a scratch directory: (directory, short sha)."""
+    sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", f"{rev}^{{commit}}"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    target = scratch_dir(f"agent-src-{sha}-")
+    archive = subprocess.run(["git", "-C", REPO, "archive", sha, "drtool"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
+    return target, sha
+
+
+def _checkout_label() -> str:
+    described = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True,
+                               text=True).stdout.strip()
+    return f"{described} (checkout)"
+
+
+def _spread(values: list[float], scale: float = 1.0) -> dict:
+    return {"median": median(values) * scale, "min": min(values) * scale, "max": max(values) * scale,
+            "samples": [v * scale for v in values]}
+
+
+def _rounds(endpoints: dict[str, Endpoint], swap: tuple[str, str], runs: int,
+            measure: Callable[[Endpoint], tuple[float, float]]) -> dict[str, list[tuple[float, float]]]:
+    """``runs`` rounds over every endpoint in order; the two ``swap`` labels trade places every
+    other round, so neither agent always runs first (right after the peer)."""
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in endpoints}
+    for round_no in range(runs):
+        order = list(endpoints)
+        if round_no % 2:
+            a, b = order.index(swap[0]), order.index(swap[1])
+            order[a], order[b] = order[b], order[a]
+        for label in order:
+            samples[label].append(measure(endpoints[label]))
+    return samples
+
+
+def ab_healthy(work: str, image: str, size: int, runs: int, fio_seconds: float,
+               versions: dict[str, str]) -> dict:
+    """The healthy rows, old agent / new agent / nbdkit alternated in one run.
+
+    ``versions``: label -> source tree (old first).  Returns every sample and its medians."""
+    labels = list(versions)
+    roots = {label: os.path.join(work, f"state-{side}") for label, side in zip(labels, ("old", "new"))}
+    for label, source in versions.items():  # each version registers the image with its own init
+        subprocess.run([*DRTOOL, "init", "healthy", "--device", image, "--region-size", "64K"],
+                       env=_env(roots[label], source), cwd=work, check=True, stdout=subprocess.DEVNULL)
+    warm(image)
+    subjects: dict[str, Subject] = {
+        label: (lambda label=label, source=source: agent(roots[label], "healthy", work, source))
+        for label, source in versions.items()}
+    subjects["nbdkit"] = lambda: nbdkit_file(image)
+    with ExitStack() as stack:
+        endpoints = {label: stack.enter_context(subject()) for label, subject in subjects.items()}
+        load = [os.getloadavg()[0]]
+        copies = _rounds(endpoints, (labels[0], labels[1]), runs, nbdcopy_run)
+        load.append(os.getloadavg()[0])
+        fio = _rounds(endpoints, (labels[0], labels[1]), runs, lambda endpoint: fio_run(endpoint, size, fio_seconds))
+        load.append(os.getloadavg()[0])
+    result: dict = {"bytes": size, "runs": runs, "fio_seconds": fio_seconds, "load_average": load, "servers": {}}
+    for label in endpoints:
+        result["servers"][label] = {
+            "nbdcopy_gbps": _spread([size / seconds / 1e9 for seconds, _ in copies[label]]),
+            "nbdcopy_cpu_s_per_gib": _spread([cpu / (size / _GIB) for _, cpu in copies[label]]),
+            "fio_kiops": _spread([iops / 1000 for iops, _ in fio[label]]),
+            "fio_cpu_us_per_io": _spread([cpu for _, cpu in fio[label]], 1e6),
+        }
+    peer = result["servers"]["nbdkit"]
+    for label in labels:
+        entry = result["servers"][label]
+        entry["nbdcopy_vs_nbdkit"] = entry["nbdcopy_gbps"]["median"] / peer["nbdcopy_gbps"]["median"]
+        entry["fio_vs_nbdkit"] = entry["fio_kiops"]["median"] / peer["fio_kiops"]["median"]
+        # the same ratio within each round (the agent against nbdkit measured seconds apart)
+        entry["nbdcopy_vs_nbdkit_rounds"] = _spread([a / b for a, b in zip(entry["nbdcopy_gbps"]["samples"],
+                                                                         peer["nbdcopy_gbps"]["samples"])])
+        entry["fio_vs_nbdkit_rounds"] = _spread([a / b for a, b in zip(entry["fio_kiops"]["samples"],
+                                                                     peer["fio_kiops"]["samples"])])
+    old, new = (result["servers"][label] for label in labels)
+    keys = ("nbdcopy_gbps", "nbdcopy_cpu_s_per_gib", "fio_kiops", "fio_cpu_us_per_io")
+    result["new_over_old"] = {key: new[key]["median"] / old[key]["median"] for key in keys}
+    # paired: new over old within each round (measured seconds apart), and in how many rounds new > old
+    result["new_over_old_rounds"] = {
+        key: {**_spread([b / a for a, b in zip(old[key]["samples"], new[key]["samples"])]),
+              "new_higher": sum(b > a for a, b in zip(old[key]["samples"], new[key]["samples"]))}
+        for key in keys}
+    print_ab(result)
+    return result
+
+
+def _cell(entry: dict, fmt: str) -> str:
+    return f"{entry['median']:{fmt}} ({entry['min']:{fmt}}-{entry['max']:{fmt}})"
+
+
+def _ratio(of_medians: float, rounds: dict) -> str:
+    """The ratio of the medians, and the min-max of the same ratio taken within each round."""
+    return f"{of_medians:.2f} ({rounds['min']:.2f}-{rounds['max']:.2f})"
+
+
+def print_ab(result: dict) -> None:
+    print(f"nbdcopy {result['bytes'] >> 20} MiB to null:, fio randread 4k iodepth 32 {result['fio_seconds']:g} s; "
+          f"medians of {result['runs']} rounds (min-max); load average "
+          + " / ".join(f"{x:.1f}" for x in result["load_average"]) + " (start / after nbdcopy / after fio)")
+    print(row("server", "nbdcopy GB/s", "vs nbdkit (rounds)", "CPU s/GiB", "fio kIOPS", "vs nbdkit (rounds)",
+              "CPU µs/IO"))
+    print(row(*["---"] * 7))
+    for label, entry in result["servers"].items():
+        paired = "nbdcopy_vs_nbdkit" in entry
+        print(row(label, _cell(entry["nbdcopy_gbps"], ".2f"),
+                  _ratio(entry["nbdcopy_vs_nbdkit"], entry["nbdcopy_vs_nbdkit_rounds"]) if paired else "",
+                  _cell(entry["nbdcopy_cpu_s_per_gib"], ".2f"), _cell(entry["fio_kiops"], ".1f"),
+                  _ratio(entry["fio_vs_nbdkit"], entry["fio_vs_nbdkit_rounds"]) if paired else "",
+                  _cell(entry["fio_cpu_us_per_io"], ".1f")))
+    ratios = result["new_over_old"]
+    print(row("new / old, medians", f"{ratios['nbdcopy_gbps']:.2f}", "", f"{ratios['nbdcopy_cpu_s_per_gib']:.2f}",
+              f"{ratios['fio_kiops']:.2f}", "", f"{ratios['fio_cpu_us_per_io']:.2f}"))
+    rounds = result["new_over_old_rounds"]
+
+    def paired(key: str) -> str:
+        entry = rounds[key]
+        return f"{_cell(entry, '.2f')}, higher in {entry['new_higher']} of {len(entry['samples'])}"
+    print(row("new / old within each round", paired("nbdcopy_gbps"), "", paired("nbdcopy_cpu_s_per_gib"),
+              paired("fio_kiops"), "", paired("fio_cpu_us_per_io")))
+
+
+def main_ab(args: argparse.Namespace, size: int) -> dict:
+    work = scratch_dir("agent-ab-")
+    trees: list[str] = []
+    try:
+        old_source, old_sha = source_tree(args.rev)
+        trees.append(old_source)
+        if args.new:
+            new_source, new_sha = source_tree(args.new)
+            trees.append(new_source)
+            new_label = new_sha
+        else:
+            new_source, new_label = REPO, _checkout_label()
+        versions = {f"drtool agent {old_sha} (old)": old_source, f"drtool agent {new_label} (new)": new_source}
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        print(f"A/B {started}: old {old_sha}, new {new_label}; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        image = os.path.join(work, "random.img")
+        random_image(image, size)
+        result = ab_healthy(work, image, size, args.runs, args.fio_seconds, versions)
+        result.update(date=started, old=old_sha, new=new_label)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for tree in trees:
+            shutil.rmtree(tree, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="2G")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--fio-seconds", type=float, default=5.0)
     parser.add_argument("--skip-sparse", action="store_true", help="skip the 16 GiB time-to-recover run")
+    parser.add_argument("--rev", help="A/B: this commit's agent against the new one and nbdkit, healthy rows only")
+    parser.add_argument("--new", help="with --rev: the new side is this commit (default: the checkout)")
+    parser.add_argument("--json", help="with --rev: also write every sample to this file")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
+    if args.new and not args.rev:
+        parser.error("--new needs --rev")
+    if args.rev:
+        return main_ab(args, size)
     work = scratch_dir("agent-")
     server, url, token = _server(work)
     try:
