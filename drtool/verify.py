@@ -37,7 +37,6 @@ then verifies the repaired and pending regions again.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
