@@ -33,7 +33,7 @@ from typing import Any
 
 import blake3
 
-from drtool.errors import DeviceError, DrtoolError, UsageError
+from drtool.errors import CorruptStateFile, DeviceError, DrtoolError, UsageError
 from drtool.regions import Geometry, Run, to_runs
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.tables import DigestTable
@@ -234,8 +234,14 @@ class ScrubState:
         self.found_at: float | None = None
         self.last: dict[str, Any] | None = None  # the last (or running) whole scrub
         self.job: ScrubJob | None = None
+        self.damage: CorruptStateFile | None = None  # a torn scrub.json: described, and refused for new findings
+        body: dict[str, Any] = {}
         if os.path.exists(self.path):
-            body = load_json(self.path, "replica-scrub", volume.volume_id)
+            try:
+                body = load_json(self.path, "replica-scrub", volume.volume_id)
+            except CorruptStateFile as exc:
+                self.damage = exc
+        if body:
             if body.get("image") == volume.image_path:  # else: another image was adopted since
                 for kind in self.bad:
                     self.bad[kind] = {r for first, count in body.get("bad", {}).get(kind, [])
@@ -244,6 +250,9 @@ class ScrubState:
                 self.last = body.get("last")
 
     def save(self) -> None:
+        if self.damage is not None:  # never write over what we could not read: say so instead
+            raise CorruptStateFile(self.path, f"{self.damage.reason}; remove it to start the replica's scrub "
+                                   "records afresh")
         save_json(self.path, "replica-scrub", self.volume.volume_id,
                   {"image": self.volume.image_path, "found_at": self.found_at, "last": self.last,
                    "bad": {kind: [list(run) for run in to_runs(regions)] for kind, regions in self.bad.items()}})
@@ -283,9 +292,13 @@ class ScrubState:
             last = dict(self.job.progress) if running and self.job is not None else (dict(self.last) if self.last else None)
             if last and last.get("state") == "running" and not running:
                 last["state"] = "interrupted"  # the server stopped mid-scrub: POST .../scrub resumes it
-            return {"bad_regions": {kind: [list(run) for run in to_runs(regions)] for kind, regions in self.bad.items()},
-                    "bad_count": sum(len(regions) for regions in self.bad.values()),
-                    "found_at": self.found_at, "last": last}
+            described = {"bad_regions": {kind: [list(run) for run in to_runs(regions)]
+                                         for kind, regions in self.bad.items()},
+                         "bad_count": sum(len(regions) for regions in self.bad.values()),
+                         "found_at": self.found_at, "last": last}
+            if self.damage is not None:
+                described["error"] = str(self.damage)
+            return described
 
 
 def _within(runs: list[Run], start: int, end: int | None, region: int) -> bool:

@@ -186,3 +186,22 @@ def test_a_promoted_replica_is_not_verified_here(client, content):
         client.verify_regions("vol", [(0, 1)])
     with pytest.raises(NotPermitted):
         client.scrub("vol")
+
+
+def test_a_torn_scrub_file_is_described_and_never_written_over(start_server):
+    server = start_server()
+    with server.client() as client:
+        client.ensure_volume("vol", 8 * RS, RS, VOLUME_ID)
+        client.send_records("vol", write(1, 2 * RS, b"x" * RS), complete_through=1)
+        corrupt(image(server), 2 * RS)
+        assert client.verify_regions("vol", [(0, 8)])["bad"] == [[2, 1]]
+    server.stop()
+    path = server.root / "vol" / "scrub.json"
+    path.write_text(path.read_text()[:40])
+    server.start()
+    with server.client() as client:
+        info = client.volume_info("vol")  # the replica itself is still served
+        assert "scrub.json" in info["scrub"]["error"] and info["applied_seq"] == 1
+        response = call(server, "POST", "/v1/volumes/vol/verify", json={"runs": [[0, 8]]})
+        assert_problem(response, 500, "remove it")
+    assert path.read_text().startswith(path.read_text()[:40]) and len(path.read_text()) == 40
