@@ -169,14 +169,19 @@ class PageStore:
 
     def page(self, page_no: int) -> bytearray:
         """The payload of a page, to read (do not change it: use :meth:`page_for_write`)."""
-        with self._lock:
-            buf = self._dirty.get(page_no)
-            if buf is not None:
-                return buf
-            buf = self._clean.get(page_no)
-            if buf is not None:
+        # A cache hit takes no lock (every verified read asks for a page): a dict lookup is
+        # atomic, and a page moving from dirty to clean during a commit is found by the slow
+        # path below, which looks again under the lock.
+        buf = self._dirty.get(page_no)
+        if buf is not None:
+            return buf
+        buf = self._clean.get(page_no)
+        if buf is not None:
+            try:
                 self._clean.move_to_end(page_no)
-                return buf
+            except KeyError:  # evicted meanwhile: still the page's current bytes
+                pass
+            return buf
         buf = self._load(page_no)
         with self._lock:
             current = self._dirty.get(page_no) or self._clean.get(page_no)
