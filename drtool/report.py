@@ -479,7 +479,7 @@ def render_fleet(console: Console, hosts: dict[str, list[dict[str, Any]]], detai
                      f"{peer.get('url', '')} {reach}".strip(), status.get("role", "")])
     summary = fleet_summary(hosts)
     if is_plain(console):
-        console.out(summary, highlight=False)
+        console.out(f"drtool fleet status: {summary}", highlight=False)
     else:
         console.print(Text(summary, style="bold"))
     _fit_table(console, "drtool fleet status", columns, rows)

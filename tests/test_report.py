@@ -167,7 +167,7 @@ def test_report_exit_codes_by_severity_and_summary_sorted_worst_first(tmp_path, 
     shown = cli("report", _fleet(tmp_path, {"a": [ok, degraded], "b": [broken, faulted]}))
     assert shown.code == 4
     lines = shown.out.splitlines()
-    assert lines[0] == "4 volumes on 2 hosts: 1 FAULTED, 1 DEGRADED, 2 ONLINE; 1 UNPROTECTED, 3 PROTECTED"
+    assert lines[0] == "drtool fleet status: 4 volumes on 2 hosts: 1 FAULTED, 1 DEGRADED, 2 ONLINE; 1 UNPROTECTED, 3 PROTECTED"
     order = [line.split()[1] for line in lines[2:6]]
     assert order == ["dead-vol", "bad-vol", "far-vol", "ok-vol"]
     assert "b/dead-vol: the device" in shown.out
