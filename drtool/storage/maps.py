@@ -123,9 +123,11 @@ class RegionBitmap:
             self._counts = array("I", bytes(4 * chunks))
         else:
             self._counts = _load_counts(self._pages, summary_page, chunks)
-            for chunk, value in enumerate(self._counts):
-                if value > self._valid(chunk):
-                    raise ValueError(f"bitmap summary says chunk {chunk} has {value} set bits, more than it holds")
+            # Every chunk holds CHUNK_BITS regions but the last: two checks, not one a chunk.
+            if chunks and (max(self._counts) > CHUNK_BITS or self._counts[-1] > self._valid(chunks - 1)):
+                chunk = next(c for c, value in enumerate(self._counts) if value > self._valid(c))
+                raise ValueError(f"bitmap summary says chunk {chunk} has {self._counts[chunk]} set bits, "
+                                 "more than it holds")
         self._total = sum(self._counts)
 
     # -- chunks ---------------------------------------------------------------------
