@@ -495,6 +495,10 @@ class Run:
         self.crash["mode_after_restart"] = self.status()["mode"]
         if self.crash["mode_after_restart"] == "resync":
             self.crash["landed"] = "during failback (resync)"
+        elif self.crash["mode_after_restart"] == "degraded":
+            self.crash["landed"] = "before resync began (the failback's checks and scrub of NEW)"
+        elif target == "replica" and self.crash["mode_after_restart"] == "normal":
+            self.crash["landed"] = "during failback, which rode out the replica's restart"
         self.settle()
         # More writes in whatever mode the crash left (resync: into the overlay, marked to copy
         # back), then the failback is run again to its end.  Not with writes in flight: that
