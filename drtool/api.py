@@ -214,11 +214,11 @@ def probe_volume(name: str, root: str | None = None) -> dict[str, Any]:
 
 
 def replica_info(name: str, replica_url: str, token_file: str | None = None,
-                 ca: str | None = None) -> dict[str, Any]:
+                 ca: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """What a replica server says about its replica of ``name`` (state, applied sequence, ...)."""
     from drtool.replication import make_client
 
-    with make_client({"url": replica_url, "token_file": token_file, "ca": ca}) as client:
+    with make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}) as client:
         return client.volume_info(name)
 
 

@@ -91,6 +91,12 @@ def check_peer_url(url: str, insecure: bool = False) -> None:
                          "--tls-key on the peer), or configure the peer as insecure (--insecure) to accept that")
 
 
+def needs_insecure(url: str) -> bool:
+    """Would this peer URL carry the token in cleartext across the network (http:// off loopback)?"""
+    parts = urlsplit(url)
+    return parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+
+
 def is_loopback_host(host: str) -> bool:
     """localhost or a loopback address (127.0.0.0/8, ::1): traffic that never leaves the host."""
     if host.lower() == "localhost":

@@ -24,6 +24,7 @@ from typing import Any
 
 from drtool.engine.lag import Pending, lag
 from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost, StateError
+from drtool.client import needs_insecure
 from drtool.peer import make_client
 from drtool.ports import ReplicationPort
 from drtool.regions import to_runs
@@ -284,7 +285,10 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
     # Kept absolute: later commands (and the agent) run from other directories.
     token_file, ca = absolute_path(token_file), absolute_path(ca)
     peer = {"url": url.rstrip("/"), "token_file": token_file, "ca": ca}
-    if insecure:  # plain http:// beyond loopback, said explicitly (--insecure); kept with the peer
+    # --insecure only matters for plain http:// beyond loopback: kept with the peer only then
+    # (status warns of an insecure link; an https:// or loopback pairing is not one).
+    insecure = bool(insecure) and needs_insecure(peer["url"])
+    if insecure:
         peer["insecure"] = True
     client = client or make_client(peer)
     record = engine.record

@@ -131,3 +131,11 @@ def test_status_warns_of_an_insecure_link(tmp_path, state_root, cli):
     found = peer_status({"url": "http://192.0.2.2:1", "insecure": True, "token_file": None}, probe=False)
     assert found["insecure"] is True and "not encrypted" in found["warning"]
     assert "insecure" not in peer_status({"url": "https://dr:8470"}, probe=False)
+
+
+def test_insecure_is_kept_only_where_it_matters():
+    from drtool.client import needs_insecure
+
+    assert needs_insecure("http://192.0.2.2:8470")
+    assert not needs_insecure("https://192.0.2.2:8470")
+    assert not needs_insecure("http://127.0.0.1:8470") and not needs_insecure("http://localhost:1")

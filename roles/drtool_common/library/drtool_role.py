@@ -222,26 +222,11 @@ def _replica_info(module, api, name, url, token_file, ca, insecure):
     from drtool.errors import DrtoolError, VolumeNotFound
 
     try:
-        if insecure:
-            return _replica_info_insecure(api, name, url, token_file, ca)
-        return api.replica_info(name, url, token_file=token_file, ca=ca)
+        return api.replica_info(name, url, token_file=token_file, ca=ca, insecure=insecure)
     except VolumeNotFound:
         return None
     except DrtoolError as exc:
         fail_drtool(module, exc)
-
-
-def _replica_info_insecure(api, name, url, token_file, ca):
-    """replica_info over plain HTTP beyond loopback.  TODO: drop the fallback once every drtool in use
-    has ``drtool.api.replica_info(..., insecure=)``: until then its client refuses such a URL."""
-    import inspect
-
-    if "insecure" in inspect.signature(api.replica_info).parameters:
-        return api.replica_info(name, url, token_file=token_file, ca=ca, insecure=True)
-    from drtool.peer import make_client
-
-    with make_client({"url": url, "token_file": token_file, "ca": ca, "insecure": True}) as client:
-        return client.volume_info(name)
 
 
 def _secondary(module, api, name, root, before):
