@@ -19,6 +19,7 @@ from drtool.engine import Engine
 from drtool.errors import UsageError
 from drtool.progress import NoProgress, Progress
 from drtool.regions import from_runs, parse_runs
+from drtool.status import finish as finish_status
 from drtool.status import volume_status
 from drtool.units import parse_rate
 from drtool.storage.paths import validate_name
@@ -44,7 +45,7 @@ def status(engine: Engine, probe_peer: bool = True) -> dict[str, Any]:
             result["peer"]["error"] = replicator.last_error
         result["peer"]["last_ack"] = replicator.last_ack
     result["read_only"] = engine.read_only_reason
-    return result
+    return finish_status(result)  # protection and action again, now that the agent said what it knows
 
 
 def scrub(engine: Engine, progress: Progress | None = None, record: bool = True) -> dict[str, Any]:
