@@ -145,8 +145,10 @@ class RemoteFetcher:
             try:
                 engine.replicator.force(lagging)
             except PeerError as exc:
-                raise DataUnavailable(f"volume {engine.name}: cannot force-replicate regions "
-                                      f"{to_runs(lagging)} before fetching them: {exc}") from None
+                # The replica could not be used (unreachable, refused): the regions are not lost,
+                # the command may be run again once the server answers (exit 7, not 8).
+                raise type(exc)(f"volume {engine.name}: cannot force-replicate regions "
+                                f"{to_runs(lagging)} before fetching them: {exc}") from None
 
     def fetch(self, regions: list[int], prepared: bool = False,
               optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:
@@ -163,8 +165,11 @@ class RemoteFetcher:
                 return self._from_journal(regions, engine.record.recovery.local_era, optional=optional)
             return self._from_replica(regions, optional=optional)
         except PeerError as exc:
-            raise DataUnavailable(f"volume {engine.name}: cannot fetch regions {to_runs(regions)} "
-                                  f"from the replica: {exc}") from None
+            # Unreachable, refused or a bad answer: the regions are not lost, only not reachable
+            # now (exit 7, PEER; the errno stays EIO for a read).  Lost or unverifiable regions
+            # are DataUnavailable (RegionsLost, VerificationFailed, a 410 from the server).
+            raise type(exc)(f"volume {engine.name}: cannot fetch regions {to_runs(regions)} "
+                            f"from the replica: {exc}") from None
 
     def _from_replica(self, regions: list[int], snapshot: str | None = None,
                       optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:

@@ -4,12 +4,10 @@ killed during `failback --device NEW`, the command exits 8).
 README's exit codes: 7 "the replica server could not be used (unreachable, refused, wrong token)",
 8 "data unavailable: regions lost or failing verification".  A script (or the Ansible failback
 play) that reads 8 believes regions are lost, while nothing is: the failback resumes once the
-server is back (the fault loop proves it).  drtool/fetch.py turns every PeerError of a fetch into
-DataUnavailable ("cannot fetch regions ... from the replica: connection refused ...")."""
+server is back (the fault loop proves it).  drtool/fetch.py used to turn every PeerError of a fetch
+into DataUnavailable; it now keeps the peer error's class (exit 7) and adds the regions to its message."""
 
 from __future__ import annotations
-
-import pytest
 
 from drtool import api
 from drtool.errors import ExitCode
@@ -17,10 +15,6 @@ from drtool.errors import ExitCode
 RS = 65536
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "failback with the replica server down exits 8 (DataUnavailable: 'volume vol: cannot fetch regions "
-    "[(0, 16)] from the replica: connection refused to http://127.0.0.1:PORT'), not 7 (PEER) as README's "
-    "exit-code table says: drtool/fetch.py:165 wraps every PeerError of a fetch in DataUnavailable"))
 def test_failback_with_the_replica_server_down_exits_7_and_resumes_later(protect_volume, replica_server, cli,
                                                                          tmp_path):
     path, data = protect_volume(16 * RS, seed=3)
