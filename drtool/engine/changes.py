@@ -10,8 +10,18 @@ Locking, once for the whole engine:
 - ``meta`` guards the maps and the record (held only for in-memory updates and saves);
 - the log has its own lock (``seq_lock`` here pairs each record with its in-flight mark).
 
-Order: stripe -> meta -> log.  Never force replication while holding a stripe: the
-replicator takes stripes to re-log bitmap-mode regions.
+Order: stripe -> meta -> log.  Whoever holds several stripes takes them in ascending stripe
+order (a read from the replica takes those of its regions; the end of failback,
+``Engine.finish_resync``, takes all 256 through :meth:`StateChanges.all_stripes` before
+``meta``).  Never force replication while holding a stripe: the replicator takes stripes to
+re-log bitmap-mode regions.
+
+The end of failback (resync -> normal) holds every stripe: a write checks the mode under its
+stripe and sets its overlay/resync bits in the commit's map step, after its bytes are in the
+overlay, so a finish holding only ``meta`` could run in between, miss the region and delete the
+overlay (the write lost; tests/faults/test_failback_race.py).  Holding every stripe, the finish
+sees every write either done (its bits set: it is copied back) or not begun (it sees normal mode
+and goes to the device).  Before this change the finish took ``meta`` alone.
 
 Helpers (drtool.fetch, drtool.replication, drtool.failback, drtool.roles) see the engine
 through drtool.ports and never take these locks; one that must keep a region still
@@ -22,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from drtool.engine import modes
@@ -145,6 +155,15 @@ class StateChanges:
             handle.pwrite(change.data, change.offset)
         elif not (whole and handle.punch_hole(change.offset, change.length)):
             handle.pwrite(bytes(change.length), change.offset)
+
+    @contextmanager
+    def all_stripes(self) -> Iterator[None]:
+        """Every stripe, taken in ascending order (as a multi-region reader takes its own): no
+        change of any region is in flight while it is held.  For the end of failback only."""
+        with ExitStack() as stack:
+            for stripe in self.stripes:
+                stack.enter_context(stripe)
+            yield
 
     @contextmanager
     def holding(self, region: int) -> Iterator[None]:

@@ -44,6 +44,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "fetch_timeout": 30.0,
 }
 MIN_LOG_LIMIT = 1 << 20  # below this, every burst of writes would overflow into bitmap mode
+#: At most this many overlay regions (written since failback's last copy pass) are copied by
+#: Engine.finish_resync itself, with every write held back; more go back to failback's copy loop.
+FINISH_COPY_REGIONS = 64
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -95,6 +98,7 @@ class Engine(ReadPath, WritePath, StateChanges):
         self.meta = threading.RLock()
         self.seq_lock = threading.Lock()
         self.inflight: set[int] = set()
+        self._finish_refused = False  # finish_resync left regions to failback's copy loop once
         self.device: Device | None = None
         self.overlay: Device | None = None
         self.fetcher: RemoteFetcher | None = None  # created on first need
@@ -391,9 +395,19 @@ class Engine(ReadPath, WritePath, StateChanges):
 
     def finish_resync(self) -> bool:
         """resync -> normal once every region is back in the device: the overlay goes.  False
-        (nothing changes) while regions remain to copy."""
+        (nothing changes) while regions remain to copy, the first time it is asked: failback's
+        copy loop copies them without stopping writes and asks again; asked again, it copies
+        the rest itself, unless the replica must supply any or more than FINISH_COPY_REGIONS
+        remain.
+
+        Writes are shut out while it decides: it takes every stripe (in order, before ``meta``:
+        changes.py's locking rule), so no write is between its mode check and its map step (a
+        write's bytes in the overlay with its overlay/resync bits not set yet).  The few overlay
+        regions still marked are copied here, under the stripes; a write waiting for its stripe
+        runs after the switch, sees normal mode and goes to the device."""
         volume = self.volume
-        with self.meta:
+        with self.all_stripes(), self.meta:
+            modes.check(self.record, modes.NORMAL)  # before any bit is set
             # The overlay goes with this transition: a region it still holds must be on the
             # device first (a write during failback marks it; this catches any it did not).
             for region in list(volume.overlay):
@@ -404,9 +418,19 @@ class Engine(ReadPath, WritePath, StateChanges):
                     if self.record.failback is not None:
                         self.record.failback.total_regions += 1
             if volume.resync.any():
-                return False
+                left = list(volume.resync)
+                if (not self._finish_refused or len(left) > FINISH_COPY_REGIONS
+                        or not all(volume.overlay.test(r) for r in left)):
+                    self._finish_refused = True  # failback's loop copies them, then asks again
+                    return False
+                # Asked again and written again meanwhile: copied here, or writes that never
+                # pause would keep failback from ever finishing.
+                copied = sum(self._copy_overlay_back(region) for region in left)
+                if self.record.failback is not None:
+                    self.record.failback.bytes_copied += copied
             if self.record.failback is not None:
                 self._count_failback(self.record.failback)
+            self._finish_refused = False
             self.flush()
             modes.finish_resync(self.record)
             if self.overlay is not None:
@@ -416,6 +440,16 @@ class Engine(ReadPath, WritePath, StateChanges):
             overlay_file.remove(self.volume.paths.overlay)
         log.info("volume %s: failback complete, back to normal", self.name)
         return True
+
+    def _copy_overlay_back(self, region: int) -> int:
+        """finish_resync: one overlay region onto the device (logged for the mirror when written
+        during the incident, as drtool.failback copies it).  Returns the bytes written."""
+        data = self.read_verified(region)
+        if data is None:
+            raise DeviceError(f"overlay region {region} fails verification; failback stopped")
+        recovery = self.record.recovery
+        relog = recovery is None or self.volume.eras[region] >= recovery.era
+        return self.copy_back(region, data, relog=relog)
 
     # -- roles --------------------------------------------------------------------------
 
