@@ -64,11 +64,13 @@ def _check_device(engine: FailbackPort, path: str) -> None:
 def _prepare(engine: FailbackPort, device: str | None) -> None:
     """Degraded -> resync: point at the device, verify what it holds, mark what to copy."""
     record = engine.record
-    new_device = bool(device) and device != record.device
     path = device or record.device
     _check_device(engine, path)
+    # Another device: use_device records its scrub as pending (durably, before the record names
+    # it), and only the scrub's saved findings clear that; a run killed in the scrub (after a
+    # checkpoint saved the new device) scrubs again.
     engine.use_device(path)
-    if new_device or record.faulted:
+    if _scrub_pending(engine, path) or record.faulted:
         # A replaced or repaired device holds unknown bytes: verify them all, copy only what differs.
         engine.scrub()
         if record.faulted:
@@ -80,6 +82,11 @@ def _prepare(engine: FailbackPort, device: str | None) -> None:
             f"volume {engine.name}: regions {lost.runs()} are lost (never replicated); write them "
             "(they then live in the overlay) before failing back")
     engine.begin_resync(path)
+
+
+def _scrub_pending(engine: FailbackPort, path: str) -> bool:
+    info = engine.record.failback
+    return info is not None and info.scrub_pending == path
 
 
 def _drop_copies_the_device_holds(engine: FailbackPort) -> None:

@@ -511,9 +511,20 @@ class Engine(ReadPath, WritePath, StateChanges):
     # -- the device ------------------------------------------------------------------------
 
     def use_device(self, path: str) -> None:
-        """Serve from (and fail back onto) the device at ``path`` from now on."""
+        """Serve from (and fail back onto) the device at ``path`` from now on.
+
+        Another device than the record's holds unknown bytes until a scrub's findings are
+        saved: that scrub is recorded as pending (``failback.scrub_pending``), durably, before
+        the record names the new device (a checkpoint may save that at any moment after), and
+        only :meth:`scrub` clears it."""
         with self.meta:
             if path != self.record.device:
+                info = self.record.failback
+                if info is None or info.finished is not None:  # (a resync keeps its own)
+                    info = Failback(started=time.time(), device=path, total_regions=0)
+                info.device = info.scrub_pending = path
+                self.record.failback = info
+                self.volume.save_record()
                 self.record.device = path
             if self.device is not None:
                 self.device.close()
@@ -521,13 +532,20 @@ class Engine(ReadPath, WritePath, StateChanges):
 
     def scrub(self, progress: Any = None, record: bool = True) -> Any:
         """Verify every local region (drtool.detect.scrub) with this engine's re-check and lock;
-        a faulted device is dropped, a device back after a fault reopened."""
+        a faulted device is dropped, a device back after a fault reopened.  A scrub of the
+        device whose scrub use_device left pending clears that once its findings are saved."""
+        device = self.record.device
         report = detect.scrub(self.volume, progress, recheck=self.recheck_region, record=record, lock=self.meta)
         if record:
             if report.faulted:
                 self.drop_device()
             else:
                 self.reopen_device()
+                with self.meta:
+                    info = self.record.failback
+                    if info is not None and info.scrub_pending is not None and info.scrub_pending == device:
+                        info.scrub_pending = None  # the findings are on disk (detect.scrub saved them)
+                        self.volume.save_record()
         return report
 
     def fetch(self, regions: list[int]) -> dict[int, tuple[bytes, bytes]]:

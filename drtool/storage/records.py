@@ -158,7 +158,12 @@ class Recovery(SubRecord):
 
 @dataclass
 class Failback(SubRecord):
-    """A failback (resync) in progress or finished."""
+    """A failback (resync) in progress or finished.
+
+    ``scrub_pending``: the device failback switched to (Engine.use_device, saved before the
+    switch) whose scrub's findings are not saved yet; a failback run again scrubs it again."""
+
+    OMIT_NONE = frozenset({"scrub_pending"})
 
     started: float
     device: str
@@ -166,6 +171,7 @@ class Failback(SubRecord):
     done_regions: int = 0
     bytes_copied: int = 0
     finished: float | None = None
+    scrub_pending: str | None = None
 
 
 @dataclass
@@ -191,7 +197,7 @@ class Replication(SubRecord):
     """Pairing and shipping: the initial sync, the acknowledged watermark, bitmap mode."""
 
     OMIT_NONE = frozenset({"initial_sync", "started", "mode", "regions", "finished", "acked_through",
-                           "bitmap_mode_since", "overflows", "dropped_through"})
+                           "bitmap_mode_since", "overflows", "dropped_through", "reason"})
 
     initial_sync: str | None = None  # running / done
     started: float | None = None
@@ -205,6 +211,8 @@ class Replication(SubRecord):
     overflows: int | None = None
     # Bitmap mode dropped the log's records up to here (their regions ship from the volume).
     dropped_through: int | None = None
+    # Why this sync started when it was not the first pairing (the replica was lost or replaced).
+    reason: str | None = None
 
     def done_through(self) -> int:
         """Every record up to this sequence is no longer pending (acknowledged, or dropped)."""

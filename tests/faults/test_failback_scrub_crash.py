@@ -13,6 +13,10 @@ regions.
 Here the process that runs the failback is the engine's own (a subprocess, so it can be killed
 with SIGKILL); the checkpoint is the same `Engine.save` the agent's thread calls, made at the
 start of the scrub, and the kill comes right after it.
+
+Fixed: `Engine.use_device` records the new device's scrub as pending in the failback sub-record
+(`failback.scrub_pending`), saved before `record.device` changes; only a scrub whose findings
+are saved clears it, and `_prepare` scrubs whenever it is pending.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-
-import pytest
 
 from drtool import api
 
@@ -42,12 +44,6 @@ with Engine.open(None, "vol") as engine:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "failback run again after a kill -9 during its scrub of NEW (with a checkpoint saved meanwhile) skips "
-    "the scrub: drtool/failback.py:67 compares --device with record.device, already NEW "
-    "(drtool/engine/core.py:479 use_device; saved by drtool/agent.py:184 _checkpoint_loop), so it copies "
-    "0 regions, answers changed: true and leaves status ONLINE normal on a blank device (all 16 regions "
-    "zeros); the first read then finds regions [(0, 16)] bad and the volume degrades itself"))
 def test_failback_killed_while_scrubbing_the_new_device_copies_every_region_it_lacks(
         protect_volume, tmp_path, state_root):
     path, data = protect_volume(REGIONS * RS, seed=3)
@@ -60,6 +56,7 @@ def test_failback_killed_while_scrubbing_the_new_device_copies_every_region_it_l
     assert killed.returncode == -9, killed.stderr
     status = api.status("vol", probe_peer=False)[0]
     assert (status["mode"], status["device"]) == ("degraded", str(new))  # the checkpoint's record
+    assert status["failback"]["scrub_pending"] == str(new)  # saved before the device switched
 
     result = api.failback("vol", device=str(new))
     status = api.status("vol", probe_peer=False)[0]
