@@ -99,6 +99,7 @@ class Engine(ReadPath, WritePath, StateChanges):
         self.seq_lock = threading.Lock()
         self.inflight: set[int] = set()
         self._finish_refused = False  # finish_resync left regions to failback's copy loop once
+        self._retired: list[Device] = []  # handles replaced (an overlay, a device), closed by close()
         self.device: Device | None = None
         self.overlay: Device | None = None
         self.fetcher: RemoteFetcher | None = None  # created on first need
@@ -169,10 +170,11 @@ class Engine(ReadPath, WritePath, StateChanges):
                 self.flush()
                 self.save()
         finally:
-            for handle in (self.device, self.overlay):
+            for handle in (self.device, self.overlay, *self._retired):
                 if handle is not None:
                     handle.close()
             self.device = self.overlay = None
+            self._retired.clear()
             self.log.close()
             self.volume.close()
 
@@ -434,7 +436,9 @@ class Engine(ReadPath, WritePath, StateChanges):
             self.flush()
             modes.finish_resync(self.record)
             if self.overlay is not None:
-                self.overlay.close()
+                # Not closed here: a flush (no lock) or a read may still hold this handle; it
+                # stays open (its file unlinked) until the engine closes.
+                self._retired.append(self.overlay)
                 self.overlay = None
             self.save()
             overlay_file.remove(self.volume.paths.overlay)
@@ -527,7 +531,7 @@ class Engine(ReadPath, WritePath, StateChanges):
                 self.volume.save_record()
                 self.record.device = path
             if self.device is not None:
-                self.device.close()
+                self._retired.append(self.device)  # a flush (no lock) may still hold it: closed by close()
             self.device = Device(path, writable=True)
 
     def scrub(self, progress: Any = None, record: bool = True) -> Any:

@@ -4,7 +4,7 @@
 |---------------|---------------|----------------------------------------------------------|
 | `faulted`     | `Faulted`     | drtool.detect.scrub; cleared by the mode machine          |
 | `recovery`    | `Recovery`    | the mode machine (engine/modes.py); Engine.count_fetched  |
-| `failback`    | `Failback`    | the mode machine; Engine.failback_progress                |
+| `failback`    | `Failback`    | the mode machine; Engine.failback_progress, use_device and scrub (`scrub_pending`) |
 | `replication` | `Replication` | the engine: pair, acknowledge, enter_bitmap_mode, save    |
 | `promoted`    | `Promoted`    | drtool.roles.promote (a new volume); Engine.pair (`lost`) |
 | `demoted`     | `Demoted`     | Engine.become_secondary; drtool.roles.adopt (`adopted`)   |
