@@ -328,12 +328,22 @@ class Run:
                       "in_flight": self.model.mark(), **info}
         self.stats.crashes.append(self.crash)  # the same dict: what is learnt later is added
 
-    def restart(self, target: str) -> None:
+    def restart(self, target: str, command: subprocess.Popen | None = None) -> None:
+        """Start again what was killed.  ``command``: a drtool command started before the kill,
+        which runs on the volume by itself when the agent was gone before it asked for it (it
+        then holds the volume: the agent starts once it is done)."""
         if target in ("replica", "both"):
             self.replica.start()  # the same port: the agent's peer URL still holds
             self.replica_down[-1][1] = time.monotonic()
         if target in ("agent", "both"):
-            self.agent = self.start_agent("vol")
+            try:
+                self.agent = self.start_agent("vol")
+            except RuntimeError as exc:
+                if command is None or "is in use by pid" not in str(exc):
+                    raise
+                self.crash["landed"] = "before the command reached the agent (it ran by itself)"
+                command.wait(120)
+                self.agent = self.start_agent("vol")
 
     def status(self) -> dict:
         return api.status("vol", probe_peer=False)[0]
@@ -485,7 +495,7 @@ class Run:
             self.kill(target, landed="after failback" if finished else "during failback", device=kind, rate=rate)
             if target == "replica":
                 time.sleep(self.rng.uniform(0.2, 0.6))
-            self.restart(target)
+            self.restart(target, command=proc)
             self.stop_writer(killed_agent=target != "replica")
             self.crash["failback_exit"] = proc.wait(120)
         finally:
