@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
+from drtool.engine import modes
 from drtool.engine.lag import Pending, lag
-from drtool.errors import DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost, StateError
+from drtool.errors import (DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost, StateError,
+                           VolumeNotFound)
 from drtool.client import needs_insecure
 from drtool.peer import make_client
 from drtool.ports import ReplicationPort
@@ -35,6 +37,7 @@ from drtool.storage.replog import LogEntry
 log = logging.getLogger("drtool.replication")
 
 BATCH_BYTES = 16 << 20
+RECHECK_SECONDS = 30.0  # an idle replicator asks the server this often whether its replica is the same
 
 
 class Replicator:
@@ -51,6 +54,12 @@ class Replicator:
         self.shipped_records = 0
         self.shipped_bytes = 0
         self._relog_from = 0  # where the next re-log of bitmap-mode regions starts looking
+        # The server's replica was checked to be the one this volume filled (identity_problem)
+        # since this replicator started or the server last failed it; and the highest sequence
+        # number it acknowledged as complete since (a replica rolled back under us shows lower).
+        self.verified = False
+        self.checked_at = 0.0  # time.monotonic() of the last check that found the replica right
+        self.confirmed = 0
         engine.replicator = self
 
     # -- shipping ---------------------------------------------------------------------
@@ -58,20 +67,98 @@ class Replicator:
     def ship_batch(self) -> int:
         """Ship one batch of pending records (re-logging bitmap-mode regions first).
 
-        Returns the volume bytes the batch covered (0: nothing was pending)."""
+        Returns the volume bytes the batch covered (0: nothing was pending).  The first batch
+        (and the first after the server failed one) checks that the server's replica is still the
+        one this volume filled (:meth:`check_replica`): a lost or replaced replica is resynced."""
         with self.lock:
-            self._relog(self.batch_bytes)
-            entries = self.engine.log.pending(limit_bytes=self.batch_bytes)
-            if not entries:
-                return 0
-            # A batch goes to one endpoint: cut it where the flag changes.
-            overlay = entries[0].header.overlay
-            batch = []
-            for entry in entries:
-                if entry.header.overlay != overlay:
-                    break
-                batch.append(entry)
-            return self._send(batch, complete=True)
+            for attempt in (1, 2):
+                if not self.verified:
+                    self.check_replica()
+                self._relog(self.batch_bytes)
+                entries = self.engine.log.pending(limit_bytes=self.batch_bytes)
+                if not entries:
+                    self._resync_done()
+                    return 0
+                # A batch goes to one endpoint: cut it where the flag changes.
+                overlay = entries[0].header.overlay
+                batch = []
+                for entry in entries:
+                    if entry.header.overlay != overlay:
+                        break
+                    batch.append(entry)
+                try:
+                    return self._send(batch, complete=True)
+                except VolumeNotFound:
+                    self.verified = False  # the replica went away: check (and resync) once, now
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    def check_replica(self) -> None:
+        """Is the server's replica the one this volume filled?  Same volume id and generation, and
+        it applied at least what this volume believes acknowledged.  If not (deleted, a wiped root,
+        a replaced disk, a copy restored from an older backup), it is not believed in sync: every
+        region it lacks is marked to ship again (a full resync, only the non-zero regions into a
+        new empty replica) and the volume's status says why.  Call with ``self.lock`` held."""
+        engine = self.engine
+        record = engine.record
+        if record.peer is None:
+            return
+        believed = max(believed_acked(record), self.confirmed if sequence_checked(record) else 0)
+        try:
+            info: dict[str, Any] | None = self.client.volume_info(engine.name)
+        except VolumeNotFound:
+            info = None
+        except PeerError as exc:
+            self.reachable = False
+            self.last_error = str(exc)
+            raise
+        problem = identity_problem(record, info, record.peer["url"], believed)
+        if problem is None:
+            if info and info.get("generation") and record.peer.get("generation") != info["generation"]:
+                engine.update_peer(generation=info["generation"])  # paired before generations: learnt
+            self.verified = True
+            self.checked_at = time.monotonic()
+            return
+        if not modes.is_normal(record):
+            # Degraded or failing back: the volume cannot give every region; the replica it relied
+            # on is gone.  Nothing here can repair that: say so on every batch.
+            raise StateError(f"volume {engine.name}: {problem}, while the volume is {record.mode}: "
+                             "nothing was shipped; finish or cancel the recovery, then run drtool protect "
+                             "again (a full resync)")
+        log.warning("volume %s: %s; the replica is not in sync: a full resync starts", engine.name, problem)
+        self._resync(problem)
+
+    def _resync_done(self) -> None:
+        """A resync this replicator started (its Replication has a reason; protect finishes its
+        own) is done once every region has shipped: the replica is in sync again."""
+        engine = self.engine
+        replication = engine.record.replication
+        if (replication.initial_sync == "running" and replication.reason and engine.record.peer is not None
+                and not engine.volume.norecord.any()):
+            if engine.initial_sync_done():
+                log.warning("volume %s: the resync into the new replica is done (%s)", engine.name,
+                            replication.reason)
+
+    def _resync(self, reason: str) -> None:
+        """Pair again with the server's replica (created empty if it is gone): a full sync."""
+        engine = self.engine
+        geometry = engine.geometry
+        replica = self.client.ensure_volume(engine.name, geometry.size, geometry.region_size,
+                                            engine.record.volume_id)
+        count = geometry.count
+        lacking: Iterable[int] | None = None
+        regions = count
+        if known_all_zero(replica):
+            regions = _count(engine.volume.manifest.nonzero_between(0, count))
+            lacking = engine.volume.manifest.nonzero_between(0, count)
+        peer = {k: v for k, v in engine.record.peer.items() if k != "paired"}
+        peer["generation"] = replica.get("generation")
+        engine.pair(peer, Replication(initial_sync="running", started=time.time(), mode="full", regions=regions,
+                                      reason=reason), lacking)
+        self.confirmed = 0
+        self._relog_from = 0
+        self.verified = True
 
     def ship(self, progress: Callable[[int], None] | None = None, deadline: float | None = None) -> int:
         """Ship until nothing is pending (or the deadline passes); return the volume bytes covered."""
@@ -131,10 +218,13 @@ class Replicator:
         except PeerError as exc:
             self.reachable = False
             self.last_error = str(exc)
+            self.verified = False  # the server may come back as another one (a replaced disk)
             raise
         self.reachable = True
         self.last_error = None
         self.last_ack = time.time()
+        if complete_through is not None:
+            self.confirmed = max(self.confirmed, complete_through)
         self.shipped_records += len(batch)
         self.shipped_bytes += sum(e.size for e in batch)
         engine.acknowledge([e.seq for e in batch])
@@ -188,6 +278,7 @@ class Replicator:
         deadline = time.monotonic() + timeout
         pause = 0.2
         settled = False
+        self.verified = False  # "in sync" is said of the replica the server holds now: ask it
         while True:
             try:
                 self.ship(deadline=deadline)
@@ -211,8 +302,10 @@ class Replicator:
             if time.monotonic() > deadline:
                 raise OperationTimeout(f"volume {self.engine.name}: {self.pending_summary()} after shipping")
 
-    def run(self, stop: threading.Event, interval: float = 0.2, on_error: Callable[[Exception], None] | None = None) -> None:
-        """Background loop for the agent: ship whenever something is pending."""
+    def run(self, stop: threading.Event, interval: float = 0.2, on_error: Callable[[Exception], None] | None = None,
+            recheck: float = RECHECK_SECONDS) -> None:
+        """Background loop for the agent: ship whenever something is pending; when idle, check
+        every ``recheck`` seconds that the server still holds the replica this volume filled."""
         backoff = interval
         while not stop.is_set():
             try:
@@ -220,6 +313,8 @@ class Replicator:
                 backoff = interval
                 if sent:
                     continue
+                if self.verified and time.monotonic() - self.checked_at > recheck:
+                    self.verified = False  # the next batch (the next turn, idle) asks the server
             except DrtoolError as exc:  # unreachable, refused (released or promoted peer), ...
                 if on_error:
                     on_error(exc)
@@ -255,6 +350,53 @@ def fast_sync_plan(engine: ReplicationPort, peer_info: dict[str, Any]) -> Region
     for first, count in adopted.get("divergent") or []:
         wanted.set_run(first, count)
     return wanted
+
+
+def sequence_checked(record: Any) -> bool:
+    """Can the replica's applied sequence be compared with what this volume acknowledged?  Not
+    after a failback: the overlay replica's records (acknowledged here) are forgotten with it on
+    the server until the next mirror batch moves the mirror's watermark past them."""
+    return record.failback is None and modes.is_normal(record)
+
+
+def believed_acked(record: Any) -> int:
+    """The highest sequence number this volume believes the replica applied (0: no claim).  The
+    watermark counts only above what bitmap mode dropped (dropped records were never shipped)."""
+    replication = record.replication
+    through = replication.acked_through or 0
+    if not sequence_checked(record) or through <= (replication.dropped_through or 0):
+        return 0
+    return through
+
+
+def replica_applied(info: dict[str, Any]) -> int:
+    """The highest sequence number the replica says it applied (mirror, forced, overlay)."""
+    ahead = info.get("applied_ahead") or []
+    overlay = (info.get("overlay") or {}).get("applied_seq") or 0
+    return max(info.get("applied_seq") or 0, max(ahead, default=0), overlay)
+
+
+def identity_problem(record: Any, info: dict[str, Any] | None, url: str, believed: int) -> str | None:
+    """None when ``info`` (GET of the replica) describes the replica this volume is paired with,
+    else why it does not.  A pairing is by identity: the volume id and the generation the server
+    gave the replica when it created it, not the server's URL (the same server reached by another
+    name is the same replica).  A pairing made before generations existed is known by its URL."""
+    if info is None:
+        return "the replica was lost (the server holds none)"
+    if info.get("volume_id") != record.volume_id:
+        return f"the server's replica belongs to volume id {info.get('volume_id')}"
+    known = (record.peer or {}).get("generation")
+    if known:
+        if info.get("generation") != known:
+            return (f"the replica was replaced (its generation {info.get('generation')} is not the one "
+                    f"this volume filled, {known})")
+    elif (record.peer or {}).get("url") != url.rstrip("/"):
+        return "the volume was paired with another server"
+    applied = replica_applied(info)
+    if applied < believed:
+        return (f"the replica applied records up to sequence {applied} only, while this volume had "
+                f"them acknowledged through {believed}")
+    return None
 
 
 def known_all_zero(replica: dict[str, Any] | None) -> bool:
@@ -294,19 +436,28 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
     record = engine.record
     volume = engine.volume
     count = engine.geometry.count
-    same_peer = record.peer is not None and record.peer.get("url") == peer["url"]
+    # Paired already: is the server's replica the one this volume filled (identity_problem)?
+    # What this volume believes acknowledged is read before the server is asked (a batch the
+    # agent ships meanwhile only raises both).
+    believed = believed_acked(record) if record.peer is not None else 0
+    peer_info = _peer_info(client, engine.name)
+    problem = identity_problem(record, peer_info, peer["url"], believed) if record.peer is not None else None
+    same_peer = record.peer is not None and problem is None
+    if problem is not None:
+        log.warning("volume %s: %s; the replica is not in sync: a full resync", engine.name, problem)
     wanted: RegionBitmap | None = None
     zero_replica = False
     plan: dict[str, Any]
     if same_peer:
         plan = {"mode": "resume", "regions": volume.norecord.popcount()}
     else:
-        peer_info = _peer_info(client, engine.name)
         wanted = fast_sync_plan(engine, peer_info) if peer_info else None
         if wanted is None:
             zero_replica = known_all_zero(peer_info)
             regions = _count(volume.manifest.nonzero_between(0, count)) if zero_replica else count
             plan = {"mode": "full", "regions": regions}
+            if problem is not None:
+                plan["reason"] = problem
         else:
             divergent = sum(n for _, n in (peer_info["adopted"].get("divergent") or []))
             plan = {"mode": "incremental", "regions": wanted.popcount(), "divergent": divergent,
@@ -318,9 +469,17 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
         return {"volume": engine.name, "peer": peer["url"], "changed": False, "plan": plan}
     replica = client.ensure_volume(engine.name, engine.geometry.size, engine.geometry.region_size,
                                    record.volume_id)
-    changed = not same_peer
+    if same_peer and peer_info is not None and replica.get("generation") != peer_info.get("generation"):
+        # Replaced between the two requests: not the replica just checked after all.
+        same_peer, zero_replica = False, True
+        problem = "the replica was replaced while protect ran"
+        plan = {"mode": "full", "regions": _count(volume.manifest.nonzero_between(0, count)), "reason": problem}
+        plan["bytes"] = plan["regions"] * engine.geometry.region_size
+    peer["generation"] = replica.get("generation")
+    changed = not same_peer or record.peer.get("url") != peer["url"]
     if same_peer:
-        engine.update_peer(token_file=token_file, ca=ca, insecure=insecure)
+        engine.update_peer(url=peer["url"], token_file=token_file, ca=ca, insecure=insecure,
+                           generation=peer["generation"])
     else:
         lacking: Iterable[int] | None = None  # every region
         lost = None
@@ -334,8 +493,9 @@ def protect(engine: ReplicationPort, url: str, token_file: str | None, ca: str |
         elif zero_replica:  # it was written meanwhile: its content is unknown after all
             plan.update(regions=count, bytes=count * engine.geometry.region_size)
         engine.pair(peer, Replication(initial_sync="running", started=time.time(), mode=plan["mode"],
-                                      regions=plan["regions"]), lacking, lost)
+                                      regions=plan["regions"], reason=problem), lacking, lost)
     replicator = Replicator(engine, client)
+    replicator.verified = True  # just checked (or paired)
     before = volume.norecord.popcount()
     replicator.ship(progress=progress)
     changed = engine.initial_sync_done() or changed

@@ -15,6 +15,7 @@ again), ``adopted`` (the replica lives in place on a former primary's device,
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import threading
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ def check_volume_id(volume_id: object) -> str:
     except ValueError:
         raise UsageError(f"volume_id must be 32 hex digits, not {volume_id!r}") from None
     return volume_id.lower()
+
+
+def new_generation() -> str:
+    """A replica's generation: random, made when the replica is created (32 hex digits).  With the
+    volume id it names this copy: a replica deleted and created again, a wiped root or a replaced
+    disk gets another one, so the primary never mistakes it for the copy it filled."""
+    return secrets.token_hex(16)
 
 
 class RWLock:
@@ -153,6 +161,8 @@ class ReplicaVolume:
         return self._path(META_FILE)
 
     def create(self) -> None:
+        """Create the replica's files; it gets a new generation (the caller saves the meta after)."""
+        self.meta["generation"] = new_generation()
         self.mirror.create(self.geometry.size)
         self.overlay.create(self.geometry.size)
         self.journal.create()
@@ -164,6 +174,11 @@ class ReplicaVolume:
             self.overlay.open()
             self.journal.open(applied_through=self.mirror.applied.highest)
             self.snapshots.open()
+            if not self.meta.get("generation"):
+                # A replica made before generations existed (or adopted in place): it gets one
+                # now, kept from here on, so its primary can tell it from a replacement.
+                self.meta["generation"] = new_generation()
+                self.save_meta()
         except BaseException:
             self.close()
             raise
@@ -220,6 +235,7 @@ class ReplicaVolume:
                 "region_size": self.geometry.region_size,
                 "region_count": self.geometry.count,
                 "volume_id": self.volume_id,
+                "generation": self.meta.get("generation"),
                 "image": self.image_path,
                 "state": self.state,
                 "primary": self.meta.get("primary"),

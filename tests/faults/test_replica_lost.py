@@ -13,12 +13,6 @@ from drtool import api
 RS = 65536
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after DELETE /v1/volumes/vol on the secondary, protect again answers changed: false, plan "
-    "{mode: resume, regions: 0}, the server makes a new empty replica, replicate --wait answers lag "
-    "'in sync' and status says PROTECTED while the mirror holds none of the volume; only drtool verify "
-    "sees it (16 regions divergent).  Pairing is by peer URL, not by replica identity "
-    "(drtool/replication.py:293 same_peer compares URLs, then plan resume with the norecord count)"))
 def test_protect_after_the_replica_was_lost_resyncs_or_refuses(protect_volume, replica_server):
     path, data = protect_volume(16 * RS, seed=5)
     with replica_server.client() as client:
