@@ -137,3 +137,28 @@ def test_replicate_wait_checks_the_replica_even_with_nothing_pending(protect_vol
     status = cli("status", "vol", "--json").json()
     assert "lost" in status["replication"]["reason"]
     assert _mirror(replica_server) == bytes(data)
+
+
+def test_a_replica_restored_from_an_older_copy_is_resynced(protect_volume, replica_server, start_agent, cli,
+                                                           tmp_path):
+    """Same volume id and generation, but it applied less than the primary had acknowledged."""
+    path, data = protect_volume(8 * RS, seed=13)
+    replica_server.stop()
+    backup = tmp_path / "replica-backup"
+    shutil.copytree(replica_server.root, backup)
+    replica_server.start()
+    agent = start_agent("vol")
+    result = _qemu_io(agent.uri(), "write -P 0x7e 130k 8k", "flush")
+    assert result.returncode == 0, result.stderr
+    data[130 * 1024:138 * 1024] = b"\x7e" * 8192
+    assert cli("replicate", "vol", "--wait").code == 0
+    agent.stop()
+    replica_server.stop()
+    shutil.rmtree(replica_server.root)
+    shutil.copytree(backup, replica_server.root)  # the older copy, same generation
+    replica_server.start()
+    protected = api.protect("vol", replica_server.url, str(replica_server.token_file))
+    assert protected["plan"]["mode"] == "full" and "applied records up to" in protected["plan"]["reason"], protected
+    api.replicate("vol", wait=True, timeout=60)
+    assert _mirror(replica_server) == bytes(data)
+    assert api.verify_volume("vol")["result"] == "equal"
