@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from drtool.errors import CorruptStateFile, UpgradeNeeded, UsageError, VolumeExists, VolumeNotFound
+from drtool.errors import CorruptStateFile, StateError, UpgradeNeeded, UsageError, VolumeExists, VolumeNotFound
 from drtool.regions import Geometry, validate_region_size
 from drtool.storage import mapfile
 from drtool.storage.device import Device, check_device_path
@@ -113,6 +113,8 @@ class Volume:
         if existed and not force:
             raise VolumeExists(name, paths.dir)
         os.makedirs(paths.dir, mode=0o700, exist_ok=True)
+        check_private(root)
+        check_private(paths.dir)
         lock = VolumeLock(paths.dir, name).acquire()
         try:
             if existed:
@@ -134,6 +136,8 @@ class Volume:
     def open(cls, root: str, name: str) -> Volume:
         """Open for mutation: takes the volume's lock (VolumeBusy if held)."""
         paths = _existing(root, name)
+        check_private(paths.root)
+        check_private(paths.dir)
         lock = VolumeLock(paths.dir, name).acquire()
         try:
             _remove_leftovers(paths)
@@ -306,6 +310,18 @@ class Volume:
 
     def region_bytes(self, regions: Iterator[int] | list[int]) -> int:
         return sum(self.geometry.region_length(r) for r in regions)
+
+
+def check_private(directory: str) -> None:
+    """A state directory (or the root above it) that other users can write is refused: they
+    could replace the maps or the log, and drtool would serve what they wrote as verified."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return
+    if info.st_mode & 0o022:
+        raise StateError(f"state directory {directory} is writable by other users (mode "
+                         f"{info.st_mode & 0o777:o}); refusing it: chmod go-w {directory}")
 
 
 def _existing(root: str, name: str) -> StatePaths:

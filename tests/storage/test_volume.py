@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from drtool.errors import CorruptStateFile, UpgradeNeeded, VolumeBusy, VolumeExists, VolumeNotFound, UsageError
+from drtool.errors import CorruptStateFile, StateError, UpgradeNeeded, VolumeBusy, VolumeExists, VolumeNotFound, UsageError
 from drtool.storage.volume import Volume
 from tests.conftest import make_image
 
@@ -198,3 +198,16 @@ def test_leftover_temporary_files_are_removed_at_open(volume, state_root):
     assert os.path.exists(os.path.join(volume.paths.dir, "volume.json.tmp.4242"))
     Volume.open(str(state_root), "vol").close()
     assert sorted(os.listdir(volume.paths.dir)) == ["lock", "maps.journal", "maps.pages", "volume.json"]
+
+
+@pytest.mark.parametrize("which", ["root", "volume"])
+def test_a_state_directory_other_users_can_write_is_refused(volume, state_root, which):
+    volume.close()
+    target = state_root if which == "root" else state_root / "vol"
+    os.chmod(target, 0o777)
+    try:
+        with pytest.raises(StateError, match=f"state directory {target} is writable by other users"):
+            Volume.open(str(state_root), "vol")
+    finally:
+        os.chmod(target, 0o700)
+    Volume.open(str(state_root), "vol").close()
