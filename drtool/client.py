@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
@@ -124,6 +125,7 @@ class ReplicaClient:
                 raise UsageError(f"cannot read token file {token_file}: {exc.strerror}") from None
         self.timeout = timeout
         self.retries = retries
+        self.deadline: float | None = None  # time.monotonic() bound of the current operation
         self.session = requests.Session()
         # Passed with every request: a session-wide setting loses to $REQUESTS_CA_BUNDLE.
         self.verify: str | bool = ca if ca else True
@@ -152,7 +154,7 @@ class ReplicaClient:
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(attempts):
             try:
-                response = self.session.request(method, url, timeout=self.timeout, stream=stream,
+                response = self.session.request(method, url, timeout=self._timeout_now(), stream=stream,
                                                 verify=self.verify, **kwargs)
             except requests.exceptions.SSLError as exc:
                 raise PeerAuthError(f"TLS with the replica server {url} failed: {_reason(exc)}") from None
@@ -166,8 +168,33 @@ class ReplicaClient:
                 response.close()
                 error = PeerError(f"replica server {url} answered {response.status_code}")
             if attempt < attempts - 1:
-                time.sleep(min(0.2 * 2 ** attempt, 2.0))
+                pause = min(0.2 * 2 ** attempt, 2.0)
+                if self.deadline is not None and time.monotonic() + pause >= self.deadline:
+                    break  # no time left for another try within the caller's bound
+                time.sleep(pause)
         raise error
+
+    def _timeout_now(self) -> tuple[float, float] | float:
+        """The socket timeouts of the next request: the client's, cut to what is left before
+        ``deadline`` (a bound on a whole operation, retries included)."""
+        if self.deadline is None:
+            return self.timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise PeerUnreachable(f"replica server {self.url} did not answer in time (the operation's "
+                                  "time limit passed)")
+        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout, self.timeout)
+        return (min(connect, left), min(read, left))
+
+    @contextmanager
+    def time_limit(self, seconds: float) -> Iterator[None]:
+        """Bound everything this client does inside the block, retries included, by ``seconds``."""
+        previous = self.deadline
+        self.deadline = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self.deadline = previous
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = self._request(method, path, **kwargs)

@@ -159,11 +159,14 @@ class RemoteFetcher:
             self.prepare(regions)
         source = self.source()
         try:
-            if source.startswith("snapshot:"):
-                return self._from_replica(regions, snapshot=source.split(":", 1)[1], optional=optional)
-            if source == "journal":
-                return self._from_journal(regions, engine.record.recovery.local_era, optional=optional)
-            return self._from_replica(regions, optional=optional)
+            # fetch_timeout bounds the whole fetch, retries and the second verification pass
+            # included: a frozen replica answers a client's read with EIO after it, not 4x it.
+            with self.client().time_limit(float(engine.settings["fetch_timeout"])):
+                if source.startswith("snapshot:"):
+                    return self._from_replica(regions, snapshot=source.split(":", 1)[1], optional=optional)
+                if source == "journal":
+                    return self._from_journal(regions, engine.record.recovery.local_era, optional=optional)
+                return self._from_replica(regions, optional=optional)
         except PeerError as exc:
             # Unreachable, refused or a bad answer: the regions are not lost, only not reachable
             # now (exit 7, PEER; the errno stays EIO for a read).  Lost or unverifiable regions
