@@ -229,8 +229,18 @@ def replica_status(replica_root: str) -> list[dict[str, Any]]:
     return [{**info, "role": "secondary"} for info in describe_root(replica_root)]
 
 
-def status(name: str | None = None, root: str | None = None, probe_peer: bool = True) -> list[dict[str, Any]]:
-    """Status of one volume, or of every volume under the state root."""
+def fleet_report(gathered: Any, source: str = "-") -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Statuses gathered from many hosts (playbooks/status.yml), checked and completed, and the
+    exit code of the worst volume (drtool.status.fleet)."""
+    from drtool.status import fleet
+
+    return fleet(gathered, source)
+
+
+def status(name: str | None = None, root: str | None = None, probe_peer: bool = True,
+           attention_only: bool = False) -> list[dict[str, Any]]:
+    """Status of one volume, or of every volume under the state root; ``attention_only``: only
+    those that need attention (``drtool status -x``)."""
     root = state_root(root)
     names = [validate_name(name)] if name else list_volumes(root)
     out = []
@@ -240,6 +250,10 @@ def status(name: str | None = None, root: str | None = None, probe_peer: bool = 
             out.append(control.call(socket_path, "status", {"probe_peer": probe_peer}))
         else:
             out.append(volume_status(Volume.inspect(root, each), probe_peer=probe_peer))
+    if attention_only:
+        from drtool.status import needs_attention
+
+        out = [each for each in out if needs_attention(each)]
     return out
 
 

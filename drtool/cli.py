@@ -15,8 +15,6 @@ from rich.console import Console
 from drtool import __version__, api, report
 from drtool.errors import DrtoolError, ExitCode, StateError, UsageError
 from drtool.progress import NoProgress, Progress
-from drtool.status import HEALTH_STATES, needs_attention
-from drtool.status import finish as finish_status
 from drtool.units import format_bytes, parse_size
 
 
@@ -133,24 +131,6 @@ def cmd_configure(ctx: Context) -> int:
     return ExitCode.OK
 
 
-def _check_status(where: str, status: Any) -> None:
-    """A gathered status object must carry what the report reads (older drtool versions'
-    objects lack only the derived fields, which the report adds)."""
-    if not isinstance(status, dict):
-        raise UsageError(f"{where} is not a drtool status object (a JSON object)")
-    wanted: dict[str, Any] = {"volume": str, "health": str, "mode": str, "bad_count": int, "device": str,
-                              "size": int, "era": int}
-    missing = [key for key in wanted if key not in status]
-    if missing:
-        raise UsageError(f"{where} is not a drtool status object: no {', '.join(missing)}")
-    for key, kind in wanted.items():
-        if not isinstance(status[key], kind) or isinstance(status[key], bool):
-            raise UsageError(f"{where}: {key} must be a {'string' if kind is str else 'whole number'}, "
-                             f"not {json.dumps(status[key])}")
-    if status["health"] not in HEALTH_STATES:
-        raise UsageError(f"{where}: health {status['health']!r} is not one of {', '.join(HEALTH_STATES)}")
-
-
 def cmd_report(ctx: Context) -> int:
     """Render status JSON gathered elsewhere (e.g. by playbooks/status.yml) as one report.
 
@@ -166,29 +146,12 @@ def cmd_report(ctx: Context) -> int:
         raise UsageError(f"{path} is not JSON: {exc}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text") from None
-    hosts = gathered if isinstance(gathered, dict) else {"": gathered}
-    for host, statuses in hosts.items():
-        if not isinstance(statuses, list):
-            raise UsageError(f"{path}: host {host!r} must map to a list of drtool status objects")
-        for index, status in enumerate(statuses):
-            _check_status(f"{path}: host {host!r}, entry {index}", status)
-            if "protection" not in status or "attention" not in status:
-                finish_status(status)  # gathered from an older drtool: derive what it lacks
+    hosts, code = api.fleet_report(gathered, source=path)
     if ctx.json:
         ctx.emit_json(hosts)
     else:
         report.render_fleet(ctx.out, hosts, detail=ctx.args.detail)
-    return report_exit_code([s for v in hosts.values() for s in v])
-
-
-def report_exit_code(statuses: list[dict[str, Any]]) -> int:
-    if any(s["health"] == "FAULTED" for s in statuses):
-        return ExitCode.FAULTED
-    if any(s["health"] == "DEGRADED" or s.get("lost_count") for s in statuses):
-        return ExitCode.BAD_REGIONS
-    if any(s.get("protection") == "UNPROTECTED" and s.get("peer") for s in statuses):
-        return ExitCode.PEER
-    return ExitCode.OK
+    return code
 
 
 def cmd_status(ctx: Context) -> int:
@@ -200,12 +163,9 @@ def cmd_status(ctx: Context) -> int:
             report.render_replicas(ctx.out, replicas)
         return ExitCode.OK
     _check_readable_root(ctx.root)
-    statuses = api.status(ctx.args.name, root=ctx.root)
-    for status in statuses:
-        finish_status(status)  # once more: a running agent may have filled in what it knows of the peer
+    statuses = api.status(ctx.args.name, root=ctx.root, attention_only=ctx.args.x)
     if ctx.args.x:
         # Like zpool status -x: only the volumes that need attention.
-        statuses = [s for s in statuses if needs_attention(s)]
         if not statuses and not ctx.json:
             ctx.out.print("all volumes are healthy and protected" if not ctx.args.name
                           else f"volume {ctx.args.name} is healthy and protected")

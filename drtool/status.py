@@ -6,12 +6,15 @@ Schema ``drtool.status/1`` (documented in docs/status.md).  Renderers
 
 from __future__ import annotations
 
+import json
+
 import os
 import time
 from typing import Any
 
 from drtool.engine.core import effective_settings
 from drtool.engine.lag import Pending, lag as lag_of
+from drtool.errors import ExitCode, UsageError
 from drtool.regions import runs_total
 from drtool.storage.device import probe as probe_device
 from drtool.storage.lock import is_locked
@@ -302,3 +305,50 @@ def needs_attention(status: dict[str, Any]) -> bool:
     if "attention" not in status:
         finish(status)
     return bool(status.get("attention")) or status.get("health") != "ONLINE"
+
+
+# -- a fleet's statuses, gathered elsewhere (playbooks/status.yml) ----------------------------
+
+
+def check_gathered(where: str, status: Any) -> None:
+    """A gathered status object must carry what the report reads (older drtool versions'
+    objects lack only the derived fields, which :func:`fleet` adds)."""
+    if not isinstance(status, dict):
+        raise UsageError(f"{where} is not a drtool status object (a JSON object)")
+    wanted: dict[str, Any] = {"volume": str, "health": str, "mode": str, "bad_count": int, "device": str,
+                              "size": int, "era": int}
+    missing = [key for key in wanted if key not in status]
+    if missing:
+        raise UsageError(f"{where} is not a drtool status object: no {', '.join(missing)}")
+    for key, kind in wanted.items():
+        if not isinstance(status[key], kind) or isinstance(status[key], bool):
+            raise UsageError(f"{where}: {key} must be a {'string' if kind is str else 'whole number'}, "
+                             f"not {json.dumps(status[key])}")
+    if status["health"] not in HEALTH_STATES:
+        raise UsageError(f"{where}: health {status['health']!r} is not one of {', '.join(HEALTH_STATES)}")
+
+
+def fleet(gathered: Any, source: str) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Validate statuses gathered from many hosts ({host: [status, ...]} or a bare list), derive
+    what older drtool versions did not report, and the exit code of the worst volume."""
+    hosts = gathered if isinstance(gathered, dict) else {"": gathered}
+    for host, statuses in hosts.items():
+        if not isinstance(statuses, list):
+            raise UsageError(f"{source}: host {host!r} must map to a list of drtool status objects")
+        for index, status in enumerate(statuses):
+            check_gathered(f"{source}: host {host!r}, entry {index}", status)
+            if "protection" not in status or "attention" not in status:
+                finish(status)  # gathered from an older drtool: derive what it lacks
+    return hosts, fleet_exit_code([s for v in hosts.values() for s in v])
+
+
+def fleet_exit_code(statuses: list[dict[str, Any]]) -> int:
+    """By the worst volume: 4 FAULTED, 3 DEGRADED (or lost regions), 7 replication broken (a
+    paired volume UNPROTECTED), else 0 (README's exit codes)."""
+    if any(s["health"] == "FAULTED" for s in statuses):
+        return ExitCode.FAULTED
+    if any(s["health"] == "DEGRADED" or s.get("lost_count") for s in statuses):
+        return ExitCode.BAD_REGIONS
+    if any(s.get("protection") == "UNPROTECTED" and s.get("peer") for s in statuses):
+        return ExitCode.PEER
+    return ExitCode.OK
