@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from drtool.errors import UsageError
 from drtool.nbd.export import Buffer
+from drtool.tls import server_context as tls_server_context
 
 #: bytes handed to the TLS layer at once when sending (a few TLS records)
 _SEND_CHUNK = 256 * 1024
@@ -50,23 +51,7 @@ def server_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext
             raise UsageError(f"cannot read {what} {path}: {error.strerror}") from None
         if not stat.S_ISREG(info.st_mode):
             raise UsageError(f"{what} {path} is not a regular file")
-    mode = stat.S_IMODE(os.stat(key).st_mode)
-    if mode & 0o077:
-        raise UsageError(f"TLS key {key} is mode {mode:04o}; it must be readable by its owner only "
-                         f"(chmod 600 {key})")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as error:
-        raise UsageError(f"cannot load TLS certificate {cert} / key {key}: {error}") from None
-    if ca:
-        try:
-            context.load_verify_locations(cafile=ca)
-        except (OSError, ssl.SSLError) as error:
-            raise UsageError(f"cannot load TLS CA certificate {ca}: {error}") from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    return tls_server_context(cert, key, ca)
 
 
 class TlsSocket:

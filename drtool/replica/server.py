@@ -27,6 +27,7 @@ from drtool.errors import UsageError
 from drtool.replica.handler import ReplicaHandler
 from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT
 from drtool.replica.store import ReplicaRoot
+from drtool.tls import server_context
 
 
 @dataclass(frozen=True)
@@ -236,20 +237,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
         return None
     if not (cert and key):
         raise UsageError("TLS needs both --tls-cert and --tls-key")
-    try:
-        mode = stat.S_IMODE(os.stat(key).st_mode)
-    except OSError as exc:
-        raise UsageError(f"cannot read --tls-key {key}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise UsageError(f"TLS key {key} is mode {mode:04o}; it must be readable by its owner only "
-                         f"(chmod 600 {key})")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from None
-    return context
+    return server_context(cert, key)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
