@@ -23,7 +23,6 @@ region, or a repair from the primary).
 from __future__ import annotations
 
 import errno
-import heapq
 import os
 import threading
 import time
@@ -39,6 +38,7 @@ from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.tables import DigestTable
 from drtool.replica.volume import ReplicaVolume, Target
 from drtool.storage.device import Device
+from drtool.storage.maps import merge_regions
 from drtool.wire import NO_DIGEST, zero_digest
 
 SCRUB_FILE = "scrub.json"
@@ -84,23 +84,6 @@ def data_regions(fd: int, geometry: Geometry, first: int, end: int) -> Iterator[
         position = hole if hole > data else data + 1
 
 
-def _is_hole(device: Device, geometry: Geometry, region: int) -> bool:
-    start, length = geometry.region_bounds(region)
-    try:
-        data = os.lseek(device.fd, start, os.SEEK_DATA)
-    except OSError as exc:
-        return exc.errno == errno.ENXIO
-    return data >= start + length
-
-
-def _merge(*iterators: Iterable[int]) -> Iterator[int]:
-    last = -1
-    for region in heapq.merge(*iterators):
-        if region != last:
-            yield region
-            last = region
-
-
 def _targets(volume: ReplicaVolume, source: str) -> list[tuple[str, Target]]:
     if source == "mirror":
         return [("mirror", volume.mirror)]
@@ -120,7 +103,7 @@ def _candidates(volume: ReplicaVolume, source: str, first: int, end: int) -> Ite
         streams.append(data_regions(target.image.fd, geometry, first, end))
         if kind == "overlay":  # a present region of zeros hides the mirror's bytes
             streams.append(table.iter_present(first, end))
-    return _merge(*streams)
+    return merge_regions(*streams)
 
 
 def _resolve(volume: ReplicaVolume, source: str, region: int) -> tuple[str, Device, DigestTable]:
@@ -192,7 +175,7 @@ def verify_batch(volume: ReplicaVolume, runs: list[Run], start: int = 0, source:
                 index += 1
                 kind, device, table = _resolve(volume, source, region)
                 stored = table.digest(region)
-                if table.stored(region) == NO_DIGEST and _is_hole(device, geometry, region):
+                if table.stored(region) == NO_DIGEST and device.is_hole(*geometry.region_bounds(region)):
                     chunk.append((region, kind, stored, None, None))  # zeros, as the table says
                     continue
                 start_byte, length = geometry.region_bounds(region)
