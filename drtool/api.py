@@ -257,6 +257,20 @@ def status(name: str | None = None, root: str | None = None, probe_peer: bool = 
     return out
 
 
+def _replica_peer(volume: str, replica_url: str | None, token_file: str | None, ca: str | None,
+                  insecure: bool, root: str | None, hint: str) -> dict[str, Any]:
+    """The replica server to ask: the one named, else the peer of the volume registered here."""
+    from drtool.errors import UsageError
+
+    if replica_url:
+        return {"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}
+    with Volume.inspect(state_root(root), volume) as registered:
+        peer = dict(registered.record.peer or {})
+    if not peer:
+        raise UsageError(f"volume {volume} has no peer here: {hint}")
+    return peer
+
+
 def snapshot(action: str, volume: str, snap: str | None = None, replica_url: str | None = None,
              token_file: str | None = None, ca: str | None = None, insecure: bool = False,
              root: str | None = None) -> dict[str, Any]:
@@ -272,13 +286,7 @@ def snapshot(action: str, volume: str, snap: str | None = None, replica_url: str
         if not snap:
             raise UsageError(f"snapshot {action} needs the snapshot's name")
         validate_name(snap, "snapshot name")
-    if replica_url:
-        peer: dict[str, Any] = {"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}
-    else:
-        with Volume.inspect(state_root(root), volume) as registered:
-            peer = dict(registered.record.peer or {})
-        if not peer:
-            raise UsageError(f"volume {volume} has no peer here: give --replica-url")
+    peer = _replica_peer(volume, replica_url, token_file, ca, insecure, root, "give --replica-url")
     with make_client(peer) as client:
         if action == "create":
             return {"volume": volume, "replica_url": peer["url"], "changed": True,
@@ -297,18 +305,12 @@ def replica_scrub(volume: str, rate: int | str | None = None, restart: bool = Fa
     the server's scrubs found.  Without ``replica_url``, the peer of the volume registered here."""
     import time
 
-    from drtool.errors import OperationTimeout, UsageError
+    from drtool.errors import OperationTimeout
     from drtool.peer import make_client
     from drtool.units import parse_rate
 
     validate_name(volume)
-    if replica_url:
-        peer: dict[str, Any] = {"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}
-    else:
-        with Volume.inspect(state_root(root), volume) as registered:
-            peer = dict(registered.record.peer or {})
-        if not peer:
-            raise UsageError(f"volume {volume} has no peer here: give the replica server's URL")
+    peer = _replica_peer(volume, replica_url, token_file, ca, insecure, root, "give the replica server's URL")
     with make_client(peer) as client:
         found = client.scrub(volume, parse_rate(rate), restart)
         deadline = time.monotonic() + timeout

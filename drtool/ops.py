@@ -9,7 +9,8 @@ looks.  A new operation is registered there, and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,22 +139,30 @@ def recover(engine: Engine, local_era: int | None = None, source: str | None = N
             "lost_regions": [list(r) for r in engine.settle_lost().runs()]}
 
 
-def failback(engine: Engine, device: str | None = None, rate: int | str | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
-    progress = progress or NoProgress()
+@contextmanager
+def _started_when_sized(progress: Progress, title: str) -> Iterator[Callable[[int], None]]:
+    """A ``progress_start(total)`` for work that learns its size only once it begins; the bar
+    is finished (cleared) when the block ends, whether the work succeeded or not."""
     started = False
 
     def start(total: int) -> None:
         nonlocal started
         started = True
-        progress.start(total, f"failback of {engine.name}")
+        progress.start(total, title)
 
     try:
-        return failback_mod.failback(engine, device=device, rate=parse_rate(rate),
-                                     progress_start=start, progress=progress.advance)
+        yield start
     finally:
         if started:
             progress.finish()
+
+
+def failback(engine: Engine, device: str | None = None, rate: int | str | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or NoProgress()
+    with _started_when_sized(progress, f"failback of {engine.name}") as start:
+        return failback_mod.failback(engine, device=device, rate=parse_rate(rate),
+                                     progress_start=start, progress=progress.advance)
 
 
 def verify(engine: Engine, regions: str | None = None, repair: bool = False, rate: int | str | None = None,
@@ -163,19 +172,9 @@ def verify(engine: Engine, regions: str | None = None, repair: bool = False, rat
     from drtool import verify as verify_mod
 
     progress = progress or NoProgress()
-    started = False
-
-    def start(total: int) -> None:
-        nonlocal started
-        started = True
-        progress.start(total, f"verifying {engine.name}")
-
-    try:
+    with _started_when_sized(progress, f"verifying {engine.name}") as start:
         return verify_mod.verify(engine, regions=regions, repair=repair, rate=parse_rate(rate), restart=restart,
                                  timeout=timeout, cursor=cursor, progress_start=start, progress=progress.advance)
-    finally:
-        if started:
-            progress.finish()
 
 
 # -- the registry --------------------------------------------------------------------------
