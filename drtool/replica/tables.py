@@ -599,9 +599,8 @@ class DigestTable:
             pages.update(group * GROUP_PAGES + i for i in entries.written())
         return sorted(pages)
 
-    def iter_present(self, first: int = 0, end: int | None = None) -> Iterator[int]:
-        """Present regions in [first, end), in order; reads only the pages ever written there."""
-        end = self.geometry.count if end is None else min(end, self.geometry.count)
+    def _stored_bodies(self, first: int, end: int) -> Iterator[tuple[int, int, bytearray]]:
+        """(page, its first region, its body) of the pages ever written that overlap [first, end)."""
         for page in self._stored_pages():
             base = page * PAGE_REGIONS
             if base + PAGE_REGIONS <= first:
@@ -609,8 +608,13 @@ class DigestTable:
             if base >= end:
                 return
             body = self._lookup(page)
-            if body is None:
-                continue
+            if body is not None:
+                yield page, base, body
+
+    def iter_present(self, first: int = 0, end: int | None = None) -> Iterator[int]:
+        """Present regions in [first, end), in order; reads only the pages ever written there."""
+        end = self.geometry.count if end is None else min(end, self.geometry.count)
+        for _page, base, body in self._stored_bodies(first, end):
             for byte_index, byte in enumerate(body[:_BITMAP_BYTES]):
                 if byte:
                     for bit in _BITS[byte]:
@@ -622,15 +626,7 @@ class DigestTable:
         """(region, digest) of every region in [first, end) whose slot is not the all-zero one, in
         order; reads only the pages ever written there (a manifest as wire entries)."""
         end = self.geometry.count if end is None else min(end, self.geometry.count)
-        for page in self._stored_pages():
-            base = page * PAGE_REGIONS
-            if base + PAGE_REGIONS <= first:
-                continue
-            if base >= end:
-                return
-            body = self._lookup(page)
-            if body is None:
-                continue
+        for page, base, body in self._stored_bodies(first, end):
             view = memoryview(body)[_BITMAP_BYTES:]
             for index in range(max(first - base, 0), min(self._regions_in(page), end - base)):
                 slot = view[32 * index:32 * index + 32]
