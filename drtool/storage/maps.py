@@ -548,10 +548,6 @@ class Manifest:
                     if first <= region < end:
                         yield region
 
-    def digests(self, first: int, count: int) -> bytes:
-        """The real digests of ``count`` regions from ``first``, 32 bytes each."""
-        return b"".join(self[region] for region in range(first, first + count))
-
 
 def merge_regions(*iterators: Iterable[int]) -> Iterator[int]:
     """Ascending regions from ascending iterators, each once."""

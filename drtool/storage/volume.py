@@ -83,11 +83,6 @@ class Volume:
         seq = self.store.superblock.covered_seq
         return {"bitmaps": seq, "eras": seq, "manifest": seq}
 
-    @property
-    def generations(self) -> dict[str, int]:
-        generation = self.store.superblock.generation
-        return {"bitmaps": generation, "eras": generation, "manifest": generation}
-
     # -- opening --------------------------------------------------------------------
 
     @classmethod
