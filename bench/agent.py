@@ -23,8 +23,11 @@ agent`` (same venv interpreter and packages, PYTHONPATH pointing at the tree, st
 the checkout so ``-m drtool`` cannot import it from the working directory), next to ``nbdkit
 file``.  All three run for the whole bench and are measured in rounds (old, new, nbdkit; the
 two agents swap places every other round): ``--runs`` rounds of nbdcopy to null: and then
-``--runs`` rounds of fio randread 4k iodepth 32.  Every figure is a median with its min-max;
-the CPU is the agent process's own (utime + stime of all its threads), per GiB and per I/O.
+``--runs`` rounds of fio randread 4k iodepth 32, then ``--runs`` rounds of fio randread 4k
+iodepth 1 (completion latency p50 and p99, issue 12's latency row), after one untimed random
+pass per server (reported as "fill": a new agent remembers block digests then).  Every figure
+is a median with its min-max; the CPU is the agent process's own (utime + stime of all its
+threads), per GiB and per I/O.
 """
 
 from __future__ import annotations
@@ -226,6 +229,24 @@ def _rounds(endpoints: dict[str, Endpoint], swap: tuple[str, str], runs: int,
     return samples
 
 
+def fio_latency_run(endpoint: Endpoint, size: int, seconds: float) -> tuple[float, float, float]:
+    """fio's nbd engine, random 4 KiB reads one at a time (iodepth 1): (p50 µs, p99 µs of the
+    completion latency, server CPU µs per I/O)."""
+    cpu = endpoint.cpu_seconds()
+    result = subprocess.run(
+        ["fio", "--name=randread-qd1", "--ioengine=nbd", f"--uri={endpoint.uri}", "--rw=randread",
+         "--bs=4k", "--iodepth=1", f"--size={size}", "--time_based", f"--runtime={seconds}",
+         "--percentile_list=50:99", "--output-format=json"],
+        check=True, capture_output=True, text=True)
+    used = endpoint.cpu_seconds() - cpu
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    read = report["jobs"][0]["read"]
+    percentiles = read["clat_ns"]["percentile"]
+    p50 = next(v for k, v in percentiles.items() if float(k) == 50.0) / 1000
+    p99 = next(v for k, v in percentiles.items() if float(k) == 99.0) / 1000
+    return p50, p99, used / max(1, read["total_ios"]) * 1e6
+
+
 def ab_healthy(work: str, image: str, size: int, runs: int, fio_seconds: float,
                versions: dict[str, str]) -> dict:
     """The healthy rows, old agent / new agent / nbdkit alternated in one run.
@@ -243,10 +264,17 @@ def ab_healthy(work: str, image: str, size: int, runs: int, fio_seconds: float,
     subjects["nbdkit"] = lambda: nbdkit_file(image)
     with ExitStack() as stack:
         endpoints = {label: stack.enter_context(subject()) for label, subject in subjects.items()}
+        # One untimed random pass each: the steady state a long-running agent is in (a new
+        # agent remembers the block digests of the regions small reads touch, once: that
+        # first pass is reported apart, "fill").
+        fill = {label: fio_run(endpoint, size, fio_seconds) for label, endpoint in endpoints.items()}
         load = [os.getloadavg()[0]]
         copies = _rounds(endpoints, (labels[0], labels[1]), runs, nbdcopy_run)
         load.append(os.getloadavg()[0])
         fio = _rounds(endpoints, (labels[0], labels[1]), runs, lambda endpoint: fio_run(endpoint, size, fio_seconds))
+        load.append(os.getloadavg()[0])
+        qd1 = _rounds(endpoints, (labels[0], labels[1]), runs,
+                      lambda endpoint: fio_latency_run(endpoint, size, fio_seconds))
         load.append(os.getloadavg()[0])
     result: dict = {"bytes": size, "runs": runs, "fio_seconds": fio_seconds, "load_average": load, "servers": {}}
     for label in endpoints:
@@ -255,6 +283,10 @@ def ab_healthy(work: str, image: str, size: int, runs: int, fio_seconds: float,
             "nbdcopy_cpu_s_per_gib": _spread([cpu / (size / _GIB) for _, cpu in copies[label]]),
             "fio_kiops": _spread([iops / 1000 for iops, _ in fio[label]]),
             "fio_cpu_us_per_io": _spread([cpu for _, cpu in fio[label]], 1e6),
+            "fill_kiops": fill[label][0] / 1000, "fill_cpu_us_per_io": fill[label][1] * 1e6,
+            "qd1_p50_us": _spread([p50 for p50, _, _ in qd1[label]]),
+            "qd1_p99_us": _spread([p99 for _, p99, _ in qd1[label]]),
+            "qd1_cpu_us_per_io": _spread([cpu for _, _, cpu in qd1[label]]),
         }
     peer = result["servers"]["nbdkit"]
     for label in labels:
@@ -266,8 +298,13 @@ def ab_healthy(work: str, image: str, size: int, runs: int, fio_seconds: float,
                                                                          peer["nbdcopy_gbps"]["samples"])])
         entry["fio_vs_nbdkit_rounds"] = _spread([a / b for a, b in zip(entry["fio_kiops"]["samples"],
                                                                      peer["fio_kiops"]["samples"])])
+        for key in ("qd1_p50_us", "qd1_p99_us"):  # latency: how many times nbdkit's (lower is better)
+            entry[f"{key}_over_nbdkit"] = entry[key]["median"] / peer[key]["median"]
+            entry[f"{key}_over_nbdkit_rounds"] = _spread([a / b for a, b in zip(entry[key]["samples"],
+                                                                               peer[key]["samples"])])
     old, new = (result["servers"][label] for label in labels)
-    keys = ("nbdcopy_gbps", "nbdcopy_cpu_s_per_gib", "fio_kiops", "fio_cpu_us_per_io")
+    keys = ("nbdcopy_gbps", "nbdcopy_cpu_s_per_gib", "fio_kiops", "fio_cpu_us_per_io", "qd1_p50_us", "qd1_p99_us",
+            "qd1_cpu_us_per_io")
     result["new_over_old"] = {key: new[key]["median"] / old[key]["median"] for key in keys}
     # paired: new over old within each round (measured seconds apart), and in how many rounds new > old
     result["new_over_old_rounds"] = {
@@ -311,6 +348,21 @@ def print_ab(result: dict) -> None:
         return f"{_cell(entry, '.2f')}, higher in {entry['new_higher']} of {len(entry['samples'])}"
     print(row("new / old within each round", paired("nbdcopy_gbps"), "", paired("nbdcopy_cpu_s_per_gib"),
               paired("fio_kiops"), "", paired("fio_cpu_us_per_io")))
+    print()
+    print(f"fio randread 4k iodepth 1, {result['fio_seconds']:g} s: completion latency, medians of "
+          f"{result['runs']} rounds (min-max); x nbdkit: lower is better; fill: the first random pass "
+          "(untimed in the rounds), kIOPS and CPU µs/IO at iodepth 32")
+    print(row("server", "p50 µs", "x nbdkit (rounds)", "p99 µs", "x nbdkit (rounds)", "CPU µs/IO", "fill kIOPS",
+              "fill CPU µs/IO"))
+    print(row(*["---"] * 8))
+    for label, entry in result["servers"].items():
+        paired_rows = "qd1_p50_us_over_nbdkit" in entry
+        print(row(label, _cell(entry["qd1_p50_us"], ".0f"),
+                  _ratio(entry["qd1_p50_us_over_nbdkit"], entry["qd1_p50_us_over_nbdkit_rounds"]) if paired_rows else "",
+                  _cell(entry["qd1_p99_us"], ".0f"),
+                  _ratio(entry["qd1_p99_us_over_nbdkit"], entry["qd1_p99_us_over_nbdkit_rounds"]) if paired_rows else "",
+                  _cell(entry["qd1_cpu_us_per_io"], ".1f"), f"{entry['fill_kiops']:.1f}",
+                  f"{entry['fill_cpu_us_per_io']:.1f}"))
 
 
 def main_ab(args: argparse.Namespace, size: int) -> dict:

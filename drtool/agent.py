@@ -185,11 +185,13 @@ class Agent:
         seen = {name: -1 for name in self.engines}
         while not self.stop_event.wait(SAVE_INTERVAL):
             for name, engine in self.engines.items():
-                marker = (engine.log.next_seq, engine.log.pending_bytes, engine.record.mode)
+                # Reads change map pages too (the block digests they remember): those count.
+                marker = (engine.log.next_seq, engine.log.pending_bytes, engine.record.mode,
+                          engine.volume.dirty_bytes)
                 if marker != seen[name]:
                     try:
                         engine.save()
-                        seen[name] = marker
+                        seen[name] = (*marker[:3], engine.volume.dirty_bytes)
                     except DrtoolError as exc:
                         log.error("volume %s: checkpoint failed: %s", name, exc)
 

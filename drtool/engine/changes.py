@@ -43,6 +43,9 @@ from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
 
 DEVICE, OVERLAY = "device", "overlay"  # where a change's bytes go
 MIRROR = "mirror"  # a log record for the mirror endpoint (OVERLAY: for the overlay replica)
+#: Reads stop remembering block digests while this many bytes of map pages wait for a checkpoint
+#: (the agent's checkpoint commits them; memory stays bounded between checkpoints).
+BLOCKS_DIRTY_LIMIT = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,10 @@ class RegionChange:
     ``data`` None means zeros.  ``digest`` is the region's digest after the change (None: its
     content does not change, as when a relog or a failback copy moves bytes that are already
     the volume's).  ``log`` names the log record's endpoint (None: not logged); ``target``
-    where the bytes are written (None: they are already in place)."""
+    where the bytes are written (None: they are already in place).  ``blocks``: the region's
+    block digests after the change (:func:`drtool.storage.maps.block_digests` of the whole
+    region's new bytes, keyed with ``digest``), when the caller has them; None leaves them
+    unknown (a small read then checks the whole region once and remembers them)."""
 
     region: int
     offset: int
@@ -61,6 +67,7 @@ class RegionChange:
     digest: bytes | None
     log: str | None
     target: str | None
+    blocks: list[bytes] | None = None
 
 
 class StateChanges:
@@ -98,15 +105,17 @@ class StateChanges:
                 if seq is not None:
                     self._done(seq)
                 raise
-            self._commit_maps(region, change.digest, self.record.era, change.target, whole, seq is not None)
+            self._commit_maps(region, change.digest, self.record.era, change.target, whole, seq is not None,
+                              change.blocks)
             if seq is not None:
                 self._done(seq)
         return seq
 
     def _commit_maps(self, region: int, digest: bytes | None, era: int, target: str | None, whole: bool,
-                     logged: bool) -> None:
+                     logged: bool, blocks: list[bytes] | None = None) -> None:
         """The commit routine's map step, the one owner of what a change does to the maps: the
-        manifest digest and era (``digest`` None: the content did not change), the overlay and
+        manifest digest and era (``digest`` None: the content did not change; a new digest
+        clears the block digests unless ``blocks`` replace them: storage.maps.Manifest.set), the overlay and
         resync bits (``target`` OVERLAY), the bad/ioerror/overlay/resync bits (the device gets
         the whole region back), the unreplicated bit and, for a whole-region record, the
         norecord bit (``logged``).  Crash replay (core._replay) redoes a record through here too,
@@ -114,7 +123,7 @@ class StateChanges:
         volume = self.volume
         with self.meta:
             if digest is not None:
-                volume.manifest[region] = digest
+                volume.manifest.set(region, digest, blocks)
                 volume.eras[region] = era
             if target == OVERLAY:
                 volume.overlay.set(region)
@@ -171,6 +180,24 @@ class StateChanges:
         change of it: the commit routine's own lock, for a read-then-commit."""
         with self.stripes[region % len(self.stripes)]:
             yield
+
+    # -- block digests (sub-region digests, the read path's) ----------------------------------
+
+    def remember_blocks(self, region: int, digest: bytes, blocks: list[bytes]) -> bool:
+        """Keep the block digests a reader computed from a region it verified against ``digest``
+        (storage.maps.block_digests), so later small reads of the region check only their
+        blocks.  Not a change of the region: it takes no stripe (Manifest.remember_blocks keeps
+        nothing when the digest moved on meanwhile, and ``meta`` orders it with the map step).
+        Never waits: when ``meta`` is busy (a checkpoint writing) or many map pages already
+        wait for the next checkpoint, nothing is kept and a later read tries again."""
+        if not self.meta.acquire(blocking=False):
+            return False
+        try:
+            if self.volume.dirty_bytes > BLOCKS_DIRTY_LIMIT:
+                return False
+            return self.volume.manifest.remember_blocks(region, digest, blocks)
+        finally:
+            self.meta.release()
 
     # -- reading a region whole ---------------------------------------------------------------
 

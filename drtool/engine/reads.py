@@ -23,12 +23,15 @@ from drtool.errors import DataUnavailable, DeviceIOError
 from drtool.fetch import RemoteFetcher
 from drtool.regions import to_runs
 from drtool.storage.device import Device
+from drtool.storage.maps import BLOCK_DIGEST_SIZE, BLOCK_SIZE, NO_DIGEST, block_digests
 
 log = logging.getLogger("drtool.engine")
 
 ALIGN_FROM = 64 * 1024  # reads at least this large land in page-aligned buffers
 READAHEAD_REGIONS = 1024  # look this far ahead for requested regions ...
 READAHEAD_MAX = 256  # ... and fetch at most this many of them with the read
+BLOCK_SHIFT = BLOCK_SIZE.bit_length() - 1
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
 
 
 @dataclass
@@ -49,6 +52,16 @@ class ReadPath:
         geometry.check_range(offset, length)
         if length == 0:
             return memoryview(b"")
+        if self._healthy():
+            view = self._read_healthy(offset, length)
+            if view is not None:
+                return view
+        return self._read_whole_regions(offset, length)
+
+    def _read_whole_regions(self, offset: int, length: int, refresh: Iterable[int] = ()) -> memoryview:
+        """The read, every region it touches read and verified whole.  ``refresh``: regions whose
+        block digests disagreed with their bytes: remembered again from the verified bytes."""
+        geometry = self.geometry
         shift = geometry.shift
         first = offset >> shift
         last = (offset + length - 1) >> shift
@@ -62,7 +75,93 @@ class ReadPath:
                 self._read_remote(failed, first, view)
         else:
             self._read_regions(first, last - first + 1, view)
+        for region in refresh:
+            lo = (region - first) << shift
+            self._remember_blocks(region, view[lo:lo + geometry.region_length(region)])
         return view[offset - span_start:offset - span_start + length]
+
+    def _read_healthy(self, offset: int, length: int) -> memoryview | None:
+        """The healthy read, in one device read: whole regions verified against their digest,
+        a partly read region at either end against the digests of the 4 KiB blocks read (when
+        they are known; else the region is read whole and its block digests remembered).
+        None when anything fails to verify or read: the caller reads it again region by region
+        (re-check under the lock, self-healing), as every read did before block digests."""
+        geometry = self.geometry
+        shift = geometry.shift
+        end = offset + length
+        first = offset >> shift
+        last = (end - 1) >> shift
+        start = first << shift
+        stop = min((last + 1) << shift, geometry.size)
+        manifest = self.volume.manifest
+        blocks = manifest.blocks
+        head = tail = None  # (region, first block, end block, key, expected digests or None: zeros)
+        fill: list[int] = []  # partly read regions read whole: remember their block digests
+        if blocks is not None:
+            if offset > start or (first == last and end < stop):
+                head = self._block_plan(first, offset, min(end, (first + 1) << shift), fill)
+                if head is not None:
+                    start = (first << shift) + (head[1] << BLOCK_SHIFT)
+                    if first == last:
+                        stop = min((first << shift) + (head[2] << BLOCK_SHIFT), stop)
+            if last != first and end < stop:
+                tail = self._block_plan(last, last << shift, end, fill)
+                if tail is not None:
+                    stop = min((last << shift) + (tail[2] << BLOCK_SHIFT), stop)
+        span = stop - start
+        view = aligned_bytes(span) if span >= ALIGN_FROM else memoryview(bytearray(span))
+        try:
+            self.device.readinto(view, start)
+        except DeviceIOError:
+            return None
+        hasher = blake3.blake3
+        whole_first, whole_last = first, last
+        if head is not None:
+            if not _blocks_match(view, 0, head):
+                return self._read_whole_regions(offset, length, refresh=[first])
+            whole_first += 1
+        if tail is not None:
+            if not _blocks_match(view, (last << shift) + (tail[1] << BLOCK_SHIFT) - start, tail):
+                return self._read_whole_regions(offset, length, refresh=[last])
+            whole_last -= 1
+        rsize = geometry.region_size
+        for region in range(whole_first, whole_last + 1):
+            lo = (region << shift) - start
+            if not manifest.matches(region, hasher(view[lo:lo + rsize]).digest()):
+                return None
+        for region in fill:
+            lo = (region << shift) - start
+            self._remember_blocks(region, view[lo:lo + rsize])
+        return view[offset - start:offset - start + length]
+
+    def _block_plan(self, region: int, lo: int, hi: int, fill: list[int]) -> tuple | None:
+        """How to verify bytes [lo, hi) of ``region`` (a part of it) by blocks: (region, first
+        block, end block, key, the blocks' digests or None for an all-zero region); None to
+        verify the region whole (most of it is read anyway, or its block digests are not known:
+        then it goes into ``fill``)."""
+        base = region << self.geometry.shift
+        first_block = (lo - base) >> BLOCK_SHIFT
+        end_block = (hi - base + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+        manifest = self.volume.manifest
+        if (end_block - first_block) * 2 > manifest.blocks.per_region:
+            return None  # one hash of the region costs less than this many block hashes
+        key = manifest.stored(region)
+        if key == NO_DIGEST:
+            return region, first_block, end_block, key, None
+        expected = manifest.blocks.get(region, first_block, end_block)
+        if expected is None:
+            fill.append(region)
+            return None
+        return region, first_block, end_block, key, expected
+
+    def _remember_blocks(self, region: int, region_view: memoryview) -> None:
+        """The region's bytes were verified whole: keep their block digests for small reads."""
+        manifest = self.volume.manifest
+        if manifest.blocks is None:
+            return
+        key = manifest.stored(region)
+        if key != NO_DIGEST:
+            self.remember_blocks(region, key, block_digests(key, region_view))
 
     def _healthy(self) -> bool:
         """Normal mode, no bad region, a device: every region is read locally."""
@@ -229,3 +328,18 @@ class ReadPath:
             self.fetcher = RemoteFetcher(self)
         return self.fetcher
 
+
+
+def _blocks_match(view: memoryview, at: int, plan: tuple) -> bool:
+    """Do the blocks of ``plan`` (see ReadPath._block_plan), read into ``view`` from ``at``,
+    verify?  Against their keyed digests, or against zeros for an all-zero region."""
+    _region, first_block, end_block, key, expected = plan
+    hasher = blake3.blake3
+    for index in range(end_block - first_block):
+        block = view[at + (index << BLOCK_SHIFT):at + ((index + 1) << BLOCK_SHIFT)]
+        if expected is None:
+            if block != _ZERO_BLOCK[:len(block)]:
+                return False
+        elif hasher(block, key=key).digest(BLOCK_DIGEST_SIZE) != expected[index]:
+            return False
+    return True

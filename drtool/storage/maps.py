@@ -38,6 +38,10 @@ DIGESTS_PER_PAGE = PAYLOAD // DIGEST_SIZE  # 127
 ERAS_PER_PAGE = PAYLOAD // 4  # 1016
 COUNTS_PER_PAGE = PAYLOAD // 4  # 1016
 CHUNK_BITS = PAYLOAD * 8  # 32512 regions a bitmap page
+BLOCK_SIZE = 4096  # the unit a block digest covers (the page size clients read in)
+BLOCK_DIGEST_SIZE = 16
+NO_BLOCK_DIGEST = bytes(BLOCK_DIGEST_SIZE)
+BLOCK_DIGESTS_PER_PAGE = PAYLOAD // BLOCK_DIGEST_SIZE  # 254
 _ERA = struct.Struct("<I")
 _NONZERO = re.compile(rb"[^\x00]+", re.DOTALL)
 _FULL_BYTES = re.compile(rb"\xff+")
@@ -81,9 +85,13 @@ class MemoryPages:
 
 
 class Layout:
-    """Where each map's pages start in a volume's page store (page 0 is the superblock)."""
+    """Where each map's pages start in a volume's page store (page 0 is the superblock).
 
-    def __init__(self, count: int, bitmap_kinds: Iterable[str]) -> None:
+    The block digests come last: a store written before they existed has no pages there
+    (reads as zeros: "unknown"), so adding them changed no other map's place.  A map added
+    later goes after them, for the same reason."""
+
+    def __init__(self, count: int, bitmap_kinds: Iterable[str], region_size: int = 0) -> None:
         self.count = count
         position = 1
         self.manifest = position
@@ -98,6 +106,8 @@ class Layout:
         for kind in bitmap_kinds:
             self.bitmaps[kind] = (position, position + chunks)  # (chunk pages, summary pages)
             position += chunks + _pages_for(chunks, COUNTS_PER_PAGE)
+        self.blocks = position
+        position += _pages_for(count * blocks_per_region(region_size), BLOCK_DIGESTS_PER_PAGE)
         self.pages = position
 
 
@@ -480,17 +490,23 @@ def _eras_of(buf: bytes | bytearray) -> array:
 
 
 class Manifest:
-    """The blake3 digest of what each region should contain (all zeros: stored as NO_DIGEST)."""
+    """The blake3 digest of what each region should contain (all zeros: stored as NO_DIGEST),
+    and the owner of the regions' block digests (``blocks``): setting a region's digest is the
+    one way to change them."""
 
-    __slots__ = ("count", "_last_length", "_region_size", "_pages", "_first")
+    __slots__ = ("count", "_last_length", "_region_size", "_pages", "_first", "blocks")
 
     def __init__(self, count: int, region_size: int, last_length: int | None = None,
-                 pages: Pages | None = None, first_page: int = 0) -> None:
+                 pages: Pages | None = None, first_page: int = 0, blocks_page: int | None = None) -> None:
         self.count = count
         self._region_size = region_size
         self._last_length = region_size if last_length is None else last_length
         self._pages: Pages = MemoryPages() if pages is None else pages
         self._first = first_page
+        #: block digests live in the same page store (None: a scratch manifest keeps none)
+        self.blocks: BlockDigests | None = None
+        if blocks_page is not None and blocks_per_region(region_size):
+            self.blocks = BlockDigests(count, region_size, self._pages, blocks_page)
 
     def _length(self, region: int) -> int:
         return self._last_length if region == self.count - 1 else self._region_size
@@ -506,13 +522,30 @@ class Manifest:
         return zero_digest(self._length(region)) if slot == NO_DIGEST else slot
 
     def __setitem__(self, region: int, digest: bytes) -> None:
-        if digest == zero_digest(self._length(region)):
-            digest = NO_DIGEST
-        if self.stored(region) == digest:
-            return
-        page, index = divmod(region, DIGESTS_PER_PAGE)
-        start = index * DIGEST_SIZE
-        self._pages.page_for_write(self._first + page)[start:start + DIGEST_SIZE] = digest
+        self.set(region, digest)
+
+    def set(self, region: int, digest: bytes, blocks: list[bytes] | None = None) -> None:
+        """Set a region's digest.  A changed digest clears the region's block digests, unless
+        ``blocks`` (:func:`block_digests` of the same bytes, keyed with ``digest``) replace
+        them; an unchanged one keeps them (same bytes), or takes ``blocks`` when given."""
+        zero = digest == zero_digest(self._length(region))
+        stored = NO_DIGEST if zero else digest
+        changed = self.stored(region) != stored
+        if changed:
+            page, index = divmod(region, DIGESTS_PER_PAGE)
+            start = index * DIGEST_SIZE
+            self._pages.page_for_write(self._first + page)[start:start + DIGEST_SIZE] = stored
+        if self.blocks is not None and (changed or blocks is not None):
+            # An all-zero region needs none: its blocks are checked against zeros.
+            self.blocks._put(region, None if zero else blocks)
+
+    def remember_blocks(self, region: int, digest: bytes, blocks: list[bytes]) -> bool:
+        """Keep block digests computed from bytes verified against ``digest``, if that is still
+        the region's digest (a write may have changed it meanwhile: then nothing is kept)."""
+        if self.blocks is None or not self.matches(region, digest) or self.is_zero(region):
+            return False
+        self.blocks._put(region, blocks)
+        return True
 
     def matches(self, region: int, digest: bytes) -> bool:
         # On every verified read: compared in place (find with bounds copies nothing).
@@ -547,6 +580,73 @@ class Manifest:
                     last = index
                     if first <= region < end:
                         yield region
+
+
+def blocks_per_region(region_size: int) -> int:
+    """Block digests kept per region: none (0) when a region is one block already."""
+    blocks = region_size // BLOCK_SIZE
+    return blocks if blocks > 1 else 0
+
+
+def block_digests(key: bytes, data: bytes | bytearray | memoryview) -> list[bytes]:
+    """The block digests of one region's bytes ``data`` whose region digest is ``key``:
+    blake3 keyed with the region digest, one per BLOCK_SIZE bytes (the last may be short),
+    truncated to BLOCK_DIGEST_SIZE.  The key binds each block digest to the region content it
+    was computed from: after the region changes (new digest), an old block digest matches no
+    bytes, so a digest some path forgot to invalidate costs a whole-region check, never a
+    wrong answer.  Callers must have verified ``data`` against ``key`` (or computed ``key``
+    from it), which is what makes a block digest as trusted as the region digest."""
+    view = memoryview(data).cast("B")
+    hasher = blake3.blake3
+    return [hasher(view[start:start + BLOCK_SIZE], key=key).digest(BLOCK_DIGEST_SIZE)
+            for start in range(0, len(view), BLOCK_SIZE)]
+
+
+class BlockDigests:
+    """Sub-region digests: per region, one keyed digest per 4 KiB block (see
+    :func:`block_digests`), so a small read verifies the blocks it returns instead of its
+    whole region.  A slot of zeros is "unknown" (never written, invalidated, or a state from
+    before block digests): the reader then checks the whole region, as it always did.
+
+    Only :class:`Manifest` changes them: a new region digest clears the region's block
+    digests unless fresh ones come with it (:meth:`Manifest.set`), so no path that sets a
+    digest can leave stale ones behind.  Pages are only touched for regions that were read
+    in small pieces; a volume read only in whole regions never writes one."""
+
+    __slots__ = ("count", "per_region", "_pages", "_first")
+
+    def __init__(self, count: int, region_size: int, pages: Pages | None = None, first_page: int = 0) -> None:
+        self.count = count
+        self.per_region = blocks_per_region(region_size)
+        self._pages: Pages = MemoryPages() if pages is None else pages
+        self._first = first_page
+
+    def get(self, region: int, first_block: int, end_block: int) -> list[bytes] | None:
+        """The digests of blocks [first_block, end_block) of ``region``; None when any of
+        them is unknown."""
+        out = []
+        index = region * self.per_region + first_block
+        for slot in range(index, index + end_block - first_block):
+            page, at = divmod(slot, BLOCK_DIGESTS_PER_PAGE)
+            at *= BLOCK_DIGEST_SIZE
+            value = bytes(self._pages.page(self._first + page)[at:at + BLOCK_DIGEST_SIZE])
+            if value == NO_BLOCK_DIGEST:
+                return None
+            out.append(value)
+        return out
+
+    def known(self, region: int) -> bool:
+        """Are all of the region's block digests known?"""
+        return self.get(region, 0, self.per_region) is not None
+
+    def _put(self, region: int, values: list[bytes] | None) -> None:
+        index = region * self.per_region
+        for block in range(self.per_region):
+            page, at = divmod(index + block, BLOCK_DIGESTS_PER_PAGE)
+            at *= BLOCK_DIGEST_SIZE
+            value = NO_BLOCK_DIGEST if values is None or block >= len(values) else values[block]
+            if self._pages.page(self._first + page)[at:at + BLOCK_DIGEST_SIZE] != value:
+                self._pages.page_for_write(self._first + page)[at:at + BLOCK_DIGEST_SIZE] = value
 
 
 def merge_regions(*iterators: Iterable[int]) -> Iterator[int]:

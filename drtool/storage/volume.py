@@ -4,7 +4,8 @@ State directory layout (``<state-root>/<name>/``)::
 
     volume.json    identity, geometry, mode, eras, settings (storage.record)
     maps.pages     every region map, paged: the manifest (a blake3 digest per region),
-                   the era of each region's last write, the bitmaps (storage.pagestore)
+                   the era of each region's last write, the bitmaps, the block digests
+                   (per 4 KiB, for regions read in small pieces) (storage.pagestore)
     maps.journal   the last commit's pages, replayed after a crash during a commit
     lock           flock'd by the one process that may mutate the volume
     log/           the replication log (storage.replog)
@@ -64,7 +65,7 @@ class Volume:
         self.store = store
         self.geometry = Geometry(record.size, record.region_size)
         count = self.geometry.count
-        layout = Layout(count, BITMAP_KINDS)
+        layout = Layout(count, BITMAP_KINDS, record.region_size)
         self.bitmaps: dict[str, RegionBitmap] = {}
         for kind in BITMAP_KINDS:
             chunks, summary = layout.bitmaps[kind]
@@ -74,7 +75,7 @@ class Volume:
                 raise CorruptStateFile(store.path, f"{kind} bitmap: {exc}") from None
         self.eras = EraMap(count, store, layout.eras, layout.era_summary)
         self.manifest = Manifest(count, record.region_size, self.geometry.last_region_length, store,
-                                 layout.manifest)
+                                 layout.manifest, layout.blocks)
         self._saved_record: str | None = None  # volume.json as last read or written
 
     @property

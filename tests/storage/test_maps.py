@@ -123,3 +123,50 @@ def test_set_algebra_matches_python_sets(data):
     assert list(b.intersection(a)) == sorted(a_set & b_set)
     assert list(a.union(b)) == sorted(a_set | b_set)
     assert a.union(b).popcount() == len(a_set | b_set)
+
+
+# -- block digests (issue 12) ---------------------------------------------------------------
+
+def _manifest_with_blocks(count: int = 20, region_size: int = 65536) -> "Manifest":
+    from drtool.storage.maps import MemoryPages
+
+    return Manifest(count, region_size, pages=MemoryPages(), first_page=1, blocks_page=100)
+
+
+def test_a_new_digest_clears_block_digests_unless_fresh_ones_come_with_it():
+    from drtool.storage.maps import block_digests, digest
+
+    manifest = _manifest_with_blocks()
+    old, new = b"a" * 65536, b"b" * 65536
+    manifest.set(3, digest(old), block_digests(digest(old), old))
+    assert manifest.blocks.get(3, 0, 16) == block_digests(digest(old), old)
+    manifest[3] = digest(old)  # the same digest (the same bytes): they still hold
+    assert manifest.blocks.known(3)
+    manifest[3] = digest(new)
+    assert not manifest.blocks.known(3) and manifest.blocks.get(3, 5, 6) is None
+    assert manifest.remember_blocks(3, digest(old), block_digests(digest(old), old)) is False  # stale source
+    assert manifest.remember_blocks(3, digest(new), block_digests(digest(new), new)) is True
+    assert manifest.blocks.known(3) and not manifest.blocks.known(2) and not manifest.blocks.known(4)
+    manifest[3] = zero_digest(65536)  # zeros: checked against zeros, no block digests kept
+    assert not manifest.blocks.known(3)
+
+
+def test_block_digests_are_keyed_by_the_region_digest():
+    from drtool.storage.maps import BLOCK_DIGEST_SIZE, block_digests
+
+    data = bytes(range(256)) * 64 + b"short tail"
+    one, two = block_digests(b"k" * 32, data), block_digests(b"K" * 32, data)
+    assert len(one) == 5 and all(len(d) == BLOCK_DIGEST_SIZE for d in one)
+    assert not set(one) & set(two)
+
+
+def test_block_digests_come_after_every_other_map_in_the_layout():
+    """A store written before block digests existed keeps every map where it was."""
+    from drtool.storage.maps import Layout
+
+    kinds = ("bad", "ioerror", "unreplicated", "norecord", "overlay", "resync")
+    before, after = Layout(100000, kinds), Layout(100000, kinds, 65536)
+    assert (before.manifest, before.eras, before.era_summary, before.bitmaps) == \
+        (after.manifest, after.eras, after.era_summary, after.bitmaps)
+    assert after.blocks == before.pages and after.pages == after.blocks + (100000 * 16 + 253) // 254
+    assert Layout(100, kinds, 4096).pages == Layout(100, kinds).pages  # one block a region: none kept
