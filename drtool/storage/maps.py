@@ -539,6 +539,21 @@ class Manifest:
             # An all-zero region needs none: its blocks are checked against zeros.
             self.blocks._put(region, None if zero else blocks)
 
+    def block_digest(self, region: int, block: int) -> tuple[bytes, bytes | None]:
+        """(the region's stored digest, the block's digest) in one look-up, for the one-block
+        read.  An all-zero region gives (NO_DIGEST itself, b""): its blocks are zeros; an unknown
+        block digest gives None."""
+        page, index = divmod(region, DIGESTS_PER_PAGE)
+        start = index * DIGEST_SIZE
+        key = bytes(self._pages.page(self._first + page)[start:start + DIGEST_SIZE])
+        if key == NO_DIGEST:
+            return NO_DIGEST, b""
+        blocks = self.blocks
+        page, at = divmod(region * blocks.per_region + block, BLOCK_DIGESTS_PER_PAGE)
+        at *= BLOCK_DIGEST_SIZE
+        value = bytes(self._pages.page(blocks._first + page)[at:at + BLOCK_DIGEST_SIZE])
+        return key, (None if value == NO_BLOCK_DIGEST else value)
+
     def remember_blocks(self, region: int, digest: bytes, blocks: list[bytes]) -> bool:
         """Keep block digests computed from bytes verified against ``digest``, if that is still
         the region's digest (a write may have changed it meanwhile: then nothing is kept)."""
