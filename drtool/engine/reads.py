@@ -143,11 +143,14 @@ class ReadPath:
                 if tail is not None:
                     stop = min((last << shift) + (tail[2] << BLOCK_SHIFT), stop)
         span = stop - start
-        view = aligned_bytes(span) if span >= ALIGN_FROM else memoryview(bytearray(span))
         try:
-            self.device.readinto(view, start)
-        except DeviceIOError:
+            # os.pread fills a new bytes object: no zeroed buffer first (a bytearray is), one copy.
+            data = os.pread(self.device.fd, span, start)
+        except (OSError, AttributeError):  # an I/O error, or the device went meanwhile
             return None
+        if len(data) != span:
+            return None  # short: the whole-region read says which region and why
+        view = memoryview(data)
         hasher = blake3.blake3
         whole_first, whole_last = first, last
         if head is not None:
