@@ -44,13 +44,13 @@ def test_a_write_racing_the_end_of_failback_is_not_lost(protect_volume, tmp_path
         commit_maps, finish_resync = engine._commit_maps, engine.finish_resync
         in_map_step, failback_done = threading.Event(), threading.Event()
 
-        def slow_map_step(region, digest, era, target, whole, logged):
+        def slow_map_step(region, digest, era, target, whole, logged, *rest):
             if region == RACED and target == OVERLAY and not in_map_step.is_set():
                 in_map_step.set()  # the bytes are in the overlay; the bits are not set yet
                 # Held until failback is done (it was, at once, before the fix) or a few seconds:
                 # a finish that waits for writes in flight waits for this one.
                 failback_done.wait(3)
-            return commit_maps(region, digest, era, target, whole, logged)
+            return commit_maps(region, digest, era, target, whole, logged, *rest)
 
         def finish_once_the_write_is_in_flight():
             assert in_map_step.wait(30), "the write never reached its map step"
