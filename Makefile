@@ -6,8 +6,9 @@ PIP     := $(VENV)/bin/pip
 PYTEST  := $(VENV)/bin/pytest
 STAMP   := $(VENV)/.installed
 
-# Debian packages the tests and the demo use (installed when run as root).
-DEB_PACKAGES := b3sum qemu-utils libnbd-bin nbdkit fio e2fsprogs openssh-server iproute2 curl fuse3 openssl python3-venv systemd
+# Debian packages the tests and the demo use (installed when run as root).  prometheus: for
+# promtool, which checks docs/prometheus/drtool.rules.yml (tests/test_metrics.py).
+DEB_PACKAGES := b3sum qemu-utils libnbd-bin nbdkit fio e2fsprogs openssh-server iproute2 curl fuse3 openssl python3-venv systemd prometheus
 
 .PHONY: demo test test-fast test-slow bench deps venv clean
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from drtool import control, ops
+from drtool import control, metrics, ops
 from drtool.engine import Engine
 from drtool.errors import DrtoolError, UsageError
 from drtool.export import EngineExport
@@ -118,7 +118,8 @@ def nbd_tcp(listen: str | None, tls_cert: str | None = None, tls_key: str | None
 
 class Agent:
     def __init__(self, root: str | None, names: list[str], nbd_socket: str | None = None,
-                 listen: NbdTcp | tuple[str, int] | None = None) -> None:
+                 listen: NbdTcp | tuple[str, int] | None = None,
+                 metrics_listen: metrics.MetricsListen | None = None) -> None:
         if not names:
             raise UsageError("name at least one volume to serve")
         self.root = state_root(root)
@@ -142,6 +143,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.nbd: NbdServer | None = None
         self.started = time.time()
+        self.metrics_listen, self.metrics = metrics_listen, None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -172,6 +174,9 @@ class Agent:
                     self._thread(f"replicate:{name}", engine.replicator.run, self.stop_event,
                                  on_error=lambda exc, n=name: log.warning("volume %s: replication: %s", n, exc))
             self._thread("checkpoint", self._checkpoint_loop)
+            if self.metrics_listen is not None:
+                self.metrics = metrics.MetricsServer(self.metrics_listen, metrics.AgentCollector(
+                    self._metric_facts, self.started)).start()
         except BaseException:
             self.shutdown()
             raise
@@ -195,6 +200,11 @@ class Agent:
                     except DrtoolError as exc:
                         log.error("volume %s: checkpoint failed: %s", name, exc)
 
+    def _metric_facts(self) -> list[metrics.VolumeFacts]:
+        """What a scrape reads of each volume served now: the status ``status --json`` shows."""
+        return [metrics.VolumeFacts(name, lambda e=engine: ops.status(e, probe_peer=False), engine.replicator,
+                                    metrics.of(engine)) for name, engine in list(self.engines.items())]
+
     def addresses(self) -> dict[str, Any]:
         port = self.nbd.tcp_port if self.nbd else None
         tcp = NbdTcp(self.listen.host, port) if self.listen and port else None
@@ -205,6 +215,7 @@ class Agent:
             "tcp": tcp.where if tcp else None,
             "tls": bool(tcp and self.listen.tls),
             "tls_client_certificates": bool(tcp and self.listen.client_certificates),
+            "metrics": self.metrics.url if self.metrics else None,
             "uris": {name: ([f"nbd+unix:///{name}?socket={self.nbd_socket}"] if self.nbd_socket else [])
                      + ([f"{scheme}://{tcp.where}/{name}"] if tcp else []) for name in self.names},
         }
@@ -214,6 +225,8 @@ class Agent:
 
     def shutdown(self) -> None:
         self.stop_event.set()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.nbd is not None:
             self.nbd.stop()
         for server in self.controls:
@@ -262,9 +275,9 @@ class Agent:
 
 
 def run(root: str | None, names: list[str], nbd_socket: str | None, listen: NbdTcp | None,
-        announce: Callable[[dict[str, Any]], None]) -> int:
+        announce: Callable[[dict[str, Any]], None], metrics_listen: metrics.MetricsListen | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a clean shutdown."""
-    agent = Agent(root, names, nbd_socket, listen)
+    agent = Agent(root, names, nbd_socket, listen, metrics_listen)
     previous = {sig: signal.signal(sig, lambda *_: agent.stop_event.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

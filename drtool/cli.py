@@ -400,15 +400,25 @@ def _maybe_daemonize(ctx: Context):
     return daemonize(os.path.abspath(a.pid_file), os.path.abspath(a.log_file))
 
 
+def _metrics_listen(a: argparse.Namespace) -> Any:
+    from drtool.metrics import metrics_listen
+
+    return metrics_listen(a.metrics_listen, a.metrics_tls_cert, a.metrics_tls_key, a.metrics_tls_ca,
+                          a.metrics_insecure)
+
+
 def cmd_serve(ctx: Context) -> int:
     from drtool.replica.server import serve
 
     a = ctx.args
+    metrics_listen = _metrics_listen(a)  # checked before detaching
     notify = _maybe_daemonize(ctx)
     _setup_logging(a.debug)
 
-    def announce(address: str) -> None:
+    def announce(address: str, metrics_url: str | None = None) -> None:
         line = f"drtool replica server listening on {address}"
+        if metrics_url:
+            line += f"\n  metrics: {metrics_url}"
         if notify:
             notify(True, line + "\n")
         ctx.stdout.write(line + "\n")  # plain text: scripts parse it, rich would wrap it
@@ -430,7 +440,7 @@ def cmd_serve(ctx: Context) -> int:
     try:
         return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
                      tls_key=a.tls_key, announce=announce, limits=Limits(**limits), journal_limit=journal,
-                     insecure=a.insecure)
+                     insecure=a.insecure, metrics_listen=metrics_listen)
     except DrtoolError as exc:
         if notify:
             notify(False, str(exc), int(exc.exit_code))
@@ -443,6 +453,7 @@ def cmd_agent(ctx: Context) -> int:
     a = ctx.args
     # Checked (and the TLS key loaded) before detaching, so a mistake fails at once.
     listen = agent.nbd_tcp(a.listen, a.tls_cert, a.tls_key, a.tls_ca)
+    metrics_listen = _metrics_listen(a)
     nbd_socket = os.path.abspath(a.nbd_socket) if a.nbd_socket and a.nbd_socket != "none" else a.nbd_socket
     notify = _maybe_daemonize(ctx)
     _setup_logging(a.debug)
@@ -451,6 +462,8 @@ def cmd_agent(ctx: Context) -> int:
         lines = [f"drtool agent (pid {addresses['pid']}) serving"]
         for name, uris in addresses["uris"].items():
             lines.append(f"  {name}: " + "  ".join(uris))
+        if addresses.get("metrics"):
+            lines.append(f"  metrics: {addresses['metrics']}")
         text = "\n".join(lines) + "\n"
         if notify:
             notify(True, text)
@@ -458,7 +471,7 @@ def cmd_agent(ctx: Context) -> int:
         ctx.stdout.flush()
 
     try:
-        return agent.run(ctx.root, a.names, nbd_socket, listen, announce)
+        return agent.run(ctx.root, a.names, nbd_socket, listen, announce, metrics_listen)
     except DrtoolError as exc:
         if notify:
             notify(False, str(exc), int(exc.exit_code))
@@ -610,6 +623,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pid-file", help="with --daemon: where to write the pid")
         p.add_argument("--log-file", help="with --daemon: where to write the log")
 
+    def metrics_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT "
+                       "(default: off; docs/metrics.md); beyond loopback it needs --metrics-tls-cert and "
+                       "--metrics-tls-key, or --metrics-insecure")
+        p.add_argument("--metrics-tls-cert", help="with --metrics-listen: PEM certificate; serve HTTPS")
+        p.add_argument("--metrics-tls-key", help="with --metrics-listen: PEM private key (mode 0600)")
+        p.add_argument("--metrics-tls-ca", help="with --metrics-tls-cert: PEM CA; scrapers must present a "
+                       "certificate it signed")
+        p.add_argument("--metrics-insecure", action="store_true", help="serve metrics over plain HTTP beyond "
+                       "loopback anyway: anyone who reaches it learns the volumes' names and state")
+
     p = command("agent", cmd_agent, "serve volumes over NBD, replicate, answer the CLI")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--nbd-socket", help="Unix socket for NBD clients, mode 0600 (default nbd.sock in the "
@@ -620,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="with --listen: PEM private key (mode 0600)")
     p.add_argument("--tls-ca", help="with --tls-cert: PEM CA; clients must present a certificate it signed")
     daemon_options(p)
+    metrics_options(p)
 
     p = command("serve", cmd_serve, "run the secondary's replica server")
     p.add_argument("--root", required=True, help="directory holding the replicas")
@@ -637,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, help="seconds a client without the token may take to send "
                    "a request's headers (default 5)")
     daemon_options(p)
+    metrics_options(p)
 
     p = command("report", cmd_report, "render status JSON gathered from many hosts")
     p.add_argument("file", help="JSON: {host: [status, ...]} or [status, ...] ('-' for stdin)")

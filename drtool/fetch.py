@@ -21,6 +21,7 @@ from typing import Any
 
 import blake3
 
+from drtool import metrics
 from drtool.errors import DataUnavailable, PeerError, RegionsLost, UsageError, VerificationFailed
 from drtool.peer import make_client
 from drtool.ports import FetchPort
@@ -150,6 +151,7 @@ class RemoteFetcher:
                 raise type(exc)(f"volume {engine.name}: cannot force-replicate regions "
                                 f"{to_runs(lagging)} before fetching them: {exc}") from None
 
+    @metrics.timed_fetch
     def fetch(self, regions: list[int], prepared: bool = False,
               optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:
         """Verified ``{region: (bytes, digest)}`` for every region, or an exception; ``optional``
@@ -191,6 +193,7 @@ class RemoteFetcher:
                 else:
                     failed.append(result.region)
                     reasons[result.region] = result.reason or "verification failed"
+            metrics.of(engine).fetch.failed_verification(len(reasons))
             missing = [r for r in wanted if r not in got and r not in failed]
             failed.extend(missing)
             if optional:

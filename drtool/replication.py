@@ -113,6 +113,8 @@ class Replicator:
             self.reachable = False
             self.last_error = str(exc)
             raise
+        # It answered: an idle volume's status (and metrics) must not keep saying unreachable.
+        self.reachable, self.last_error = True, None
         problem = identity_problem(record, info, record.peer["url"], believed)
         if problem is None:
             if info and info.get("generation") and record.peer.get("generation") != info["generation"]:

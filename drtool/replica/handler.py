@@ -62,6 +62,7 @@ class ReplicaHandler(BaseHTTPRequestHandler):
 
     def _access_log(self, status: int, sent: int) -> None:
         ms = (time.monotonic() - self._started) * 1000
+        self.server.http_counts.add(self.command, status, sent)
         sys.stderr.write(f'drtool-replica: {self.client_address[0]}:{self.client_address[1]} '
                          f'"{self.command} {self.path}" {status} {sent} {ms:.1f}ms\n')
 

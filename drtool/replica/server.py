@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
 
+from drtool import metrics
 from drtool.errors import UsageError
 from drtool.replica.handler import ReplicaHandler
 from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT
@@ -87,6 +88,7 @@ class ReplicaHTTPServer(ThreadingHTTPServer):
         self._open: dict[socket.socket, _Connection] = {}
         self._watch_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.http_counts = metrics.HttpCounts()  # the handler counts each answered request
         super().__init__(address, ReplicaHandler)
         self._watchdog = threading.Thread(target=self._watch_loop, name="watchdog", daemon=True)
         self._watchdog.start()
@@ -258,15 +260,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None, announce: Callable[[str], None] | None = None, *,
-          limits: Limits | None = None, journal_limit: int = DEFAULT_JOURNAL_LIMIT, insecure: bool = False) -> int:
+          tls_key: str | None = None, announce: Callable[..., None] | None = None, *,
+          limits: Limits | None = None, journal_limit: int = DEFAULT_JOURNAL_LIMIT, insecure: bool = False,
+          metrics_listen: metrics.MetricsListen | None = None) -> int:
     """Serve replicas under ``root`` until SIGTERM or SIGINT; return 0 after a clean stop.
 
     ``journal_limit``: bytes of change log kept per replica (the newest records;
     it may exceed the limit by one segment, limit/4 clamped to 1-64 MiB); 0 keeps
     no journal at all, which halves what an apply writes to disk.
     Beyond loopback the server needs a token and TLS; ``insecure`` (``--insecure``)
-    lets it serve plain HTTP there anyway, with a warning.
+    lets it serve plain HTTP there anyway, with a warning.  ``metrics_listen``: serve Prometheus
+    metrics there too (drtool.metrics); ``announce`` then gets their URL after the address.
     """
     host, port = parse_listen(listen)
     if not isinstance(journal_limit, int) or journal_limit < 0:
@@ -285,6 +289,13 @@ def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str |
         server = ReplicaHTTPServer((host, port), replicas, token, context, limits or Limits())
     except OSError as exc:
         raise UsageError(f"cannot listen on {listen}: {exc.strerror}") from None
+    try:
+        exporter = metrics.MetricsServer(metrics_listen, metrics.ReplicaCollector(
+            replicas.names, lambda name: replicas.get(name).describe(), server.http_counts,
+            time.time())).start() if metrics_listen else None
+    except BaseException:
+        server.server_close()
+        raise
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -298,11 +309,13 @@ def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str |
                              "cross the network in cleartext; use --tls-cert and --tls-key\n")
         bound = server.server_address
         if announce is not None:
-            announce(f"{bound[0]}:{bound[1]}" if server.address_family == socket.AF_INET
-                     else f"[{bound[0]}]:{bound[1]}")
+            where = f"{bound[0]}:{bound[1]}" if server.address_family == socket.AF_INET else f"[{bound[0]}]:{bound[1]}"
+            announce(*([where, exporter.url] if exporter else [where]))
         while not stop.wait(1.0):
             pass
     finally:
+        if exporter is not None:
+            exporter.stop()
         server.shutdown()
         server.server_close()
         replicas.close()
