@@ -211,3 +211,20 @@ def test_a_plan_for_an_unpaired_volume_under_a_running_agent(tmp_path, state_roo
     assert api.status("vol")[0]["peer"] is None  # nothing paired
     result = api.protect("vol", replica_server.url, str(replica_server.token_file))  # then for real
     assert result["changed"] and result["regions_synced"] == 25
+
+
+def test_an_idle_volume_sees_its_peer_come_back(protected, replica_server, state_root):
+    """With nothing to ship, the replicator's identity check is what talks to the server: a
+    server that answers again is reachable again (status and metrics said unreachable until
+    the next write)."""
+    from drtool.errors import PeerError
+
+    with Engine.open(str(state_root), "vol") as engine:
+        replicator = Replicator(engine)
+        replica_server.stop(kill=True)
+        with pytest.raises(PeerError):
+            replicator.ship_batch()
+        assert replicator.reachable is False and replicator.last_error
+        replica_server.start()
+        assert replicator.ship_batch() == 0  # nothing pending: only the check ran
+        assert replicator.reachable is True and replicator.last_error is None
