@@ -12,7 +12,8 @@ Two kinds of numbers:
   a lock once.
 
 prometheus_client renders the exposition format (text and OpenMetrics) and its families;
-this module feeds it from a :class:`prometheus_client.registry.Collector` at scrape time.
+this module feeds it at scrape time from collectors (objects with ``collect()``, as
+prometheus_client.registry.Collector asks).
 Nothing here imports the engine, the agent or the replica store: they hand in what to read,
 so this room sits below them all (drtool.fetch and drtool.export count through it).
 """
@@ -30,14 +31,16 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
-
 from drtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+# prometheus_client is imported where a scrape or the endpoint needs it, not here: the data path
+# (drtool.fetch, drtool.export) imports this module for its counters alone.
 
 log = logging.getLogger("drtool.metrics")
 
@@ -321,10 +324,14 @@ def timed_fetch(method: F) -> F:
 
 
 def _gauge(name: str, doc: str, labels: Iterable[str] = ("volume",)) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
 def _counter(name: str, doc: str, labels: Iterable[str] = ("volume",)) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     return CounterMetricFamily(name, doc, labels=list(labels))
 
 
@@ -342,7 +349,7 @@ class VolumeFacts:
     stats: VolumeStats
 
 
-class AgentCollector(Collector):
+class AgentCollector:
     """The agent's volumes: states from their status objects, counters from :class:`VolumeStats`."""
 
     def __init__(self, volumes: Callable[[], list[VolumeFacts]], started: float) -> None:
@@ -350,6 +357,8 @@ class AgentCollector(Collector):
         self.started = started
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
         g = {
             "up": _gauge("drtool_volume_up", "1 when the volume's status could be read at this scrape"),
             "info": _gauge("drtool_volume_info", "the volume's role, device and replica peer (always 1)",
@@ -514,7 +523,7 @@ class HttpCounts:
             return dict(self.requests), self.sent
 
 
-class ReplicaCollector(Collector):
+class ReplicaCollector:
     """The replicas a server keeps, from the same description ``GET /v1/volumes/{name}`` and
     ``drtool status --replica-root`` give."""
 
@@ -526,6 +535,8 @@ class ReplicaCollector(Collector):
         self.started = started
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         labels = ("replica",)
         g = {
             "up": _gauge("drtool_replica_up", "1 when the replica could be described at this scrape", labels),
@@ -631,7 +642,10 @@ class _Server(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """The HTTP(S) endpoint: ``GET /metrics`` (any path answers the same)."""
 
-    def __init__(self, listen: MetricsListen, collector: Collector) -> None:
+    def __init__(self, listen: MetricsListen, collector: AgentCollector | ReplicaCollector) -> None:
+        from prometheus_client import make_wsgi_app
+        from prometheus_client.registry import CollectorRegistry
+
         self.listen = listen
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
