@@ -573,6 +573,24 @@ class Manifest:
             return digest == zero_digest(self._length(region))
         return False
 
+    def matches_run(self, first: int, digests: list[bytes | None]) -> bool:
+        """Do regions first, first+1, ... all have exactly these stored digests?  One compare per
+        manifest page (scrub's common case); False says only "check them one by one" (a None,
+        an all-zero region, a mismatch)."""
+        at = 0
+        while at < len(digests):
+            page, index = divmod(first + at, DIGESTS_PER_PAGE)
+            take = min(DIGESTS_PER_PAGE - index, len(digests) - at)
+            part = digests[at:at + take]
+            if None in part:
+                return False
+            buf = self._pages.page(self._first + page)
+            start = index * DIGEST_SIZE
+            if buf[start:start + take * DIGEST_SIZE] != b"".join(part):
+                return False
+            at += take
+        return True
+
     def is_zero(self, region: int) -> bool:
         return self.stored(region) == NO_DIGEST
 

@@ -170,3 +170,20 @@ def test_block_digests_come_after_every_other_map_in_the_layout():
         (after.manifest, after.eras, after.era_summary, after.bitmaps)
     assert after.blocks == before.pages and after.pages == after.blocks + (100000 * 16 + 253) // 254
     assert Layout(100, kinds, 4096).pages == Layout(100, kinds).pages  # one block a region: none kept
+
+
+def test_matches_run_compares_a_run_of_digests_across_pages():
+    from drtool.storage.maps import digest
+
+    manifest = Manifest(400, 65536)
+    digests = [digest(bytes([r % 251]) * 100) for r in range(400)]
+    for region, value in enumerate(digests):
+        manifest[region] = value
+    assert manifest.matches_run(100, digests[100:390])  # spans three manifest pages
+    assert not manifest.matches_run(100, digests[101:391])
+    assert not manifest.matches_run(5, digests[5:7] + [None])
+    changed = digests[200:260]
+    changed[40] = digest(b"other")
+    assert not manifest.matches_run(200, changed)
+    manifest[7] = zero_digest(65536)  # stored as "all zeros": checked one by one
+    assert not manifest.matches_run(7, [zero_digest(65536)])

@@ -172,3 +172,35 @@ def test_closing_early_stops_the_workers(tmp_path, monkeypatch):
         next(batches)
         batches.close()
     assert threading.active_count() == before
+
+
+# -- hashing from a mapping of the device (issue 12) -------------------------------------------
+
+def _digests(path, geometry, mapped):
+    with Device(str(path)) as device:
+        found = {}
+        for batch in digest_regions(device, geometry, mapped=mapped):
+            for region, digest in batch:
+                found[region] = (digest, batch.errors.get(region))
+        return found
+
+
+def test_mapped_and_copied_chunks_give_the_same_digests(tmp_path):
+    size = 150 * RS + 1234  # more than one chunk, a partial last region
+    path = tmp_path / "d.img"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    geometry = Geometry(size, RS)
+    expected = {r: (blake3.blake3(data[r * RS:(r + 1) * RS]).digest(), None) for r in range(geometry.count)}
+    assert _digests(path, geometry, mapped=True) == expected
+    assert _digests(path, geometry, mapped=False) == expected
+
+
+def test_a_device_shorter_than_the_volume_is_read_not_mapped_past_its_end(tmp_path):
+    """A mapping past the end of a file would end the process with SIGBUS: the mapper leaves
+    that part to preadv, which reports the short read region by region."""
+    path = tmp_path / "short.img"
+    path.write_bytes(os.urandom(10 * RS + 100))
+    found = _digests(path, Geometry(80 * RS, RS), mapped=True)
+    assert [r for r, (d, _) in found.items() if d is not None] == list(range(10))
+    assert {why for r, (d, why) in found.items() if d is None} == {SHORT_READ}
