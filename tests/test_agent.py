@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import textwrap
+import time
 
 import pytest
 
@@ -260,3 +261,27 @@ def test_mode_switches_live_without_dropping_a_connected_client(volume, start_ag
         data[0:12] = b"normal again"
     assert path.read_bytes()[:12] == b"normal again"
     assert path.read_bytes()[50 * RS:51 * RS] == bytes(data[50 * RS:51 * RS])
+
+
+def test_a_small_read_through_the_agent_checks_its_block_and_heals_from_the_replica(volume, start_agent, cli):
+    """Issue 12: a 4 KiB read remembers its region's block digests, the agent's checkpoint
+    commits them, and a block damaged later is caught by a 4 KiB read of it alone."""
+    from drtool.storage.volume import Volume
+
+    path, _, _ = volume
+    agent = start_agent("vol")
+    block = 10 * RS + 3 * 4096
+    assert "wrote 4096/4096" in qemu_io(agent.uri(), f"write -P 0x5a {block} 4096").stdout
+    assert qemu_io(agent.uri(), f"read -P 0x5a {block} 4096").returncode == 0  # small: remembers
+    deadline = time.monotonic() + 30
+    while True:  # the checkpoint loop commits the block digests (every 2 s)
+        with Volume.inspect(os.environ["DRTOOL_STATE_ROOT"], "vol") as look:
+            if look.manifest.blocks.known(10):
+                break
+        assert time.monotonic() < deadline, "the block digests never reached the maps on disk"
+        time.sleep(0.1)
+    corrupt(path, block + 100)
+    read = qemu_io(agent.uri(), f"read -P 0x5a {block} 4096")
+    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout
+    status = cli("status", "vol", "--json").json()
+    assert status["mode"] == "degraded" and status["bad_regions"] == [[10, 1]]

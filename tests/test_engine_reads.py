@@ -182,3 +182,21 @@ def test_failback_and_copy_on_read_keep_block_digests_that_still_hold(volume, re
         assert bytes(engine.read(RS + 3 * BLOCK_SIZE, 4096)) == bytes(data[RS + 3 * 4096:RS + 4 * 4096])
         assert bytes(engine.read(8 * RS, 4096)) == bytes(data[8 * RS:8 * RS + 4096])
         assert known(engine, 8) and not engine.volume.bad.any()
+
+
+def test_reads_stop_remembering_while_many_map_pages_wait_for_a_checkpoint(volume, monkeypatch):
+    """Block digests remembered by reads stay in memory until a checkpoint: past the bound,
+    reads keep verifying (whole regions) but remember nothing more."""
+    from drtool.engine import changes
+
+    _, data = volume
+    monkeypatch.setattr(changes, "BLOCKS_DIRTY_LIMIT", 0)
+    with Engine.open(None, "vol") as engine:
+        engine.write(1 * RS, b"w")  # one dirty page: over the (patched) bound
+        assert engine.volume.dirty_bytes > 0
+        assert bytes(engine.read(3 * RS + 4096, 4096)) == bytes(data[3 * RS + 4096:3 * RS + 8192])
+        assert not known(engine, 3)
+        engine.save()
+        monkeypatch.setattr(changes, "BLOCKS_DIRTY_LIMIT", 16 << 20)
+        engine.read(3 * RS + 4096, 4096)
+        assert known(engine, 3)
