@@ -202,7 +202,8 @@ class ReadPath:
 
     def _healthy(self) -> bool:
         """Normal mode, no bad region, a device: every region is read locally."""
-        return modes.is_normal(self.record) and self.device is not None and not self.volume.bad.any()
+        # On every read: attribute tests, no calls (modes.is_normal, RegionBitmap.any say the same).
+        return self.record.mode == modes.NORMAL and self.device is not None and not self.volume.bad._total
 
     def read_region(self, region: int) -> bytes:
         start, length = self.geometry.region_bounds(region)
