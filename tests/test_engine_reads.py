@@ -200,3 +200,24 @@ def test_reads_stop_remembering_while_many_map_pages_wait_for_a_checkpoint(volum
         monkeypatch.setattr(changes, "BLOCKS_DIRTY_LIMIT", 16 << 20)
         engine.read(3 * RS + 4096, 4096)
         assert known(engine, 3)
+
+
+def test_a_write_between_a_reads_check_and_its_remembering_leaves_no_block_digests(volume):
+    """The block digests a read remembers are keyed with the digest of the bytes it verified:
+    if a write changed the region meanwhile, nothing is kept (else the old bytes' digests would
+    pass for the new region's)."""
+    _, data = volume
+    with Engine.open(None, "vol") as engine:
+        remember = engine.remember_blocks
+
+        def write_first(region, digest, blocks):
+            engine.write(region * RS + 4096, b"raced")
+            return remember(region, digest, blocks)
+
+        engine.remember_blocks = write_first
+        assert bytes(engine.read(9 * RS + 4096, 4096)) == bytes(data[9 * RS + 4096:9 * RS + 8192])  # before
+        assert not known(engine, 9)
+        engine.remember_blocks = remember
+        data[9 * RS + 4096:9 * RS + 4101] = b"raced"
+        assert bytes(engine.read(9 * RS + 4096, 4096)) == bytes(data[9 * RS + 4096:9 * RS + 8192])
+        assert known(engine, 9)

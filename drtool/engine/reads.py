@@ -85,7 +85,7 @@ class ReadPath:
             return None
         if len(data) != size:
             return None
-        if key is NO_DIGEST:
+        if expected == b"":  # an all-zero region: its blocks are zeros
             if data != _ZERO_BLOCK[:size]:
                 return None
         elif blake3.blake3(data, key=key).digest(BLOCK_DIGEST_SIZE) != expected:
@@ -162,13 +162,16 @@ class ReadPath:
                 return self._read_whole_regions(offset, length, refresh=[last])
             whole_last -= 1
         rsize = geometry.region_size
+        verified = {}
         for region in range(whole_first, whole_last + 1):
             lo = (region << shift) - start
-            if not manifest.matches(region, hasher(view[lo:lo + rsize]).digest()):
+            digest = hasher(view[lo:lo + rsize]).digest()
+            if not manifest.matches(region, digest):
                 return None
+            verified[region] = digest
         for region in fill:
             lo = (region << shift) - start
-            self._remember_blocks(region, view[lo:lo + rsize])
+            self._remember_blocks(region, view[lo:lo + rsize], verified[region])
         return view[offset - start:offset - start + length]
 
     def _block_plan(self, region: int, lo: int, hi: int, fill: list[int]) -> tuple | None:
@@ -191,14 +194,16 @@ class ReadPath:
             return None
         return region, first_block, end_block, key, expected
 
-    def _remember_blocks(self, region: int, region_view: memoryview) -> None:
-        """The region's bytes were verified whole: keep their block digests for small reads."""
-        manifest = self.volume.manifest
-        if manifest.blocks is None:
+    def _remember_blocks(self, region: int, region_view: memoryview, digest: bytes | None = None) -> None:
+        """The region's bytes were verified whole: keep their block digests for small reads.
+        They are keyed with ``digest``, the digest of these very bytes (computed here when not
+        given), never with the manifest's digest as it is now: a write may have changed it
+        since the bytes were verified, and then remember_blocks keeps nothing."""
+        if self.volume.manifest.blocks is None:
             return
-        key = manifest.stored(region)
-        if key != NO_DIGEST:
-            self.remember_blocks(region, key, block_digests(key, region_view))
+        if digest is None:
+            digest = blake3.blake3(region_view).digest()
+        self.remember_blocks(region, digest, block_digests(digest, region_view))
 
     def _healthy(self) -> bool:
         """Normal mode, no bad region, a device: every region is read locally."""
