@@ -380,7 +380,7 @@ class ReplicaClient:
         unverified data as ok.
         """
         for batch in _split_runs(list(runs), MAX_REGIONS_PER_READ):
-            body = {"runs": [list(r) for r in batch], "snapshot": snapshot, "overlay": overlay}
+            body = {"runs": [list(r) for r in batch], "snapshot": snapshot, "overlay": overlay, "frames": "runs"}
             response = self._request("POST", self._path(name, "read"), stream=True, json=body)
             complete = False
             try:
@@ -410,7 +410,9 @@ def _split_runs(runs: list[Run], limit: int) -> Iterator[list[Run]]:
         yield batch
 
 
-Frame = tuple[wire.FrameHeader, memoryview, "bytes | None"]
+# (header, payload, expected digest) for DATA, ZERO and ERROR frames;
+# (header, (region_length, digests, data), [expected digest per region]) for a RUN frame.
+Frame = tuple[wire.FrameHeader, Any, Any]
 
 
 class _FrameReader:
@@ -487,8 +489,11 @@ class _FrameReader:
                 end = parsed + wire.FRAME_HEADER_SIZE + self.pending.payload_length
                 if end > filled:
                     break
-                frames.append((self.pending, view[end - self.pending.payload_length:end],
-                               self._expect(self.pending.region)))
+                payload = view[end - self.pending.payload_length:end]
+                if self.pending.kind == wire.FRAME_RUN:
+                    frames.append(self._run(self.pending, payload))
+                else:
+                    frames.append((self.pending, payload, self._expect(self.pending.region)))
                 self.pending, parsed = None, end
             need = wire.FRAME_HEADER_SIZE + (self.pending.payload_length if self.pending else 0)
             room = len(block) - filled
@@ -524,6 +529,22 @@ class _FrameReader:
             self.seen += 1
         return header
 
+    def _run(self, header: wire.FrameHeader, payload: memoryview) -> Frame:
+        """A complete RUN frame: its table checked, its regions checked against the request
+        (the first was, with its header)."""
+        try:
+            region_length, digests, data = wire.decode_run(header, payload)
+        except wire.WireError as exc:
+            raise PeerProtocolError(f"replica server {self.url} sent a bad frame: {exc}") from None
+        count = len(digests) // 32
+        for region in range(header.region + 1, header.region + count):
+            want = next(self.regions, None)
+            if region != want:
+                raise PeerProtocolError(f"replica server {self.url} sent region {region}, expected {want}")
+        self.seen += count - 1
+        expected = [self._expect(r) for r in range(header.region, header.region + count)]
+        return header, (region_length, digests, data), expected
+
     def _expect(self, region: int) -> bytes | None:
         return self.expected(region) if self.expected is not None else None
 
@@ -533,9 +554,12 @@ class _FrameReader:
         return self.zeros[:length]
 
     def _verify(self, frames: list[Frame]) -> list[RegionResult]:
-        results = []
+        results: list[RegionResult] = []
         for header, payload, expected in frames:
             region = header.region
+            if header.kind == wire.FRAME_RUN:
+                self._verify_run(region, payload, expected, results)
+                continue
             if header.kind == wire.FRAME_ERROR:
                 message = bytes(payload).rstrip(b"\0").decode("utf-8", "replace")
                 results.append(RegionResult(region, None, wire.NO_DIGEST, False,
@@ -547,11 +571,33 @@ class _FrameReader:
                 data, actual = payload, blake3.blake3(payload).digest()
             reason = None
             if actual != header.digest:
-                reason = "the replica's bytes do not match its own digest (damaged on the secondary)"
+                reason = _DAMAGED
             elif expected is not None and actual != expected:
-                reason = "the replica holds other data than expected (stale or newer than the manifest)"
+                reason = _OTHER
             results.append(RegionResult(region, data if reason is None else None, actual, reason is None, reason))
         return results
+
+
+    @staticmethod
+    def _verify_run(first: int, run: tuple[int, memoryview, memoryview], expected: list[bytes | None],
+                    results: list[RegionResult]) -> None:
+        length, digests, data = run
+        hasher = blake3.blake3
+        for index, want in enumerate(expected):
+            part = data[index * length:(index + 1) * length]
+            actual = hasher(part).digest()
+            reason = None
+            if actual != digests[32 * index:32 * index + 32]:
+                reason = _DAMAGED
+            elif want is not None and actual != want:
+                reason = _OTHER
+            results.append(RegionResult(first + index, part if reason is None else None, actual, reason is None,
+                                        reason))
+
+
+_DAMAGED = ("the replica's bytes do not match the digest it holds for them (damaged on the secondary, "
+            "unreadable there, or rewritten while they were sent)")
+_OTHER = "the replica holds other data than expected (stale or newer than the manifest)"
 
 
 def _expect_type(response: requests.Response, content_type: str) -> None:

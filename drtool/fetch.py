@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any
 
 import blake3
@@ -31,6 +34,8 @@ from drtool.wire import KIND_WRITE
 log = logging.getLogger("drtool.fetch")
 
 SETTLE_BATCH = 256  # regions asked of the replica in one read when settling possibly lost regions
+STREAMS = 4  # connections one large fetch is spread over, at most ...
+STREAM_BYTES = 4 << 20  # ... one per this many bytes of regions
 
 
 class RemoteFetcher:
@@ -39,6 +44,7 @@ class RemoteFetcher:
     def __init__(self, engine: FetchPort) -> None:
         self.engine = engine
         self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None  # the extra streams of a large fetch
 
     def client(self) -> Any:
         """This thread's client (sessions are not shared between threads), made anew when the
@@ -176,6 +182,55 @@ class RemoteFetcher:
             raise type(exc)(f"volume {engine.name}: cannot fetch regions {to_runs(regions)} "
                             f"from the replica: {exc}") from None
 
+    def _streams(self, count: int) -> int:
+        """How many connections a fetch of ``count`` regions is spread over: one per
+        STREAM_BYTES, at most STREAMS (each stream is received and hashed by its own thread, and
+        served by its own server thread: the work of a large read is spread over the cores of
+        both hosts, and over more than one TCP window on a long link)."""
+        size = count << self.engine.geometry.shift
+        return max(1, min(STREAMS, size // STREAM_BYTES))
+
+    def _read_share(self, share: list[int], expected: Callable[[int], bytes] | None, snapshot: str | None,
+                    deadline: float | None) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, str]]:
+        """One stream's part of a fetch, on this thread's own client: (verified regions, the
+        reasons of those that failed)."""
+        client = self.client()
+        got: dict[int, tuple[bytes, bytes]] = {}
+        failed: dict[int, str] = {}
+        left = None if deadline is None else deadline - time.monotonic()
+        with client.time_limit(left) if left is not None else nullcontext():
+            for result in client.read_regions(self.engine.name, to_runs(share), expected=expected,
+                                              snapshot=snapshot):
+                if result.ok:
+                    got[result.region] = (bytes(result.data), result.digest)
+                else:
+                    failed[result.region] = result.reason or "verification failed"
+        return got, failed
+
+    def _read(self, wanted: list[int], expected: Callable[[int], bytes] | None,
+              snapshot: str | None) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, str]]:
+        """Every region of ``wanted`` asked for once, over one stream or several (each share a
+        contiguous slice of the request); the first error of any stream is raised."""
+        streams = self._streams(len(wanted))
+        deadline = self.client().deadline
+        if streams == 1:
+            return self._read_share(wanted, expected, snapshot, None)
+        size = -(-len(wanted) // streams)
+        shares = [wanted[i:i + size] for i in range(0, len(wanted), size)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=STREAMS - 1, thread_name_prefix="drtool-fetch")
+        others = [self._pool.submit(self._read_share, share, expected, snapshot, deadline) for share in shares[1:]]
+        try:
+            got, failed = self._read_share(shares[0], expected, snapshot, None)
+        finally:
+            done = [future.result() if not future.exception() else future for future in others]
+        for item in done:
+            if isinstance(item, Future):
+                raise item.exception()  # type: ignore[misc]
+            got.update(item[0])
+            failed.update(item[1])
+        return got, failed
+
     def _from_replica(self, regions: list[int], snapshot: str | None = None,
                       optional: set[int] | None = None) -> dict[int, tuple[bytes, bytes]]:
         engine = self.engine
@@ -184,15 +239,9 @@ class RemoteFetcher:
         got: dict[int, tuple[bytes, bytes]] = {}
         wanted = list(regions)
         for attempt in (1, 2):
-            failed: list[int] = []
-            reasons: dict[int, str] = {}
-            for result in self.client().read_regions(engine.name, to_runs(wanted), expected=expected,
-                                                     snapshot=snapshot):
-                if result.ok:
-                    got[result.region] = (bytes(result.data), result.digest)
-                else:
-                    failed.append(result.region)
-                    reasons[result.region] = result.reason or "verification failed"
+            fetched, reasons = self._read(wanted, expected, snapshot)
+            got.update(fetched)
+            failed = list(reasons)
             metrics.of(engine).fetch.failed_verification(len(reasons))
             missing = [r for r in wanted if r not in got and r not in failed]
             failed.extend(missing)

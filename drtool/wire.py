@@ -18,22 +18,37 @@ Record (76-byte header, then ``length`` bytes of data unless the kind is ZERO)::
     digest   32s blake3 of the data (all zeros for ZERO records)
     hcrc     I   crc32 of the 72 bytes above
 
-Frame (56-byte header, then ``length`` bytes for DATA and ERROR)::
+Frame (56-byte header, then ``length`` bytes for DATA, ERROR and RUN)::
 
     magic    4s  b"DRTF"
     kind     H   DATA=1, ZERO=2 (region is all zeros, no bytes follow),
-                 ERROR=3 (utf-8 message follows), END=4 (region = frames sent)
+                 ERROR=3 (utf-8 message follows), END=4 (region = regions answered),
+                 RUN=5 (several adjacent regions, see below)
     flags    H   reserved
-    region   Q   region number
-    length   I   bytes of the region (DATA, ZERO) or of the message (ERROR)
+    region   Q   region number (RUN: its first region)
+    length   I   bytes of the region (DATA, ZERO), of the message (ERROR), of the payload (RUN)
     digest   32s blake3 of the region's bytes as the server holds them
+                 (RUN: crc32 of the run table in the first 4 bytes, then zeros)
     hcrc     I   crc32 of the 52 bytes above
 
-A batched read answers one frame per requested region, in request order, then
-END.  An ERROR frame that replaces a DATA frame the server had announced keeps
-its length (the region's) and carries the message NUL-padded, so the response
-length the server declared up front stays true; an ERROR frame with an empty
-message means the region changed while it was being read (read it again).
+A RUN frame answers ``count`` requested regions that follow each other in the
+request and in the volume, all of one length; its payload is the run table
+(``count`` u32, ``region_length`` u32, then ``count`` digests of 32 bytes: what the
+server stored for each region) followed by the regions' bytes back to back.  One
+header for many regions lets the server send their bytes in one ``sendfile`` and
+the client parse one header per run, not per region.  A client asks for RUN frames
+(``"frames": "runs"`` in the read request); to any other it answers one DATA frame a
+region, so an older client keeps working.
+
+A batched read answers the requested regions in request order (a frame each, or
+RUN frames covering several), then END.  An ERROR frame that replaces a DATA frame
+the server had announced keeps its length (the region's) and carries the message
+NUL-padded, so the response length the server declared up front stays true; an
+ERROR frame with an empty message means the region changed while it was being read
+(read it again).  A region the server fails to read while its bytes are already on
+their way (inside a RUN, or a DATA frame sent with ``sendfile``) is sent as zeros,
+which its digest check refuses; the server remembers the failure, so the retry gets
+an ERROR frame that says why.
 """
 
 from __future__ import annotations
@@ -63,6 +78,8 @@ FRAME_DATA = 1
 FRAME_ZERO = 2
 FRAME_ERROR = 3
 FRAME_END = 4
+FRAME_RUN = 5
+RUN_HEAD = struct.Struct("<II")  # count, region_length: the start of a RUN frame's run table
 
 NO_DIGEST = b"\0" * 32
 RECORDS_CONTENT_TYPE = "application/x-drtool-records"
@@ -147,7 +164,7 @@ class FrameHeader(NamedTuple):
 
     @property
     def payload_length(self) -> int:
-        return self.length if self.kind in (FRAME_DATA, FRAME_ERROR) else 0
+        return self.length if self.kind in (FRAME_DATA, FRAME_ERROR, FRAME_RUN) else 0
 
 
 def encode_frame_header(kind: int, region: int, length: int, digest: bytes = NO_DIGEST) -> bytes:
@@ -164,9 +181,35 @@ def decode_frame_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
         raise WireError(f"bad frame magic {magic!r}")
     if zlib.crc32(memoryview(buf)[:FRAME_HEAD.size]) != crc:
         raise WireError("frame header checksum mismatch")
-    if kind not in (FRAME_DATA, FRAME_ZERO, FRAME_ERROR, FRAME_END):
+    if kind not in (FRAME_DATA, FRAME_ZERO, FRAME_ERROR, FRAME_END, FRAME_RUN):
         raise WireError(f"unknown frame kind {kind}")
     return FrameHeader(kind, region, length, digest)
+
+
+def run_payload_length(count: int, region_length: int) -> int:
+    """Bytes of a RUN frame's payload: the run table, then ``count`` regions."""
+    return RUN_HEAD.size + count * (32 + region_length)
+
+
+def encode_run_head(first: int, region_length: int, digests: list[bytes]) -> bytes:
+    """A RUN frame's header and run table; the ``len(digests)`` regions' bytes follow it."""
+    table = RUN_HEAD.pack(len(digests), region_length) + b"".join(digests)
+    return encode_frame_header(FRAME_RUN, first, run_payload_length(len(digests), region_length),
+                               _CRC.pack(zlib.crc32(table)) + bytes(28)) + table
+
+
+def decode_run(header: FrameHeader, payload: memoryview) -> tuple[int, memoryview, memoryview]:
+    """A RUN frame's (region_length, digests, data): the table checked against the header."""
+    if len(payload) < RUN_HEAD.size:
+        raise WireError(f"run frame for region {header.region} is too short for its table")
+    count, region_length = RUN_HEAD.unpack_from(payload)
+    table_end = RUN_HEAD.size + 32 * count
+    if count == 0 or region_length == 0 or run_payload_length(count, region_length) != len(payload):
+        raise WireError(f"run frame for region {header.region}: {count} regions of {region_length} bytes "
+                        f"do not fill its {len(payload)} bytes")
+    if _CRC.pack(zlib.crc32(payload[:table_end])) != header.digest[:4]:
+        raise WireError(f"run frame for region {header.region}: run table checksum mismatch")
+    return region_length, payload[RUN_HEAD.size:table_end], payload[table_end:]
 
 
 def iter_records(body: bytes | bytearray | memoryview) -> Iterator[tuple[RecordHeader, memoryview]]:

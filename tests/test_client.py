@@ -20,6 +20,7 @@ class ScriptedPeer:
     def __init__(self, responses: list[bytes]) -> None:
         self.responses = responses
         self.requests: list[bytes] = []
+        self.bodies: list[bytes] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -29,12 +30,14 @@ class ScriptedPeer:
         for response in self.responses:
             conn, _ = self.listener.accept()
             with conn:
-                self.requests.append(_read_request(conn))
+                head, body = _read_request(conn)
+                self.requests.append(head)
+                self.bodies.append(body)
                 conn.sendall(response)
         self.listener.close()
 
 
-def _read_request(conn: socket.socket) -> bytes:
+def _read_request(conn: socket.socket) -> tuple[bytes, bytes]:
     data = b""
     while b"\r\n\r\n" not in data:
         data += conn.recv(65536)
@@ -43,7 +46,7 @@ def _read_request(conn: socket.socket) -> bytes:
                    if line.lower().startswith(b"content-length:")), 0)
     while len(body) < length:
         body += conn.recv(65536)
-    return head
+    return head, body
 
 
 def http(status: str, body: bytes, content_type: str = wire.FRAMES_CONTENT_TYPE, length: int | None = None) -> bytes:
@@ -129,6 +132,47 @@ def test_error_frames_are_not_ok(regions: list[bytes]) -> None:
     assert [(r.ok, r.reason) for r in results] == [
         (True, None), (False, "I/O error at offset 4096"),
         (False, "the region changed while it was read; read it again")]
+
+
+def run_frame(first: int, regions: list[bytes], digests: list[bytes] | None = None) -> bytes:
+    digests = digests or [blake3.blake3(r).digest() for r in regions]
+    return wire.encode_run_head(first, len(regions[0]), digests) + b"".join(regions)
+
+
+def test_run_frames_are_asked_for_and_verified_region_by_region(regions: list[bytes]) -> None:
+    digests = [blake3.blake3(r).digest() for r in regions]
+    body = run_frame(4, regions, [digests[0], b"\7" * 32, digests[2]]) + data_frame(9, regions[0]) + end(4)
+    peer = ScriptedPeer([http("200 OK", body)])
+    with client_for(peer) as client:
+        results = [(r.region, r.ok, bytes(r.data) if r.ok else r.reason)
+                   for r in client.read_regions("v", [(4, 3), (9, 1)], expected={6: b"\1" * 32}.get)]
+    assert results[0] == (4, True, regions[0]) and results[3] == (9, True, regions[0])
+    assert results[1][:2] == (5, False) and "damaged on the secondary" in results[1][2]
+    assert results[2][:2] == (6, False) and "other data than expected" in results[2][2]
+    assert b'"frames": "runs"' in peer.bodies[0]
+
+
+@pytest.mark.parametrize("damage", ["table crc", "count", "regions", "torn", "vanished"])
+def test_bad_or_torn_run_frames_raise(regions: list[bytes], damage: str) -> None:
+    frame = bytearray(run_frame(0, regions))
+    length = None
+    if damage == "table crc":
+        frame[wire.FRAME_HEADER_SIZE + wire.RUN_HEAD.size + 3] ^= 1  # a digest of the table
+    elif damage == "count":
+        frame = bytearray(wire.encode_run_head(0, 4096, [blake3.blake3(r).digest() for r in regions])[:-64]
+                          + b"".join(regions))  # the header says 3 regions, the table 1 (its crc then fails too)
+    elif damage == "regions":
+        frame = bytearray(run_frame(1, regions))  # regions 1-3, not the 0-2 asked for
+    body = bytes(frame) + end(3)
+    if damage == "torn":  # the declared length is longer than what comes: the peer hung up
+        body, length = body[:len(body) - 5000], len(body)
+    elif damage == "vanished":  # a frame's worth missing, then the connection closes
+        body, length = body[:wire.FRAME_HEADER_SIZE + 100], len(body)
+    peer = ScriptedPeer([http("200 OK", body, length=length)])
+    got = []
+    with client_for(peer) as client, pytest.raises(PeerError, match="127.0.0.1"):
+        got.extend(client.read_regions("v", [(0, 3)]))
+    assert got == []  # nothing of a run is handed out before the whole run is in and checked
 
 
 def test_retries_idempotent_calls_on_503() -> None:

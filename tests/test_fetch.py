@@ -125,7 +125,8 @@ class Relay:
 
     @staticmethod
     def _payload_byte(held: bytearray) -> int | None:
-        """Where the first byte of the first frame's payload is, once it has been received."""
+        """Where the first byte of the first region's bytes is (in a DATA frame or after a RUN
+        frame's run table), once it has been received."""
         kind = held.find(_FRAMES)
         if kind < 0:
             return None
@@ -133,6 +134,13 @@ class Relay:
         if body < 0:
             return None
         at = body + 4 + wire.FRAME_HEADER_SIZE
+        if len(held) < at:
+            return None
+        if wire.decode_frame_header(held[at - wire.FRAME_HEADER_SIZE:at]).kind == wire.FRAME_RUN:
+            if len(held) < at + wire.RUN_HEAD.size:
+                return None
+            count, _ = wire.RUN_HEAD.unpack_from(held, at)
+            at += wire.RUN_HEAD.size + 32 * count  # past the run table: the first region's bytes
         return at if len(held) > at else None
 
 
@@ -286,3 +294,56 @@ def test_journal_source_is_the_only_way_to_these_bytes(protected, replica_server
     assert "runs=4%2B1%2C12%2B1" in changes[0] or "runs=4+1,12+1" in changes[0]
     assert relay.requests("/read") == []  # the mirror was never asked
     assert api.status("vol")[0]["recovery"]["fetched_regions"] == 2
+
+
+def test_a_large_fetch_spread_over_several_streams_reads_what_one_stream_reads(protected, replica_server, relay,
+                                                                               cli, monkeypatch):
+    path, data = protected
+    cli("configure", "vol", "--copy-on-read", "off")  # every read fetches again
+    bad = list(range(4, 28))
+    damage(path, bad)
+    api.scrub_volume("vol")
+    api.recover("vol")
+    from drtool import fetch
+
+    monkeypatch.setattr(fetch, "STREAM_BYTES", RS)  # 24 regions: as many streams as allowed
+    reads = []
+    for streams in (1, 4, 3):
+        monkeypatch.setattr(fetch, "STREAMS", streams)
+        before = len(relay.requests("/read"))
+        reads.append(api.read("vol", 0, SIZE))
+        assert len(relay.requests("/read")) - before == streams
+    assert reads[0] == reads[1] == reads[2] == data
+    status = api.status("vol")[0]
+    assert status["recovery"]["fetched_regions"] == 3 * len(bad)
+    assert status["recovery"]["fetched_bytes"] == 3 * len(bad) * RS
+
+
+def test_a_stream_that_breaks_fails_the_whole_fetch(protected, replica_server, relay, cli, monkeypatch):
+    """One of several streams losing its peer mid-response: the read fails (exit 7, the peer),
+    nothing half-fetched is served or kept."""
+    path, data = protected
+    bad = list(range(4, 28))
+    damage(path, bad)
+    api.scrub_volume("vol")
+    api.recover("vol")
+    from drtool import fetch
+    from drtool.errors import PeerError
+
+    monkeypatch.setattr(fetch, "STREAM_BYTES", RS)
+    monkeypatch.setattr(fetch, "STREAMS", 4)
+    real = fetch.RemoteFetcher._read_share
+    calls = []
+
+    def read_share(self, share, *args):
+        calls.append(share[0])
+        if share[0] != 4:  # not the first share: its peer vanishes mid-stream
+            raise PeerError("replica server vanished mid-stream after 2 of 6 regions")
+        return real(self, share, *args)
+
+    monkeypatch.setattr(fetch.RemoteFetcher, "_read_share", read_share)
+    with pytest.raises(PeerError, match="vanished mid-stream"):
+        api.read("vol", 0, SIZE)
+    assert sorted(calls) == [4, 10, 16, 22]
+    status = api.status("vol")[0]
+    assert status["overlay"]["regions"] == 0 and status["recovery"]["fetched_regions"] == 0

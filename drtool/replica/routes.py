@@ -166,11 +166,14 @@ def _post_read(req: ReplicaHandler, name: str) -> None:
         total += run[1]
         if total > limit:
             raise UsageError(f"a read may ask for at most {limit} regions")
+    framing = body.get("frames", "regions")
+    if framing not in ("regions", "runs"):
+        raise UsageError(f'"frames" must be "regions" (a frame per region) or "runs" (RUN frames), not {framing!r}')
     regions = list(from_runs(runs))
     resolve = reading.resolver(volume, snapshot, overlay)
-    zero, length = reading.plan_frames(volume, regions, resolve)
-    req.send_head(200, FRAMES_CONTENT_TYPE, length)
-    reading.stream_frames(volume, regions, zero, resolve, req.connection)
+    plan = reading.plan_frames(volume, regions, resolve, runs=framing == "runs")
+    req.send_head(200, FRAMES_CONTENT_TYPE, plan.length)
+    reading.stream_frames(volume, plan, resolve, req.connection)
 
 
 def _get_changes(req: ReplicaHandler, name: str) -> None:

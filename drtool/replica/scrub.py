@@ -269,6 +269,24 @@ class ScrubState:
                 self.save()
         return [list(run) for run in to_runs(region for _, region in failed)]
 
+    def marked(self) -> dict[str, frozenset[int]]:
+        """The regions found bad, per target (only targets that have some): the replica's read
+        path reads and hashes these again before it sends them, instead of sending them blind."""
+        with self.lock:
+            return {kind: frozenset(regions) for kind, regions in self.bad.items() if regions}
+
+    def found_unreadable(self, kind: str, regions: Iterable[int]) -> None:
+        """A read for a client could not read these regions of ``kind``: they are bad until a
+        later verify or scrub reads them good.  Kept in memory even when scrub.json cannot be
+        written (raised after)."""
+        with self.lock:
+            new = [region for region in regions if region not in self.bad[kind]]
+            if not new:
+                return
+            self.bad[kind].update(new)
+            self.found_at = time.time()
+            self.save()
+
     def describe(self) -> dict[str, Any]:
         with self.lock:
             running = self.job is not None and self.job.is_alive()

@@ -12,7 +12,7 @@ from drtool import wire
 from drtool.client import ReplicaClient
 from drtool.errors import DataUnavailable, UsageError
 from tests.conftest import corrupt, require_tool
-from tests.replica.conftest import VOLUME_ID, ServerProcess, write, zero
+from tests.replica.conftest import VOLUME_ID, ServerProcess, call, write, zero
 
 RS = 4096
 COUNT = 300
@@ -161,3 +161,50 @@ def test_one_kept_alive_connection_serves_every_call(server: ServerProcess, clie
     client.volume_info("vol")
     peers = {line.split()[1] for line in server.log.read_text().splitlines() if '"' in line and "/v1/" in line}
     assert len(peers) == 1, peers
+
+
+def _frames_of(server: ServerProcess, body: dict) -> list[tuple[int, int, bytes]]:
+    """A raw batched read (no ReplicaClient): (region, frame kind, bytes) per region."""
+    response = call(server, "POST", "/v1/volumes/vol/read", json=body)
+    assert response.status_code == 200 and len(response.content) == int(response.headers["Content-Length"])
+    view, out = memoryview(response.content), []
+    while True:
+        header = wire.decode_frame_header(view[:wire.FRAME_HEADER_SIZE])
+        payload = view[wire.FRAME_HEADER_SIZE:wire.FRAME_HEADER_SIZE + header.payload_length]
+        view = view[wire.FRAME_HEADER_SIZE + header.payload_length:]
+        if header.kind == wire.FRAME_END:
+            return out
+        if header.kind == wire.FRAME_RUN:
+            length, digests, data = wire.decode_run(header, payload)
+            out += [(header.region + i, header.kind, bytes(data[i * length:(i + 1) * length]))
+                    for i in range(len(digests) // 32)]
+        else:
+            out.append((header.region, header.kind, bytes(payload)))
+
+
+def test_run_frames_carry_the_same_regions_as_a_frame_per_region(server: ServerProcess, content: bytearray) -> None:
+    runs = [[0, 150], [149, 151], [7, 1]]
+    single = _frames_of(server, {"runs": runs})
+    batched = _frames_of(server, {"runs": runs, "frames": "runs"})
+    assert {kind for _, kind, _ in single} == {wire.FRAME_DATA, wire.FRAME_ZERO}  # what an older client reads
+    assert wire.FRAME_RUN in {kind for _, kind, _ in batched}
+    assert [(r, data) for r, _, data in batched] == [(r, data) for r, _, data in single]
+    assert [r for r, _, _ in batched] == [r for a, n in runs for r in range(a, a + n)]
+    for region, kind, data in batched:
+        if kind != wire.FRAME_ZERO:
+            assert data == content[region * RS:(region + 1) * RS]
+    response = call(server, "POST", "/v1/volumes/vol/read", json={"runs": runs, "frames": "bulk"})
+    assert response.status_code == 400 and '"frames" must be' in response.json()["detail"]
+
+
+def test_a_region_the_replicas_scrub_found_damaged_is_not_sent(server: ServerProcess, client: ReplicaClient,
+                                                              content: bytearray) -> None:
+    corrupt(server.root / "vol" / "mirror.img", 41 * RS + 17)
+    position = 0
+    while position is not None:
+        position = client.verify_regions("vol", [(0, COUNT)], position)["next"]
+    assert client.volume_info("vol")["scrub"]["bad_regions"]["mirror"] == [[41, 1]]
+    results = list(client.read_regions("vol", [(40, 3)]))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].data is None and "found by the replica's scrub" in (results[1].reason or "")
+    assert [bytes(results[i].data) for i in (0, 2)] == [content[40 * RS:41 * RS], content[42 * RS:43 * RS]]
