@@ -122,9 +122,10 @@ def small_regions(work: str, image: str, size: int, runs: int, fio_seconds: floa
     return result
 
 
-def degraded(work: str, image: str, size: int, runs: int, url: str, token: str) -> dict:
+def degraded(work: str, image: str, size: int, runs: int, url: str, token: str, server_pid: int | None = None) -> dict:
     """Each run: 10 % of the regions corrupted, scrubbed, recovered; one full nbdcopy (timed: the
-    first read fetches every bad region from the replica, verified, copy-on-read on); failback."""
+    first read fetches every bad region from the replica, verified, copy-on-read on); failback.
+    CPU: the agent's per GiB read, and the replica server's (``server_pid``) per GiB fetched."""
     root = os.path.join(work, "state-degraded")
     damaged = os.path.join(work, "damaged.img")
     shutil.copyfile(image, damaged)
@@ -132,7 +133,7 @@ def degraded(work: str, image: str, size: int, runs: int, url: str, token: str) 
     api.protect("degraded", url, token, root=root)
     regions = size // RS
     bad = random.Random(10).sample(range(regions), regions // 10)
-    drtool_s, nbdkit_s, ratios = [], [], []
+    drtool_s, nbdkit_s, ratios, agent_cpu, server_cpu, nbdkit_cpu = [], [], [], [], [], []
     with agent(root, "degraded", work) as endpoint, nbdkit_file(image) as peer:
         for _ in range(runs):
             with open(damaged, "r+b") as handle:
@@ -142,22 +143,36 @@ def degraded(work: str, image: str, size: int, runs: int, url: str, token: str) 
             assert len(api.scrub_volume("degraded", root=root)["bad_regions"]) > 0
             api.recover("degraded", root=root)
             warm(damaged)
-            drtool_s.append(nbdcopy_run(endpoint)[0])
+            served = _process_cpu_seconds(server_pid) if server_pid else 0.0
+            seconds, cpu = nbdcopy_run(endpoint)
+            drtool_s.append(seconds)
             fetched = api.status("degraded", root=root, probe_peer=False)[0]["recovery"]["fetched_bytes"]
+            agent_cpu.append(cpu / (size / _GIB))
+            if server_pid:
+                server_cpu.append((_process_cpu_seconds(server_pid) - served) / (fetched / _GIB))
             ratios.append(fetched / (len(bad) * RS))
             api.failback("degraded", root=root)
             warm(image)
-            nbdkit_s.append(nbdcopy_run(peer)[0])
+            seconds, cpu = nbdcopy_run(peer)
+            nbdkit_s.append(seconds)
+            nbdkit_cpu.append(cpu / (size / _GIB))
     result = {
         "drtool_gbps": size / median(drtool_s) / 1e9,
         "nbdkit_gbps": size / median(nbdkit_s) / 1e9,
         "fetched_over_bad": max(ratios),
         "bad_regions": len(bad),
+        "agent_cpu_s_per_gib": median(agent_cpu),
+        "nbdkit_cpu_s_per_gib": median(nbdkit_cpu),
+        "server_cpu_s_per_gib_fetched": median(server_cpu) if server_cpu else None,
+        "drtool_seconds": drtool_s, "nbdkit_seconds": nbdkit_s,
     }
     result["ratio"] = result["drtool_gbps"] / result["nbdkit_gbps"]
+    server = result["server_cpu_s_per_gib_fetched"]
     print(row("degraded 10%", f"{size >> 20} MiB", f"drtool {result['drtool_gbps']:.2f} GB/s",
               f"nbdkit (healthy image) {result['nbdkit_gbps']:.2f} GB/s", f"ratio {result['ratio']:.2f}",
-              f"fetched/bad bytes (worst run) {result['fetched_over_bad']:.3f}"))
+              f"fetched/bad bytes (worst run) {result['fetched_over_bad']:.3f}",
+              f"CPU s/GiB: agent {result['agent_cpu_s_per_gib']:.2f}, nbdkit {result['nbdkit_cpu_s_per_gib']:.2f}, "
+              f"replica server {'-' if server is None else f'{server:.2f}'} per GiB fetched"))
     return result
 
 
@@ -431,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
         random_image(image, size)
         out = {"healthy": healthy(work, image, size, args.runs, args.fio_seconds),
                "small_regions": small_regions(work, image, size, max(1, args.runs // 2), args.fio_seconds),
-               "degraded": degraded(work, image, size, args.runs, url, token),
+               "degraded": degraded(work, image, size, args.runs, url, token, server.pid),
                "recover_1g": time_to_recover(work, 1 << 30, url, token, 3)}
         if not args.skip_sparse:
             out["recover_16g"] = time_to_recover(work, 16 << 30, url, token, 3)
