@@ -62,7 +62,7 @@ def demote(engine: RolePort, timeout: float = 60.0, force: bool = False) -> dict
                 exc.message = f"{exc.message}; volume {engine.name} was not demoted and accepts writes again"
                 exc.args = (exc.message,)
                 raise
-            engine.flush()
+            engine.sync_all()
             acked = record.replication.acked_through
             if acked is None:
                 acked = engine.log.next_seq - 1

@@ -115,3 +115,42 @@ def test_damaged_record_in_the_middle_is_refused(volume, state_root):
         handle.write(b"!")
     with pytest.raises(CorruptStateFile, match="damaged record"):
         Engine.open(None, "vol")
+
+
+def test_a_flushed_write_whose_device_bytes_never_reached_the_disk_is_replayed(volume, state_root):
+    """FLUSH makes the log durable, not the device (the log is the write-ahead log): after a
+    power cut the device may hold its old bytes for a write acknowledged by a flush; opening
+    the volume writes the record's bytes back."""
+    path, expected = volume
+    before = path.read_bytes()
+    with Engine.open(None, "vol") as engine:
+        synced = []
+        for handle in (engine.device,):
+            real = handle.sync
+            handle.sync = lambda real=real: synced.append(1) or real()
+        engine.write(3 * RS + 100, b"w" * 5000)  # partial: the base is read and verified
+        engine.write(6 * RS, b"v" * RS, fua=True)  # whole region, FUA
+        engine.flush()
+        assert synced == []  # neither the FLUSH nor the FUA write synced the device
+        engine.volume.lock.release()  # a crash: no save, and the device loses what it was not told to keep
+        engine.volume.lock = None
+        engine.log.close()
+    path.write_bytes(before)
+    apply(expected, 3 * RS + 100, b"w" * 5000)
+    apply(expected, 6 * RS, b"v" * RS)
+    with Engine.open(None, "vol") as engine:
+        assert bytes(engine.read(0, SIZE)) == bytes(expected)
+    assert path.read_bytes() == bytes(expected)
+    assert api.scrub_volume("vol")["bad_regions"] == []
+
+
+def test_a_checkpoint_syncs_the_device_before_the_maps_claim_its_records(volume):
+    """The maps on disk let the log forget records: the device must hold their bytes first."""
+    with Engine.open(None, "vol") as engine:
+        order = []
+        device_sync, save_maps = engine.device.sync, engine.volume.save_content_maps
+        engine.device.sync = lambda: order.append("device") or device_sync()
+        engine.volume.save_content_maps = lambda covered: order.append("maps") or save_maps(covered)
+        engine.write(2 * RS, b"c" * 10)
+        engine.save()
+        assert order == ["device", "maps"]

@@ -167,7 +167,7 @@ class Engine(ReadPath, WritePath, StateChanges):
     def close(self) -> None:
         try:
             if self.volume.lock is not None and not self.look_only:
-                self.flush()
+                self.sync_all()
                 self.save()
         finally:
             for handle in (self.device, self.overlay, *self._retired):
@@ -222,7 +222,7 @@ class Engine(ReadPath, WritePath, StateChanges):
     def save(self) -> None:
         """Checkpoint the maps and trim the log records they (and the secondary) no longer need."""
         with self.meta:
-            self.flush()  # maps on disk must never point at log records or bytes that are not
+            self.sync_all()  # maps on disk must never point at log records or bytes that are not
             covered = self.covered_seq()
             if self.record.failback is not None and modes.resyncing(self.record):
                 self._count_failback(self.record.failback)  # the progress saved is the maps
@@ -237,7 +237,7 @@ class Engine(ReadPath, WritePath, StateChanges):
 
     def save_bitmaps(self) -> None:
         with self.meta:
-            self.flush()  # the maps may only claim records (and bytes) that are durable
+            self.sync_all()  # the maps may only claim records (and bytes) that are durable
             self.volume.save_bitmaps(self.covered_seq())
             self.volume.save_record()
 
@@ -433,7 +433,7 @@ class Engine(ReadPath, WritePath, StateChanges):
             if self.record.failback is not None:
                 self._count_failback(self.record.failback)
             self._finish_refused = False
-            self.flush()
+            self.sync_all()
             modes.finish_resync(self.record)
             if self.overlay is not None:
                 # Not closed here: a flush (no lock) or a read may still hold this handle; it

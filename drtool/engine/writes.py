@@ -84,7 +84,20 @@ class WritePath:
             self.replicator.overflow()
 
     def flush(self) -> None:
-        """Make every acknowledged write durable: the log, then the data files."""
+        """Make every acknowledged write durable (a client's FLUSH, a FUA write): the log.
+
+        The log is the volume's write-ahead log: every client write is a log record holding
+        its bytes (or saying zeros), appended before the device or overlay is touched, and
+        replay after a crash writes the records newer than the maps on disk back where they
+        went (core._replay).  So a write is durable once its record is, as in a database;
+        the data files are made durable by :meth:`sync_all` before the maps on disk claim a
+        record (every checkpoint), which is also when the log may forget it.  One fdatasync
+        of the log's tail per flush instead of that plus one of every data file; concurrent
+        flushes share one (group commit, storage.replog)."""
+        self.log.sync()
+
+    def sync_all(self) -> None:
+        """The log, then the data files (device, overlay): what the maps on disk may claim."""
         self.log.sync()
         for handle in (self.device, self.overlay):
             if handle is not None and handle.writable:

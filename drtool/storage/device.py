@@ -222,8 +222,10 @@ class Device:
                                     f"write error ({errno.errorcode.get(exc.errno, exc.errno)})") from None
 
     def sync(self) -> None:
+        """The bytes written so far, durable (fdatasync: the data and what reading it needs,
+        not the times a plain fsync also journals)."""
         try:
-            os.fsync(self.fd)
+            os.fdatasync(self.fd)
         except OSError as exc:
             raise DeviceError(f"{self.path}: fsync failed: {exc.strerror}") from None
 

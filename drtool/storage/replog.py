@@ -238,10 +238,10 @@ class ReplicationLog:
         self.new_files = False
         self.synced_mark = 0  # every record up to here is durable
         self.mark_dirty = False  # the newest header's mark is written but not fsynced yet
-        self._syncing: dict[object, int] = {}  # syncs in flight: the mark each started from
-        self._captured = 0  # the highest sequence a sync has started to make durable
+        self._sync_running = False  # a sync() is in flight (one at a time: group commit)
+        self._sync_ended = threading.Condition(self.lock)  # notified when it ends
         self._completed = 0  # the highest sequence a finished sync made durable
-        self._mark_poisoned = False  # an fsync failed: the sync mark stays where it is
+        self._sync_error: OSError | None = None  # an fsync of the log failed: no sync succeeds again
         self.start_seq: int | None = None  # log/start: the log holds every record from here
         self.settled: list[tuple[int, int]] = []  # damaged ranges the caller accounted for
         self.damage: list[str] = []
@@ -358,7 +358,7 @@ class ReplicationLog:
         # Records above the mark may sit only in the page cache (a killed process, no reboot):
         # the first sync makes their segments durable before the mark covers them.
         self.unsynced = {s.first_seq for s in self.segments.values() if s.last_seq > self.synced_mark}
-        self._captured = self._completed = self.synced_mark
+        self._completed = self.synced_mark
         self._judge(covered, done, ahead, report_damage, accept_loss)
 
     def _open_segment(self, path: str) -> None:
@@ -651,43 +651,59 @@ class ReplicationLog:
             return entry
 
     def sync(self) -> None:
-        """Make every appended record durable (segments written since the last sync, and new files).
+        """Make every record appended so far durable (segments written since the last sync, and
+        new files).
+
+        Group commit: one sync runs at a time.  A caller that finds one running waits for it,
+        and returns if it covered the caller's records; otherwise the first waiter starts the
+        next one, which covers every record appended meanwhile, by every thread (a database's
+        WAL flush does the same): concurrent flushes cost one fsync, not one each.
 
         Then the newest segment's header records the sync mark; that header write is made
         durable by the next fsync of the segment (or by close()), not by a barrier of its own.
+
+        Once an fsync of the log failed, every later sync fails too: the kernel may have
+        dropped those pages and a retried fsync would then report success for records that are
+        not on disk.  The volume must be opened again (which checks the log).
         """
         with self.lock:
+            wanted = self.next_seq - 1
+            while self._sync_running:
+                self._sync_ended.wait()
+            if self._sync_error is not None:
+                raise StateError(f"the replication log {self.directory} could not be made durable earlier "
+                                 f"({self._sync_error}); restart the agent (opening the volume checks the log)"
+                                 ) from self._sync_error
+            if self._completed >= wanted and not self.new_files:
+                return  # a sync that ran meanwhile covered every record this caller appended
             dirty = [self.segments[first] for first in self.unsynced if first in self.segments]
             self.unsynced = set()
             new_files, self.new_files = self.new_files, False
             through = self.next_seq - 1
-            token = object()
-            self._syncing[token] = self._captured  # records above this may not be durable until we return
-            self._captured = through
+            self._sync_running = True
         try:
             for segment in dirty:
                 if segment.fd >= 0:
-                    os.fsync(segment.fd)
+                    os.fdatasync(segment.fd)  # data and the size that grew: what replay reads
             if new_files:
                 fsync_dir(self.directory)
-        except BaseException:
-            self._mark_poisoned = True  # those records are not durable: mark nothing more
-            raise
-        finally:
+        except BaseException as exc:
             with self.lock:
-                del self._syncing[token]
+                self._sync_error = exc if isinstance(exc, OSError) else OSError(str(exc))
+                self._sync_running = False
+                self._sync_ended.notify_all()
+            raise
         with self.lock:
-            # Syncs make consecutive ranges durable; one still in flight may hold older records:
-            # the mark is the highest completed sequence below every range still in flight.
+            self._sync_running = False
+            self._sync_ended.notify_all()
             self._completed = max(self._completed, through)
-            safe = min([self._completed] + list(self._syncing.values()))
-            if safe <= self.synced_mark or self._mark_poisoned:
+            if through <= self.synced_mark:
                 return
-            self.synced_mark = safe
+            self.synced_mark = through
             newest = next(reversed(self.segments.values()), None) if self.segments else None
             if newest is not None and newest.fd >= 0:
-                os.pwrite(newest.fd, _segment_head(self.volume_id, newest.first_seq, safe), 0)
-                newest.synced = safe
+                os.pwrite(newest.fd, _segment_head(self.volume_id, newest.first_seq, through), 0)
+                newest.synced = through
                 self.mark_dirty = True
 
     # -- reading for shipment ------------------------------------------------------

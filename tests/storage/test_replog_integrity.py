@@ -7,6 +7,7 @@ Every record is synced, and close() makes the sync mark (10) durable.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -315,9 +316,75 @@ def test_concurrent_appends_and_syncs_leave_a_consistent_mark(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
-    assert log.synced_mark == 160 and not log._syncing
+    assert log.synced_mark == 160 and not log._sync_running
     log.close()
     log = reopen(directory, covered_through=160, done_through=0, report_damage=True)
     assert log.damage == [] and list(log.entries) == list(range(1, 161)) and log.synced_mark == 160
     log.close()
     assert summarize(str(directory))["damage"] == []
+
+
+def test_concurrent_syncs_share_one_fdatasync(tmp_path, monkeypatch):
+    """Group commit: while one sync waits for the disk, the others queue behind it and the next
+    one covers all their records: far fewer fdatasyncs than callers, every record durable."""
+    import threading
+    import time
+
+    from drtool.storage import replog as module
+
+    log = ReplicationLog.open(str(tmp_path / "vol" / "log"), VOLUME_ID, GEOMETRY)
+    log.append(KIND_WRITE, 0, DATA, 1, b"\1" * DATA)
+    calls = []
+    release = threading.Event()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            assert release.wait(10)  # the first sync is on the disk while the others arrive
+        real(fd)
+
+    monkeypatch.setattr(module.os, "fdatasync", slow_fdatasync)
+    first = threading.Thread(target=log.sync)
+    first.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    writers = []
+    for index in range(8):
+        log.append(KIND_WRITE, (index + 1) * RS, DATA, 1, bytes([index + 2]) * DATA)
+        writers.append(threading.Thread(target=log.sync))
+        writers[-1].start()
+    for writer in writers:  # none may return before a sync that began after its append ends
+        writer.join(0.02)
+        assert writer.is_alive()
+    release.set()
+    for thread in [first, *writers]:
+        thread.join(10)
+        assert not thread.is_alive()
+    # The first caller's, then one sync for the eight that waited: one fdatasync per segment
+    # holding records 2-9 (seg-1, seg-3, seg-5, seg-7, seg-9: two records a segment here).
+    assert len(calls) == 1 + 5 and len(set(calls[1:])) == 5
+    assert log.synced_mark == 9 and log.next_seq == 10
+    log.close()
+
+
+def test_after_a_failed_fsync_no_sync_claims_success(tmp_path, monkeypatch):
+    from drtool.errors import StateError
+    from drtool.storage import replog as module
+
+    log = ReplicationLog.open(str(tmp_path / "vol" / "log"), VOLUME_ID, GEOMETRY)
+    log.append(KIND_WRITE, 0, DATA, 1, b"\1" * DATA)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(module.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        log.sync()
+    monkeypatch.undo()  # the disk answers again; the pages it dropped are gone all the same
+    log.append(KIND_WRITE, RS, DATA, 1, b"\2" * DATA)
+    with pytest.raises(StateError, match="could not be made durable"):
+        log.sync()
+    assert log.synced_mark == 0
+    log.close()
