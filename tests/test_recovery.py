@@ -393,3 +393,58 @@ def test_partial_writes_and_remote_reads_keep_the_lock_order(tmp_path, state_roo
         assert not failures, failures
         assert stripes.breaches == []
         assert bytes(engine.read(0, size)) == bytes(data)
+
+
+def test_later_degraded_writes_into_an_overlay_region_log_and_ship_only_their_bytes(protected, replica_server):
+    """The first write of a region in degraded mode puts it whole into the overlay (and ships it
+    whole); later ones log and ship the bytes written.  A copy-on-read region (kept in the
+    overlay, never shipped) gets partial records too: the overlay replica fills it from the
+    mirror.  What the overlay replica holds and what a client reads are the volume's bytes."""
+    path, data = protected
+    damage(path, [2])
+    api.scrub_volume("vol")
+    api.recover("vol")
+    assert api.read("vol", 2 * RS, 10) == bytes(data[2 * RS:2 * RS + 10])  # region 2 kept by copy-on-read
+    writes = [(6 * RS + 100, b"a" * 4096), (6 * RS + 9000, b"b" * 4096), (2 * RS + 77, b"c" * 4096),
+              (6 * RS + 100, b"d" * 10)]
+    with Engine.open(None, "vol") as engine:
+        lengths = []
+        for offset, chunk in writes:
+            engine.write(offset, chunk)
+            data[offset:offset + len(chunk)] = chunk
+            lengths.append(engine.log.pending()[-1].header.length)
+        assert lengths == [RS, 4096, 4096, 10]
+        assert bytes(engine.read(0, SIZE)) == bytes(data)
+        replicator = Replicator(engine)
+        replicator.ship()
+        shipped = replicator.shipped_bytes
+    assert shipped == sum(lengths) + 4 * 76  # the records' bytes and headers, nothing else
+    overlay = replica_server.client().read_range("vol", 0, SIZE, overlay=True)
+    for region in (2, 6):
+        assert overlay[region * RS:(region + 1) * RS] == bytes(data[region * RS:(region + 1) * RS])
+    assert api.read("vol", 0, SIZE) == bytes(data)
+
+
+def test_a_partial_overlay_record_is_replayed_over_the_overlays_region(protected, state_root):
+    """A crash after partial overlay records: replay writes their bytes into the overlay, which
+    holds the rest of the region, and digests the region from there."""
+    path, data = protected
+    api.recover("vol")
+    with Engine.open(None, "vol") as engine:
+        engine.write(5 * RS + 1, b"first")  # the region goes into the overlay whole
+        engine.save()  # ... and a checkpoint covers that record
+        engine.write(5 * RS + 30000, b"second" * 100)
+        engine.write(5 * RS + 3, b"third")
+        engine.flush()
+        assert [e.header.length for e in engine.log.pending()][-2:] == [600, 5]
+        overlay_path = engine.volume.paths.overlay
+        engine.volume.lock.release()  # a crash: no save
+        engine.volume.lock = None
+        engine.log.close()
+    for offset, chunk in ((5 * RS + 1, b"first"), (5 * RS + 30000, b"second" * 100), (5 * RS + 3, b"third")):
+        data[offset:offset + len(chunk)] = chunk
+    with open(overlay_path, "r+b") as handle:  # the overlay lost the bytes it was not told to keep
+        handle.seek(5 * RS + 30000)
+        handle.write(bytes(600))
+    assert api.read("vol", 0, SIZE) == bytes(data)
+    assert api.scrub_volume("vol")["bad_regions"] == []

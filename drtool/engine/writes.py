@@ -191,9 +191,20 @@ class WritePath:
 
     def _write_overlay(self, region: int, inner: int, piece: memoryview | None, zero_length: int) -> None:
         start, length = self.geometry.region_bounds(region)
+        held = self.volume.overlay.test(region)
         content, digest, whole = self._new_content(
             region, inner, piece, zero_length, lambda: self._content_for_write(region))
-        # Overlay records always hold the whole region: the overlay replica needs no base to apply them.
+        if held and not whole:
+            # The overlay holds the region already: only the bytes written are logged, written
+            # and shipped.  Replay after a crash finds the rest in the overlay (put there by an
+            # earlier record, or synced before a checkpoint claimed it); the overlay replica
+            # applies records in order, and fills a region it lacks (a copy-on-read region, kept
+            # here but never shipped) from the mirror, which holds the bytes the fetch verified.
+            size = zero_length if piece is None else len(piece)
+            self.commit_region(RegionChange(region, start + inner, size, piece, digest, OVERLAY, OVERLAY))
+            return
+        # The first change of a region in the overlay writes and logs it whole: the overlay file
+        # and its replay must not depend on a base read from elsewhere.
         self.commit_region(RegionChange(region, start, length, content, digest, OVERLAY, OVERLAY))
 
 
