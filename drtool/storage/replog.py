@@ -712,17 +712,17 @@ class ReplicationLog:
         """Pending entries in sequence order (only those of ``regions`` when given)."""
         out: list[LogEntry] = []
         total = 0
-        with self.lock:
+        with self.lock:  # (a batch's worth is looked at, not every pending record)
             if regions is not None:
                 seqs = sorted(s for r in regions for s in self.by_region.get(r, ()))
-                candidates = [self.entries[s] for s in seqs]
+                candidates: Iterable[LogEntry] = [self.entries[s] for s in seqs]
             else:
-                candidates = list(self.entries.values())
-        for entry in candidates:
-            if limit_bytes is not None and out and total + entry.size > limit_bytes:
-                break
-            out.append(entry)
-            total += entry.size
+                candidates = self.entries.values()
+            for entry in candidates:
+                if limit_bytes is not None and out and total + entry.size > limit_bytes:
+                    break
+                out.append(entry)
+                total += entry.size
         return out
 
     def read(self, entries: list[LogEntry]) -> list[bytes]:
