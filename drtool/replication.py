@@ -212,7 +212,7 @@ class Replicator:
 
     def _send(self, batch: list[LogEntry], complete: bool) -> int:
         engine = self.engine
-        chunks = engine.log.read(batch)
+        chunks = engine.log.read_for_shipping(batch)
         overlay = batch[0].header.overlay
         complete_through = None
         if complete:
@@ -234,7 +234,7 @@ class Replicator:
         if complete_through is not None:
             self.confirmed = max(self.confirmed, complete_through)
         self.shipped_records += len(batch)
-        self.shipped_bytes += sum(e.size for e in batch)
+        self.shipped_bytes += sum(len(chunk) for chunk in chunks)
         engine.acknowledge([e.seq for e in batch])
         return sum(e.header.length for e in batch)
 

@@ -396,10 +396,11 @@ def test_partial_writes_and_remote_reads_keep_the_lock_order(tmp_path, state_roo
 
 
 def test_later_degraded_writes_into_an_overlay_region_log_and_ship_only_their_bytes(protected, replica_server):
-    """The first write of a region in degraded mode puts it whole into the overlay (and ships it
-    whole); later ones log and ship the bytes written.  A copy-on-read region (kept in the
-    overlay, never shipped) gets partial records too: the overlay replica fills it from the
-    mirror.  What the overlay replica holds and what a client reads are the volume's bytes."""
+    """The first write of a region in degraded mode puts it whole into the overlay and its log
+    record, and ships only the bytes written (the overlay replica fills the rest from its
+    mirror); later ones log and ship the bytes written.  A copy-on-read region (kept in the
+    overlay, never shipped) gets partial records too, filled from the mirror the same way.
+    What the overlay replica holds and what a client reads are the volume's bytes."""
     path, data = protected
     damage(path, [2])
     api.scrub_volume("vol")
@@ -418,7 +419,7 @@ def test_later_degraded_writes_into_an_overlay_region_log_and_ship_only_their_by
         replicator = Replicator(engine)
         replicator.ship()
         shipped = replicator.shipped_bytes
-    assert shipped == sum(lengths) + 4 * 76  # the records' bytes and headers, nothing else
+    assert shipped == 3 * 4096 + 10 + 4 * 76  # the bytes written and the record headers, nothing else
     overlay = replica_server.client().read_range("vol", 0, SIZE, overlay=True)
     for region in (2, 6):
         assert overlay[region * RS:(region + 1) * RS] == bytes(data[region * RS:(region + 1) * RS])
@@ -448,3 +449,50 @@ def test_a_partial_overlay_record_is_replayed_over_the_overlays_region(protected
         handle.write(bytes(600))
     assert api.read("vol", 0, SIZE) == bytes(data)
     assert api.scrub_volume("vol")["bad_regions"] == []
+
+
+def test_first_overlay_writes_ship_whole_when_the_mirror_cannot_fill_them(protected, replica_server):
+    """The overlay replica fills a partial record's region from its mirror: not when the base came
+    from a snapshot (another version than the mirror's), nor for a region in bitmap mode (the
+    mirror lacks its latest bytes).  Those first writes ship whole, and the overlay replica holds
+    the volume's bytes either way."""
+    path, data = protected
+    replica_server.client().create_snapshot("vol", "before")
+    api.write("vol", 8 * RS, b"N" * 100)
+    data[8 * RS:8 * RS + 100] = b"N" * 100
+    with Engine.open(None, "vol") as engine:
+        engine.write(9 * RS + 5, b"M" * 100)  # region 9: logged, then dropped into bitmap mode
+        engine.enter_bitmap_mode(0.0)
+        assert engine.volume.norecord.test(9)
+    data[9 * RS + 5:9 * RS + 105] = b"M" * 100
+    api.recover("vol")
+    with Engine.open(None, "vol") as engine:
+        engine.write(9 * RS + 500, b"x" * 4096)
+        engine.write(10 * RS + 500, b"y" * 4096)
+        entries = {entry.region: entry for entry in engine.log.pending() if entry.header.overlay}
+        assert entries[9].patch is None and entries[10].patch == (10 * RS + 500, 4096)
+        assert [len(chunk) for chunk in engine.log.read_for_shipping([entries[9], entries[10]])] == [
+            76 + RS, 76, 4096]  # region 9 whole; region 10's header and the bytes written
+        Replicator(engine).ship()
+    for region, chunk in ((9, b"x"), (10, b"y")):
+        data[region * RS + 500:region * RS + 4596] = chunk * 4096
+    overlay = replica_server.client().read_range("vol", 0, SIZE, overlay=True)
+    for region in (9, 10):
+        assert overlay[region * RS:(region + 1) * RS] == bytes(data[region * RS:(region + 1) * RS])
+
+
+def test_first_overlay_writes_over_a_snapshot_source_ship_whole(protected, replica_server):
+    path, data = protected
+    replica_server.client().create_snapshot("vol", "before")
+    api.write("vol", 5 * RS, b"N" * RS)
+    api.replicate("vol")
+    damage(path, [5])
+    api.scrub_volume("vol")
+    api.recover("vol", source="snapshot:before")
+    with Engine.open(None, "vol") as engine:
+        replicator = Replicator(engine)
+        replicator.ship()
+        engine.write(12 * RS + 500, b"z" * 4096)
+        before = replicator.shipped_bytes
+        replicator.ship()
+        assert replicator.shipped_bytes - before == RS + 76

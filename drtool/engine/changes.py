@@ -68,6 +68,9 @@ class RegionChange:
     log: str | None
     target: str | None
     blocks: list[bytes] | None = None
+    # (offset, length) inside a whole-region overlay record: the bytes the client wrote, all the
+    # overlay replica needs when it fills the region from its mirror (storage.replog LogEntry.patch)
+    patch: tuple[int, int] | None = None
 
 
 class StateChanges:
@@ -148,7 +151,7 @@ class StateChanges:
                 entry = self.log.append(KIND_ZERO, change.offset, change.length, self.record.era, flags=flags)
             else:
                 entry = self.log.append(KIND_WRITE, change.offset, change.length, self.record.era,
-                                        memoryview(change.data), digest, flags)
+                                        memoryview(change.data), digest, flags, change.patch)
             self.inflight.add(entry.seq)
         return entry.seq
 

@@ -204,8 +204,17 @@ class WritePath:
             self.commit_region(RegionChange(region, start + inner, size, piece, digest, OVERLAY, OVERLAY))
             return
         # The first change of a region in the overlay writes and logs it whole: the overlay file
-        # and its replay must not depend on a base read from elsewhere.
-        self.commit_region(RegionChange(region, start, length, content, digest, OVERLAY, OVERLAY))
+        # and its replay must not depend on a base read from elsewhere.  It ships as the bytes
+        # written alone when the overlay replica can fill the rest from its mirror: the base was
+        # verified against the manifest (the mirror source; a snapshot's bytes are another
+        # version) and the mirror holds the manifest's bytes of the region once the records
+        # before this one are applied (not so for a region in bitmap mode: its records dropped).
+        patch = None
+        recovery = self.record.recovery
+        if (not whole and piece is not None and recovery is not None and recovery.source == "mirror"
+                and not self.volume.norecord.test(region)):
+            patch = (start + inner, len(piece))
+        self.commit_region(RegionChange(region, start, length, content, digest, OVERLAY, OVERLAY, patch=patch))
 
 
 def out_of_space(exc: BaseException) -> bool:

@@ -84,6 +84,10 @@ class LogEntry:
     header: RecordHeader
     region: int
     stamp: float  # when it was appended (the record's own ``written`` time)
+    # (offset, length): the bytes of this whole-region record that the write changed, when
+    # the receiver may take the rest from what it holds already (see :meth:`ReplicationLog.
+    # read_for_shipping`).  In memory only: after a restart the record ships whole.
+    patch: tuple[int, int] | None = None
 
     @property
     def size(self) -> int:
@@ -610,8 +614,9 @@ class ReplicationLog:
         return segment
 
     def append(self, kind: int, offset: int, length: int, era: int, data: memoryview | bytes | None = None,
-               digest: bytes | None = None, flags: int = 0) -> LogEntry:
-        """Append one record (inside one region); returns its entry.  Not durable until sync()."""
+               digest: bytes | None = None, flags: int = 0, patch: tuple[int, int] | None = None) -> LogEntry:
+        """Append one record (inside one region); returns its entry.  Not durable until sync().
+        ``patch``: see :attr:`LogEntry.patch`."""
         region = self.geometry.region_of(offset)
         start, region_length = self.geometry.region_bounds(region)
         if offset + length > start + region_length:
@@ -646,7 +651,7 @@ class ReplicationLog:
             segment.pending += 1
             self.next_seq = seq + 1
             header = RecordHeader(kind, flags, seq, offset, length, era, digest, now)
-            entry = LogEntry(seq, segment.first_seq, position, header, region, now)
+            entry = LogEntry(seq, segment.first_seq, position, header, region, now, patch)
             self._index(entry)
             return entry
 
@@ -743,6 +748,34 @@ class ReplicationLog:
                 raise CorruptStateFile(segment.path, "log segment is shorter than its index")
             chunks.append(data)
             index = last + 1
+        return chunks
+
+    def read_for_shipping(self, entries: list[LogEntry]) -> list[bytes]:
+        """The records of ``entries`` as they go on the wire: their bytes as logged (as
+        :meth:`read`), except that an entry with a ``patch`` goes as a record of the patch's
+        bytes alone (same sequence, era, flags and time; the digest of those bytes), which the
+        receiver applies over the region it holds."""
+        chunks: list[bytes] = []
+        run: list[LogEntry] = []
+        for entry in entries:
+            if entry.patch is None:
+                run.append(entry)
+                continue
+            if run:
+                chunks += self.read(run)
+                run = []
+            offset, length = entry.patch
+            header = entry.header
+            segment = self.segments[entry.segment]
+            at = entry.position + RECORD_HEADER_SIZE + offset - header.offset
+            data = os.pread(segment.fd, length, at)
+            if len(data) != length:
+                raise CorruptStateFile(segment.path, "log segment is shorter than its index")
+            chunks.append(encode_record_header(KIND_WRITE, header.seq, offset, length, header.era,
+                                               blake3.blake3(data).digest(), header.flags, header.written))
+            chunks.append(data)
+        if run:
+            chunks += self.read(run)
         return chunks
 
     def read_data(self, entry: LogEntry) -> bytes:
