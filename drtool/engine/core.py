@@ -221,6 +221,10 @@ class Engine(ReadPath, WritePath, StateChanges):
 
     def save(self) -> None:
         """Checkpoint the maps and trim the log records they (and the secondary) no longer need."""
+        # The bulk of the data files' sync first, without ``meta``: a FLUSH syncs only the log,
+        # so a checkpoint may find seconds of writes to sync, and writers wait for ``meta`` in
+        # their map step; under ``meta`` the sync below then has only what came meanwhile.
+        self.sync_all()
         with self.meta:
             self.sync_all()  # maps on disk must never point at log records or bytes that are not
             covered = self.covered_seq()
