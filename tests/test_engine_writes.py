@@ -153,4 +153,4 @@ def test_a_checkpoint_syncs_the_device_before_the_maps_claim_its_records(volume)
         engine.volume.save_content_maps = lambda covered: order.append("maps") or save_maps(covered)
         engine.write(2 * RS, b"c" * 10)
         engine.save()
-        assert order == ["device", "maps"]
+        assert order == ["device", "device", "maps"]  # the bulk before meta, the rest under it
