@@ -416,14 +416,11 @@ class AgentCollector:
         for facts in self.volumes():
             name = facts.name
             try:
-                status = facts.status()
+                self._states(g, name, facts.status())
+                g["up"].add_metric([name], 1)
             except Exception as exc:  # one volume's trouble must not hide the others
                 log.warning("metrics: status of volume %s: %s", name, exc)
                 g["up"].add_metric([name], 0)
-                status = None
-            if status is not None:
-                g["up"].add_metric([name], 1)
-                self._states(g, name, status)
             self._counters(c, latency, facts)
         yield GaugeMetricFamily("drtool_agent_start_time_seconds", "when this agent started", value=self.started)
         yield from g.values()
@@ -564,32 +561,11 @@ class ReplicaCollector:
         }
         for name in self.names():
             try:
-                info = self.describe_replica(name)
+                self._replica(g, name, self.describe_replica(name))
+                g["up"].add_metric([name], 1)
             except Exception as exc:  # a torn or half-adopted replica: say so, describe the others
                 log.warning("metrics: replica %s: %s", name, exc)
                 g["up"].add_metric([name], 0)
-                continue
-            g["up"].add_metric([name], 1)
-            for state in REPLICA_STATES:
-                g["state"].add_metric([name, state], _flag(info.get("state") == state))
-            g["size"].add_metric([name], info["size"])
-            g["applied"].add_metric([name], info["applied_seq"] or 0)
-            g["ahead"].add_metric([name], len(info.get("applied_ahead") or ()))
-            overlay = info.get("overlay") or {}
-            g["overlay_applied"].add_metric([name], overlay.get("applied_seq") or 0)
-            g["overlay_regions"].add_metric([name], overlay.get("regions") or 0)
-            if info.get("last_record_at"):
-                g["last_record"].add_metric([name], info["last_record_at"])
-            journal = info.get("journal") or {}
-            g["journal_enabled"].add_metric([name], _flag(journal.get("enabled")))
-            if journal.get("first_seq") is not None:
-                g["journal_first"].add_metric([name], journal["first_seq"])
-            if journal.get("last_seq") is not None:
-                g["journal_last"].add_metric([name], journal["last_seq"])
-            g["journal_records"].add_metric([name], journal.get("records") or 0)
-            g["journal_bytes"].add_metric([name], journal.get("bytes") or 0)
-            g["snapshots"].add_metric([name], len(info.get("snapshots") or ()))
-            g["scrub_bad"].add_metric([name], (info.get("scrub") or {}).get("bad_count") or 0)
         yield GaugeMetricFamily("drtool_replica_server_start_time_seconds", "when this replica server started",
                                 value=self.started)
         yield from g.values()
@@ -601,6 +577,29 @@ class ReplicaCollector:
         yield family
         yield CounterMetricFamily("drtool_replica_http_sent_bytes", "bytes of HTTP response bodies sent",
                                   value=sent)
+
+    @staticmethod
+    def _replica(g: dict[str, GaugeMetricFamily], name: str, info: dict[str, Any]) -> None:
+        for state in REPLICA_STATES:
+            g["state"].add_metric([name, state], _flag(info.get("state") == state))
+        g["size"].add_metric([name], info["size"])
+        g["applied"].add_metric([name], info["applied_seq"] or 0)
+        g["ahead"].add_metric([name], len(info.get("applied_ahead") or ()))
+        overlay = info.get("overlay") or {}
+        g["overlay_applied"].add_metric([name], overlay.get("applied_seq") or 0)
+        g["overlay_regions"].add_metric([name], overlay.get("regions") or 0)
+        if info.get("last_record_at"):
+            g["last_record"].add_metric([name], info["last_record_at"])
+        journal = info.get("journal") or {}
+        g["journal_enabled"].add_metric([name], _flag(journal.get("enabled")))
+        if journal.get("first_seq") is not None:
+            g["journal_first"].add_metric([name], journal["first_seq"])
+        if journal.get("last_seq") is not None:
+            g["journal_last"].add_metric([name], journal["last_seq"])
+        g["journal_records"].add_metric([name], journal.get("records") or 0)
+        g["journal_bytes"].add_metric([name], journal.get("bytes") or 0)
+        g["snapshots"].add_metric([name], len(info.get("snapshots") or ()))
+        g["scrub_bad"].add_metric([name], (info.get("scrub") or {}).get("bad_count") or 0)
 
 
 # -- the endpoint -----------------------------------------------------------------------------

@@ -370,3 +370,32 @@ def test_the_docs_list_every_metric_a_collector_can_produce():
     names = {n + "_total" if n in counters else n for n in re.findall(r'"(drtool_[a-z_]+)"', source)}
     assert names == documented_metrics(), (sorted(names - documented_metrics()),
                                            sorted(documented_metrics() - names))
+
+
+def test_one_volume_or_replica_that_cannot_be_read_does_not_hide_the_others(caplog):
+    def broken() -> dict:
+        raise OSError("state directory gone")
+
+    stats = metrics.VolumeStats()
+    stats.nbd.tally.cell()[0] += 3  # three reads counted before its state went away
+    agent = metrics.MetricsServer(metrics.MetricsListen("127.0.0.1", 0), metrics.AgentCollector(
+        lambda: [metrics.VolumeFacts("gone", broken, None, stats)], started=1.0)).start()
+    described = {"name": "ok", "size": 4096, "applied_seq": 7, "state": "replica",
+                 "journal": {"enabled": True, "first_seq": 1, "last_seq": 7, "records": 7, "bytes": 100}}
+    replica = metrics.MetricsServer(metrics.MetricsListen("127.0.0.1", 0), metrics.ReplicaCollector(
+        lambda: ["bad", "ok"], lambda name: described if name == "ok" else broken(), metrics.HttpCounts(),
+        started=1.0)).start()
+    try:
+        samples = scrape(agent.url)
+        assert value(samples, "drtool_volume_up", volume="gone") == 0
+        assert value(samples, "drtool_nbd_requests_total", volume="gone", command="read") == 3
+        assert value(samples, "drtool_volume_health", volume="gone", state="ONLINE") is None
+        samples = scrape(replica.url)
+        assert value(samples, "drtool_replica_up", replica="bad") == 0
+        assert value(samples, "drtool_replica_up", replica="ok") == 1
+        assert value(samples, "drtool_replica_applied_seq", replica="ok") == 7
+        assert value(samples, "drtool_replica_applied_seq", replica="bad") is None
+        assert "state directory gone" in caplog.text
+    finally:
+        agent.stop()
+        replica.stop()
