@@ -4,7 +4,13 @@ It holds each volume it serves (the volume's lock), exports it over NBD, ships
 its log to the secondary in the background, checkpoints its maps every few
 seconds, and answers the CLI and the Ansible modules on a control socket in each
 volume's state directory (``agent.sock``, mode 0600), so nobody has to stop it to
-run status, scrub, recover, failback, replicate or read.
+run status, scrub, recover, failback, replicate, read or adopt.
+
+Volumes join and leave the running agent (``drtool attach NAME``, ``drtool detach
+NAME``) through its own control socket, ``@agent.sock`` in the state root: one
+agent per state root.  The NBD clients of the other volumes never notice; a
+volume with clients connected is not detached unless forced (they are then
+disconnected, their requests in flight answered first).
 
 Who can reach the volumes over NBD.  By default only the Unix socket
 (``--nbd-socket``, default ``nbd.sock`` in the state root): mode 0600, owned by
@@ -26,18 +32,18 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from drtool import control, metrics, ops
+from drtool import control, metrics, ops, roles
 from drtool.engine import Engine
-from drtool.errors import DrtoolError, UsageError
+from drtool.errors import DrtoolError, ExportBusy, UsageError
 from drtool.export import EngineExport
 from drtool.nbd.server import NbdServer
 from drtool.nbd.tls import server_context
 from drtool.progress import Progress
 from drtool.replication import Replicator
-from drtool.storage.paths import state_root, validate_name
+from drtool.storage.paths import agent_control_socket, state_root, validate_name
 
 log = logging.getLogger("drtool.agent")
 
@@ -45,6 +51,8 @@ DEFAULT_NBD_PORT = 10809
 #: the NBD Unix socket without --nbd-socket, in the state root
 DEFAULT_NBD_SOCKET = "nbd.sock"
 SAVE_INTERVAL = 2.0
+#: how long removing a volume waits for operations running on it (a status, a read) to end
+DRAIN_SECONDS = 5.0
 TLS_FLAGS = "--tls-cert FILE and --tls-key FILE (and --tls-ca FILE to require client certificates)"
 
 
@@ -116,15 +124,36 @@ def nbd_tcp(listen: str | None, tls_cert: str | None = None, tls_key: str | None
     return NbdTcp(host, port)
 
 
+@dataclass(eq=False)
+class Served:
+    """One volume the agent serves: its engine, its NBD export, its control socket, and the
+    replicator thread (stopped by ``stop``)."""
+
+    engine: Engine
+    export: EngineExport
+    control: control.ControlServer | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    #: operations running on its control socket now (``remove`` waits for them)
+    busy: list[str] = field(default_factory=list)
+    #: being removed: its control socket takes no new operation
+    leaving: bool = False
+    closed: bool = False
+
+
 class Agent:
+    """Serves a set of volumes of one state root; volumes join and leave it while it runs
+    (:meth:`add`, :meth:`remove`, through its own control socket ``@agent.sock`` in the state
+    root), and the clients of the others never notice."""
+
     def __init__(self, root: str | None, names: list[str], nbd_socket: str | None = None,
                  listen: NbdTcp | tuple[str, int] | None = None,
                  metrics_listen: metrics.MetricsListen | None = None) -> None:
         if not names:
             raise UsageError("name at least one volume to serve")
         self.root = state_root(root)
-        self.names = [validate_name(n) for n in names]
-        if len(set(self.names)) != len(self.names):
+        self.initial = [validate_name(n) for n in names]
+        if len(set(self.initial)) != len(self.initial):
             raise UsageError("a volume is named twice")
         if isinstance(listen, tuple):
             listen = nbd_tcp(f"[{listen[0]}]:{listen[1]}")
@@ -136,43 +165,51 @@ class Agent:
             nbd_socket = os.path.abspath(nbd_socket or os.path.join(self.root, DEFAULT_NBD_SOCKET))
         self.nbd_socket = nbd_socket
         self.listen = listen
-        self.engines: dict[str, Engine] = {}
+        self.served: dict[str, Served] = {}
+        #: what NBD serves: replaced, never mutated (the server reads it at every request)
         self.exports: dict[str, EngineExport] = {}
-        self.controls: list[control.ControlServer] = []
+        self.control: control.ControlServer | None = None
         self.threads: list[threading.Thread] = []
         self.stop_event = threading.Event()
         self.nbd: NbdServer | None = None
         self.started = time.time()
         self.metrics_listen, self.metrics = metrics_listen, None
+        # _cond guards served, exports and each Served's busy/leaving; _changing lets one
+        # add or remove run at a time; _saving keeps a checkpoint off an engine being closed.
+        self._cond = threading.Condition(threading.RLock())
+        self._changing = threading.Lock()
+        self._saving = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        with self._cond:
+            return list(self.served)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         try:
-            for name in self.names:
-                engine = Engine.open(self.root, name)
-                self.engines[name] = engine
-                if engine.protected:
-                    Replicator(engine)
-                self.exports[name] = EngineExport(engine)
-            exports = dict(self.exports)
+            opened = [self._open(name) for name in self.initial]
+            with self._cond:
+                for served in opened:
+                    self.served[served.engine.name] = served
+                self.exports = {name: served.export for name, served in self.served.items()}
             tcp = self.listen
-            self.nbd = NbdServer(lambda: exports, unix_path=self.nbd_socket,
+            self.nbd = NbdServer(lambda: self.exports, unix_path=self.nbd_socket,
                                  tcp=(tcp.host, tcp.port) if tcp else None, tcp_tls=tcp.tls if tcp else None)
             self.nbd.start()
             if tcp is not None and tcp.tls is None:
                 where = f"{tcp.host}:{self.nbd.tcp_port}"
                 log.warning("NBD on TCP %s WITHOUT TLS: any local user can read and write these volumes "
                             "(%s). Give --tls-cert and --tls-key, or drop --listen and use the Unix "
-                            "socket%s.", where, ", ".join(self.names),
+                            "socket%s.", where, ", ".join(self.initial),
                             f" {self.nbd_socket}" if self.nbd_socket else "")
-            for name, engine in self.engines.items():
-                server = control.ControlServer(engine.volume.paths.control_socket, self._handlers(engine))
-                server.start()
-                self.controls.append(server)
-                if engine.replicator is not None:
-                    self._thread(f"replicate:{name}", engine.replicator.run, self.stop_event,
-                                 on_error=lambda exc, n=name: log.warning("volume %s: replication: %s", n, exc))
+            self.control = control.ControlServer(agent_control_socket(self.root), self._agent_handlers(),
+                                                 busy_hint="another agent serves this state root: have it "
+                                                 "serve more volumes with `drtool attach NAME`")
+            self.control.start()
+            for served in opened:
+                self._start_serving(served)
             self._thread("checkpoint", self._checkpoint_loop)
             if self.metrics_listen is not None:
                 self.metrics = metrics.MetricsServer(self.metrics_listen, metrics.AgentCollector(
@@ -181,29 +218,78 @@ class Agent:
             self.shutdown()
             raise
 
-    def _thread(self, name: str, target: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def _thread(self, name: str, target: Callable[..., Any], *args: Any, **kwargs: Any) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, kwargs=kwargs, name=name, daemon=True)
         thread.start()
         self.threads.append(thread)
+        return thread
+
+    def _open(self, name: str) -> Served:
+        engine = Engine.open(self.root, name)
+        try:
+            if engine.protected:
+                Replicator(engine)
+            return Served(engine, EngineExport(engine))
+        except BaseException:
+            engine.close()
+            raise
+
+    def _start_serving(self, served: Served) -> None:
+        """Its control socket and, when it has a peer, its replicator thread."""
+        served.control = control.ControlServer(served.engine.volume.paths.control_socket, self._handlers(served))
+        served.control.start()
+        self._start_replicator(served)
+
+    def _start_replicator(self, served: Served) -> None:
+        engine = served.engine
+        if engine.replicator is None or any(t.is_alive() for t in served.threads):
+            return
+        thread = threading.Thread(
+            target=engine.replicator.run, args=(served.stop,), name=f"replicate:{engine.name}", daemon=True,
+            kwargs={"on_error": lambda exc, n=engine.name: log.warning("volume %s: replication: %s", n, exc)})
+        thread.start()
+        served.threads.append(thread)
+
+    def _close(self, served: Served) -> None:
+        """Stop its replicator and control socket, then save and close its engine."""
+        served.stop.set()
+        if served.control is not None:
+            served.control.stop()
+        for thread in served.threads:
+            thread.join(timeout=30)
+        with self._saving:
+            served.closed = True
+            try:
+                served.engine.close()
+            except DrtoolError as exc:
+                log.error("volume %s: closing: %s", served.engine.name, exc)
 
     def _checkpoint_loop(self) -> None:
-        seen = {name: -1 for name in self.engines}
+        seen: dict[str, Any] = {}
         while not self.stop_event.wait(SAVE_INTERVAL):
-            for name, engine in self.engines.items():
-                # Reads change map pages too (the block digests they remember): those count.
-                marker = (engine.log.next_seq, engine.log.pending_bytes, engine.record.mode,
-                          engine.volume.dirty_bytes)
-                if marker != seen[name]:
-                    try:
-                        engine.save()
-                        seen[name] = (*marker[:3], engine.volume.dirty_bytes)
-                    except DrtoolError as exc:
-                        log.error("volume %s: checkpoint failed: %s", name, exc)
+            with self._cond:
+                serving = list(self.served.values())
+            for served in serving:
+                engine = served.engine
+                with self._saving:
+                    if served.closed:
+                        continue
+                    # Reads change map pages too (the block digests they remember): those count.
+                    marker = (id(served), engine.log.next_seq, engine.log.pending_bytes, engine.record.mode,
+                              engine.volume.dirty_bytes)
+                    if marker != seen.get(engine.name):
+                        try:
+                            engine.save()
+                            seen[engine.name] = (*marker[:4], engine.volume.dirty_bytes)
+                        except DrtoolError as exc:
+                            log.error("volume %s: checkpoint failed: %s", engine.name, exc)
 
     def _metric_facts(self) -> list[metrics.VolumeFacts]:
         """What a scrape reads of each volume served now: the status ``status --json`` shows."""
-        return [metrics.VolumeFacts(name, lambda e=engine: ops.status(e, probe_peer=False), engine.replicator,
-                                    metrics.of(engine)) for name, engine in list(self.engines.items())]
+        with self._cond:
+            serving = [served.engine for served in self.served.values()]
+        return [metrics.VolumeFacts(engine.name, lambda e=engine: ops.status(e, probe_peer=False), engine.replicator,
+                                    metrics.of(engine)) for engine in serving]
 
     def addresses(self) -> dict[str, Any]:
         port = self.nbd.tcp_port if self.nbd else None
@@ -229,48 +315,152 @@ class Agent:
             self.metrics.stop()
         if self.nbd is not None:
             self.nbd.stop()
-        for server in self.controls:
-            server.stop()
+        if self.control is not None:
+            self.control.stop()
         for thread in self.threads:
             thread.join(timeout=30)
-        for name, engine in self.engines.items():
+        with self._cond:
+            serving = list(self.served.values())
+            self.served.clear()
+            self.exports = {}
+        for served in serving:
+            self._close(served)
+
+    # -- volumes joining and leaving -------------------------------------------------
+
+    def add(self, name: str) -> dict[str, Any]:
+        """Serve one more registered volume; the others' clients are not disturbed."""
+        name = validate_name(name)
+        with self._changing:
+            if name in self.served:
+                return {"volume": name, "changed": False, "uris": self.addresses()["uris"][name]}
+            served = self._open(name)
             try:
-                engine.close()
-            except DrtoolError as exc:
-                log.error("volume %s: closing: %s", name, exc)
-        self.engines.clear()
+                self._start_serving(served)
+            except BaseException:
+                self._close(served)
+                raise
+            with self._cond:
+                self.served[name] = served
+                self.exports = {**self.exports, name: served.export}
+        log.info("volume %s: now served", name)
+        return {"volume": name, "changed": True, "uris": self.addresses()["uris"][name]}
+
+    def remove(self, name: str, force: bool = False, then: Callable[[Served], Any] | None = None,
+               drain: float = DRAIN_SECONDS) -> dict[str, Any]:
+        """Stop serving ``name`` and release it (saved, unlocked); the others' clients are not
+        disturbed.
+
+        Refused (ExportBusy) while NBD clients are connected to it, unless ``force``: they are
+        then disconnected (their requests in flight finish first).  Refused too while an
+        operation runs on it (a failback, a verify) after waiting ``drain`` seconds for it.
+        ``then(served)`` runs once nobody uses the volume, before it is closed; if it fails,
+        the volume stays served as it was."""
+        name = validate_name(name)
+        with self._changing:
+            served = self.served.get(name)
+            if served is None:
+                return {"volume": name, "changed": False, "disconnected": []}
+            with self._cond:
+                served.leaving = True
+                if not self._cond.wait_for(lambda: not served.busy, timeout=drain):
+                    running = ", ".join(served.busy)
+                    served.leaving = False
+                    raise ExportBusy(f"volume {name} is busy: {running} runs on it; remove it once that "
+                                     "finished")
+                self.exports = {n: e for n, e in self.exports.items() if n != name}
+            clients = self.nbd.clients(name) if self.nbd else []
+            if clients and not force:
+                self._keep(served)
+                raise ExportBusy(
+                    f"volume {name} has {len(clients)} NBD client{'s' if len(clients) != 1 else ''} connected "
+                    f"({', '.join(clients)}): disconnect {'them' if len(clients) != 1 else 'it'} first (e.g. "
+                    "nbd-client -d /dev/nbdX), or force it to cut them off")
+            dropped = self.nbd.disconnect(name) if self.nbd else []
+            result: Any = None
+            if then is not None:
+                try:
+                    with self._saving:
+                        result = then(served)
+                except BaseException:
+                    self._keep(served)
+                    raise
+            with self._cond:
+                del self.served[name]
+            self._close(served)
+        if dropped:
+            log.warning("volume %s: no longer served; disconnected %s", name, ", ".join(dropped))
+        else:
+            log.info("volume %s: no longer served", name)
+        return {"volume": name, "changed": True, "disconnected": dropped,
+                **({"result": result} if then is not None else {})}
+
+    def _keep(self, served: Served) -> None:
+        """A removal that did not happen: serve it again as before."""
+        with self._cond:
+            self.exports = {**self.exports, served.engine.name: served.export}
+            served.leaving = False
 
     # -- control handlers ------------------------------------------------------------
 
-    def _handlers(self, engine: Engine) -> dict[str, control.Handler]:
+    def _agent_handlers(self) -> dict[str, control.Handler]:
+        """The agent's own control socket: which volumes it serves, add and remove them."""
+
+        def volumes(args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+            return {"volumes": self.names, "started": self.started, "state_root": self.root,
+                    **self.addresses()}
+
+        return {
+            "volumes": volumes,
+            "attach": lambda args, progress: self.add(args.get("name")),
+            "detach": lambda args, progress: self.remove(args.get("name"), force=bool(args.get("force"))),
+        }
+
+    def _handlers(self, served: Served) -> dict[str, control.Handler]:
         """One handler per operation of drtool.ops.OPERATIONS (the registry api uses too), run
-        with the arguments as sent; what only an agent adds comes after (``_after``)."""
+        with the arguments as sent; what only an agent adds comes after (``_after``).  And
+        ``adopt``, which hands the volume to this host's replica server and so leaves the agent."""
+        engine = served.engine
 
         def handler(op: str) -> control.Handler:
             def handle(args: dict[str, Any], progress: Progress) -> Any:
-                result = ops.run(engine, op, args, progress)
-                after = self._after.get(op)
-                return after(self, engine, result) if after else result
+                with self._cond:
+                    if served.leaving or served.closed:
+                        raise ExportBusy(f"volume {engine.name} is leaving the agent")
+                    served.busy.append(op)
+                try:
+                    result = ops.run(engine, op, args, progress)
+                    after = self._after.get(op)
+                    return after(self, served, result) if after else result
+                finally:
+                    with self._cond:
+                        served.busy.remove(op)
+                        self._cond.notify_all()
             return handle
 
-        return {op: handler(op) for op in ops.OPERATIONS}
+        def adopt(args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+            force = bool(args.pop("force", False))
+            released = self.remove(engine.name, force=force,
+                                   then=lambda s: roles.adopt_volume(s.engine.volume, **args))
+            return {**released["result"], "left_agent": True, "disconnected": released["disconnected"]}
 
-    def _status(self, engine: Engine, result: dict[str, Any]) -> dict[str, Any]:
-        result["agent"] = {"running": True, "socket": engine.volume.paths.control_socket,
+        return {**{op: handler(op) for op in ops.OPERATIONS}, "adopt": adopt}
+
+    def _status(self, served: Served, result: dict[str, Any]) -> dict[str, Any]:
+        result["agent"] = {"running": True, "socket": served.engine.volume.paths.control_socket,
                            "started": self.started, **self.addresses()}
         return result
 
-    def _read(self, engine: Engine, result: bytes) -> control.RawResult:
-        return control.RawResult({"volume": engine.name}, result)
+    def _read(self, served: Served, result: bytes) -> control.RawResult:
+        return control.RawResult({"volume": served.engine.name}, result)
 
-    def _protect(self, engine: Engine, result: dict[str, Any]) -> dict[str, Any]:
+    def _protect(self, served: Served, result: dict[str, Any]) -> dict[str, Any]:
         # A plan pairs nothing: there may be no replicator to run yet.
-        if engine.replicator is not None and not any(t.name == f"replicate:{engine.name}" for t in self.threads):
-            self._thread(f"replicate:{engine.name}", engine.replicator.run, self.stop_event)
+        self._start_replicator(served)
         return result
 
     #: What the agent adds to an operation's result (ops.OPERATIONS runs the operation itself).
-    _after: dict[str, Callable[[Agent, Engine, Any], Any]] = {
+    _after: dict[str, Callable[[Agent, Served, Any], Any]] = {
         "status": _status, "read": _read, "protect": _protect}
 
 

@@ -178,9 +178,76 @@ def demote(name: str, timeout: float = 60.0, force: bool = False, root: str | No
 
 
 def adopt(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
-          root: str | None = None, insecure: bool = False) -> dict[str, Any]:
-    """Serve a demoted volume from this host's replica server (the agent must be stopped)."""
-    return roles.adopt(root, name, replica_url, absolute_path(token_file), absolute_path(ca), insecure=insecure)
+          root: str | None = None, insecure: bool = False, force: bool = False) -> dict[str, Any]:
+    """Serve a demoted volume from this host's replica server.  An agent serving it hands it
+    over and stops serving it (the others it serves are not disturbed); NBD clients still
+    connected to it make that fail (ExportBusy) unless ``force``, which disconnects them."""
+    token_file, ca = absolute_path(token_file), absolute_path(ca)
+    socket_path = agent_socket(name, root)
+    if socket_path:
+        return control.call(socket_path, "adopt", {"replica_url": replica_url, "token_file": token_file,
+                                                   "ca": ca, "insecure": insecure, "force": force})
+    return {**roles.adopt(root, name, replica_url, token_file, ca, insecure=insecure), "left_agent": False}
+
+
+# -- the running agent's set of volumes ----------------------------------------------------
+
+
+def _agent(root: str | None) -> str:
+    """The control socket of the agent serving the state root (StateError when none runs)."""
+    from drtool.errors import StateError
+    from drtool.storage.paths import agent_control_socket
+
+    root = state_root(root)
+    path = agent_control_socket(root)
+    if not control.is_listening(path):
+        raise StateError(f"no agent is running for the state root {root}: start one with "
+                         "`drtool agent NAME...` (or its service)")
+    return path
+
+
+def agent_info(root: str | None = None) -> dict[str, Any]:
+    """The running agent of the state root: ``running``, and when it runs its ``pid``,
+    ``volumes`` (the names it serves), ``uris`` and its listeners (as status's ``agent``)."""
+    from drtool.errors import StateError
+
+    try:
+        path = _agent(root)
+    except StateError:
+        return {"running": False, "volumes": []}
+    return {"running": True, **control.call(path, "volumes")}
+
+
+def attach(name: str, root: str | None = None) -> dict[str, Any]:
+    """Have the running agent serve the registered volume ``name`` too; its other volumes'
+    NBD clients are not disturbed.  Idempotent (``changed``); returns the volume's ``uris``."""
+    return control.call(_agent(root), "attach", {"name": validate_name(name)})
+
+
+def detach(name: str, force: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Have the running agent stop serving ``name`` and release it (saved and unlocked); its
+    other volumes' NBD clients are not disturbed.  Refused (ExportBusy, exit 6) while NBD clients
+    are connected to it, unless ``force``: they are disconnected (``disconnected`` lists them)
+    after their requests in flight are answered.  Idempotent (``changed``)."""
+    return control.call(_agent(root), "detach", {"name": validate_name(name), "force": force})
+
+
+def agent_serve(names: list[str], force: bool = False, check: bool = False,
+                root: str | None = None) -> dict[str, Any]:
+    """Make the running agent serve exactly ``names``: attach the missing ones, detach the
+    others (``force`` as for :func:`detach`), nothing restarted.  ``check``: only say what
+    would change.  Returns ``changed``, ``attached``, ``detached``, ``volumes`` (served after)."""
+    wanted = sorted({validate_name(n) for n in names})
+    served = control.call(_agent(root), "volumes")["volumes"]
+    attached = [n for n in wanted if n not in served]
+    detached = sorted(n for n in served if n not in wanted)
+    if not check:
+        for each in detached:
+            detach(each, force=force, root=root)
+        for each in attached:
+            attach(each, root=root)
+    return {"changed": bool(attached or detached), "attached": attached, "detached": detached,
+            "volumes": wanted}
 
 
 def promote(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,

@@ -251,12 +251,43 @@ def cmd_demote(ctx: Context) -> int:
 
 def cmd_adopt(ctx: Context) -> int:
     a = ctx.args
-    result = api.adopt(a.name, a.replica_url, a.token_file, a.ca, root=ctx.root, insecure=a.insecure)
+    result = api.adopt(a.name, a.replica_url, a.token_file, a.ca, root=ctx.root, insecure=a.insecure,
+                       force=a.force)
     if ctx.json:
         ctx.emit_json(result)
     else:
         verb = "now served" if result["changed"] else "already served"
-        ctx.out.print(f"volume {a.name} is {verb} as a replica by {a.replica_url}")
+        left = "; the agent no longer serves it" if result["left_agent"] else ""
+        ctx.out.print(f"volume {a.name} is {verb} as a replica by {a.replica_url}{left}")
+        _say_disconnected(ctx, a.name, result.get("disconnected"))
+    return ExitCode.OK
+
+
+def _say_disconnected(ctx: Context, name: str, peers: list[str] | None) -> None:
+    if peers:
+        ctx.err.print(f"[yellow]disconnected the NBD clients of {name}: {', '.join(peers)}[/yellow]")
+
+
+def cmd_attach(ctx: Context) -> int:
+    a = ctx.args
+    result = api.attach(a.name, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        verb = "now serves" if result["changed"] else "already serves"
+        ctx.stdout.write(f"the agent {verb} {a.name}: {'  '.join(result['uris'])}\n")
+    return ExitCode.OK
+
+
+def cmd_detach(ctx: Context) -> int:
+    a = ctx.args
+    result = api.detach(a.name, force=a.force, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        verb = "no longer serves" if result["changed"] else "does not serve"
+        ctx.stdout.write(f"the agent {verb} {a.name}\n")
+        _say_disconnected(ctx, a.name, result.get("disconnected"))
     return ExitCode.OK
 
 
@@ -567,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca")
     p.add_argument("--insecure", action="store_true", help="allow a plain http:// URL beyond loopback: the token "
                    "and the volume's bytes cross the network in cleartext")
+    p.add_argument("--force", action="store_true", help="a running agent serving it disconnects its NBD "
+                   "clients (without it, connected clients make adopt fail with exit 6)")
 
     p = command("promote", cmd_promote, "turn this host's replica into the primary volume")
     p.add_argument("name")
@@ -645,6 +678,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="with --tls-cert: PEM CA; clients must present a certificate it signed")
     daemon_options(p)
     metrics_options(p)
+
+    p = command("attach", cmd_attach, "have the running agent serve one more registered volume (its other "
+                "volumes' clients are not disturbed)")
+    p.add_argument("name")
+
+    p = command("detach", cmd_detach, "have the running agent stop serving a volume and release it (its other "
+                "volumes' clients are not disturbed); exit 6 while NBD clients are connected to it")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="disconnect the volume's NBD clients (their requests in "
+                   "flight are answered first)")
 
     p = command("serve", cmd_serve, "run the secondary's replica server")
     p.add_argument("--root", required=True, help="directory holding the replicas")

@@ -76,9 +76,10 @@ class _StreamProgress:
 class ControlServer:
     """Serves one socket; each connection carries one request."""
 
-    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: str, handlers: dict[str, Handler], busy_hint: str | None = None) -> None:
         self.path = path
         self.handlers = handlers
+        self.busy_hint = busy_hint  # said when another process listens on the path
         self.sock: socket.socket | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,7 +87,8 @@ class ControlServer:
     def start(self) -> None:
         if os.path.exists(self.path):
             if is_listening(self.path):
-                raise StateError(f"another agent is listening on {self.path}")
+                raise StateError(f"another agent is listening on {self.path}"
+                                 + (f": {self.busy_hint}" if self.busy_hint else ""))
             os.unlink(self.path)  # stale socket of an agent that died: we hold the lock now
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)

@@ -12,6 +12,7 @@ and exits with the error's code; the Ansible modules pass the message to
     │   ├── VolumeExists
     │   └── CorruptStateFile         a torn, truncated or foreign state file
     ├── VolumeBusy                   6  another process holds the volume
+    │   └── ExportBusy               NBD clients or an operation keep it in the agent
     ├── DeviceError                  4  the volume's device is missing or unusable
     ├── PeerError                    7  the replica server could not be used
     │   ├── PeerUnreachable
@@ -114,6 +115,13 @@ class VolumeBusy(DrtoolError):
         super().__init__(f"volume {name} is in use by {holder}")
         self.name = name
         self.pid = pid
+
+
+class ExportBusy(VolumeBusy):
+    """The volume cannot leave the agent now: NBD clients are connected, or an operation runs."""
+
+    def __init__(self, message: str) -> None:
+        DrtoolError.__init__(self, message)
 
 
 class DeviceError(DrtoolError):

@@ -120,27 +120,35 @@ def adopt(root: str | None, name: str, replica_url: str, token_file: str | None,
           ca: str | None = None, insecure: bool = False) -> dict[str, Any]:
     """Let this host's replica server serve the demoted volume from its own device.
 
-    The agent must be stopped (this takes the volume's lock): from now on the replica
-    server writes the device as the new primary ships records.
+    This takes the volume's lock: with an agent running, drtool.api asks the agent instead,
+    which runs :func:`adopt_volume` on the volume it holds and then lets go of it.  From now
+    on the replica server writes the device as the new primary ships records.
     """
     with Volume.open(state_root(root), name) as volume:
-        record = volume.record
-        if record.role != "secondary" or not record.demoted:
-            raise NotPermitted(f"volume {name} is a primary here: demote it first")
-        adopted = record.demoted.adopted
-        if adopted and adopted.url == replica_url:
-            return {"volume": name, "changed": False, "adopted": adopted.to_json()}
-        manifest = volume.paths.file("adopt-manifest.bin")
-        write_atomic(manifest, encode_manifest_entries(_manifest_entries(volume)))  # streamed
-        client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
-        demoted = record.demoted
-        result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
-                              size=record.size, region_size=record.region_size, volume_id=record.volume_id,
-                              applied_seq=demoted.seq, era=demoted.era,
-                              divergent=demoted.divergent, lost=demoted.lost.to_json())
-        demoted.adopted = Adopted(url=replica_url, time=time.time())
-        volume.save_record()
-        return {"volume": name, "changed": True, "adopted": demoted.adopted.to_json(), "replica": result}
+        return adopt_volume(volume, replica_url, token_file, ca, insecure)
+
+
+def adopt_volume(volume: Volume, replica_url: str, token_file: str | None, ca: str | None = None,
+                 insecure: bool = False) -> dict[str, Any]:
+    """:func:`adopt` on a volume whose lock the caller holds (opened here, or by the agent)."""
+    name = volume.name
+    record = volume.record
+    if record.role != "secondary" or not record.demoted:
+        raise NotPermitted(f"volume {name} is a primary here: demote it first")
+    adopted = record.demoted.adopted
+    if adopted and adopted.url == replica_url:
+        return {"volume": name, "changed": False, "adopted": adopted.to_json()}
+    manifest = volume.paths.file("adopt-manifest.bin")
+    write_atomic(manifest, encode_manifest_entries(_manifest_entries(volume)))  # streamed
+    client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
+    demoted = record.demoted
+    result = client.adopt(name, image=os.path.abspath(record.device), manifest=manifest,
+                          size=record.size, region_size=record.region_size, volume_id=record.volume_id,
+                          applied_seq=demoted.seq, era=demoted.era,
+                          divergent=demoted.divergent, lost=demoted.lost.to_json())
+    demoted.adopted = Adopted(url=replica_url, time=time.time())
+    volume.save_record()
+    return {"volume": name, "changed": True, "adopted": demoted.adopted.to_json(), "replica": result}
 
 
 # -- the new primary ----------------------------------------------------------------------

@@ -131,6 +131,12 @@ class Connection:
     def start(self) -> None:
         self._threads[0].start()
 
+    @property
+    def export_name(self) -> str | None:
+        """The export this connection chose at its handshake (None while negotiating)."""
+        session = self._session
+        return session.name if session is not None else None
+
     def join(self, timeout: float | None) -> bool:
         """Wait for the connection to end; say whether it did."""
         return self._finished.wait(timeout)

@@ -165,6 +165,27 @@ class NbdServer:
             self._watch.stop()
         self._stopped.set()
 
+    def clients(self, name: str) -> list[str]:
+        """The peers connected to export ``name`` (handshake done)."""
+        with self._lock:
+            return sorted(c.peer for c in self._connections if c.export_name == name)
+
+    def disconnect(self, name: str, timeout: float = 10.0) -> list[str]:
+        """Close every connection to export ``name``: requests in flight finish first (up to
+        ``timeout``), then the socket is shut; returns their peers.  Other exports' clients
+        are not touched."""
+        with self._lock:
+            connections = [c for c in self._connections if c.export_name == name]
+        for connection in connections:
+            connection.stop_reading()
+        deadline = time.monotonic() + timeout
+        for connection in connections:
+            if not connection.join(max(0.0, deadline - time.monotonic())):
+                log.warning("nbd %s: still busy, disconnecting", connection.peer)
+                connection.abort()
+                connection.join(timeout)
+        return sorted(c.peer for c in connections)
+
     def __enter__(self) -> NbdServer:
         self.start()
         return self

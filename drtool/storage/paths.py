@@ -25,6 +25,17 @@ def state_root(explicit: str | None = None) -> str:
     return os.path.abspath(explicit or os.environ.get(STATE_ROOT_ENV) or DEFAULT_STATE_ROOT)
 
 
+#: the agent's own control socket in the state root: volumes are added to and removed from the
+#: running agent through it ('@' cannot start a volume's name, so no volume's directory is
+#: called that)
+AGENT_SOCKET = "@agent.sock"
+
+
+def agent_control_socket(root: str) -> str:
+    """The control socket of the agent serving volumes of the state root ``root``."""
+    return os.path.join(root, AGENT_SOCKET)
+
+
 class StatePaths:
     """The files of one volume's state directory."""
 
