@@ -420,15 +420,27 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _maybe_daemonize(ctx: Context):
-    """With --daemon: detach; returns a function that tells the waiting parent we are ready."""
+    """With --daemon: detach; returns a function that tells the waiting parent we are ready.
+    In the foreground, --log-file takes standard error.  Either way SIGHUP reopens the log
+    file (logrotate), and is harmless without one."""
+    from drtool import daemon
+
     a = ctx.args
     if not a.daemon:
+        daemon.reopen_on_sighup(daemon.LogFile(a.log_file) if a.log_file else None)
         return None
-    from drtool.daemon import daemonize
-
     if not a.pid_file or not a.log_file:
         raise UsageError("--daemon needs --pid-file and --log-file")
-    return daemonize(os.path.abspath(a.pid_file), os.path.abspath(a.log_file))
+    return daemon.daemonize(os.path.abspath(a.pid_file), os.path.abspath(a.log_file))
+
+
+def _ready(notify, text: str) -> None:
+    """The listeners are up: tell whoever waits (the daemon's parent, systemd), and print."""
+    from drtool.daemon import sd_notify
+
+    if notify:
+        notify(True, text)
+    sd_notify("READY=1\nSTATUS=" + text.splitlines()[0])
 
 
 def _metrics_listen(a: argparse.Namespace) -> Any:
@@ -450,8 +462,7 @@ def cmd_serve(ctx: Context) -> int:
         line = f"drtool replica server listening on {address}"
         if metrics_url:
             line += f"\n  metrics: {metrics_url}"
-        if notify:
-            notify(True, line + "\n")
+        _ready(notify, line + "\n")
         ctx.stdout.write(line + "\n")  # plain text: scripts parse it, rich would wrap it
         ctx.stdout.flush()
 
@@ -496,8 +507,7 @@ def cmd_agent(ctx: Context) -> int:
         if addresses.get("metrics"):
             lines.append(f"  metrics: {addresses['metrics']}")
         text = "\n".join(lines) + "\n"
-        if notify:
-            notify(True, text)
+        _ready(notify, text)
         ctx.stdout.write(text)
         ctx.stdout.flush()
 
@@ -654,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     def daemon_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--daemon", action="store_true", help="detach (for hosts without systemd)")
         p.add_argument("--pid-file", help="with --daemon: where to write the pid")
-        p.add_argument("--log-file", help="with --daemon: where to write the log")
+        p.add_argument("--log-file", help="where to write the log (default standard error; required with "
+                       "--daemon); reopened on SIGHUP, for logrotate")
 
     def metrics_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT "

@@ -1,21 +1,36 @@
-"""drtool's own daemon mode (for hosts without systemd): detach, pid file, log file.
+"""How drtool's long-running commands (``drtool agent``, ``drtool serve``) live as services.
 
+drtool's own daemon mode (for hosts without systemd): detach, pid file, log file.
 The parent returns only when the daemon says it is ready (its sockets are bound)
 or failed, so `drtool agent --daemon` and `drtool serve --daemon` are safe to
 follow with a client in a script or an Ansible task.  It exits with exactly the
 code the daemon failed with (drtool's exit codes go past 9: 10 is NotPermitted,
 11 Conflict), and prints the daemon's error.
+
+Under systemd (``Type=notify``): :func:`sd_notify` sends ``READY=1`` to
+``$NOTIFY_SOCKET`` once the listeners are bound, so units ordered after the agent
+start only when it serves.  The protocol is one datagram on a Unix socket (a name
+starting with ``@`` is in the abstract namespace); no library needed.
+
+Log files (``--log-file``, with or without ``--daemon``) are reopened on SIGHUP, so
+logrotate can rename them without ``copytruncate`` (docs/operations.md); without a
+log file SIGHUP is ignored rather than fatal (``systemctl reload`` is harmless).
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import signal
+import socket
 import sys
 from typing import Protocol
 
 from drtool.errors import StateError
 from drtool.storage.atomic import write_atomic
+
+log = logging.getLogger("drtool.daemon")
 
 
 class Notify(Protocol):
@@ -67,11 +82,8 @@ def daemonize(pid_file: str, log_file: str) -> Notify:
         os._exit(0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
     os.close(devnull)
-    os.close(log_fd)
+    reopen_on_sighup(LogFile(log_file, (1, 2)))
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     write_atomic(pid_file, f"{os.getpid()}\n".encode(), mode=0o644)
@@ -123,3 +135,59 @@ def _remove_pid_file(pid_file: str, pid: int) -> None:
             os.unlink(pid_file)
         except OSError:
             pass
+
+
+class LogFile:
+    """A log file behind file descriptors (2: stderr, where logging writes; 1 too in daemon
+    mode), opened for appending; :meth:`reopen` points them at a new file of the same name."""
+
+    def __init__(self, path: str, fds: tuple[int, ...] = (2,)) -> None:
+        self.path = os.path.abspath(path)
+        self.fds = fds
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open the path anew and move the descriptors onto it (dup2 swaps each at once: no
+        line is lost or split).  If it cannot be opened the old file stays in use."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            for target in self.fds:
+                os.dup2(fd, target)
+        finally:
+            os.close(fd)
+
+
+def reopen_on_sighup(log_file: LogFile | None) -> None:
+    """SIGHUP reopens ``log_file`` (logrotate renamed it), or is only logged when there is
+    none: its default action would kill the process."""
+
+    def on_hup(signum: int, frame: object) -> None:
+        if log_file is None:
+            log.info("SIGHUP: no log file to reopen (logging to standard error)")
+            return
+        try:
+            log_file.reopen()
+        except OSError as exc:
+            log.error("SIGHUP: cannot reopen %s: %s; still writing to the old file", log_file.path, exc.strerror)
+            return
+        log.info("SIGHUP: reopened %s", log_file.path)
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to the service manager at ``$NOTIFY_SOCKET``, as
+    sd_notify(3) does.  Returns whether it was sent (False: not started by systemd with
+    Type=notify, or the socket is gone; neither is an error for the daemon)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    target = "\0" + address[1:] if address[0] == "@" else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError as exc:
+        log.warning("cannot notify the service manager at %s: %s", address, exc.strerror or exc)
+        return False
+    return True

@@ -127,3 +127,147 @@ def test_readiness_messages() -> None:
     assert parse_readiness(readiness_message(False, "big", 1000), "LOG")[0] == 1
     assert parse_readiness(b"error x\nnot a number", "LOG")[0] == 1
     assert parse_readiness(b"", "/var/log/d.log") == (1, "the daemon exited before it was ready (see /var/log/d.log)")
+
+
+# -- systemd readiness (Type=notify) and log files reopened on SIGHUP ------------------------
+
+
+def _notify_socket(tmp_path: Path, abstract: bool):
+    """A datagram socket standing in for systemd's; returns (socket, $NOTIFY_SOCKET value)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"drtool-test-{os.getpid()}-{time.monotonic_ns()}"
+        sock.bind("\0" + name)
+        address = "@" + name
+    else:
+        address = str(tmp_path / "notify.sock")
+        sock.bind(address)
+    sock.settimeout(60)
+    return sock, address
+
+
+def _connects(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def _stop(proc) -> int:
+    proc.terminate()
+    return proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("abstract", [True, False], ids=["abstract", "path"])
+def test_agent_notifies_ready_once_it_serves(volume: Path, tmp_path: Path, state_root: Path, abstract: bool) -> None:
+    import subprocess
+
+    from drtool import api as drtool_api
+
+    listener, address = _notify_socket(tmp_path, abstract)
+    nbd = tmp_path / "nbd.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "drtool", "agent", "vol", "--nbd-socket", str(nbd)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "NOTIFY_SOCKET": address})
+    try:
+        message = listener.recv(4096).decode()
+        # Ready means serving: the NBD socket and the control sockets answer now.
+        assert _connects(nbd) and drtool_api.agent_info()["volumes"] == ["vol"]
+        assert message.splitlines()[0] == "READY=1"
+        assert message.splitlines()[1].startswith(f"STATUS=drtool agent (pid {proc.pid}) serving")
+    finally:
+        assert _stop(proc) == 0
+        listener.close()
+
+
+def test_replica_server_notifies_ready_once_it_listens(tmp_path: Path) -> None:
+    import subprocess
+    import urllib.request
+
+    listener, address = _notify_socket(tmp_path, abstract=True)
+    proc = subprocess.Popen([sys.executable, "-m", "drtool", "serve", "--root", str(tmp_path / "replicas"),
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "NOTIFY_SOCKET": address})
+    try:
+        message = listener.recv(4096).decode()
+        assert message.startswith("READY=1\nSTATUS=drtool replica server listening on 127.0.0.1:")
+        port = message.rsplit(":", 1)[1].strip()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        assert _stop(proc) == 0
+        proc.stdout.close()
+        listener.close()
+
+
+def _wait_for(path: Path, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        assert time.monotonic() < deadline, f"{text!r} never reached {path}: {content[-2000:]!r}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_sighup_reopens_the_log_file(volume: Path, tmp_path: Path, state_root: Path, daemon: bool) -> None:
+    import subprocess
+
+    log = tmp_path / "logs" / "agent.log"
+    make_image(tmp_path / "second.img", SIZE, seed=4)
+    api.init_volume("second", str(tmp_path / "second.img"), "64K")
+    argv = ["agent", "vol", "--nbd-socket", str(tmp_path / "nbd.sock"), "--log-file", str(log)]
+    if daemon:
+        result = run_drtool(*argv, "--daemon", "--pid-file", str(tmp_path / "agent.pid"))
+        assert result.returncode == 0, result.stderr
+        pid = int((tmp_path / "agent.pid").read_text())
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "drtool", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().startswith("drtool agent")  # serving
+        pid = proc.pid
+    try:
+        api.attach("second")
+        _wait_for(log, "volume second: now served")
+        log.rename(log.with_name("agent.log.1"))  # what logrotate does without copytruncate
+        os.kill(pid, signal.SIGHUP)
+        _wait_for(log, f"SIGHUP: reopened {log}")
+        api.detach("second")
+        fresh = _wait_for(log, "volume second: no longer served")
+        rotated = log.with_name("agent.log.1").read_text()
+        assert "volume second: now served" in rotated and "no longer served" not in rotated
+        assert "now served" not in fresh
+        assert api.agent_info()["pid"] == pid  # SIGHUP did not stop it
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        if daemon:
+            wait_gone(tmp_path / "agent.pid")
+        else:
+            assert proc.wait(timeout=60) == 0
+            proc.stdout.close()
+
+
+def test_sighup_without_a_log_file_is_harmless(volume: Path, tmp_path: Path, state_root: Path) -> None:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "drtool", "agent", "vol", "--nbd-socket", str(tmp_path / "n.sock")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("drtool agent")
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    line = ""
+    while "SIGHUP" not in line:
+        assert time.monotonic() < deadline
+        line = proc.stderr.readline()
+    assert "no log file to reopen" in line
+    assert api.agent_info()["pid"] == proc.pid
+    assert _stop(proc) == 0
+    proc.stdout.close()
+    proc.stderr.close()
