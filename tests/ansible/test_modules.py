@@ -410,7 +410,7 @@ def test_replica_bad_arguments_fail_clearly(run_module, base):
     assert weak.failed and "could not start drtool serve" in weak["msg"] and "too short" in weak["msg"]
 
 
-def test_agent_serves_volumes_restarts_on_new_set_and_stops(run_module, protected, base, daemons):
+def test_agent_serves_volumes_changes_its_set_live_and_stops(run_module, protected, base, daemons):
     root = protected["state_root"]
     make_image(base / "two.img", SIZE, seed=7)
     assert run_module("drtool_volume", dict(protected, name="two", device=str(base / "two.img"))).changed
@@ -431,16 +431,38 @@ def test_agent_serves_volumes_restarts_on_new_set_and_stops(run_module, protecte
     assert api.agent_socket("vol", root) and not api.agent_socket("two", root)
     assert not run_module("drtool_agent", args).changed
 
+    # Another set of volumes: attached on the running agent, which is not restarted.
     both = dict(args, names=["two", "vol"])
-    assert run_module("drtool_agent", both, check=True)["action"] == "restarted"
+    planned = run_module("drtool_agent", both, check=True)
+    assert planned.changed and planned["action"] == "none" and planned["attached"] == ["two"]
+    assert not api.agent_socket("two", root)
     grown = run_module("drtool_agent", both)
-    assert grown["action"] == "restarted" and set(grown["uris"]) == {"two", "vol"}
+    assert grown.changed and grown["action"] == "none" and grown["pid"] == started["pid"]
+    assert grown["attached"] == ["two"] and set(grown["uris"]) == {"two", "vol"}
     assert api.agent_socket("two", root)
     assert not run_module("drtool_agent", dict(both, names=["vol", "two"])).changed  # order does not matter
+    # The unit's way: only the set is managed (a volume with a client connected stays unless forced).
+    from tests.nbd.rawclient import RawClient
+
+    with RawClient(str(socket_path)) as client:
+        client.connect("vol")
+        unit = {"service_manager": "systemd", "names": ["two"], "state_root": root}
+        refused = run_module("drtool_agent", unit)
+        assert refused.failed and "vol has 1 NBD client connected" in refused["msg"] and refused["exit_code"] == 6
+        shrunk = run_module("drtool_agent", dict(unit, force_detach=True))
+        assert shrunk.changed and shrunk["detached"] == ["vol"] and shrunk["pid"] == started["pid"]
+        assert client.server_closed()
+    assert api.agent_info(root)["volumes"] == ["two"]
+    # Other arguments still restart it.
+    moved = run_module("drtool_agent", dict(args, nbd_socket=str(base / "run" / "other.sock")))
+    assert moved["action"] == "restarted" and "arguments differ" in moved["reason"]
+    assert api.agent_info(root)["volumes"] == ["vol"]
 
     stopped = run_module("drtool_agent", {"state": "stopped", "pid_file": str(pid_file)})
     assert stopped.changed and not api.agent_socket("vol", root)
     assert not run_module("drtool_agent", {"state": "stopped", "pid_file": str(pid_file)}).changed
+    gone = run_module("drtool_agent", {"service_manager": "systemd", "names": ["vol"], "state_root": root})
+    assert gone.failed and "no drtool agent is running" in gone["msg"]
 
 
 def test_agent_bad_arguments_fail_clearly(run_module, base):

@@ -33,6 +33,7 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
             "drtool_primary_state_root": "/var/lib/drtool",
             "drtool_primary_agent_listen": "127.0.0.1:10809",
             "drtool_primary_agent_nbd_socket": "/run/drtool/nbd.sock",
+            "drtool_primary_agent_volumes_file": "/etc/drtool/drtool-agent.env",
             "drtool_secondary_root": "/srv/replicas", "drtool_secondary_listen": "192.0.2.20:8470",
             "drtool_secondary_token": "t" * 32, "drtool_secondary_token_file": "/etc/drtool/replica.token",
             "drtool_secondary_tls": True, "drtool_secondary_tls_dir": "/etc/drtool/tls",
@@ -63,8 +64,14 @@ def test_units_render_and_pass_systemd_analyze_verify(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     agent = (tmp_path / "drtool-agent.service").read_text()
-    assert (f"ExecStart={sys.executable} -m drtool agent vol-a vol-b --state-root /var/lib/drtool "
+    # The volumes come from the environment file: a changed set leaves the unit as it is (the role
+    # attaches and detaches them on the running agent), so nothing restarts it.
+    assert (f"ExecStart={sys.executable} -m drtool agent $DRTOOL_AGENT_VOLUMES --state-root /var/lib/drtool "
             "--listen 127.0.0.1:10809 --nbd-socket /run/drtool/nbd.sock\n") in agent
+    assert "EnvironmentFile=/etc/drtool/drtool-agent.env\n" in agent and "vol-a" not in agent
+    for unit in (agent, (tmp_path / "drtool-replica.service").read_text()):
+        # Ready when it serves (sd_notify), and SIGHUP reopens a log file (systemctl reload).
+        assert "Type=notify\n" in unit and "ExecReload=/bin/kill -HUP $MAINPID\n" in unit
     assert "RuntimeDirectory=drtool\n" in agent
     assert f"ReadWritePaths={tmp_path / 'images'}\n" in agent and "ReadWritePaths=/dev" not in agent
     # The host also runs the replica server: after a role swap the agent serves volumes promoted

@@ -18,8 +18,9 @@ description:
     With O(force=true) (the secondary has already taken over) nothing is drained, and what this host wrote
     that the new primary never applied is counted as lost (RV(lost)).
   - With O(replica_url), O(role=secondary) then adopts the volume (C(drtool adopt)), so that this host's own
-    replica server serves it in place, on this host's device, and the new primary ships its writes there. The agent
-    must be stopped first (M(drtool_agent) with V(state=stopped)), because adopting takes the volume.
+    replica server serves it in place, on this host's device, and the new primary ships its writes there. An agent
+    still serving the volume hands it over and stops serving it (its other volumes are not disturbed); NBD clients
+    still connected to the volume make the task fail (disconnect them first).
   - O(role=primary) promotes this host's replica (C(drtool promote)), which becomes the primary volume, with the
     same identity and a new era. It is refused while the old primary still claims the volume, unless
     O(force=true) (an unplanned takeover). Starting the agent (M(drtool_agent)) and reversing replication
@@ -253,10 +254,6 @@ def _secondary(module, api, name, root, before):
     if url and (demoted.get("adopted") or {}).get("url") != url:
         result["actions"].append("adopted")
         if not module.check_mode:
-            if api.agent_socket(name, root):
-                module.fail_json(msg="volume %s is demoted, but the agent still serves it: stop the agent "
-                                     "(drtool_agent state=stopped) before its replica server can adopt it" % name,
-                                 actions=result["actions"])
             call(module, api.adopt, name, url, p["token_file"], p["ca"], root=root, insecure=p["insecure"])
             status = volume_status(module, name, root)
     return result, status

@@ -170,11 +170,13 @@ class Daemon(object):
     token, a TLS key): when one is newer than the pid file, it must restart.
     """
 
-    def __init__(self, module, pid_file, args, inputs=()):
+    def __init__(self, module, pid_file, args, inputs=(), compare=None):
         self.module = module
         self.pid_file = pid_file
         self.args = list(args)
         self.inputs = [path for path in inputs if path]
+        # What of its arguments must match (the agent's volumes change live, not by a restart).
+        self.compare = compare or (lambda args: args)
 
     def pid(self):
         """The pid of the running daemon, or None (no pid file, stale pid, not drtool)."""
@@ -196,7 +198,7 @@ class Daemon(object):
     def restart_reason(self, pid):
         """Why the running daemon does not match the task (None: it does)."""
         running = self.running_args(pid)
-        if running != self.args:
+        if self.compare(running) != self.compare(self.args):
             return "its arguments differ: running %s, wanted %s" % (" ".join(running or []), " ".join(self.args))
         try:
             started = os.stat(self.pid_file).st_mtime
