@@ -189,11 +189,12 @@ class Agent:
 
     def start(self) -> None:
         try:
-            opened = [self._open(name) for name in self.initial]
-            with self._cond:
-                for served in opened:
-                    self.served[served.engine.name] = served
-                self.exports = {name: served.export for name, served in self.served.items()}
+            for name in self.initial:
+                served = self._open(name)
+                with self._cond:  # at once: a failure below closes what is open
+                    self.served[name] = served
+            opened = list(self.served.values())
+            self.exports = {name: served.export for name, served in self.served.items()}
             tcp = self.listen
             self.nbd = NbdServer(lambda: self.exports, unix_path=self.nbd_socket,
                                  tcp=(tcp.host, tcp.port) if tcp else None, tcp_tls=tcp.tls if tcp else None)
@@ -272,7 +273,7 @@ class Agent:
             for served in serving:
                 engine = served.engine
                 with self._saving:
-                    if served.closed:
+                    if served.closed or served.leaving:
                         continue
                     # Reads change map pages too (the block digests they remember): those count.
                     marker = (id(served), engine.log.next_seq, engine.log.pending_bytes, engine.record.mode,
@@ -379,9 +380,10 @@ class Agent:
             dropped = self.nbd.disconnect(name) if self.nbd else []
             result: Any = None
             if then is not None:
+                with self._saving:
+                    pass  # a checkpoint of it that began before it was leaving has ended
                 try:
-                    with self._saving:
-                        result = then(served)
+                    result = then(served)
                 except BaseException:
                     self._keep(served)
                     raise

@@ -14,6 +14,7 @@ from typing import Any
 
 from drtool import control, detect, ops, roles
 from drtool.engine import Engine
+from drtool.errors import ExportBusy
 from drtool.progress import NoProgress, Progress
 from drtool.regions import DEFAULT_REGION_SIZE
 from drtool.replication import Replicator, absolute_path
@@ -313,10 +314,13 @@ def status(name: str | None = None, root: str | None = None, probe_peer: bool = 
     out = []
     for each in names:
         socket_path = agent_socket(each, root)
-        if socket_path:
-            out.append(control.call(socket_path, "status", {"probe_peer": probe_peer}))
-        else:
-            out.append(volume_status(Volume.inspect(root, each), probe_peer=probe_peer))
+        try:
+            if socket_path:
+                out.append(control.call(socket_path, "status", {"probe_peer": probe_peer}))
+                continue
+        except ExportBusy:
+            pass  # leaving the agent this instant: read from its state, as without an agent
+        out.append(volume_status(Volume.inspect(root, each), probe_peer=probe_peer))
     if attention_only:
         from drtool.status import needs_attention
 
