@@ -46,7 +46,10 @@ def render(tmp_path, cases: dict[str, dict]) -> dict[str, str]:
     for name in cases:
         (line,) = [each for each in (tmp_path / name / "drtool-agent.service").read_text().splitlines()
                    if each.startswith("ExecStart=")]
-        units[name] = line.split(" -m drtool ", 1)[1]
+        # systemd puts the volumes of the environment file the role writes in place of the variable
+        # (split at spaces: $VAR, not ${VAR}).
+        assert " agent $DRTOOL_AGENT_VOLUMES " in line
+        units[name] = line.split(" -m drtool ", 1)[1].replace("$DRTOOL_AGENT_VOLUMES", " ".join(BASE["drtool_primary_present"]))
     return units
 
 

@@ -13,7 +13,7 @@ description:
   - Starts, stops or restarts C(drtool agent --daemon), the primary's long-running process, known by its pid
     file. It holds the volumes it serves, exports each over NBD, ships their writes to the secondary, and
     answers drtool's CLI and modules on a control socket per volume.
-  - The set of volumes changes on the running agent (C(drtool attach), C(drtool detach)): volumes are added and
+  - The set of volumes changes on the running agent (C(drtool attach), C(drtool detach)); volumes are added and
     removed without a restart, so the NBD clients of the others are never disconnected. A volume with NBD clients
     connected is not removed unless O(force_detach) is set (the task fails and says who is connected).
   - With O(service_manager=systemd) the agent runs as a systemd unit (the C(drtool_primary) role installs it); the
