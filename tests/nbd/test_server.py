@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -292,3 +293,37 @@ def test_slow_calls_run_side_by_side_up_to_workers(serve, image: Image) -> None:
                 assert error == 0
                 index = handles[handle]
                 assert client.recv_exact(CHUNK) == image.data[index * CHUNK:(index + 1) * CHUNK]
+
+
+class _SlowFlushExport(FileExport):
+    """A FileExport whose FLUSH waits until ``gate`` is set."""
+
+    def __init__(self, path: Path, **options) -> None:
+        super().__init__(path, **options)
+        self.gate = threading.Event()
+        self.flushing = threading.Event()
+
+    def flush(self) -> None:
+        self.flushing.set()
+        if not self.gate.wait(10):
+            raise OSError(errno.ETIMEDOUT, "gate never opened")
+        super().flush()
+
+
+def test_requests_after_a_flush_do_not_wait_for_it(serve, image: Image, monkeypatch) -> None:
+    """A FLUSH waiting for the disk runs beside the requests that follow it on the connection
+    (it covers only those answered before it came): their replies come first, without waiting
+    for the StallWatch to notice a stuck call (here it never would)."""
+    from drtool.nbd import watch
+
+    monkeypatch.setattr(watch, "STUCK_AFTER", 3600.0)
+    with _SlowFlushExport(image.path, name=EXPORT) as export:
+        served = serve({EXPORT: export}, workers=4)
+        with RawClient(served.unix_path) as client:
+            client.connect(EXPORT)
+            flush = client.request(p.Command.FLUSH)
+            assert export.flushing.wait(10)
+            assert client.write(CHUNK, b"w" * 4096) == 0  # answered while the flush still waits
+            assert client.read(CHUNK, 4096) == (0, b"w" * 4096)
+            export.gate.set()
+            assert client.reply() == (0, flush)
