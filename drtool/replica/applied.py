@@ -7,7 +7,12 @@ records the primary sent or deliberately dropped.
 
 The same file keeps what the records said about their sender: the highest era
 seen, when the last batch was applied and how many records were applied.  It is
-saved with every batch anyway, so this costs no extra write.
+saved with every checkpoint anyway, so this costs no extra write.
+
+For the mirror, with a journal, the file is the checkpoint's commit:
+``journal_at`` is the journal position before which the mirror's image and
+digests hold every record; records after it are durable in the journal only
+and are replayed into the mirror when it is opened (drtool.replica.volume).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class AppliedState:
         self.max_era = 0
         self.last_record_at: float | None = None
         self.records = 0  # applied since this state was created (rebase uses it to see "untouched")
+        self.journal_at: tuple[int, int] | None = None  # the mirror's checkpoint in its journal
 
     def create(self, watermark: int = 0) -> None:
         self.watermark = watermark
@@ -39,6 +45,8 @@ class AppliedState:
         self.max_era = int(body.get("max_era", 0))
         self.last_record_at = body.get("last_record_at")
         self.records = int(body.get("records", 0))
+        at = body.get("journal_at")
+        self.journal_at = (int(at[0]), int(at[1])) if at else None
         return self
 
     def exists(self) -> bool:
@@ -47,7 +55,8 @@ class AppliedState:
     def save(self) -> None:
         save_json(self.path, "applied-state", self.volume_id,
                   {"watermark": self.watermark, "ahead": sorted(self.ahead), "max_era": self.max_era,
-                   "last_record_at": self.last_record_at, "records": self.records})
+                   "last_record_at": self.last_record_at, "records": self.records,
+                   **({"journal_at": list(self.journal_at)} if self.journal_at is not None else {})})
 
     def has(self, seq: int) -> bool:
         return seq <= self.watermark or seq in self.ahead

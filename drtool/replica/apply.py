@@ -1,17 +1,25 @@
 """Applying a batch of records to a replica: verify all, then apply idempotently.
 
-Order of a batch, chosen so a crash at any point loses nothing acknowledged
-and a resent batch converges: verify every record -> copy-on-write into the
-snapshots -> write the image and fsync it, while the journal is appended and
-fdatasync'ed -> save the digests -> save the applied state (the
-acknowledgement's truth) -> respond.  A journal record whose image write a
-crash lost is a record the primary sent and will resend: the change log may
-hold it early, never wrongly.
+A mirror batch is durable once (the journal is the mirror's write-ahead log,
+as a database's WAL): verify every record -> copy-on-write into the snapshots
+-> append the records, exactly as received, to the journal and fdatasync it,
+while the same bytes go to the mirror's image through the page cache (its
+writeback is started, not waited for) -> set the digests in memory -> respond.
+The image, the digests and the applied state are made durable together by a
+checkpoint (ReplicaVolume.checkpoint) once a journal segment's worth was
+appended, and at close; after a crash, opening the replica replays every
+record past the last checkpoint into the image (replay_journal), so what was
+acknowledged survives, and a torn tail (never acknowledged) is cut.
+
+Without a journal (limit 0), and for the overlay replica, the image itself is
+written and flushed, then the digests and the applied state are saved, before
+the answer.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,34 +116,41 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
                 _fill_overlay(volume, todo)
             else:
                 volume.snapshots.preserve(touched, volume.mirror.image, volume.mirror.table)
-            if overlay:
-                final = _write_durably(volume, target, todo)
-            else:
-                # The image's writes and flush run beside the journal's (two copies, two flushes,
-                # one wait); both are durable before the digests and the applied state are saved.
-                written = _IMAGE_WRITERS.submit(_write_durably, volume, target, todo)
+            journal = volume.journal
+            behind = not overlay and not journal.disabled
+            if behind:
+                # The journal is the durable copy; the image is written beside it (one wait).
+                written = _IMAGE_WRITERS.submit(_write_behind, volume, target, todo)
                 try:
-                    volume.journal.append([(r.header.seq, r.region, r.header.total_size) for r in todo],
-                                          batch.raw(todo))
+                    journal.append([(r.header.seq, r.region, r.header.total_size) for r in todo],
+                                   batch.raw(todo))
                 finally:
                     final = written.result()
-            for region in touched:
-                digest = final.get(region)
-                if digest is None:  # a partial record: the region's digest is whatever it now holds
-                    offset, length = volume.geometry.region_bounds(region)
-                    digest = blake3.blake3(target.image.pread(length, offset)).digest()
-                target.table.set(region, digest)
-            target.table.save(target.applied.watermark)
+            else:
+                final = _write_durably(volume, target, todo)
+            _set_digests(volume, target, final)
+            if not behind:
+                target.table.save(target.applied.watermark)
             if not overlay:
                 _supersede_overlay(volume, touched)
-        before = (target.applied.watermark, frozenset(target.applied.ahead))
+        applied = target.applied
+        before = (applied.watermark, frozenset(applied.ahead))
         if todo:
-            target.applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
-        target.applied.mark([r.header.seq for r in todo])
+            applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
+        applied.mark([r.header.seq for r in todo])
+        marked = applied.watermark
         if complete_through is not None:
-            target.applied.complete_through(complete_through)
-        if todo or (target.applied.watermark, frozenset(target.applied.ahead)) != before:
-            target.applied.save()
+            applied.complete_through(complete_through)
+        changed = (applied.watermark, frozenset(applied.ahead)) != before
+        if overlay or volume.journal.disabled:
+            if todo or changed:
+                applied.save()
+        elif applied.watermark > marked:
+            # Complete-Through moved the watermark over seqs no record carries: the journal cannot
+            # say so after a crash, the applied state does (the records are in the journal).
+            applied.save()
+        if not overlay and volume.journal.since_checkpoint() >= volume.journal.segment_limit:
+            volume.checkpoint()
         return {"applied_seq": target.applied.watermark, "applied": len(todo),
                 "skipped": len(records) - len(todo)}
 
@@ -169,6 +184,68 @@ def _supersede_overlay(volume: ReplicaVolume, regions: set[int]) -> None:
             if image is not None:  # give the space back; the bytes are never read again
                 image.punch_hole(*volume.geometry.region_bounds(region))
         table.save(volume.overlay.applied.watermark)
+
+
+def _set_digests(volume: ReplicaVolume, target: Target, final: dict[int, bytes | None]) -> None:
+    """Each touched region's digest: the whole record's, or (None) a hash of what it now holds."""
+    for region, digest in final.items():
+        if digest is None:  # a partial record: the region's digest is whatever it now holds
+            offset, length = volume.geometry.region_bounds(region)
+            assert target.image is not None
+            digest = blake3.blake3(target.image.pread(length, offset)).digest()
+        target.table.set(region, digest)
+
+
+def replay_journal(volume: ReplicaVolume) -> int:
+    """Write every journal record past the mirror's checkpoint into the mirror (in journal
+    order, the order they were applied); return how many.  A record that fails its checks at
+    the end of the last segment is a torn append (never acknowledged): the segment is cut
+    there.  The caller checkpoints afterwards."""
+    journal, mirror, geometry = volume.journal, volume.mirror, volume.geometry
+    journal.checkpoint = mirror.applied.journal_at
+    if journal.disabled or journal.checkpoint is None:
+        return 0
+    replayed = 0
+    for segment, start, raw in list(journal.after_checkpoint()):
+        records: list[Record] = []
+        position = 0
+        torn = None
+        try:
+            for header, data in iter_records(raw):
+                end = header.offset + header.length
+                region = geometry.region_of(header.offset)
+                if end > geometry.size or geometry.region_of(end - 1) != region or header.overlay:
+                    raise WireError(f"record seq {header.seq} at {header.offset}+{header.length} does not fit "
+                                    "the mirror")
+                records.append(Record(header, data, position, region))
+                position += header.total_size
+        except WireError as exc:
+            torn = exc
+        if records:
+            _set_digests(volume, mirror, _write(volume, mirror, records))
+            fresh = [r for r in records if not mirror.applied.has(r.header.seq)]
+            if fresh:
+                mirror.applied.note_batch(len(fresh), max(r.header.era for r in fresh),
+                                          mirror.applied.last_record_at or time.time())
+            mirror.applied.mark([r.header.seq for r in records])
+            replayed += len(records)
+        if torn is not None:
+            journal.cut(segment, start + position)  # refuses anything but the journal's tail
+            break
+    if replayed:
+        print(f"drtool-replica: {volume.name}: replayed {replayed} journal records into the mirror "
+              "(written after its last checkpoint)", file=sys.stderr)
+    return replayed
+
+
+def _write_behind(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[int, bytes | None]:
+    """Write through the page cache and start the writeback (the checkpoint's flush then waits
+    for little); the journal is what makes the batch durable."""
+    final = _write(volume, target, todo)
+    assert target.image is not None
+    start = min(r.header.offset for r in todo)
+    target.image.start_writeback(start, max(r.header.offset + r.header.length for r in todo) - start)
+    return final
 
 
 def _write_durably(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[int, bytes | None]:

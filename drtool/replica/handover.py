@@ -105,6 +105,7 @@ def _merge_overlay(volume: ReplicaVolume) -> int:
     """
     mirror, overlay = volume.mirror, volume.overlay
     assert mirror.image is not None and overlay.image is not None
+    volume.checkpoint()  # no journal replay may ever write older records over the merged regions
     regions = overlay.table.present_regions()
     if regions:
         volume.snapshots.preserve(set(regions), mirror.image, mirror.table)

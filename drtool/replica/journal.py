@@ -12,7 +12,15 @@ The index costs 28 bytes a retained record (arrays per segment) plus a bit per
 sequence number in its span (which seqs it holds: a record appended again after
 a crash is indexed once); nothing in it depends on the volume's size.
 
-A limit of 0 turns the journal off (it doubles what an apply writes to disk):
+The journal is also the mirror's write-ahead log: a batch is durable once its
+records are appended and fdatasync'ed here; the mirror's image, its digests and
+its applied state are written behind it and made durable by a checkpoint
+(drtool.replica.volume), which records the journal position ``checkpoint``
+the mirror holds everything before.  Segments past that position are never
+trimmed: after a crash they are replayed into the mirror when it is opened.
+
+A limit of 0 turns the journal off (it doubles what an apply writes to disk;
+the mirror is then written and flushed by every batch itself):
 its segments are deleted, journal.json says ``disabled``, and every changes
 request is answered 410.  Turned on again, it answers changes after the
 highest sequence applied by then.
@@ -24,6 +32,7 @@ import os
 import sys
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from drtool.errors import CorruptStateFile, DataUnavailable, DeviceError
@@ -60,6 +69,9 @@ class Journal:
         self.records = 0  # indexed (distinct) records
         self._first: int | None = None
         self._last: int | None = None
+        # The position (segment, byte) before which the mirror holds every record: None when
+        # it holds them all (a replica written before the journal was its write-ahead log).
+        self.checkpoint: tuple[int, int] | None = None
 
     @property
     def _base_path(self) -> str:
@@ -80,19 +92,87 @@ class Journal:
         turned on again starts).  ``writable`` False (a read-only look, e.g.
         ``describe_root``) changes nothing: a torn tail is only left out of the index.
         """
+        self.scan(writable)
+        if writable:
+            self.settle_limit(applied_through)
+
+    def scan(self, writable: bool = True) -> None:
+        """Load the retention point and index the segments (a torn tail is cut when ``writable``)."""
         state = load_json(self._base_path, "journal", self.volume_id)
         self.base_seq, self.disabled = int(state["base_seq"]), bool(state.get("disabled", False))
-        segments = sorted(int(n[8:16]) for n in os.listdir(self.directory)
-                          if n.startswith("segment-") and n.endswith(".log"))
-        if writable and self.limit == 0 and not self.disabled:
-            self._save(max(self.base_seq, applied_through), disabled=True)  # before the records go
-            for segment in segments:
-                os.unlink(self._segment_path(segment))
-            return
-        if writable and self.limit > 0 and self.disabled:
-            self._save(max(self.base_seq, applied_through), disabled=False)
+        self._segment_sizes.clear()
+        self._index.clear()
+        self._seen, self._seen_base, self.records = bytearray(), 0, 0
+        self._first = self._last = None
+        segments = self._segments()
         for segment in segments:
             self._scan(segment, last=segment == segments[-1], repair=writable)
+
+    def settle_limit(self, applied_through: int) -> None:
+        """Turn the journal off (deleting its segments) or on again, as the limit says.  Call once
+        the mirror holds every record (after a replay and a checkpoint)."""
+        if self.limit == 0 and not self.disabled:
+            self._save(max(self.base_seq, applied_through), disabled=True)  # before the records go
+            for segment in self._segments():
+                os.unlink(self._segment_path(segment))
+            self._segment_sizes.clear()
+            self._index.clear()
+            self._seen, self._seen_base, self.records = bytearray(), 0, 0
+            self._first = self._last = None
+            return
+        if self.limit > 0 and self.disabled:
+            self._save(max(self.base_seq, applied_through), disabled=False)
+
+    def _segments(self) -> list[int]:
+        return sorted(int(n[8:16]) for n in os.listdir(self.directory)
+                      if n.startswith("segment-") and n.endswith(".log"))
+
+    def end(self) -> tuple[int, int]:
+        """The position after the last record: a checkpoint taken now covers everything."""
+        segment = max(self._segment_sizes, default=0)
+        return segment, self._segment_sizes.get(segment, 0)
+
+    def since_checkpoint(self) -> int:
+        """Bytes appended after the checkpoint (what a crash now would replay)."""
+        if self.checkpoint is None:
+            return 0
+        first, position = self.checkpoint
+        return sum(size - (position if segment == first else 0)
+                   for segment, size in self._segment_sizes.items() if segment >= first)
+
+    def after_checkpoint(self) -> Iterator[tuple[int, int, bytes]]:
+        """(segment, position, bytes to the segment's end) of every segment part past the
+        checkpoint, in order: what a replay applies.  One segment in memory at a time."""
+        if self.checkpoint is None:
+            return
+        first, position = self.checkpoint
+        for segment in sorted(self._segment_sizes):
+            if segment < first:
+                continue
+            start = position if segment == first else 0
+            size = self._segment_sizes[segment]
+            if size > start:
+                with open(self._segment_path(segment), "rb") as handle:
+                    yield segment, start, os.pread(handle.fileno(), size - start, start)
+
+    def seqs_after_checkpoint(self) -> list[int]:
+        """The seqs indexed past the checkpoint (durable here, perhaps not yet in the mirror)."""
+        if self.checkpoint is None:
+            return []
+        first, position = self.checkpoint
+        return [seq for segment, index in self._index.items() if segment >= first
+                for seq, at in zip(index.seqs, index.positions) if segment > first or at >= position]
+
+    def cut(self, segment: int, position: int) -> None:
+        """Cut the last segment at ``position`` (a record there is torn: never acknowledged), and
+        index again."""
+        if segment != max(self._segment_sizes, default=0):
+            raise CorruptStateFile(self._segment_path(segment), f"damaged journal record at byte {position} "
+                                   "(not at the end of the journal)")
+        print(f"drtool: journal {self._segment_path(segment)}: cutting a torn record at byte {position}; "
+              "it was never acknowledged", file=sys.stderr)
+        os.truncate(self._segment_path(segment), position)
+        self.scan()
 
     def _save(self, base_seq: int, disabled: bool | None = None) -> None:
         self.disabled = self.disabled if disabled is None else disabled
@@ -159,7 +239,7 @@ class Journal:
         except OSError as exc:
             raise DeviceError(f"cannot append to the journal {path}: {exc.strerror}") from None
         self._segment_sizes[segment] = position
-        self._trim()
+        self.trim()
 
     def _add(self, segment: int, seq: int, region: int, position: int, size: int) -> None:
         """Index a record unless its seq is indexed already (the first copy is the one kept)."""
@@ -184,9 +264,15 @@ class Journal:
         self._first = seq if self._first is None else min(self._first, seq)
         self._last = seq if self._last is None else max(self._last, seq)
 
-    def _trim(self) -> None:
+    def trim(self) -> None:
+        """Delete the oldest segments while over the limit, never one the mirror may still need
+        (at or past the checkpoint)."""
+        if self.disabled:
+            return
         while sum(self._segment_sizes.values()) > self.limit and len(self._segment_sizes) > 1:
             oldest = min(self._segment_sizes)
+            if self.checkpoint is not None and oldest >= self.checkpoint[0]:
+                return
             dropped = self._index.pop(oldest, None) or _SegmentIndex()
             new_base = max(self.base_seq, max(dropped.seqs, default=0))
             # The retention point is durable before the records go, so a crash can

@@ -143,6 +143,7 @@ class ReplicaVolume:
         self.journal_limit = journal_limit
         self.snapshots = SnapshotSet(self._path("snapshots"), self.geometry, self.volume_id)
         self.lock = RWLock()
+        self._opened = False  # open() finished: close() checkpoints what the journal holds beyond
 
     def _path(self, leaf: str) -> str:
         return os.path.join(self.directory, leaf)
@@ -172,8 +173,17 @@ class ReplicaVolume:
         try:
             self.mirror.open()
             self.overlay.open()
-            self.journal.open(applied_through=self.mirror.applied.highest)
+            self.journal.scan()
             self.snapshots.open()
+            # The journal is the mirror's write-ahead log: what a crash left only there goes into
+            # the mirror before anything is served, then the journal's limit is applied.
+            from drtool.replica.apply import replay_journal  # (apply builds on this module)
+
+            replay_journal(self)
+            self.checkpoint()
+            self.journal.settle_limit(self.mirror.applied.highest)
+            self.checkpoint()
+            self._opened = True
             if not self.meta.get("generation"):
                 # A replica made before generations existed (or adopted in place): it gets one
                 # now, kept from here on, so its primary can tell it from a replacement.
@@ -190,9 +200,33 @@ class ReplicaVolume:
         self.overlay.load()
         self.journal.open(writable=False)
         self.snapshots.load_names()
+        # Records durable in the journal past the mirror's checkpoint are applied (a replay
+        # writes them into the mirror when the server opens it).
+        self.journal.checkpoint = self.mirror.applied.journal_at
+        self.mirror.applied.mark(self.journal.seqs_after_checkpoint())
         return self
 
+    def checkpoint(self) -> None:
+        """Make the mirror hold durably every record its journal holds: flush the image, save
+        the digests, then the applied state naming the journal's end (the commit).  Records
+        after that position are replayed after a crash; segments before it may be trimmed.
+        Call with the exclusive lock held, or before the volume is shared."""
+        mirror = self.mirror
+        if mirror.image is None:
+            return
+        at = None if self.journal.disabled else self.journal.end()
+        mirror.image.sync()
+        mirror.table.save(mirror.applied.watermark)
+        mirror.applied.journal_at = at
+        mirror.applied.save()
+        self.journal.checkpoint = at
+        self.journal.trim()
+
     def close(self) -> None:
+        if self._opened and self.mirror.image is not None and self.mirror.image.fd >= 0:
+            self._opened = False
+            if self.journal.since_checkpoint():
+                self.checkpoint()  # (a kill -9 instead would leave the records to the next replay)
         self.mirror.close()
         self.overlay.close()
         self.snapshots.close()
