@@ -8,8 +8,16 @@ replicator does).  The server's CPU time is read from /proc/PID/stat before and
 after.  With --profile, batches are also parsed and applied in this process
 (no HTTP) under cProfile and the top functions are printed.
 
+A durable apply is bounded by the disk, so on a disk directory the peer is the
+disk itself, measured in the same run, alternated with each apply run, on the
+same directory: ``dd if=/dev/zero of=DIR/dd.out bs=4M count=N oflag=direct
+conv=fdatasync`` writing as many bytes as one run sends (--peer dd; the default
+unless --dir is a tmpfs).  ratio = apply GB/s / dd GB/s, the median of the
+per-pair ratios (a pair ran minutes apart at most, the disk's rate swings more
+than that between runs).
+
     .venv/bin/python bench/replica_apply.py [--size 2G] [--runs 3] [--dir /dev/shm]
-                                            [--journal-limit 256M|0] [--profile]
+                                            [--journal-limit 256M|0] [--profile] [--peer dd|none]
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import pstats
 import resource
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,8 +77,10 @@ serve(root=sys.argv[1], listen="127.0.0.1:0", token_file=sys.argv[2], journal_li
 
 
 def _start_server(root: str, token_file: str, journal_limit: int) -> tuple[subprocess.Popen, str]:
+    # The server runs this checkout's drtool (not whichever one the venv's install points at).
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     proc = subprocess.Popen([sys.executable, "-c", _SERVE, root, token_file, str(journal_limit)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
@@ -109,6 +120,22 @@ def one_run(url: str, token: str, pid: int, name: str, size: int, volume_size: i
             "client_cpu_per_gib": client_cpu / gib}
 
 
+def dd_rate(directory: str, size: int) -> float:
+    """The disk's durable sequential write rate (bytes/s): dd with O_DIRECT and a final fdatasync."""
+    target = os.path.join(directory, "dd.out")
+    count = max(1, size // (4 << 20))
+    started = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "oflag=direct",
+                    "conv=fdatasync"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - started
+    os.unlink(target)
+    return count * (4 << 20) / elapsed
+
+
+def _on_tmpfs(path: str) -> bool:
+    return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True).stdout.strip() == "tmpfs"
+
+
 def profile(work: str, volume_size: int, journal_limit: int, top: int) -> str:
     """Parse and apply 512 MiB in-process (after a pass that allocates the image) under cProfile."""
     from drtool.replica.apply import apply_batch, parse_batch
@@ -145,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--journal-limit", default="256M", help="the server's journal limit (0: no journal)")
     parser.add_argument("--profile", action="store_true", help="also profile parse+apply in-process")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--peer", choices=("dd", "none", "auto"), default="auto",
+                        help="the disk's own rate alternated with each run (auto: dd unless --dir is tmpfs)")
     args = parser.parse_args(argv)
     size, volume_size = parse_size(args.size), parse_size(args.volume_size)
     journal_limit = parse_size(args.journal_limit)
@@ -159,8 +188,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(profile(work, volume_size, journal_limit, args.top))
         server, address = _start_server(os.path.join(work, "replicas"), token_file, journal_limit)
         try:
-            runs = [one_run(f"http://{address}", token, server.pid, f"r{i}", size, volume_size)
-                    for i in range(args.runs)]
+            use_dd = args.peer == "dd" or (args.peer == "auto" and not _on_tmpfs(work))
+            runs = []
+            for i in range(args.runs):
+                if use_dd:
+                    disk = dd_rate(work, size)
+                run = one_run(f"http://{address}", token, server.pid, f"r{i}", size, volume_size)
+                if use_dd:
+                    run["dd_gb_s"] = disk / 1e9
+                    run["ratio"] = run["gb_s"] / run["dd_gb_s"]
+                runs.append(run)
+                print("  run {}: {:.3f} GB/s, server {:.3f} CPU-s/GiB{}".format(
+                    i + 1, run["gb_s"], run["server_cpu_per_gib"],
+                    f", dd {run['dd_gb_s']:.3f} GB/s, ratio {run['ratio']:.2f}" if use_dd else ""), flush=True)
         finally:
             server.terminate()
             server.wait(30)
@@ -169,9 +209,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # The best run: on a shared machine, others' load only ever adds time.
     result = {"gb_s": max(r["gb_s"] for r in runs),
               **{key: min(r[key] for r in runs) for key in ("server_cpu_per_gib", "client_cpu_per_gib")}}
+    peer = ""
+    if "ratio" in runs[0]:
+        result["dd_gb_s"] = statistics.median(r["dd_gb_s"] for r in runs)
+        result["ratio"] = statistics.median(r["ratio"] for r in runs)
+        peer = f"; dd median {result['dd_gb_s']:.3f} GB/s, ratio apply/dd median {result['ratio']:.2f}"
     print(f"apply into {args.dir} (journal limit {args.journal_limit}): {result['gb_s']:.3f} GB/s, server "
           f"{result['server_cpu_per_gib']:.3f} CPU-s/GiB, client {result['client_cpu_per_gib']:.3f} CPU-s/GiB "
-          f"(best of {args.runs})")
+          f"(best of {args.runs}){peer}")
     return result
 
 

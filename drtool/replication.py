@@ -24,8 +24,8 @@ from typing import Any
 
 from drtool.engine import modes
 from drtool.engine.lag import Pending, lag
-from drtool.errors import (DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost, StateError,
-                           VolumeNotFound)
+from drtool.errors import (Conflict, DrtoolError, OperationTimeout, PeerError, PeerUnreachable, RegionsLost,
+                           StateError, UsageError, VolumeNotFound)
 from drtool.client import needs_insecure
 from drtool.peer import make_client
 from drtool.ports import ReplicationPort
@@ -33,6 +33,7 @@ from drtool.regions import to_runs
 from drtool.storage.maps import RegionBitmap
 from drtool.storage.records import Loss, Replication
 from drtool.storage.replog import LogEntry
+from drtool.wire import FLAG_OVERLAY_HELD, KIND_WRITE, from_overlay_header
 
 log = logging.getLogger("drtool.replication")
 
@@ -58,7 +59,8 @@ class Replicator:
         self.last_error: str | None = None
         self.last_ack: float | None = None
         self.shipped_records = 0
-        self.shipped_bytes = 0
+        self.shipped_bytes = 0  # on the wire (records as sent)
+        self.logged_bytes = 0  # what the acknowledged records held in the log
         self._relog_from = 0  # where the next re-log of bitmap-mode regions starts looking
         # The server's replica was checked to be the one this volume filled (identity_problem)
         # since this replicator started or the server last failed it; and the highest sequence
@@ -211,8 +213,14 @@ class Replicator:
         log.info("volume %s: force-replicated regions %s", self.engine.name, to_runs(wanted))
 
     def _send(self, batch: list[LogEntry], complete: bool) -> int:
+        """Ship ``batch`` (one endpoint, sequence order) and acknowledge it.
+
+        Each byte crosses the wire once: a record that a later whole-region record of the same
+        region in this batch overwrites is not sent (it is acknowledged with the batch, which
+        vouches for it as deliberately dropped: the later record lands in the same apply), and a
+        failback's copy of an incident write goes as a header naming the bytes the overlay
+        replica holds already (the server copies them; if it cannot, the bytes are sent)."""
         engine = self.engine
-        chunks = engine.log.read_for_shipping(batch)
         overlay = batch[0].header.overlay
         complete_through = None
         if complete:
@@ -221,8 +229,21 @@ class Replicator:
             oldest = engine.log.oldest_seq()
             if oldest == batch[0].seq:
                 complete_through = batch[-1].seq
+        sent = _unsuperseded(batch, engine.geometry.region_length)
+        chunks = self._wire_chunks(sent, copies=not overlay)
         try:
-            self.client.send_records(engine.name, chunks, complete_through=complete_through, overlay=overlay)
+            try:
+                self.client.send_records(engine.name, chunks, complete_through=complete_through,
+                                         overlay=overlay)
+            except (Conflict, UsageError) as exc:
+                if not any(isinstance(c, _OverlayCopy) for c in chunks):
+                    raise
+                # The overlay replica lacks a region (or the server does not know the kind):
+                # nothing of the batch was applied; send the bytes.
+                log.info("volume %s: overlay copies refused (%s); sending the bytes", engine.name, exc)
+                chunks = self._wire_chunks(sent, copies=False)
+                self.client.send_records(engine.name, chunks, complete_through=complete_through,
+                                         overlay=overlay)
         except PeerError as exc:
             self.reachable = False
             self.last_error = str(exc)
@@ -233,10 +254,29 @@ class Replicator:
         self.last_ack = time.time()
         if complete_through is not None:
             self.confirmed = max(self.confirmed, complete_through)
-        self.shipped_records += len(batch)
-        self.shipped_bytes += sum(len(chunk) for chunk in chunks)
+        self.shipped_records += len(sent)
+        self.shipped_bytes += sum(len(c) for c in chunks)
+        self.logged_bytes += sum(e.size for e in batch)
         engine.acknowledge([e.seq for e in batch])
         return sum(e.header.length for e in batch)
+
+    def _wire_chunks(self, entries: list[LogEntry], copies: bool) -> list[bytes]:
+        """The records as they go on the wire: as logged, or (``copies``) a failback's copy of an
+        incident write as a header-only copy from the overlay replica."""
+        chunks: list[bytes] = []
+        run: list[LogEntry] = []
+        for entry in entries:
+            header = entry.header
+            if copies and header.flags & FLAG_OVERLAY_HELD and header.kind == KIND_WRITE:
+                if run:
+                    chunks += self.engine.log.read_for_shipping(run)
+                    run = []
+                chunks.append(_OverlayCopy(from_overlay_header(header)))
+            else:
+                run.append(entry)
+        if run:
+            chunks += self.engine.log.read_for_shipping(run)
+        return chunks
 
     def _relog(self, budget: int) -> None:
         """Turn up to ``budget`` bytes of bitmap-mode regions into log records."""
@@ -335,6 +375,26 @@ class Replicator:
                     on_error(exc)
                 backoff = min(backoff * 2, 5.0)
             stop.wait(backoff)
+
+
+class _OverlayCopy(bytes):
+    """A header-only KIND_FROM_OVERLAY record among a batch's chunks."""
+
+
+def _unsuperseded(batch: list[LogEntry], region_length: Callable[[int], int]) -> list[LogEntry]:
+    """The entries of ``batch`` that no later whole-region record of the same region in the
+    batch overwrites (bitmap mode re-logs a region whole behind its older records).  An entry
+    that ships as a patch (its bytes alone, storage.replog LogEntry.patch) covers only them."""
+    covered: set[int] = set()
+    kept: list[LogEntry] = []
+    for entry in reversed(batch):
+        if entry.region in covered:
+            continue
+        if entry.header.length == region_length(entry.region) and entry.patch is None:
+            covered.add(entry.region)  # a whole region goes on the wire: older records are moot
+        kept.append(entry)
+    kept.reverse()
+    return kept
 
 
 def lag_of(engine: ReplicationPort) -> dict[str, Any]:

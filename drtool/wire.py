@@ -68,7 +68,13 @@ RECORD_HEADER_SIZE = RECORD_HEAD.size + 4  # 76
 
 KIND_WRITE = 1
 KIND_ZERO = 2
+# On the wire only, to the mirror: a whole region whose bytes the overlay replica holds already
+# (its digest is the record's); the server copies them from there.  Header only, no data.
+KIND_FROM_OVERLAY = 3
 FLAG_OVERLAY = 1
+# In the primary's log only: a mirror record of a region the overlay replica was sent during the
+# incident (failback copies it back); it may go on the wire as KIND_FROM_OVERLAY.
+FLAG_OVERLAY_HELD = 2
 
 FRAME_MAGIC = b"DRTF"
 FRAME_HEAD = struct.Struct("<4sHHQI32s")
@@ -138,6 +144,12 @@ def encode_record(kind: int, seq: int, offset: int, data: bytes | None = None, l
     return [encode_record_header(KIND_WRITE, seq, offset, len(data), era, digest, flags), data]
 
 
+def from_overlay_header(header: RecordHeader) -> bytes:
+    """``header`` (a whole-region WRITE) as a header-only KIND_FROM_OVERLAY record."""
+    return encode_record_header(KIND_FROM_OVERLAY, header.seq, header.offset, header.length, header.era,
+                                header.digest, header.flags & ~FLAG_OVERLAY_HELD, header.written)
+
+
 def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
     if len(buf) < RECORD_HEADER_SIZE:
         raise WireError(f"record header needs {RECORD_HEADER_SIZE} bytes, got {len(buf)}")
@@ -148,7 +160,7 @@ def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         raise WireError(f"bad record magic {magic!r}")
     if zlib.crc32(head) != crc:
         raise WireError("record header checksum mismatch")
-    if kind not in (KIND_WRITE, KIND_ZERO):
+    if kind not in (KIND_WRITE, KIND_ZERO, KIND_FROM_OVERLAY):
         raise WireError(f"unknown record kind {kind}")
     if seq == 0 or length == 0:
         raise WireError("record with sequence 0 or length 0")

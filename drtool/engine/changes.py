@@ -39,7 +39,7 @@ from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceError
 from drtool.storage.device import Device
 from drtool.storage.records import Failback
-from drtool.wire import FLAG_OVERLAY, KIND_WRITE, KIND_ZERO
+from drtool.wire import FLAG_OVERLAY, FLAG_OVERLAY_HELD, KIND_WRITE, KIND_ZERO
 
 DEVICE, OVERLAY = "device", "overlay"  # where a change's bytes go
 MIRROR = "mirror"  # a log record for the mirror endpoint (OVERLAY: for the overlay replica)
@@ -58,7 +58,9 @@ class RegionChange:
     where the bytes are written (None: they are already in place).  ``blocks``: the region's
     block digests after the change (:func:`drtool.storage.maps.block_digests` of the whole
     region's new bytes, keyed with ``digest``), when the caller has them; None leaves them
-    unknown (a small read then checks the whole region once and remembers them)."""
+    unknown (a small read then checks the whole region once and remembers them).  ``held``: a
+    mirror record of bytes the overlay replica was sent (failback copies an incident write
+    back): the replicator may ship it as a copy from there instead of the bytes."""
 
     region: int
     offset: int
@@ -71,6 +73,7 @@ class RegionChange:
     # (offset, length) inside a whole-region overlay record: the bytes the client wrote, all the
     # overlay replica needs when it fills the region from its mirror (storage.replog LogEntry.patch)
     patch: tuple[int, int] | None = None
+    held: bool = False
 
 
 class StateChanges:
@@ -145,7 +148,7 @@ class StateChanges:
                     volume.unreplicated.set(region)
 
     def _append(self, change: RegionChange, digest: bytes | None) -> int:
-        flags = FLAG_OVERLAY if change.log == OVERLAY else 0
+        flags = FLAG_OVERLAY if change.log == OVERLAY else FLAG_OVERLAY_HELD if change.held else 0
         with self.seq_lock:
             if change.data is None:
                 entry = self.log.append(KIND_ZERO, change.offset, change.length, self.record.era, flags=flags)
@@ -267,7 +270,7 @@ class StateChanges:
         start, length = self.geometry.region_bounds(region)
         zero = self.volume.manifest.is_zero(region)
         self.commit_region(RegionChange(region, start, length, None if zero else data, None,
-                                        MIRROR if relog else None, DEVICE))
+                                        MIRROR if relog else None, DEVICE, held=relog))
         return length
 
     def forget_overlay_copy(self, region: int) -> bool:

@@ -22,15 +22,16 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import blake3
 
-from drtool.errors import UsageError
+from drtool.errors import Conflict, UsageError
 from drtool.replica.volume import ReplicaVolume, Target
 from drtool.storage.device import Device
-from drtool.wire import KIND_WRITE, RecordHeader, WireError, iter_records, zero_digest
+from drtool.wire import (KIND_FROM_OVERLAY, KIND_WRITE, RecordHeader, WireError, encode_record_header, iter_records,
+                         zero_digest)
 
 PROMOTED_REFUSES_RECORDS = "it accepts no records (its image is a primary volume now)"
 _IOV_MAX = 1024
@@ -43,6 +44,7 @@ class Record:
     data: memoryview
     position: int  # of the record (header and data, exactly as received) in the body
     region: int
+    encoded: bytes | None = None  # the header as applied, when it is not the one received
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,17 @@ class Batch:
     records: list[Record]
 
     def raw(self, records: list[Record]) -> list[memoryview]:
-        """The bytes of ``records`` as received, adjacent records joined (one write for a whole batch)."""
+        """The bytes of ``records`` as applied (as received, adjacent records joined: one write
+        for a whole batch; an overlay copy as the WRITE record it became)."""
         chunks: list[memoryview] = []
         start = end = -1
         for record in records:
+            if record.encoded is not None:
+                if end > start:
+                    chunks.append(self.body[start:end])
+                start = end = -1
+                chunks += [memoryview(record.encoded), record.data]
+                continue
             if record.position != end:
                 if end > start:
                     chunks.append(self.body[start:end])
@@ -87,6 +96,10 @@ def parse_batch(volume: ReplicaVolume, body: memoryview, overlay: bool, max_reco
             if geometry.region_of(end - 1) != region:
                 raise UsageError(f"record {index} (seq {header.seq}) at {header.offset}+{header.length} "
                                  f"crosses a region boundary (region size {geometry.region_size})")
+            if header.kind == KIND_FROM_OVERLAY and (overlay or not geometry.is_whole_region(header.offset,
+                                                                                             header.length)):
+                raise UsageError(f"record {index} (seq {header.seq}) copies from the overlay replica: it must be "
+                                 "a whole region, sent to the mirror")
             records.append(Record(header, data, position, region))
             position += header.total_size
     except WireError as exc:
@@ -111,6 +124,7 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
         if todo or (complete_through or 0) > target.applied.watermark:
             volume.check_accepts_records()  # a resent, already applied batch is still acknowledged
         if todo:
+            todo = _resolve_overlay_copies(volume, todo)  # before anything is written: all or nothing
             touched = {r.region for r in todo}
             if overlay:
                 _fill_overlay(volume, todo)
@@ -153,6 +167,35 @@ def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | Non
             volume.checkpoint()
         return {"applied_seq": target.applied.watermark, "applied": len(todo),
                 "skipped": len(records) - len(todo)}
+
+
+def _resolve_overlay_copies(volume: ReplicaVolume, todo: list[Record]) -> list[Record]:
+    """Each KIND_FROM_OVERLAY record as the WRITE record it stands for, its bytes read from the
+    overlay replica and checked against the digest it names; Conflict when the overlay replica
+    does not hold them (the primary then sends the bytes)."""
+    if not any(r.header.kind == KIND_FROM_OVERLAY for r in todo):
+        return todo
+    overlay = volume.overlay
+    assert overlay.image is not None
+    resolved: list[Record] = []
+    for record in todo:
+        header = record.header
+        if header.kind != KIND_FROM_OVERLAY:
+            resolved.append(record)
+            continue
+        data = None
+        if overlay.table.present(record.region) and overlay.table.digest(record.region) == header.digest:
+            data = overlay.image.pread(header.length, header.offset)
+            if blake3.blake3(data).digest() != header.digest:
+                data = None
+        if data is None:
+            raise Conflict(f"record seq {header.seq}: the overlay replica does not hold region {record.region} "
+                           "with the digest the record names; send the region's bytes")
+        write = replace(header, kind=KIND_WRITE)
+        encoded = encode_record_header(KIND_WRITE, header.seq, header.offset, header.length, header.era,
+                                       header.digest, header.flags, header.written)
+        resolved.append(Record(write, memoryview(data), record.position, record.region, encoded))
+    return resolved
 
 
 def _check_complete_through(volume: ReplicaVolume, records: list[Record], through: int) -> None:

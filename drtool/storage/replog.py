@@ -49,7 +49,7 @@ from drtool.errors import CorruptStateFile, StateError
 from drtool.regions import Geometry
 from drtool.storage.atomic import fsync_dir, write_atomic
 from drtool.wire import (
-    KIND_WRITE, NO_DIGEST, RECORD_HEADER_SIZE, RECORD_MAGIC, RecordHeader, WireError, decode_record_header,
+    KIND_FROM_OVERLAY, KIND_WRITE, NO_DIGEST, RECORD_HEADER_SIZE, RECORD_MAGIC, RecordHeader, WireError, decode_record_header,
     encode_record_header,
 )
 
@@ -538,6 +538,8 @@ class ReplicationLog:
     def _read_at(self, fd: int, position: int, size: int) -> tuple[RecordHeader, bytes]:
         raw = os.pread(fd, RECORD_HEADER_SIZE, position)
         header = decode_record_header(raw)
+        if header.kind == KIND_FROM_OVERLAY:
+            raise WireError("a header-only overlay copy (a wire record) in the log")
         if position + header.total_size > size:
             raise WireError("record runs past the end of the segment")
         region = self.geometry.region_of(header.offset)
