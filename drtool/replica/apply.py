@@ -28,8 +28,10 @@ from typing import Any
 import blake3
 
 from drtool.errors import Conflict, UsageError
+from drtool.replica.journal import JournalDamage, iter_segment
 from drtool.replica.volume import ReplicaVolume, Target
 from drtool.storage.device import Device
+from drtool.storage.direct import BLOCK, AlignedBuffer
 from drtool.wire import (KIND_FROM_OVERLAY, KIND_WRITE, RecordHeader, WireError, encode_record_header, iter_records,
                          zero_digest)
 
@@ -251,19 +253,17 @@ def replay_journal(volume: ReplicaVolume) -> int:
     replayed = 0
     for segment, start, raw in list(journal.after_checkpoint()):
         records: list[Record] = []
-        position = 0
-        torn = None
+        torn: int | None = None
         try:
-            for header, data in iter_records(raw):
+            for position, header, data in iter_segment(raw, start):
                 end = header.offset + header.length
                 region = geometry.region_of(header.offset)
                 if end > geometry.size or geometry.region_of(end - 1) != region or header.overlay:
-                    raise WireError(f"record seq {header.seq} at {header.offset}+{header.length} does not fit "
-                                    "the mirror")
+                    raise JournalDamage(f"record seq {header.seq} at {header.offset}+{header.length} does not "
+                                        "fit the mirror", position)
                 records.append(Record(header, data, position, region))
-                position += header.total_size
-        except WireError as exc:
-            torn = exc
+        except JournalDamage as exc:
+            torn = exc.position
         if records:
             _set_digests(volume, mirror, _write(volume, mirror, records))
             fresh = [r for r in records if not mirror.applied.has(r.header.seq)]
@@ -273,7 +273,7 @@ def replay_journal(volume: ReplicaVolume) -> int:
             mirror.applied.mark([r.header.seq for r in records])
             replayed += len(records)
         if torn is not None:
-            journal.cut(segment, start + position)  # refuses anything but the journal's tail
+            journal.cut(segment, start + torn)  # refuses anything but the journal's tail
             break
     if replayed:
         print(f"drtool-replica: {volume.name}: replayed {replayed} journal records into the mirror "
@@ -282,9 +282,10 @@ def replay_journal(volume: ReplicaVolume) -> int:
 
 
 def _write_behind(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[int, bytes | None]:
-    """Write through the page cache and start the writeback (the checkpoint's flush then waits
-    for little); the journal is what makes the batch durable."""
-    final = _write(volume, target, todo)
+    """Write the image behind the journal, which is what makes the batch durable: block-aligned
+    runs bypass the page cache where that saves work (drtool.storage.direct), the rest goes
+    through it with its writeback started; the checkpoint's flush then waits for little."""
+    final = _write(volume, target, todo, target.direct())
     assert target.image is not None
     start = min(r.header.offset for r in todo)
     target.image.start_writeback(start, max(r.header.offset + r.header.length for r in todo) - start)
@@ -298,7 +299,8 @@ def _write_durably(volume: ReplicaVolume, target: Target, todo: list[Record]) ->
     return final
 
 
-def _write(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[int, bytes | None]:
+def _write(volume: ReplicaVolume, target: Target, todo: list[Record],
+           direct: tuple[int, AlignedBuffer] | None = None) -> dict[int, bytes | None]:
     """Write the records in order; return each touched region's new digest, None = hash it.
 
     A whole-region record's digest was verified against its data: it is the
@@ -316,7 +318,7 @@ def _write(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[in
         whole = geometry.is_whole_region(header.offset, header.length)
         is_zero = header.kind != KIND_WRITE or (whole and header.digest == zero_digest(header.length))
         if is_zero or header.offset != run_end:
-            _write_run(image, run, run_start)
+            _write_run(image, run, run_start, direct)
             run, run_start, run_end = [], header.offset, header.offset
         if is_zero:
             # A hole keeps the replica sparse; where punching is unsupported, write zeros.
@@ -330,12 +332,29 @@ def _write(volume: ReplicaVolume, target: Target, todo: list[Record]) -> dict[in
             final[record.region] = zero_digest(header.length) if is_zero else header.digest
         else:
             final[record.region] = None
-    _write_run(image, run, run_start)
+    _write_run(image, run, run_start, direct)
     return final
 
 
-def _write_run(image: Device, views: list[memoryview], offset: int) -> None:
-    """Write adjacent pieces at ``offset`` with as few pwritev calls as IOV_MAX allows."""
+def _write_run(image: Device, views: list[memoryview], offset: int,
+               direct: tuple[int, AlignedBuffer] | None = None) -> None:
+    """Write adjacent pieces at ``offset`` with as few pwritev calls as IOV_MAX allows (through
+    ``direct``, copied into its aligned buffer, when the run is block-aligned)."""
+    size = sum(len(v) for v in views)
+    if direct is not None and size and not offset % BLOCK and not size % BLOCK:
+        fd, buffer = direct
+        aligned = buffer.get(size)
+        at = 0
+        for view in views:
+            aligned[at:at + len(view)] = view
+            at += len(view)
+        try:
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, aligned[done:size], offset + done)
+            return
+        except OSError:
+            pass  # the buffered path below writes it again, and names an error with its range
     for first in range(0, len(views), _IOV_MAX):
         group = views[first:first + _IOV_MAX]
         size = sum(len(v) for v in group)
