@@ -9,7 +9,9 @@ FLUSH, WRITE_ZEROES, TRIM), and `drtool failback` as an operator runs it.  Each 
 volume through three phases, one crash point each:
 
 1. **normal**: random writes with replication running; kill -9 the agent, the replica
-   server or both at a random moment;
+   server or both at a random moment; then, all acknowledged, kill -9 the replica server
+   again (its batches durable in its journal past the mirror's checkpoint: the restart
+   replays them);
 2. **recover**: some regions rot on the device behind drtool's back, `drtool recover` is asked
    while the writer keeps writing, and the kill lands before, during or after it, or among
    the degraded writes that follow;
@@ -408,6 +410,19 @@ class Run:
             assert image.read_bytes() == device, "the mirror image differs from the primary's device"
             self.stats.checks["device_byte_compares"] += 1
 
+    def journal_past_checkpoint(self) -> int:
+        """Bytes the replica's journal holds past the mirror's checkpoint (what a replay redoes)."""
+        state = json.loads((self.replica.root / "vol" / "applied.json").read_text())
+        if not state.get("journal_at"):
+            return 0
+        first, position = state["journal_at"]
+        past = 0
+        for segment in (self.replica.root / "vol" / "journal").glob("segment-*.log"):
+            number = int(segment.name[8:16])
+            if number >= first:
+                past += segment.stat().st_size - (position if number == first else 0)
+        return past
+
     # the phases
 
     def choose_target(self) -> str:
@@ -427,6 +442,23 @@ class Run:
         self.stop_writer(killed_agent=target != "replica")
         assert self.status()["mode"] == "normal"
         self.settle()
+        self.prove_replica(merged=False)
+        self.kill_past_checkpoint()
+
+    def kill_past_checkpoint(self) -> None:
+        """kill -9 of the replica server once everything is acknowledged: its batches are durable
+        in the journal, the mirror's digests and applied state only at the next checkpoint (a
+        journal segment's worth later).  Restarted, it replays them: the replica proves equal."""
+        with self.replica.client() as client:
+            acknowledged = client.volume_info("vol")["applied_seq"]
+        past = self.journal_past_checkpoint()
+        self.kill("replica", landed="acknowledged, past the checkpoint" if past else "acknowledged, checkpointed",
+                  journal_bytes_past_checkpoint=past)
+        if past:
+            self.stats.checks["replica_kills_past_checkpoint"] += 1
+        self.restart("replica")
+        with self.replica.client() as client:
+            assert client.volume_info("vol")["applied_seq"] == acknowledged, "an acknowledged batch was lost"
         self.prove_replica(merged=False)
 
     def recover(self) -> None:
