@@ -8,7 +8,11 @@ through Engine.write (logged, applied, digested) until --size is written, then
 Replicator.ship() until the secondary acknowledged everything (verified, applied, fsync'd).
 Reported: write rate, apply rate (bytes / shipping time), end-to-end rate (bytes / (write +
 ship)), and curl's rate reading --size bytes with 64 MiB range GETs; ratio = apply / curl,
-ratio_end_to_end = end-to-end / curl.
+ratio_end_to_end = end-to-end / curl.  A durable apply is bounded by the disk, so each run is
+also alternated with the disk's own durable write rate on the replica's directory (dd bs=4M
+oflag=direct conv=fdatasync, --size bytes): disk_ratio = apply / dd, disk_ratio_end_to_end =
+end-to-end / dd, medians of the per-run ratios.  wire_per_written = bytes the replicator sent
+(records as shipped, headers included) / bytes written.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import median, parse_size, row, scratch_dir  # noqa: E402
 from bench.remote_fetch import _start_server  # noqa: E402
+from bench.replica_apply import dd_rate  # noqa: E402
 from drtool import api  # noqa: E402
 from drtool.client import ReplicaClient  # noqa: E402
 from drtool.engine import Engine  # noqa: E402
@@ -70,7 +75,7 @@ def one_run(work: str, size: int, url: str, token_file: str) -> dict[str, float]
         shipped = time.perf_counter()
         assert not engine.volume.unreplicated.any()
     return {"write": size / (written - started), "apply": size / (shipped - written),
-            "end_to_end": size / (shipped - started)}
+            "end_to_end": size / (shipped - started), "wire_per_written": replicator.shipped_bytes / size}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,17 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
         runs = []
         curl = []
         for _ in range(args.runs):
-            runs.append(one_run(work, size, url, token_file))
+            disk = dd_rate(os.path.join(work, "replica"), size)
+            run = one_run(work, size, url, token_file)
+            run["dd"] = disk
+            runs.append(run)
             curl.append(_curl_rate(url, token, size))
-        result = {key: median([r[key] for r in runs]) / 1e9 for key in ("write", "apply", "end_to_end")}
+        result = {key: median([r[key] for r in runs]) / 1e9 for key in ("write", "apply", "end_to_end", "dd")}
         result["curl"] = median(curl) / 1e9
         result["ratio"] = result["apply"] / result["curl"]
         result["ratio_end_to_end"] = result["end_to_end"] / result["curl"]
+        result["disk_ratio"] = median([r["apply"] / r["dd"] for r in runs])
+        result["disk_ratio_end_to_end"] = median([r["end_to_end"] / r["dd"] for r in runs])
+        result["wire_per_written"] = median([r["wire_per_written"] for r in runs])
         result["bytes"] = size
         print(row("replication", f"{size >> 20} MiB", f"write {result['write']:.2f} GB/s",
                   f"apply {result['apply']:.2f} GB/s", f"end-to-end {result['end_to_end']:.2f} GB/s",
                   f"curl {result['curl']:.2f} GB/s", f"ratio {result['ratio']:.2f}",
-                  f"end-to-end ratio {result['ratio_end_to_end']:.2f}"))
+                  f"end-to-end ratio {result['ratio_end_to_end']:.2f}",
+                  f"dd {result['dd']:.2f} GB/s", f"apply/dd {result['disk_ratio']:.2f}",
+                  f"end-to-end/dd {result['disk_ratio_end_to_end']:.2f}",
+                  f"wire/written {result['wire_per_written']:.4f}"))
         return result
     finally:
         server.terminate()
