@@ -31,7 +31,7 @@ from drtool.errors import Conflict, UsageError
 from drtool.replica.journal import JournalDamage, iter_segment
 from drtool.replica.volume import ReplicaVolume, Target
 from drtool.storage.device import Device
-from drtool.storage.direct import BLOCK, AlignedBuffer
+from drtool.storage.direct import BLOCK, aligned
 from drtool.wire import (KIND_FROM_OVERLAY, KIND_WRITE, RecordHeader, WireError, encode_record_header, iter_records,
                          zero_digest)
 
@@ -300,7 +300,7 @@ def _write_durably(volume: ReplicaVolume, target: Target, todo: list[Record]) ->
 
 
 def _write(volume: ReplicaVolume, target: Target, todo: list[Record],
-           direct: tuple[int, AlignedBuffer] | None = None) -> dict[int, bytes | None]:
+           direct: int | None = None) -> dict[int, bytes | None]:
     """Write the records in order; return each touched region's new digest, None = hash it.
 
     A whole-region record's digest was verified against its data: it is the
@@ -336,25 +336,24 @@ def _write(volume: ReplicaVolume, target: Target, todo: list[Record],
     return final
 
 
-def _write_run(image: Device, views: list[memoryview], offset: int,
-               direct: tuple[int, AlignedBuffer] | None = None) -> None:
+def _write_run(image: Device, views: list[memoryview], offset: int, direct: int | None = None) -> None:
     """Write adjacent pieces at ``offset`` with as few pwritev calls as IOV_MAX allows (through
-    ``direct``, copied into its aligned buffer, when the run is block-aligned)."""
+    the O_DIRECT descriptor ``direct``, copied into an aligned buffer, when the run is
+    block-aligned)."""
     size = sum(len(v) for v in views)
     if direct is not None and size and not offset % BLOCK and not size % BLOCK:
-        fd, buffer = direct
-        aligned = buffer.get(size)
-        at = 0
-        for view in views:
-            aligned[at:at + len(view)] = view
-            at += len(view)
-        try:
-            done = 0
-            while done < size:
-                done += os.pwrite(fd, aligned[done:size], offset + done)
-            return
-        except OSError:
-            pass  # the buffered path below writes it again, and names an error with its range
+        with aligned(size) as buffer:
+            at = 0
+            for view in views:
+                buffer[at:at + len(view)] = view
+                at += len(view)
+            try:
+                done = 0
+                while done < size:
+                    done += os.pwrite(direct, buffer[done:size], offset + done)
+                return
+            except OSError:
+                pass  # the buffered path below writes it again, and names an error with its range
     for first in range(0, len(views), _IOV_MAX):
         group = views[first:first + _IOV_MAX]
         size = sum(len(v) for v in group)

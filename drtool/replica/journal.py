@@ -40,7 +40,7 @@ import blake3
 from drtool.errors import CorruptStateFile, DataUnavailable, DeviceError
 from drtool.regions import Geometry, Run, coalesce
 from drtool.replica.jsonstate import load_json, save_json
-from drtool.storage.direct import BLOCK, AlignedBuffer, direct_io_pays
+from drtool.storage.direct import BLOCK, aligned, direct_io_pays
 from drtool.wire import KIND_WRITE, RECORD_HEADER_SIZE, RecordHeader, WireError, decode_record_header
 
 DEFAULT_JOURNAL_LIMIT = 256 << 20
@@ -76,7 +76,6 @@ class Journal:
         # it holds them all (a replica written before the journal was its write-ahead log).
         self.checkpoint: tuple[int, int] | None = None
         self._use_direct: bool | None = None  # appends bypass the page cache (decided at the first)
-        self._aligned: AlignedBuffer | None = None
 
     @property
     def _base_path(self) -> str:
@@ -250,7 +249,7 @@ class Journal:
             fd = os.open(path, flags, 0o600)
             try:
                 if direct:
-                    end = position + _write_direct(fd, chunks, position, self._aligned)
+                    end = position + _write_direct(fd, chunks, position)
                 else:
                     _write_all(fd, chunks)
                 for seq, region, size in records:
@@ -267,7 +266,6 @@ class Journal:
     def _direct(self) -> bool:
         if self._use_direct is None:
             self._use_direct = direct_io_pays(self.directory)
-            self._aligned = AlignedBuffer()
         return self._use_direct
 
     def _add(self, segment: int, seq: int, region: int, position: int, size: int) -> None:
@@ -423,21 +421,20 @@ class JournalDamage(WireError):
         self.position = position
 
 
-def _write_direct(fd: int, chunks: list[memoryview], position: int, buffer: AlignedBuffer | None) -> int:
+def _write_direct(fd: int, chunks: list[memoryview], position: int) -> int:
     """Write ``chunks`` at ``position`` (block-aligned) through O_DIRECT, zero-padded to a block;
     returns the bytes written, padding included."""
-    assert buffer is not None
     length = sum(len(c) for c in chunks)
     padded = -(-length // BLOCK) * BLOCK
-    view = buffer.get(padded)
-    at = 0
-    for chunk in chunks:
-        view[at:at + len(chunk)] = memoryview(chunk).cast("B")
-        at += len(chunk)
-    view[length:padded] = bytes(padded - length)
-    done = 0
-    while done < padded:
-        done += os.pwrite(fd, view[done:padded], position + done)
+    with aligned(padded) as view:
+        at = 0
+        for chunk in chunks:
+            view[at:at + len(chunk)] = memoryview(chunk).cast("B")
+            at += len(chunk)
+        view[length:padded] = bytes(padded - length)
+        done = 0
+        while done < padded:
+            done += os.pwrite(fd, view[done:padded], position + done)
     return padded
 
 

@@ -20,7 +20,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 from drtool.errors import UsageError
 from drtool.regions import Geometry
@@ -31,7 +31,7 @@ from drtool.replica.problems import RoleRefused, promoted_refusal
 from drtool.replica.snapshots import SnapshotSet
 from drtool.replica.tables import DigestTable
 from drtool.storage.device import Device
-from drtool.storage.direct import AlignedBuffer, direct_io_pays
+from drtool.storage.direct import direct_io_pays
 
 MANIFEST_MAGIC = b"DRTRMAN\0"
 OVERLAY_MAGIC = b"DRTROVL\0"
@@ -103,7 +103,7 @@ class Target:
         self.table = table
         self.applied = applied
         self.image: Device | None = None
-        self._direct: tuple[int, AlignedBuffer] | Literal[False] | None = None
+        self._direct: int | None = None  # the O_DIRECT descriptor (-1: none), opened when first asked
 
     def create(self, size: int) -> None:
         with open(self.image_path, "xb") as handle:
@@ -120,19 +120,18 @@ class Target:
         self.load(writable=True)
         self.image = Device(self.image_path, writable=True)
 
-    def direct(self) -> tuple[int, AlignedBuffer] | None:
-        """A second descriptor of the image that bypasses the page cache, with its aligned buffer,
-        where that saves work (a regular file on a disk's file system); None elsewhere."""
+    def direct(self) -> int | None:
+        """A second descriptor of the image that bypasses the page cache, where that saves work
+        (a regular file on a disk's file system); None elsewhere."""
         if self._direct is None:
-            self._direct = False
+            self._direct = -1
             if os.path.isfile(self.image_path) and direct_io_pays(os.path.dirname(self.image_path)):
-                fd = os.open(self.image_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-                self._direct = (fd, AlignedBuffer())
-        return self._direct or None
+                self._direct = os.open(self.image_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        return None if self._direct < 0 else self._direct
 
     def close(self) -> None:
-        if self._direct:
-            os.close(self._direct[0])
+        if self._direct is not None and self._direct >= 0:
+            os.close(self._direct)
         self._direct = None
         if self.image is not None:
             self.image.close()

@@ -4,8 +4,8 @@ Filling the page cache with a fresh file's pages costs this kind of machine
 several times the CPU of the disk's own write (1.2 CPU-s/GiB buffered against
 0.25 through O_DIRECT, copy into an aligned buffer included, measured on the
 project's VMs); on tmpfs O_DIRECT is only extra work.  O_DIRECT wants the
-buffer, the file offset and the length aligned to the block: AlignedBuffer is
-page-aligned memory reused from write to write.
+buffer, the file offset and the length aligned to the block: ``aligned()`` lends
+page-aligned memory, reused from write to write.
 """
 
 from __future__ import annotations
@@ -14,23 +14,38 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 BLOCK = 4096
 _TMPFS_MAGIC = 0x01021994
 
 
-class AlignedBuffer:
-    """A page-aligned buffer (anonymous mmap), reused from write to write, grown as needed."""
+_KEPT = 4  # buffers kept for reuse, process-wide (a server may hold many replicas open)
+_free: list[mmap.mmap] = []
+_free_lock = threading.Lock()
 
-    def __init__(self) -> None:
-        self._map: mmap.mmap | None = None
 
-    def get(self, size: int) -> memoryview:
-        if self._map is None or len(self._map) < size:
-            if self._map is not None:
-                self._map.close()
-            self._map = mmap.mmap(-1, max(size, 1 << 20))
-        return memoryview(self._map)[:size]
+@contextmanager
+def aligned(size: int) -> Iterator[memoryview]:
+    """A page-aligned buffer of ``size`` bytes (anonymous mmap), borrowed from a small
+    process-wide pool: a fresh one would cost a page fault per page every time."""
+    with _free_lock:
+        found = next((m for m in _free if len(m) >= size), None)
+        if found is not None:
+            _free.remove(found)
+    buffer = found if found is not None else mmap.mmap(-1, max(size, 1 << 20))
+    view = memoryview(buffer)[:size]
+    try:
+        yield view
+    finally:
+        view.release()
+        with _free_lock:
+            _free.append(buffer)
+            if len(_free) > _KEPT:
+                _free.sort(key=len)
+                _free.pop(0).close()
 
 
 def direct_io_pays(directory: str) -> bool:
