@@ -90,3 +90,23 @@ def test_a_region_relogged_whole_ships_without_the_records_it_overwrites(tmp_pat
         assert replicator.shipped_bytes == RS + RECORD_HEADER_SIZE  # the region, once
         assert not engine.volume.unreplicated.any()
     mirror_matches(replica_server, bytes(data))
+
+
+def test_degraded_partial_writes_of_one_region_all_reach_the_overlay_replica(tmp_path, state_root,
+                                                                             replica_server):
+    # Partial writes while degraded ship their own bytes (a patch, or a partial record), never
+    # the whole region, and none of them is taken for a record that makes the others moot.
+    path = tmp_path / "dev.img"
+    data = bytearray(make_image(path, REGIONS * RS, seed=8))
+    api.init_volume("vol", str(path), "64K")
+    api.protect("vol", replica_server.url, str(replica_server.token_file))
+    api.recover("vol")
+    with Engine.open(None, "vol") as engine:
+        replicator = Replicator(engine)
+        for offset, fill in ((7 * RS + 4096, b"p"), (7 * RS + 20480, b"q"), (8 * RS, b"r")):
+            engine.write(offset, fill * 4096)
+            data[offset:offset + 4096] = fill * 4096
+        replicator.ship()
+        assert replicator.shipped_bytes == 3 * (4096 + RECORD_HEADER_SIZE)  # the written bytes, once
+    with replica_server.client() as client:
+        assert client.read_range("vol", 0, REGIONS * RS, overlay=True) == bytes(data)
