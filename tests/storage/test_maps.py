@@ -151,6 +151,22 @@ def test_a_new_digest_clears_block_digests_unless_fresh_ones_come_with_it():
     assert not manifest.blocks.known(3)
 
 
+def test_block_digests_of_a_region_that_straddles_two_pages():
+    """254 digests a page: region 15's 16 slots are 240-255, across pages 0 and 1."""
+    from drtool.storage.maps import BLOCK_DIGESTS_PER_PAGE, block_digests, digest
+
+    assert 15 * 16 < BLOCK_DIGESTS_PER_PAGE < 16 * 16
+    manifest = _manifest_with_blocks()
+    regions = {region: bytes([region]) * 65536 for region in (14, 15, 16)}
+    for region, data in regions.items():
+        manifest.set(region, digest(data), block_digests(digest(data), data))
+    for region, data in regions.items():
+        assert manifest.blocks.get(region, 0, 16) == block_digests(digest(data), data)
+    manifest[15] = digest(b"x" * 65536)
+    assert not manifest.blocks.known(15)
+    assert manifest.blocks.known(14) and manifest.blocks.known(16)  # the neighbours keep theirs
+
+
 def test_block_digests_are_keyed_by_the_region_digest():
     from drtool.storage.maps import BLOCK_DIGEST_SIZE, block_digests
 
