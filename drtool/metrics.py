@@ -34,7 +34,7 @@ from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from drtool.errors import UsageError
+from drtool.errors import PeerError, RegionsLost, UsageError, VerificationFailed
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -266,8 +266,6 @@ class FetchStats:
 
 
 def _fetch_error(error: BaseException) -> str:
-    from drtool.errors import PeerError, RegionsLost, VerificationFailed
-
     if isinstance(error, VerificationFailed):
         return "verification"
     if isinstance(error, RegionsLost):
