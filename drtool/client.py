@@ -35,7 +35,7 @@ from drtool.regions import Run
 Chunk = bytes | bytearray | memoryview
 MAX_REGIONS_PER_READ = 65536  # the server's default limit
 _SLICE = 1 << 20  # read the response in slices of this size (one huge read is slow in urllib3)
-_BLOCK = 8 << 20  # frames are parsed and hashed a block at a time
+_BLOCK = (8 << 20) + (64 << 10)  # frames are parsed and hashed a block at a time (two of the server's RUNs)
 _SEND_COALESCE = 1 << 20  # small record chunks are joined up to this size before sending
 _RETRY_STATUSES = (502, 503, 504)
 
@@ -497,14 +497,23 @@ class _FrameReader:
                 self.pending, parsed = None, end
             need = wire.FRAME_HEADER_SIZE + (self.pending.payload_length if self.pending else 0)
             room = len(block) - filled
-            if frames and (room < _SLICE or parsed + need > len(block)):
+            # Hand the block over once the frame in progress does not fit in it (or, between
+            # frames, once it is nearly full); a frame that fits is read to its end first, so
+            # what moves to the next block is a partial frame's head, not megabytes.
+            if frames and (parsed + need > len(block) or (self.pending is None and room < _SLICE)):
                 return block, filled, False, frames, bytes(view[parsed:filled]), need
             if parsed + need > len(block):  # a frame larger than the block: grow it
                 bigger = aligned_bytes(need + _SLICE)
                 bigger[:filled - parsed] = view[parsed:filled]
                 block, view, filled, parsed = bigger, memoryview(bigger), filled - parsed, 0
                 room = len(block) - filled
-            got = self._read(view[filled:filled + min(room, 4 * _SLICE)])
+            want = min(room, 4 * _SLICE)
+            if self.pending is not None and self.pending.payload_length >= _SLICE:
+                # A large frame (a RUN): read to its end and the next header, not into the frame
+                # after it, so a frame that does not fit the block moves to the next one as a
+                # header, not as megabytes copied.
+                want = min(want, parsed + need + wire.FRAME_HEADER_SIZE - filled)
+            got = self._read(view[filled:filled + want])
             if not got:
                 raise PeerProtocolError(f"replica server {self.url} ended the stream after {self.seen} of "
                                         f"{self.total} regions (peer vanished?)")
