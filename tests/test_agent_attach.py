@@ -191,3 +191,40 @@ def test_adopt_through_the_running_agent(tmp_path, state_root, start_agent, cli)
     finally:
         here.stop(kill=True)
         peer.stop(kill=True)
+
+
+def test_an_operation_running_on_a_volume_keeps_it_in_the_agent(two_volumes, state_root, tmp_path, monkeypatch):
+    """In-process agent: an operation still running on vol-b's control socket (a stand-in that
+    waits, for a failback or a verify) makes detach refuse after its wait, naming it; once it
+    ended, detach goes through.  vol-a is served throughout."""
+    from drtool import control, ops
+    from drtool.agent import Agent
+    from drtool.errors import ExportBusy
+
+    release = threading.Event()
+    monkeypatch.setitem(ops.OPERATIONS, "hold", ops.Operation(lambda e, a, p: release.wait(30) and {"held": e.name}))
+    agent = Agent(str(state_root), ["vol-a", "vol-b"], nbd_socket=str(tmp_path / "nbd.sock"))
+    agent.start()
+    try:
+        socket_path = api.agent_socket("vol-b")
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(control.call(socket_path, "hold")))
+        caller.start()
+        deadline = time.monotonic() + 10
+        while not agent.served["vol-b"].busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(ExportBusy, match="volume vol-b is busy: hold runs on it"):
+            agent.remove("vol-b", drain=0.2)
+        assert agent.names == ["vol-a", "vol-b"]
+        assert api.status("vol-b")[0]["agent"]["running"] is True  # still served, answering
+        release.set()
+        caller.join(timeout=30)
+        assert answers == [{"held": "vol-b"}]
+        assert agent.remove("vol-b")["changed"] is True and agent.names == ["vol-a"]
+        with RawClient(str(tmp_path / "nbd.sock")) as client:
+            client.connect("vol-a")
+            assert client.read(0, RS) == (0, two_volumes["vol-a"][:RS])
+    finally:
+        release.set()
+        agent.shutdown()
