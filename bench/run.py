@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import agent, nbd_read, remote_fetch, replica_apply, replication, scale, scrub  # noqa: E402
+from bench import agent, nbd_read, remote_fetch, replica_apply, replication, scale, scrub, writes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
                                             "--fio-seconds", "2" if quick else "5", "--workers", "8"])),
         ("agent", lambda: agent.main(["--size", "256M" if quick else "2G", "--runs", "2" if quick else "5",
                                       "--fio-seconds", "2" if quick else "5"] + (["--skip-sparse"] if quick else []))),
+        ("writes", lambda: writes.main(["--size", "256M" if quick else "1G", "--runs", "1" if quick else "3",
+                                        "--fio-seconds", "3" if quick else "10",
+                                        "--wire-ios", "2000" if quick else "20000"])),
         ("scale", lambda: scale.main(["--sizes", "1G,256G" if quick else "1G,256G,4T,15T",
                                       "--runs", "1" if quick else "3"])),
     ]

@@ -162,6 +162,20 @@ class Bench:
             subprocess.run([*DRTOOL, "protect", name, "--peer", self.url, "--token-file", self.token], **quiet)
         return root, name
 
+    def drop(self, root: str, name: str) -> None:
+        """A row is done with this volume: its device, its state and its replica go (each
+        volume is a copy of the image: a run of every row would otherwise fill the disk)."""
+        from drtool.client import ReplicaClient
+        from drtool.errors import VolumeNotFound
+
+        os.unlink(os.path.join(self.work, f"{name}.img"))
+        shutil.rmtree(root, ignore_errors=True)
+        with ReplicaClient(self.url, token_file=self.token) as client:
+            try:
+                client.delete_volume(name)
+            except VolumeNotFound:
+                pass
+
     def peer_image(self) -> str:
         path = os.path.join(self.work, "peer.img")
         shutil.copyfile(self.image, path)
@@ -228,6 +242,9 @@ def normal_row(bench: Bench, protect: bool, runs: int, seconds: float, versions:
                                    cwd=bench.work, check=True, stdout=subprocess.DEVNULL)  # no lag left
             return run
         _rounds(runs, [step(label) for label in samples])
+    for volume in volumes.values():
+        bench.drop(*volume)
+    os.unlink(peer_image)
     result: dict = {label: _summary(values) for label, values in samples.items()}
     result.update(runs=runs, seconds=seconds)
     for label in versions:
@@ -259,6 +276,9 @@ def degraded_row(bench: Bench, runs: int, seconds: float, versions: dict[str, st
             with nbdkit_rw(peer_image, cow=True) as cow:
                 samples["nbdkit --filter=cow"].append(fio_write(cow, bench.size, seconds, seed=number + 1))
         _rounds(runs, [*(ours(label) for label in versions), theirs])
+    for volume in volumes.values():
+        bench.drop(*volume)
+    os.unlink(peer_image)
     result: dict = {label: _summary(values) for label, values in samples.items()}
     result.update(runs=runs, seconds=seconds)
     for label in versions:
@@ -285,6 +305,7 @@ def wire_row(bench: Bench, ios: int, label: str, source: str) -> dict:
             print(row(f"wire bytes / written bytes, {mode}", label, f"{ios} writes of 4 KiB",
                       f"written {written / 1e6:.1f} MB", f"shipped {shipped / 1e6:.1f} MB",
                       f"ratio {shipped / written:.3f}"), flush=True)
+    bench.drop(root, name)
     return out
 
 
