@@ -14,7 +14,7 @@ import blake3
 import pytest
 
 from drtool.replica.apply import apply_batch, parse_batch
-from drtool.replica.store import ReplicaRoot
+from drtool.replica.store import ReplicaRoot, describe_root
 from tests.replica.conftest import VOLUME_ID, write, zero
 
 RS = 65536
@@ -60,6 +60,8 @@ def test_an_acknowledged_batch_is_replayed_into_an_image_that_lost_it(tmp_path: 
     assert image.read_bytes() == expect  # written behind the journal (through the page cache)
     assert on_disk(tmp_path)["watermark"] == 0  # not checkpointed: durable in the journal only
     crash(root)
+    # Read from the files (drtool status --replica-root): what the journal holds is applied.
+    assert describe_root(str(tmp_path))[0]["applied_seq"] == 10
     with open(image, "r+b") as handle:  # the image's writes never reached the disk
         handle.truncate(0)
         handle.truncate(SIZE)
