@@ -40,6 +40,7 @@ import blake3
 from drtool.errors import CorruptStateFile, DataUnavailable, DeviceError
 from drtool.regions import Geometry, Run, coalesce
 from drtool.replica.jsonstate import load_json, save_json
+from drtool.storage.atomic import fsync_dir
 from drtool.storage.direct import BLOCK, aligned, direct_io_pays
 from drtool.wire import KIND_WRITE, RECORD_HEADER_SIZE, RecordHeader, WireError, decode_record_header
 
@@ -252,12 +253,15 @@ class Journal:
                     end = position + _write_direct(fd, chunks, position)
                 else:
                     _write_all(fd, chunks)
+                first = position == 0
                 for seq, region, size in records:
                     self._add(segment, seq, region, position, size)
                     position += size
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            if first:  # a new segment: its name must be durable too before the batch is acknowledged
+                fsync_dir(self.directory)
         except OSError as exc:
             raise DeviceError(f"cannot append to the journal {path}: {exc.strerror}") from None
         self._segment_sizes[segment] = max(end, position)
