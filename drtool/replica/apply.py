@@ -3,8 +3,9 @@
 A mirror batch is durable once (the journal is the mirror's write-ahead log,
 as a database's WAL): verify every record -> copy-on-write into the snapshots
 -> append the records, exactly as received, to the journal and fdatasync it,
-while the same bytes go to the mirror's image through the page cache (its
-writeback is started, not waited for) -> set the digests in memory -> respond.
+while the same bytes go to the mirror's image, not flushed (block-aligned runs
+through O_DIRECT on a disk's file system, the rest through the page cache with
+its writeback started) -> set the digests in memory -> respond.
 The image, the digests and the applied state are made durable together by a
 checkpoint (ReplicaVolume.checkpoint) once a journal segment's worth was
 appended, and at close; after a crash, opening the replica replays every
