@@ -143,14 +143,26 @@ class ReadPath:
                 if tail is not None:
                     stop = min((last << shift) + (tail[2] << BLOCK_SHIFT), stop)
         span = stop - start
-        try:
-            # os.pread fills a new bytes object: no zeroed buffer first (a bytearray is), one copy.
-            data = os.pread(self.device.fd, span, start)
-        except (OSError, AttributeError):  # an I/O error, or the device went meanwhile
-            return None
-        if len(data) != span:
-            return None  # short: the whole-region read says which region and why
-        view = memoryview(data)
+        device = self.device
+        if device is None:
+            return None  # the device went meanwhile
+        if span >= ALIGN_FROM:
+            # Bulk: a page-aligned buffer (the kernel copies whole pages into it; a bytes
+            # object's data starts mid-page, which measured slower for nbdcopy).
+            view = aligned_bytes(span)
+            try:
+                device.readinto(view, start)
+            except DeviceIOError:
+                return None  # the whole-region read says which region and why
+        else:
+            # Small: os.pread fills a new bytes object (no zeroed buffer first), one copy.
+            try:
+                data = os.pread(device.fd, span, start)
+            except OSError:
+                return None
+            if len(data) != span:
+                return None
+            view = memoryview(data)
         hasher = blake3.blake3
         whole_first, whole_last = first, last
         if head is not None:
