@@ -67,28 +67,19 @@ class ReadPath:
         """A read inside one 4 KiB block whose digest is known: one pread, one keyed hash.
         None otherwise (unknown digest, a mismatch, an error): _read_healthy decides then."""
         manifest = self.volume.manifest
-        blocks = manifest.blocks
-        if blocks is None:
+        if manifest.blocks is None:
+            return None
+        start = offset & ~(BLOCK_SIZE - 1)
+        size = self.geometry.size
+        size = BLOCK_SIZE if start + BLOCK_SIZE <= size else size - start
+        try:
+            data = os.pread(self.device.fd, size, start)
+        except (OSError, AttributeError):  # an I/O error, or the device went meanwhile
             return None
         shift = self.geometry.shift
         region = offset >> shift
-        block = (offset >> BLOCK_SHIFT) - (region << (shift - BLOCK_SHIFT))
-        key, expected = manifest.block_digest(region, block)
-        if expected is None:
-            return None
-        start = offset & ~(BLOCK_SIZE - 1)
-        size = min(BLOCK_SIZE, self.geometry.size - start)
-        device = self.device
-        try:
-            data = os.pread(device.fd, size, start)
-        except (OSError, AttributeError):  # an I/O error, or the device went meanwhile
-            return None
-        if len(data) != size:
-            return None
-        if expected == b"":  # an all-zero region: its blocks are zeros
-            if data != _ZERO_BLOCK[:size]:
-                return None
-        elif blake3.blake3(data, key=key).digest(BLOCK_DIGEST_SIZE) != expected:
+        if len(data) != size or not manifest.verify_block(
+                region, (start - (region << shift)) >> BLOCK_SHIFT, data):
             return None
         return memoryview(data)[offset - start:offset - start + length]
 

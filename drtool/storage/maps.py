@@ -41,6 +41,7 @@ CHUNK_BITS = PAYLOAD * 8  # 32512 regions a bitmap page
 BLOCK_SIZE = 4096  # the unit a block digest covers (the page size clients read in)
 BLOCK_DIGEST_SIZE = 16
 NO_BLOCK_DIGEST = bytes(BLOCK_DIGEST_SIZE)
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
 BLOCK_DIGESTS_PER_PAGE = PAYLOAD // BLOCK_DIGEST_SIZE  # 254
 _ERA = struct.Struct("<I")
 _NONZERO = re.compile(rb"[^\x00]+", re.DOTALL)
@@ -539,20 +540,21 @@ class Manifest:
             # An all-zero region needs none: its blocks are checked against zeros.
             self.blocks._put(region, None if zero else blocks)
 
-    def block_digest(self, region: int, block: int) -> tuple[bytes, bytes | None]:
-        """(the region's stored digest, the block's digest) in one look-up, for the one-block
-        read.  An all-zero region gives (NO_DIGEST itself, b""): its blocks are zeros; an unknown
-        block digest gives None."""
+    def verify_block(self, region: int, block: int, data: bytes | bytearray | memoryview) -> bool:
+        """Are ``data`` the bytes of block ``block`` of ``region`` (all of it, or the volume's
+        short end)?  Against its block digest, compared in place; an all-zero region's blocks
+        against zeros.  False also when the block digest is unknown (a zero slot matches no
+        keyed digest): the caller then checks the region whole.  The one-block read's check."""
         page, index = divmod(region, DIGESTS_PER_PAGE)
         start = index * DIGEST_SIZE
-        key = bytes(self._pages.page(self._first + page)[start:start + DIGEST_SIZE])
+        key = self._pages.page(self._first + page)[start:start + DIGEST_SIZE]
         if key == NO_DIGEST:
-            return NO_DIGEST, b""
+            return data == _ZERO_BLOCK[:len(data)]
         blocks = self.blocks
         page, at = divmod(region * blocks.per_region + block, BLOCK_DIGESTS_PER_PAGE)
         at *= BLOCK_DIGEST_SIZE
-        value = bytes(self._pages.page(blocks._first + page)[at:at + BLOCK_DIGEST_SIZE])
-        return key, (None if value == NO_BLOCK_DIGEST else value)
+        digest = blake3.blake3(data, key=key).digest(BLOCK_DIGEST_SIZE)
+        return self._pages.page(blocks._first + page).find(digest, at, at + BLOCK_DIGEST_SIZE) == at
 
     def remember_blocks(self, region: int, digest: bytes, blocks: list[bytes]) -> bool:
         """Keep block digests computed from bytes verified against ``digest``, if that is still

@@ -203,3 +203,20 @@ def test_matches_run_compares_a_run_of_digests_across_pages():
     assert not manifest.matches_run(200, changed)
     manifest[7] = zero_digest(65536)  # stored as "all zeros": checked one by one
     assert not manifest.matches_run(7, [zero_digest(65536)])
+
+
+def test_verify_block_checks_one_block_in_place():
+    from drtool.storage.maps import block_digests, digest
+
+    import os
+
+    manifest = _manifest_with_blocks()
+    content = os.urandom(65536)
+    manifest[4] = digest(content)
+    block = content[3 * 4096:4 * 4096]
+    assert not manifest.verify_block(4, 3, block)  # unknown: the caller checks the region whole
+    manifest.remember_blocks(4, digest(content), block_digests(digest(content), content))
+    assert manifest.verify_block(4, 3, block)
+    assert not manifest.verify_block(4, 2, block)  # another block's bytes
+    assert not manifest.verify_block(4, 3, b"\x00" + block[1:])
+    assert manifest.verify_block(6, 0, bytes(4096)) and not manifest.verify_block(6, 0, b"\x01" + bytes(4095))
