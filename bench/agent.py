@@ -4,7 +4,8 @@
 
 1. healthy: `drtool agent` (a real subprocess, verifying every region it reads) vs
    `nbdkit file` and `qemu-nbd` on the same warm 2 GiB image: nbdcopy to null: (medians of
-   --runs, alternated) and fio randread 4k iodepth 32;
+   --runs, alternated) and fio randread 4k iodepth 32; then fio randread 4k iodepth 1 (p50 and
+   p99 completion latency) against nbdkit, after one 4 KiB read in every region;
 2. degraded: 10 % of the regions corrupted and the volume recovered before every run, so each
    full nbdcopy fetches them from a local `drtool serve` (verified, with copy-on-read and
    readahead as shipped); vs nbdkit on the healthy image; and the bytes fetched from the
@@ -101,6 +102,30 @@ def healthy(work: str, image: str, size: int, runs: int, fio_seconds: float) -> 
     warm(image)
     result = compare(image, size, runs, fio_seconds, {"drtool agent": lambda: agent(root, "healthy", work)})
     print_rows(result)
+    result["qd1"] = latency(root, work, image, size, runs, fio_seconds)
+    return result
+
+
+def latency(root: str, work: str, image: str, size: int, runs: int, fio_seconds: float) -> dict:
+    """fio randread 4k iodepth 1 through the agent and nbdkit, alternated (after one 4 KiB read
+    in every region each: the agent's block digests remembered, as in a long-running agent)."""
+    samples: dict[str, list[tuple[float, float, float]]] = {"drtool agent": [], "nbdkit": []}
+    with agent(root, "healthy", work) as drtool, nbdkit_file(image) as peer:
+        endpoints = {"drtool agent": drtool, "nbdkit": peer}
+        for endpoint in endpoints.values():
+            fill_run(endpoint, size)
+        for _ in range(runs):
+            for label, endpoint in endpoints.items():
+                samples[label].append(fio_latency_run(endpoint, size, fio_seconds))
+    result = {label: {"p50_us": median([s[0] for s in values]), "p99_us": median([s[1] for s in values]),
+                      "cpu_us_per_io": median([s[2] for s in values])} for label, values in samples.items()}
+    mine, theirs = result["drtool agent"], result["nbdkit"]
+    result["p50_over_nbdkit"] = mine["p50_us"] / theirs["p50_us"]
+    result["p99_over_nbdkit"] = mine["p99_us"] / theirs["p99_us"]
+    print(row("fio randread 4k iodepth 1", f"drtool p50/p99 {mine['p50_us']:.0f}/{mine['p99_us']:.0f} µs",
+              f"nbdkit {theirs['p50_us']:.0f}/{theirs['p99_us']:.0f} µs",
+              f"x nbdkit {result['p50_over_nbdkit']:.2f}/{result['p99_over_nbdkit']:.2f}",
+              f"CPU {mine['cpu_us_per_io']:.1f} µs/IO"))
     return result
 
 
