@@ -9,6 +9,7 @@ test's directory is touched.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -27,8 +28,13 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LIBRARY = ROOT / "roles" / "drtool_common" / "library"
-MODULE_UTILS = ROOT / "roles" / "drtool_common" / "module_utils"
+# The repository root is the collection drtool.drtool; collections/ansible_collections/drtool/drtool
+# is a symlink to it, so that this checkout's modules import their module_utils by their
+# collection name, as Ansible runs them.
+COLLECTIONS = ROOT / "collections"
+COLLECTION = "drtool.drtool"
+LIBRARY = ROOT / "plugins" / "modules"
+MODULE_UTILS_NAME = "ansible_collections.drtool.drtool.plugins.module_utils.drtool_common"
 VENV_BIN = Path(sys.executable).parent
 MODULES = sorted(p.stem for p in LIBRARY.glob("drtool_*.py"))
 
@@ -36,13 +42,10 @@ MODULES = sorted(p.stem for p in LIBRARY.glob("drtool_*.py"))
 
 
 def load_module(name: str) -> ModuleType:
-    """Import a module from the role's library/, its module_utils as Ansible would ship them."""
-    if "ansible.module_utils.drtool_common" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ansible.module_utils.drtool_common",
-                                                      MODULE_UTILS / "drtool_common.py")
-        utils = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = utils
-        spec.loader.exec_module(utils)
+    """A fresh copy of plugins/modules/NAME.py (tests may patch it), its module_utils shared."""
+    if str(COLLECTIONS) not in sys.path:
+        sys.path.insert(0, str(COLLECTIONS))
+    importlib.import_module(MODULE_UTILS_NAME)
     spec = importlib.util.spec_from_file_location(f"drtool_ansible_modules.{name}", LIBRARY / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.ansible.conftest import MODULES, ROOT, VENV_BIN, ansible_env, load_module
+from tests.ansible.conftest import COLLECTION, MODULES, ROOT, VENV_BIN, ansible_env, load_module
 
 
 class _Captured(Exception):
@@ -43,7 +43,10 @@ def test_documented_options_are_the_argument_spec(name):
     returns = yaml.safe_load(module.RETURN)
     assert doc["module"] == name and doc["short_description"] and doc["description"]
     assert doc["attributes"]["check_mode"]["support"] == "full"
-    assert examples and any(name in task for task in examples), "the examples use the module"
+    assert examples and any(f"{COLLECTION}.{name}" in task for task in examples), "the examples use the module (FQCN)"
+    for task in examples:
+        called = [key for key in task if key.startswith("drtool")]
+        assert all(key.startswith(f"{COLLECTION}.") for key in called), f"{name}'s examples call {called}: not FQCN"
     assert returns, "RETURN documents the results"
 
     kwargs = argument_spec(name)
@@ -65,20 +68,38 @@ def test_documented_options_are_the_argument_spec(name):
 
 
 def test_state_modules_use_required_if():
-    for name in ("drtool_volume", "drtool_replica", "drtool_agent"):
+    for name in ("drtool_volume", "drtool_replica", "drtool_agent", "drtool_role"):
         assert argument_spec(name)["required_if"], name
 
 
+def test_every_module_but_the_info_ones_takes_state():
+    """One way to say what a module manages: state (drtool_role's roles too), except *_info (read-only)."""
+    for name in MODULES:
+        spec = argument_spec(name)["argument_spec"]
+        if name.endswith("_info"):
+            assert "state" not in spec, name
+        elif name != "drtool_replication":  # an action (drain, force, verify): no state to be in
+            assert "state" in spec and spec["state"].get("choices"), name
+    assert argument_spec("drtool_role")["argument_spec"]["state"]["choices"] == ["primary", "secondary"]
+
+
 def test_ansible_doc_renders_every_module(tmp_path):
-    proc = subprocess.run([str(VENV_BIN / "ansible-doc"), "--json", *MODULES], cwd=ROOT,
+    """From the checkout (ansible.cfg's collections_path finds the collection through collections/)."""
+    fqcns = [f"{COLLECTION}.{name}" for name in MODULES]
+    listed = subprocess.run([str(VENV_BIN / "ansible-doc"), "-l", COLLECTION], cwd=ROOT, env=ansible_env(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(line.split()[0] for line in listed.stdout.splitlines() if line.strip()) == fqcns
+    proc = subprocess.run([str(VENV_BIN / "ansible-doc"), "--json", *fqcns], cwd=ROOT,
                           env=ansible_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     docs = json.loads(proc.stdout)
-    assert sorted(docs) == MODULES
+    assert sorted(docs) == fqcns
     for name, entry in docs.items():
         assert entry["doc"]["options"], name
         assert entry["examples"].strip(), name
         assert entry["return"], name
-    text = subprocess.run([str(VENV_BIN / "ansible-doc"), "drtool_recovery"], cwd=ROOT, env=ansible_env(tmp_path),
+    text = subprocess.run([str(VENV_BIN / "ansible-doc"), f"{COLLECTION}.drtool_recovery"], cwd=ROOT,
+                          env=ansible_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "fails back" in text.stdout and "RETURN VALUES" in text.stdout

@@ -98,7 +98,7 @@ def test_role_reaches_a_cleartext_replica_server_only_when_told(run_module, clea
     make_image(tmp_path / "a.img", SIZE, seed=4)
     api.init_volume("vol", str(tmp_path / "a.img"), "64K", root=str(tmp_path / "a"))
     api.protect("vol", cleartext.url, str(cleartext.token_file), root=str(tmp_path / "a"), insecure=True)
-    args = {"name": "vol", "role": "primary", "force": True, "replica_url": cleartext.url,
+    args = {"name": "vol", "state": "primary", "force": True, "replica_url": cleartext.url,
             "token_file": str(cleartext.token_file), "state_root": str(tmp_path / "b")}
     for check in (True, False):
         refused = run_module("drtool_role", args, check=check)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ansible.conftest import free_port, load_module, stop_pid_file
+from tests.ansible.conftest import MODULE_UTILS_NAME, free_port, load_module, stop_pid_file
 from tests.conftest import corrupt, make_image, state_files
 
 SIZE = 1 << 20  # 16 regions of 64 KiB
@@ -136,7 +136,7 @@ def test_missing_drtool_fails_with_missing_required_lib(run_module, monkeypatch)
     load_module("drtool_status_info")  # registers the module_utils
     import sys
 
-    utils = sys.modules["ansible.module_utils.drtool_common"]
+    utils = sys.modules[MODULE_UTILS_NAME]
     monkeypatch.setattr(utils, "HAS_DRTOOL", False)
     monkeypatch.setattr(utils, "DRTOOL_IMPORT_ERROR", "ModuleNotFoundError: No module named 'drtool'")
     result = run_module("drtool_status_info", {})
@@ -154,13 +154,20 @@ def test_health_info_probe_scrub_and_faulted_device(run_module, protected, base)
     assert not probe.changed and probe["healthy"] and probe["volumes"][0]["probe"]["ok"]
 
     corrupt(base / "vol.img", 3 * 65536 + 100)
-    check = run_module("drtool_health_info", {"state_root": root, "mode": "scrub"}, check=True)
-    assert not check.changed and check["unhealthy"] == ["vol"]
-    entry = check["volumes"][0]
-    assert entry["health"] == "DEGRADED" and entry["bad_regions"] == [[3, 1]] and entry["bad_count"] == 1
-    assert entry["scrub"]["new_bad_regions"] == [[3, 1]]
-    assert entry["lag"]["records"] == 0 and entry["mode"] == "normal"
-    assert entry["peer"]["reachable"] is True
+    before = state_files(base / "state")
+    for check in (True, False):
+        # An _info module never changes anything, check mode or not: the scrub reports, records nothing.
+        scrubbed = run_module("drtool_health_info", {"state_root": root, "mode": "scrub"}, check=check)
+        assert not scrubbed.changed and scrubbed["unhealthy"] == ["vol"]
+        entry = scrubbed["volumes"][0]
+        assert entry["health"] == "DEGRADED" and entry["bad_regions"] == [[3, 1]] and entry["bad_count"] == 1
+        assert entry["scrub"]["new_bad_regions"] == [[3, 1]]
+        assert entry["lag"]["records"] == 0 and entry["mode"] == "normal"
+        assert entry["peer"]["reachable"] is True
+    from drtool import api
+
+    assert api.status("vol", root=root, probe_peer=False)[0]["bad_count"] == 0, "the bad map is unchanged"
+    assert state_files(base / "state") == before
 
     os.rename(base / "vol.img", base / "vol.away")
     faulted = run_module("drtool_health_info", {"names": ["vol"], "state_root": root})
@@ -206,7 +213,18 @@ def test_recovery_enters_degraded_then_fails_back(run_module, protected, base):
     root = protected["state_root"]
     original = (base / "vol.img").read_bytes()
     corrupt(base / "vol.img", 5 * 65536)
-    run_module("drtool_health_info", {"state_root": root, "mode": "scrub"})
+    scrub = {"name": "vol", "state": "scrubbed", "state_root": root}
+    before = state_files(base / "state")
+    would = run_module("drtool_recovery", scrub, check=True, diff=True)
+    assert would.changed and would["bad_regions"] == [[5, 1]] and would["health"] == "DEGRADED"
+    assert would["diff"] == {"before": {"bad_regions": []}, "after": {"bad_regions": [[5, 1]]},
+                             "before_header": "volume vol", "after_header": "volume vol"}
+    assert state_files(base / "state") == before, "check mode records nothing"
+    recorded = run_module("drtool_recovery", scrub)
+    assert recorded.changed and recorded["scrub"]["new_bad_regions"] == [[5, 1]] and recorded["bad_count"] == 1
+    assert recorded["mode"] == "normal" and recorded["lost_regions"] == []
+    again = run_module("drtool_recovery", scrub)
+    assert not again.changed and again["bad_regions"] == [[5, 1]], "the same findings change nothing"
 
     before = state_files(base / "state")
     check = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "state_root": root},
@@ -234,7 +252,8 @@ def test_recovery_onto_a_new_device(run_module, protected, base):
     root = protected["state_root"]
     original = (base / "vol.img").read_bytes()
     os.rename(base / "vol.img", base / "vol.dead")
-    run_module("drtool_health_info", {"state_root": root, "mode": "scrub"})
+    scrubbed = run_module("drtool_recovery", {"name": "vol", "state": "scrubbed", "state_root": root})
+    assert scrubbed["health"] == "FAULTED" and "does not exist" in scrubbed["faulted"], scrubbed.data
     assert run_module("drtool_recovery", {"name": "vol", "state": "degraded", "state_root": root}).changed
     make_image(base / "new.img", SIZE, seed=99)
     back = run_module("drtool_recovery", {"name": "vol", "state": "normal", "device": str(base / "new.img"),
@@ -251,6 +270,9 @@ def test_recovery_bad_arguments_fail_clearly(run_module, protected, base):
     root = protected["state_root"]
     mixed = run_module("drtool_recovery", {"name": "vol", "state": "degraded", "rate": "1M", "state_root": root})
     assert mixed.failed and "state=normal" in mixed["msg"]
+    scrub_era = run_module("drtool_recovery", {"name": "vol", "state": "scrubbed", "local_era": 1, "state_root": root})
+    assert scrub_era.failed and scrub_era["msg"] == ("source and local_era are for state=degraded (recovery), "
+                                                     "not state=scrubbed")
     nowhere = run_module("drtool_recovery", {"name": "vol", "state": "normal", "device": str(base / "x.img"),
                                              "state_root": root})
     assert nowhere.failed and "nothing to fail back onto" in nowhere["msg"]

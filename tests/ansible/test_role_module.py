@@ -56,39 +56,39 @@ def test_planned_swap_step_by_step_with_check_mode_and_idempotence(run_module, p
     a, b = pair
     api.write("vol", 3 * RS, b"pending" * 100, root=str(a.root))
     before = state_files(a.root)
-    check = run_module("drtool_role", a.args(role="secondary", replica_url=a.server.url), check=True, diff=True)
+    check = run_module("drtool_role", a.args(state="secondary", replica_url=a.server.url), check=True, diff=True)
     assert check.changed and check["actions"] == ["demoted", "adopted"]
     assert check["lag"]["records"] == 1
     assert check["diff"]["before"]["role"] == "primary" and check["diff"]["after"] == {
         "role": "secondary", "registered": True, "adopted_by": a.server.url}
     assert state_files(a.root) == before and api.status("vol", root=str(a.root))[0]["role"] == "primary"
 
-    demoted = run_module("drtool_role", a.args(role="secondary"))
+    demoted = run_module("drtool_role", a.args(state="secondary"))
     assert demoted.changed and demoted["actions"] == ["demoted"], demoted.data
     assert demoted["lost"] == {"records": 0, "bytes": 0, "regions": 0}
-    assert not run_module("drtool_role", a.args(role="secondary")).changed
-    adopted = run_module("drtool_role", a.args(role="secondary", replica_url=a.server.url + "/"))
+    assert not run_module("drtool_role", a.args(state="secondary")).changed
+    adopted = run_module("drtool_role", a.args(state="secondary", replica_url=a.server.url + "/"))
     assert adopted["actions"] == ["adopted"] and adopted["demoted"]["adopted"]["url"] == a.server.url
-    assert not run_module("drtool_role", a.args(role="secondary", replica_url=a.server.url)).changed
+    assert not run_module("drtool_role", a.args(state="secondary", replica_url=a.server.url)).changed
 
-    check = run_module("drtool_role", b.args(role="primary", replica_url=b.server.url), check=True)
+    check = run_module("drtool_role", b.args(state="primary", replica_url=b.server.url), check=True)
     assert check.changed and check["replica"]["state"] == "released"
     assert not (b.root / "vol").exists()
-    promoted = run_module("drtool_role", b.args(role="primary", replica_url=b.server.url))
+    promoted = run_module("drtool_role", b.args(state="primary", replica_url=b.server.url))
     assert promoted.changed and promoted["actions"] == ["promoted"] and not promoted["takeover"]
     assert promoted["device"] == check["replica"]["image"]
     assert api.read("vol", 3 * RS, 700, root=str(b.root)) == b"pending" * 100
-    again = run_module("drtool_role", b.args(role="primary", replica_url=b.server.url))
+    again = run_module("drtool_role", b.args(state="primary", replica_url=b.server.url))
     assert not again.changed and again["promoted"]["applied_seq"] == promoted["promoted"]["applied_seq"]
     # b was a pure secondary before: asking it for that role changed nothing.
-    assert not run_module("drtool_role", {"name": "other", "role": "secondary", "state_root": str(a.root)}).changed
+    assert not run_module("drtool_role", {"name": "other", "state": "secondary", "state_root": str(a.root)}).changed
 
 
 def test_drain_timeout_fails_and_changes_nothing(run_module, pair):
     a, b = pair
     b.server.stop(kill=True)  # nothing can be shipped
     api.write("vol", 0, b"unshipped", root=str(a.root))
-    result = run_module("drtool_role", a.args(role="secondary", timeout=0.5))
+    result = run_module("drtool_role", a.args(state="secondary", timeout=0.5))
     # Without an agent the drain ships itself and meets the dead peer at once; with one, it times out.
     assert result.failed and result["error"] in ("PeerUnreachable", "OperationTimeout"), result.data
     status = api.status("vol", root=str(a.root), probe_peer=False)[0]
@@ -99,17 +99,17 @@ def test_drain_timeout_fails_and_changes_nothing(run_module, pair):
 def test_takeover_and_the_forced_demotion_count_the_loss(run_module, pair):
     a, b = pair
     api.write("vol", 5 * RS, b"lost" * 256, root=str(a.root))  # never shipped
-    refused = run_module("drtool_role", b.args(role="primary", replica_url=b.server.url))
+    refused = run_module("drtool_role", b.args(state="primary", replica_url=b.server.url))
     assert refused.failed and "still claims" in refused["msg"] and refused["exit_code"] != 0
     assert not (b.root / "vol").exists()
-    taken = run_module("drtool_role", b.args(role="primary", replica_url=b.server.url, force=True))
+    taken = run_module("drtool_role", b.args(state="primary", replica_url=b.server.url, force=True))
     assert taken.changed and taken["takeover"] and taken["promoted"]["takeover"]
-    assert not run_module("drtool_role", b.args(role="primary", replica_url=b.server.url, force=True)).changed
+    assert not run_module("drtool_role", b.args(state="primary", replica_url=b.server.url, force=True)).changed
 
     # a returns: it steps down without draining and counts what it lost, exactly.
-    check = run_module("drtool_role", a.args(role="secondary", force=True), check=True)
+    check = run_module("drtool_role", a.args(state="secondary", force=True), check=True)
     assert check["actions"] == ["demoted"] and check["lag"]["records"] == 1
-    stepped = run_module("drtool_role", a.args(role="secondary", force=True, replica_url=a.server.url))
+    stepped = run_module("drtool_role", a.args(state="secondary", force=True, replica_url=a.server.url))
     assert stepped["actions"] == ["demoted", "adopted"]
     assert stepped["lost"] == {"records": 1, "bytes": 1024, "regions": 1, "exact": True, "after_seq": 16}
     plan = api.protect("vol", a.server.url, str(a.server.token_file), root=str(b.root), plan_only=True)["plan"]
@@ -134,13 +134,16 @@ def test_takeover_and_the_forced_demotion_count_the_loss(run_module, pair):
 
 def test_bad_arguments_fail_clearly(run_module, pair):
     a, b = pair
-    no_url = run_module("drtool_role", b.args(role="primary"))
-    assert no_url.failed and no_url["msg"] == "role is primary but all of the following are missing: replica_url"
-    bad_timeout = run_module("drtool_role", a.args(role="secondary", timeout=0))
+    no_url = run_module("drtool_role", b.args(state="primary"))
+    assert no_url.failed and no_url["msg"] == "state is primary but all of the following are missing: replica_url"
+    bad_timeout = run_module("drtool_role", a.args(state="secondary", timeout=0))
     assert bad_timeout.failed and "timeout" in bad_timeout["msg"]
-    unknown = run_module("drtool_role", b.args(name="nope", role="secondary", replica_url=b.server.url))
+    unknown = run_module("drtool_role", b.args(name="nope", state="secondary", replica_url=b.server.url))
     assert unknown.failed and "neither registered" in unknown["msg"]
-    nothing = run_module("drtool_role", b.args(name="nope", role="primary", replica_url=b.server.url), check=True)
+    nothing = run_module("drtool_role", b.args(name="nope", state="primary", replica_url=b.server.url), check=True)
     assert nothing.failed and "holds no volume nope" in nothing["msg"]
-    bad_role = run_module("drtool_role", a.args(role="tertiary"))
+    bad_role = run_module("drtool_role", a.args(state="tertiary"))
     assert bad_role.failed and "primary, secondary" in bad_role["msg"]
+    # The option is state, like every other module's: the old name is refused, not taken silently.
+    old_name = run_module("drtool_role", dict(a.args(), role="secondary"))
+    assert old_name.failed and old_name["msg"] == "missing required arguments: state"

@@ -91,15 +91,34 @@ def test_inventory_parses(tmp_path, inventory, groups):
 
 
 def test_local_inventory_keeps_every_host_under_drtool_base(tmp_path):
-    """Every host's state (the playbooks read each host's registered volumes) lives under drtool_base."""
+    """Every file either host uses in either role (a role swap makes the secondary the primary and
+    the other way round: planned_failover.yml runs on inventory/local as it is) lives under
+    drtool_base, each host's under its own directory."""
     base = tmp_path / "base"
-    paths = ["drtool_primary_state_root", "drtool_secondary_root", "drtool_install_venv"]
-    values = resolved(tmp_path, "inventory/local", ["local-primary", "local-secondary"], paths,
+    paths = ["drtool_primary_state_root", "drtool_primary_token_file", "drtool_primary_agent_nbd_socket",
+             "drtool_primary_agent_pid_file", "drtool_primary_agent_log_file", "drtool_secondary_root",
+             "drtool_secondary_token_file", "drtool_secondary_pid_file", "drtool_secondary_log_file",
+             "drtool_install_venv"]
+    hosts = ["local-primary", "local-secondary"]
+    values = resolved(tmp_path, "inventory/local", hosts, paths + ["drtool_primary_volumes", "drtool_primary_peer_url",
+                                                                   "drtool_secondary_listen_address",
+                                                                   "drtool_primary_service_manager",
+                                                                   "drtool_secondary_service_manager"],
                       "-e", json.dumps({"drtool_base": str(base)}))
-    assert "drtool_primary_state_root" in values["local-secondary"]
-    for host, found in values.items():
-        for name, value in found.items():
-            assert Path(value).is_relative_to(base), f"{host}: {name}={value} is outside drtool_base"
+    for host in hosts:
+        found = values[host]
+        assert sorted(name for name in paths if name in found) == sorted(paths), f"{host} lacks some"
+        for name in paths:
+            own = base if name == "drtool_install_venv" else base / host.removeprefix("local-")
+            assert Path(found[name]).is_relative_to(own), f"{host}: {name}={found[name]} is outside {own}"
+        assert found["drtool_primary_service_manager"] == found["drtool_secondary_service_manager"] == "daemon"
+    for volume in values["local-primary"]["drtool_primary_volumes"]:
+        assert Path(volume["device"]).is_relative_to(base / "primary"), volume
+    # Each is the other's peer: the primary's replica server on the other's loopback address.
+    assert values["local-primary"]["drtool_primary_peer_url"].startswith(
+        f"http://{values['local-secondary']['drtool_secondary_listen_address']}:")
+    assert values["local-secondary"]["drtool_primary_peer_url"].startswith(
+        f"http://{values['local-primary']['drtool_secondary_listen_address']}:")
 
 
 def test_example_inventory_can_run_a_role_swap_for_every_pair(tmp_path):

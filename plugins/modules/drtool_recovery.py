@@ -8,8 +8,12 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: drtool_recovery
-short_description: A drtool volume in recovery (degraded) or back to normal (failback)
+short_description: A drtool volume scrubbed, in recovery (degraded) or back to normal (failback)
 description:
+  - V(scrubbed) reads and verifies every region against the manifest (C(drtool scrub)) and records what it finds
+    in the volume's bad map, the regions a later V(degraded) serves from the replica. It reports C(changed) when the
+    bad map changed (new bad regions, or regions found good again). This is the scrub that changes something;
+    M(drtool.drtool.drtool_health_info) with O(drtool.drtool.drtool_health_info#module:mode=scrub) only reports.
   - V(degraded) enters recovery (C(drtool recover)), at once; an overlay takes every later write, and reads are
     merged and verified (overlay, then the regions fetched from the replica, then the healthy local ones).
     Nothing changes for a volume already in recovery.
@@ -20,7 +24,7 @@ description:
   - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   name:
     description:
@@ -30,10 +34,10 @@ options:
     aliases: [volume]
   state:
     description:
-      - V(degraded) enters recovery; V(normal) fails back.
+      - V(scrubbed) scrubs and records the bad regions; V(degraded) enters recovery; V(normal) fails back.
     type: str
     required: true
-    choices: [degraded, normal]
+    choices: [degraded, normal, scrubbed]
   source:
     description:
       - With V(degraded), where the replica's bytes come from. V(mirror) (the current replica), V(journal)
@@ -64,26 +68,34 @@ requirements:
 attributes:
   check_mode:
     support: full
-    description: Reports whether the volume would enter recovery or fail back; does neither.
+    description:
+      - Reports whether the volume would enter recovery or fail back; does neither.
+      - V(scrubbed) scrubs in check mode too and reports what it finds, without recording it.
   diff_mode:
     support: full
-    description: Shows the volume's mode and device before and after.
+    description: Shows the volume's mode and device (and with V(scrubbed), its bad regions) before and after.
 notes:
   - Entering recovery for a different O(source) or O(local_era) than the one in force fails; fail back first.
   - Failback refuses while regions are lost (bad and never replicated); write them first.
 seealso:
-  - module: drtool_health_info
-  - module: drtool_agent
+  - module: drtool.drtool.drtool_health_info
+  - module: drtool.drtool.drtool_agent
 """
 
 EXAMPLES = r"""
+- name: Scrub db and record its bad regions
+  drtool.drtool.drtool_recovery:
+    name: db
+    state: scrubbed
+  register: scrub
+
 - name: Serve db from the replica where its local regions are bad
-  drtool_recovery:
+  drtool.drtool.drtool_recovery:
     name: db
     state: degraded
 
 - name: Fail back onto the replacement disk at 200 MiB/s
-  drtool_recovery:
+  drtool.drtool.drtool_recovery:
     name: db
     state: normal
     device: /dev/disk/by-id/wwn-0x5000c500a1b2c3d4
@@ -91,6 +103,45 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+volume:
+  description: The volume's name.
+  returned: always
+  type: str
+  sample: db
+health:
+  description: V(ONLINE), V(DEGRADED) (bad regions) or V(FAULTED) (the device is missing or unreadable), as the scrub found it.
+  returned: when O(state=scrubbed)
+  type: str
+  sample: DEGRADED
+bad_regions:
+  description: Runs of bad regions the scrub found, as [first, count] pairs.
+  returned: when O(state=scrubbed)
+  type: list
+  elements: list
+  sample: [[3, 1], [40, 2]]
+bad_count:
+  description: Number of bad regions the scrub found.
+  returned: when O(state=scrubbed)
+  type: int
+  sample: 3
+faulted:
+  description: Why the device is unusable, or null.
+  returned: when O(state=scrubbed)
+  type: str
+size:
+  description: The volume's size in bytes.
+  returned: when O(state=scrubbed)
+  type: int
+region_size:
+  description: The volume's region size in bytes.
+  returned: when O(state=scrubbed)
+  type: int
+scrub:
+  description:
+    - The scrub report (regions scanned, C(new_bad_regions) and C(cleared_regions), errors, seconds).
+    - In check mode, what the scrub found without recording it.
+  returned: when O(state=scrubbed)
+  type: dict
 mode:
   description: The volume's mode after the task (V(normal), V(degraded), V(resync)).
   returned: always
@@ -112,21 +163,38 @@ lost_regions:
   description: Regions that are bad and were never replicated (reads of them fail with EIO), as [first, count].
   returned: always
   type: list
+  elements: list
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool, volume_status
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool, volume_status
 
 
 def _view(status):
     return {"mode": status["mode"], "device": status["device"]}
 
 
+def _scrubbed(module, api, name, root, status):
+    """Scrub, record the findings (not in check mode), report them; changed when the bad map changed."""
+    scrub = call(module, api.scrub_volume, name, root=root, record=not module.check_mode)
+    changed = bool(scrub["new_bad_regions"] or scrub["cleared_regions"])
+    output = dict(changed=changed, volume=name, mode=status["mode"], device=status["device"], scrub=scrub,
+                  health=scrub["health"], faulted=scrub["faulted"] or status.get("faulted"),
+                  bad_regions=scrub["bad_regions"], bad_count=scrub["bad_count"],
+                  lost_regions=status["lost_regions"], size=status["size"], region_size=status["region_size"])
+    if changed and not module.check_mode:
+        output["lost_regions"] = volume_status(module, name, root)["lost_regions"]
+    if module._diff:
+        output["diff"] = dict(before={"bad_regions": status["bad_regions"]}, after={"bad_regions": scrub["bad_regions"]},
+                              before_header="volume %s" % name, after_header="volume %s" % name)
+    module.exit_json(**output)
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True, aliases=["volume"]),
-            state=dict(type="str", required=True, choices=["degraded", "normal"]),
+            state=dict(type="str", required=True, choices=["degraded", "normal", "scrubbed"]),
             source=dict(type="str", default="mirror"),
             local_era=dict(type="int"),
             device=dict(type="path"),
@@ -142,16 +210,18 @@ def main():
     name, root, state = p["name"], p["state_root"], p["state"]
     # Options that only one state takes: an argument spec can require an option given another's value
     # (required_if above), but cannot forbid one, so these two are checked here.
-    if state == "degraded" and (p["device"] or p["rate"]):
-        module.fail_json(msg="device and rate are for state=normal (failback), not state=degraded")
-    if state == "normal" and (p["local_era"] is not None or p["source"] != "mirror"):
-        module.fail_json(msg="source and local_era are for state=degraded (recovery), not state=normal")
+    if state != "normal" and (p["device"] or p["rate"]):
+        module.fail_json(msg="device and rate are for state=normal (failback), not state=%s" % state)
+    if state != "degraded" and (p["local_era"] is not None or p["source"] != "mirror"):
+        module.fail_json(msg="source and local_era are for state=degraded (recovery), not state=%s" % state)
 
     status = volume_status(module, name, root)
     if status is None:
         module.fail_json(msg="volume %s is not registered%s" % (name, " under %s" % root if root else ""))
+    if state == "scrubbed":
+        _scrubbed(module, api, name, root, status)
     before = _view(status)
-    output = {}
+    output = {"volume": name}
     if state == "degraded":
         changed = status["mode"] == "normal"
         if changed and not module.check_mode:

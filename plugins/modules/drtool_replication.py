@@ -24,7 +24,7 @@ description:
   - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   name:
     description:
@@ -77,22 +77,22 @@ attributes:
 notes:
   - C(changed) means records were shipped; a volume already in sync reports C(changed=false).
 seealso:
-  - module: drtool_volume
+  - module: drtool.drtool.drtool_volume
 """
 
 EXAMPLES = r"""
 - name: Drain replication before a planned failover (fail after 10 minutes)
-  drtool_replication:
+  drtool.drtool.drtool_replication:
     name: db
     timeout: 600
 
 - name: Force the regions a degraded read needs
-  drtool_replication:
+  drtool.drtool.drtool_replication:
     name: db
     regions: ["3", "10-12"]
 
 - name: Prove the replica holds what was acknowledged; ship again what it does not
-  drtool_replication:
+  drtool.drtool.drtool_replication:
     name: db
     verify: true
     repair: true
@@ -133,7 +133,7 @@ in_sync:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, fail_drtool, require_drtool, volume_status
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import STATE_ROOT_OPTION, fail_drtool, require_drtool, volume_status
 
 
 def _pending(lag):
@@ -235,9 +235,9 @@ def _verify(module, api, name, root, regions, before):
                               after={"replica": result["result"]},
                               before_header="replica of %s" % name, after_header="replica of %s" % name)
     if result["result"] == "differ" and not (module.check_mode and p["repair"]):
+        differ = result["repair"]["after"]["differ"] if result["repair"] else result["differ"]
         runs = ", ".join("%s %s" % (d["reason"], d["first"] if d["count"] == 1 else "%d-%d" % (
-            d["first"], d["first"] + d["count"] - 1)) for d in (result["repair"]["after"]["differ"]
-                                                                   if result["repair"] else result["differ"]))
+            d["first"], d["first"] + d["count"] - 1)) for d in differ)
         module.fail_json(msg="the replica of %s differs from the volume: %s%s" % (
             name, runs, "" if p["repair"] else " (repair=true ships them again)"),
             exit_code=int(ExitCode.BAD_REGIONS), **output)

@@ -10,27 +10,27 @@ DOCUMENTATION = r"""
 module: drtool_role
 short_description: A drtool volume's role on this host, primary or secondary (planned failover, takeover)
 description:
-  - Swaps a volume's role between the two hosts of a pair, one side at a time. Run it with O(role=secondary)
-    on the current primary, then with O(role=primary) on the host that takes over.
-  - O(role=secondary) on the primary demotes the volume (C(drtool demote)). Writes are refused, replication
+  - Swaps a volume's role between the two hosts of a pair, one side at a time. Run it with O(state=secondary)
+    on the current primary, then with O(state=primary) on the host that takes over.
+  - O(state=secondary) on the primary demotes the volume (C(drtool demote)). Writes are refused, replication
     is drained until the lag is zero (at most O(timeout) seconds, else the task fails and the volume accepts
     writes again, unchanged), and the role is released at the secondary's replica server.
     With O(force=true) (the secondary has already taken over) nothing is drained, and what this host wrote
     that the new primary never applied is counted as lost (RV(lost)).
-  - With O(replica_url), O(role=secondary) then adopts the volume (C(drtool adopt)), so that this host's own
+  - With O(replica_url), O(state=secondary) then adopts the volume (C(drtool adopt)), so that this host's own
     replica server serves it in place, on this host's device, and the new primary ships its writes there. An agent
     still serving the volume hands it over and stops serving it (its other volumes are not disturbed); NBD clients
     still connected to the volume make the task fail (disconnect them first).
-  - O(role=primary) promotes this host's replica (C(drtool promote)), which becomes the primary volume, with the
+  - O(state=primary) promotes this host's replica (C(drtool promote)), which becomes the primary volume, with the
     same identity and a new era. It is refused while the old primary still claims the volume, unless
-    O(force=true) (an unplanned takeover). Starting the agent (M(drtool_agent)) and reversing replication
-    (M(drtool_volume) with the old primary's replica server as its C(peer), a fast failback)
+    O(force=true) (an unplanned takeover). Starting the agent (M(drtool.drtool.drtool_agent)) and reversing replication
+    (M(drtool.drtool.drtool_volume) with the old primary's replica server as its C(peer), a fast failback)
     are separate steps.
-  - A host where the volume is not registered (a pure secondary) already has O(role=secondary).
+  - A host where the volume is not registered (a pure secondary) already has O(state=secondary).
   - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   name:
     description:
@@ -38,7 +38,7 @@ options:
     type: str
     required: true
     aliases: [volume]
-  role:
+  state:
     description:
       - The role the volume must have on this host.
     type: str
@@ -46,9 +46,9 @@ options:
     choices: [primary, secondary]
   force:
     description:
-      - With O(role=primary), promote although the old primary never released the volume (a takeover, the
+      - With O(state=primary), promote although the old primary never released the volume (a takeover, the
         old primary is lost or cut off). Its writes that never reached this host are lost.
-      - With O(role=secondary), demote without draining, because the secondary has already taken over; the
+      - With O(state=secondary), demote without draining, because the secondary has already taken over; the
         loss is counted exactly when the new primary's replica server answers.
     type: bool
     default: false
@@ -60,8 +60,8 @@ options:
   replica_url:
     description:
       - This host's own replica server, for example V(https://db1.example.com:8470).
-      - Required with O(role=primary) (the replica that becomes the primary volume lives there).
-      - With O(role=secondary), the volume is also adopted by that server. Without it, the volume is only
+      - Required with O(state=primary) (the replica that becomes the primary volume lives there).
+      - With O(state=secondary), the volume is also adopted by that server. Without it, the volume is only
         demoted (stop the agent, then run the task again with it).
     type: str
   token_file:
@@ -102,54 +102,54 @@ notes:
     later brings the old primary back as the secondary.
   - Every step is idempotent, so a failover interrupted half-way is finished by running it again.
 seealso:
-  - module: drtool_agent
-  - module: drtool_volume
-  - module: drtool_replication
+  - module: drtool.drtool.drtool_agent
+  - module: drtool.drtool.drtool_volume
+  - module: drtool.drtool.drtool_replication
 """
 
 EXAMPLES = r"""
 # Planned failover of "db" from db1 to dr1 (each runs a replica server on port 8470).
 - name: On db1, demote db (drain replication for at most 5 minutes)
-  drtool_role:
+  drtool.drtool.drtool_role:
     name: db
-    role: secondary
+    state: secondary
     timeout: 300
 
 - name: On db1, stop the agent
-  drtool_agent:
+  drtool.drtool.drtool_agent:
     state: stopped
     pid_file: /run/drtool/agent.pid
 
 - name: On db1, let its own replica server serve db from now on
-  drtool_role:
+  drtool.drtool.drtool_role:
     name: db
-    role: secondary
+    state: secondary
     replica_url: https://db1.example.com:8470
     token_file: /etc/drtool/replica.token
     ca: /etc/drtool/site-ca.pem
 
 - name: On dr1, promote its replica of db
-  drtool_role:
+  drtool.drtool.drtool_role:
     name: db
-    role: primary
+    state: primary
     replica_url: https://dr1.example.com:8470
     token_file: /etc/drtool/replica.token
     ca: /etc/drtool/site-ca.pem
 
 # db1 is gone: take over on dr1.
 - name: On dr1, take over db
-  drtool_role:
+  drtool.drtool.drtool_role:
     name: db
-    role: primary
+    state: primary
     force: true
     replica_url: https://dr1.example.com:8470
     token_file: /etc/drtool/replica.token
 
 # db1 is back: it steps down and counts what it lost.
 - name: On db1, step down after the takeover
-  drtool_role:
+  drtool.drtool.drtool_role:
     name: db
-    role: secondary
+    state: secondary
     force: true
 """
 
@@ -202,12 +202,12 @@ lag:
   type: dict
 replica:
   description: The replica server's description of the volume (C(state) V(replica), V(released) or V(promoted), C(applied_seq)).
-  returned: in check mode, with O(role=primary) when the volume is not a primary here yet
+  returned: in check mode, with O(state=primary) when the volume is not a primary here yet
   type: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, call, fail_drtool, require_drtool, volume_status
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import STATE_ROOT_OPTION, call, fail_drtool, require_drtool, volume_status
 
 
 def _view(status):
@@ -284,7 +284,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True, aliases=["volume"]),
-            role=dict(type="str", required=True, choices=["primary", "secondary"]),
+            state=dict(type="str", required=True, choices=["primary", "secondary"]),
             force=dict(type="bool", default=False),
             timeout=dict(type="float", default=60.0),
             replica_url=dict(type="str"),
@@ -294,7 +294,7 @@ def main():
             state_root=STATE_ROOT_OPTION,
         ),
         # The replica that becomes the primary volume lives in this host's replica server.
-        required_if=[("role", "primary", ["replica_url"])],
+        required_if=[("state", "primary", ["replica_url"])],
         supports_check_mode=True,
     )
     api = require_drtool(module)
@@ -306,12 +306,12 @@ def main():
         p["replica_url"] = p["replica_url"].rstrip("/")
 
     before = volume_status(module, name, root)
-    if p["role"] == "secondary":
+    if p["state"] == "secondary":
         result, after = _secondary(module, api, name, root, before)
     else:
         result, after = _primary(module, api, name, root, before)
 
-    output = dict(changed=bool(result["actions"]), volume=name, role=p["role"], actions=result["actions"])
+    output = dict(changed=bool(result["actions"]), volume=name, role=p["state"], actions=result["actions"])
     for key in ("lag", "replica"):
         if key in result:
             output[key] = result[key]
@@ -321,7 +321,7 @@ def main():
         if after.get("demoted"):
             output["demoted"] = after["demoted"]
             output["lost"] = after["demoted"].get("lost")
-        if after.get("promoted") and p["role"] == "primary":
+        if after.get("promoted") and p["state"] == "primary":
             output["promoted"] = after["promoted"]
             output["takeover"] = bool(after["promoted"].get("takeover"))
     if module._diff:

@@ -13,12 +13,15 @@ description:
   - With O(mode=probe), a quick look at the volume's recorded health plus a probe of its device (is it there,
     the right size, readable at both ends). A device that fails the probe is reported C(FAULTED).
   - With O(mode=scrub), reads and verifies every region against the manifest (C(drtool scrub)) and reports
-    the bad regions it found. Through a running agent when there is one.
+    the bad regions it found, without recording them (like every C(_info) module it never changes anything).
+    To record them in the volume's bad map (what recovery serves from the replica), use
+    M(drtool.drtool.drtool_recovery) with O(drtool.drtool.drtool_recovery#module:state=scrubbed).
+    Through a running agent when there is one.
   - Returns health, bad and lost regions, mode and replication lag of each volume.
   - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   names:
     description:
@@ -29,7 +32,7 @@ options:
   mode:
     description:
       - V(probe) is quick and reads only a few bytes of each device.
-      - V(scrub) reads every region of each volume (not the overlay's) and verifies it.
+      - V(scrub) reads every region of each volume (not the overlay's) and verifies it; nothing is recorded.
     type: str
     choices: [probe, scrub]
     default: probe
@@ -48,20 +51,20 @@ attributes:
   check_mode:
     support: full
     description:
-      - Runs in check mode too. It changes no data, mode or configuration; in check mode a scrub reports
-        what it finds without recording it in the volume's bad map.
+      - Runs the same in check mode, and never changes anything (no data, mode, configuration or bad map).
   diff_mode:
     support: none
+    description: Changes nothing, so there is nothing to show.
 notes:
   - Never reports C(changed).
 seealso:
-  - module: drtool_status_info
-  - module: drtool_recovery
+  - module: drtool.drtool.drtool_status_info
+  - module: drtool.drtool.drtool_recovery
 """
 
 EXAMPLES = r"""
-- name: Scrub every volume
-  drtool_health_info:
+- name: Scrub every volume (reads and verifies; records nothing)
+  drtool.drtool.drtool_health_info:
     mode: scrub
   register: health
 
@@ -70,7 +73,7 @@ EXAMPLES = r"""
     msg: "{{ health.unhealthy }}"
 
 - name: Quick probe of one volume, without asking the replica server
-  drtool_health_info:
+  drtool.drtool.drtool_health_info:
     names: [db]
     probe_peer: false
 """
@@ -150,7 +153,7 @@ healthy:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool
 
 KEYS = ("volume", "health", "mode", "faulted", "device", "size", "region_size", "bad_regions", "bad_count", "lost_regions",
         "lost_count", "lag", "peer", "agent", "era", "last_scrub")
@@ -182,12 +185,14 @@ def main():
     for name in names:
         scrub = None
         if p["mode"] == "scrub":
-            scrub = call(module, api.scrub_volume, name, root=root, record=not module.check_mode)
+            # An _info module changes nothing: the scrub reports and never records (drtool_recovery
+            # state=scrubbed is the one that records).
+            scrub = call(module, api.scrub_volume, name, root=root, record=False)
         status = call(module, api.status, name, root=root, probe_peer=p["probe_peer"])[0]
         entry = {key: status.get(key) for key in KEYS}
         if scrub is not None:
             entry["scrub"] = scrub
-            # What the scrub found, recorded or not (check mode does not record it).
+            # What the scrub found (not recorded).
             entry["health"] = scrub["health"]
             entry["faulted"] = scrub["faulted"] or entry["faulted"]
             entry["bad_regions"] = scrub["bad_regions"]

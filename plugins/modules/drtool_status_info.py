@@ -18,7 +18,7 @@ description:
   - A thin adapter over C(drtool.api); drtool must be importable by the Python running the module.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   names:
     description:
@@ -43,13 +43,14 @@ attributes:
     description: Read-only; runs the same in check mode.
   diff_mode:
     support: none
+    description: Changes nothing, so there is nothing to show.
 seealso:
-  - module: drtool_health_info
+  - module: drtool.drtool.drtool_health_info
 """
 
 EXAMPLES = r"""
 - name: Gather the status of every volume
-  drtool_status_info:
+  drtool.drtool.drtool_status_info:
   register: drtool
 
 - name: Fail when a volume is not ONLINE
@@ -89,7 +90,7 @@ healthy:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import STATE_ROOT_OPTION, call, require_drtool
 
 
 def main():

@@ -28,7 +28,7 @@ description:
   - drtool must be importable by the Python running the module; that Python runs the agent.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   names:
     description:
@@ -114,13 +114,13 @@ notes:
   - Restarting the agent (its sockets or TLS files changed, or O(state=restarted)) closes every NBD connection;
     adding or removing a volume closes none but those of a volume removed with O(force_detach).
 seealso:
-  - module: drtool_volume
-  - module: drtool_replica
+  - module: drtool.drtool.drtool_volume
+  - module: drtool.drtool.drtool_replica
 """
 
 EXAMPLES = r"""
 - name: Serve the database volumes over NBD on a Unix socket
-  drtool_agent:
+  drtool.drtool.drtool_agent:
     names: [db, logs]
     nbd_socket: /run/drtool/nbd.sock
     pid_file: /run/drtool/agent.pid
@@ -128,7 +128,7 @@ EXAMPLES = r"""
     restart_if_changed: [/etc/drtool/peer.token]
 
 - name: Also serve them on the storage network, TLS required
-  drtool_agent:
+  drtool.drtool.drtool_agent:
     names: [db, logs]
     nbd_socket: /run/drtool/nbd.sock
     listen: 192.0.2.10:10809
@@ -139,12 +139,12 @@ EXAMPLES = r"""
     restart_if_changed: [/etc/drtool/peer.token]
 
 - name: Under systemd, the agent unit serves exactly these volumes (no restart)
-  drtool_agent:
+  drtool.drtool.drtool_agent:
     names: [db, logs, archive]
     service_manager: systemd
 
 - name: Stop the agent
-  drtool_agent:
+  drtool.drtool.drtool_agent:
     state: stopped
     pid_file: /run/drtool/agent.pid
 """
@@ -189,7 +189,7 @@ cmd:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import (
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import (
     Daemon, DrtoolError, fail_drtool, manage_daemon, require_drtool, volume_status)
 
 

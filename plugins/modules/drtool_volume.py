@@ -21,7 +21,7 @@ description:
     with another device or region size is a clear failure, because re-registering discards its state.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   name:
     description:
@@ -118,13 +118,13 @@ notes:
   - After a failback onto a replacement device the volume is registered with the new device; update the
     device in your inventory then, or the next run fails with "registered with another device".
 seealso:
-  - module: drtool_agent
-  - module: drtool_replica
+  - module: drtool.drtool.drtool_agent
+  - module: drtool.drtool.drtool_replica
 """
 
 EXAMPLES = r"""
 - name: Register and protect the database volume
-  drtool_volume:
+  drtool.drtool.drtool_volume:
     name: db
     device: /dev/vg0/db
     peer: https://dr-site.example.com:8470
@@ -133,7 +133,7 @@ EXAMPLES = r"""
     ca: /etc/drtool/dr-ca.pem
 
 - name: A volume for small random I/O that fails reads fast when the replica hangs
-  drtool_volume:
+  drtool.drtool.drtool_volume:
     name: oltp
     device: /dev/vg0/oltp
     region_size: 4K
@@ -144,13 +144,13 @@ EXAMPLES = r"""
       log_limit: 4G
 
 - name: Register a volume without a replica yet
-  drtool_volume:
+  drtool.drtool.drtool_volume:
     name: scratch
     device: /srv/images/scratch.img
     region_size: 1M
 
 - name: Unregister a volume (stop its agent first)
-  drtool_volume:
+  drtool.drtool.drtool_volume:
     name: scratch
     state: absent
 """
@@ -226,7 +226,7 @@ protect:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import (
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import (
     STATE_ROOT_OPTION, call, ensure_secret_file, require_drtool, volume_status)
 
 

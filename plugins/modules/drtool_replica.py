@@ -18,7 +18,7 @@ description:
   - drtool must be importable by the Python running the module; that Python runs the server.
 version_added: "0.1.0"
 author:
-  - drtool contributors
+  - drtool contributors (@drtool)
 options:
   state:
     description:
@@ -83,13 +83,13 @@ attributes:
     support: full
     description: Shows the server's state and arguments before and after.
 seealso:
-  - module: drtool_agent
-  - module: drtool_volume
+  - module: drtool.drtool.drtool_agent
+  - module: drtool.drtool.drtool_volume
 """
 
 EXAMPLES = r"""
 - name: Replica server on the DR site, HTTPS with a token
-  drtool_replica:
+  drtool.drtool.drtool_replica:
     root: /var/lib/drtool-replica
     listen: 192.0.2.20:8470
     token_file: /etc/drtool/replica.token
@@ -100,7 +100,7 @@ EXAMPLES = r"""
     log_file: /var/log/drtool/replica.log
 
 - name: Stop it
-  drtool_replica:
+  drtool.drtool.drtool_replica:
     state: stopped
     pid_file: /run/drtool/replica.pid
 """
@@ -134,7 +134,7 @@ cmd:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drtool_common import Daemon, ensure_secret_file, manage_daemon, require_drtool
+from ansible_collections.drtool.drtool.plugins.module_utils.drtool_common import Daemon, ensure_secret_file, manage_daemon, require_drtool
 
 
 def main():
