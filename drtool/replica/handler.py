@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import mmap
 import socket
 import ssl
 import sys
@@ -22,6 +23,7 @@ from drtool.errors import DrtoolError
 from drtool.replica import routes
 from drtool.replica.numbers import parse_count
 from drtool.replica.problems import Problem, problem_body, status_of
+from drtool.storage.direct import BLOCK
 
 if TYPE_CHECKING:
     from drtool.replica.server import ReplicaHTTPServer
@@ -199,12 +201,17 @@ class ReplicaHandler(BaseHTTPRequestHandler):
 
         A fresh 16 MiB bytearray per batch costs a memset and a page fault per
         page; the previous request's body is no longer referenced once it was answered.
+        The buffer is page-aligned memory with a block to spare after the body, so the
+        replica's journal can append a batch as received through O_DIRECT without copying
+        it (drtool.replica.journal pads it with zeros there).
         """
         if length > _REUSED_BODY:
             return memoryview(bytearray(length))
         buffer = getattr(self, "_buffer", None)
-        if buffer is None or len(buffer) < length:
-            buffer = self._buffer = bytearray(max(length, _SMALL_BODY))
+        if buffer is None or len(buffer) < length + BLOCK:
+            if buffer is not None:
+                buffer.close()
+            buffer = self._buffer = mmap.mmap(-1, -(-(max(length, _SMALL_BODY) + BLOCK) // BLOCK) * BLOCK)
         return memoryview(buffer)[:length]
 
     def read_json(self) -> dict[str, Any]:

@@ -28,6 +28,8 @@ highest sequence applied by then.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import sys
 from array import array
@@ -430,6 +432,13 @@ def _write_direct(fd: int, chunks: list[memoryview], position: int) -> int:
     returns the bytes written, padding included."""
     length = sum(len(c) for c in chunks)
     padded = -(-length // BLOCK) * BLOCK
+    in_place = _aligned_in_place(chunks, padded)
+    if in_place is not None:  # the batch as received, in page-aligned memory: no copy
+        in_place[length:padded] = bytes(padded - length)
+        done = 0
+        while done < padded:
+            done += os.pwrite(fd, in_place[done:padded], position + done)
+        return padded
     with aligned(padded) as view:
         at = 0
         for chunk in chunks:
@@ -440,6 +449,22 @@ def _write_direct(fd: int, chunks: list[memoryview], position: int) -> int:
         while done < padded:
             done += os.pwrite(fd, view[done:padded], position + done)
     return padded
+
+
+def _aligned_in_place(chunks: list[memoryview], padded: int) -> memoryview | None:
+    """The one chunk, widened to ``padded`` bytes, when it starts on a block of page-aligned
+    memory (an mmap: the replica server's request buffer) that has room for the padding after
+    it; else None (the caller copies into an aligned buffer)."""
+    if len(chunks) != 1 or not isinstance(chunks[0], memoryview) or not isinstance(chunks[0].obj, mmap.mmap):
+        return None
+    chunk, whole = chunks[0], chunks[0].obj
+    if chunk.readonly or not chunk.c_contiguous:
+        return None
+    base = ctypes.addressof(ctypes.c_char.from_buffer(whole))
+    offset = ctypes.addressof(ctypes.c_char.from_buffer(chunk)) - base
+    if offset % BLOCK or offset + padded > len(whole):
+        return None
+    return memoryview(whole)[offset:offset + padded]
 
 
 def _write_all(fd: int, chunks: list[memoryview]) -> None:
