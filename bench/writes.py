@@ -194,7 +194,8 @@ class Bench:
         env = _env(root, source)
         scrub = subprocess.run([*DRTOOL, "scrub", name, "--json"], env=env, cwd=self.work,
                                capture_output=True, text=True)
-        assert scrub.returncode in (0, 1, 2, 3) and json.loads(scrub.stdout)["bad_regions"], scrub.stderr
+        # exit 3: the volume has bad regions (drtool.errors.ExitCode.BAD_REGIONS), as it must now
+        assert scrub.returncode == 3 and json.loads(scrub.stdout)["bad_regions"], scrub.stderr
         subprocess.run([*DRTOOL, "recover", name], env=env, cwd=self.work, check=True, stdout=subprocess.DEVNULL)
 
 
