@@ -46,6 +46,7 @@ log = logging.getLogger("drtool.replica")
 Resolver = Callable[[int], tuple[Device, DigestTable]]
 BATCH_BYTES = 4 << 20  # region bytes looked up under the lock at once; also the most a RUN frame carries
 _IOV_MAX = 1024
+_TLS_JOIN = 64 << 10  # under TLS, pieces smaller than this are joined into one write
 # errno values of os.sendfile that are the image's fault (the rest are the socket's)
 _READ_ERRNOS = frozenset({errno.EIO, errno.ENXIO, errno.ENODATA, errno.EBADMSG, errno.EUCLEAN})
 
@@ -378,9 +379,19 @@ def send_views(sock: socket.socket, views: list[bytes | memoryview], flags: int 
     ``flags``: MSG_MORE when more bytes follow at once (the kernel then holds a small header
     back to go out with them)."""
     if isinstance(sock, ssl.SSLSocket):
-        # TLS encrypts (copies) anyway; joining saves a TLS record per 56-byte header.
-        for start in range(0, len(views), 64):
-            sock.sendall(b"".join(views[start:start + 64]))
+        # TLS encrypts (copies) anyway: small pieces (headers, run tables) are joined, which
+        # saves a TLS record each; a large one (a region's bytes) is written as it is.
+        small: list[bytes | memoryview] = []
+        for view in views:
+            if len(view) < _TLS_JOIN:
+                small.append(view)
+                continue
+            if small:
+                sock.sendall(b"".join(small))
+                small = []
+            sock.sendall(view)
+        if small:
+            sock.sendall(b"".join(small))
         return
     pending = [memoryview(v).cast("B") for v in views]
     first = 0
