@@ -441,7 +441,11 @@ class _FrameReader:
 
     def results(self) -> Iterator[RegionResult]:
         inflight: deque[tuple[bytearray, Future[list[RegionResult]]]] = deque()
-        block, filled, ended = aligned_bytes(_BLOCK), 0, False
+        # A small response (a reader's few regions) gets a block its size: a fresh 8 MiB block
+        # is a memset and 2048 page faults, more than the regions cost to receive.
+        declared = self.response.headers.get("Content-Length", "")
+        first = min(_BLOCK, int(declared) + _SLICE) if declared.isdigit() else _BLOCK
+        block, filled, ended = aligned_bytes(first), 0, False
         while not ended:
             block, filled, ended, frames, leftover, need = self._fill(block, filled)
             inflight.append((block, self.client._hashers.submit(self._verify, frames)))
