@@ -202,11 +202,13 @@ def test_a_region_damaged_on_the_replica_is_fetched_twice_then_refused(degraded,
     with pytest.raises(VerificationFailed, match=r"regions \[\(5, 1\)\] from the replica fail verification twice"):
         api.read("vol", 5 * RS, RS)
     reads = relay.requests("/read")
-    assert reads == ["POST /v1/volumes/vol/read"] * 2  # one fetch, one retry, nothing more
+    # One fetch of region 5, one retry, nothing more; and the readahead of region 7 (the
+    # requested region after it), fetched in the background and kept.
+    assert reads == ["POST /v1/volumes/vol/read"] * 3
     assert [("attempt 1" in m, "attempt 2" in m) for m in warnings_of(caplog)] == [(True, False), (False, True)]
     assert all("damaged on the secondary" in m for m in warnings_of(caplog))
     status = api.status("vol")[0]
-    assert status["recovery"]["fetched_regions"] == 0 and status["overlay"]["regions"] == 0
+    assert status["recovery"]["fetched_regions"] == 1 and status["maps"]["overlay"] == [[7, 1]]
     assert status["bad_regions"] == [[3, 1], [5, 1], [7, 1]] and status["lost_regions"] == []
 
     # Through the CLI: exit 8 and one line saying why.

@@ -335,6 +335,8 @@ class ReadPath:
         fetcher.prepare(regions)  # lost check and forced replication: no region lock may be held
         fetcher.wait_ahead(regions)  # a readahead is fetching some of them: they land in the overlay
         ahead = self._readahead(regions)
+        if ahead:  # fetched in the background, while this reader fetches its own regions
+            fetcher.read_ahead(ahead, self._fetch_ahead)
         stripes = sorted({region % len(self.stripes) for region in regions})
         for stripe in stripes:
             self.stripes[stripe].acquire()
@@ -350,8 +352,6 @@ class ReadPath:
         finally:
             for stripe in reversed(stripes):
                 self.stripes[stripe].release()
-        if ahead:  # fetched in the background: this reader does not wait for them
-            fetcher.read_ahead(ahead, self._fetch_ahead)
 
     def _readahead(self, regions: list[int]) -> list[int]:
         """Requested regions just after a remote read, not in flight already: fetched in the
@@ -374,19 +374,14 @@ class ReadPath:
 
     def _fetch_ahead(self, regions: list[int]) -> None:
         """A readahead, on the fetcher's readahead thread: the regions still requested (not in
-        the overlay meanwhile) fetched and kept, under their stripes; one that fails its check
-        is left for a reader to fetch."""
-        stripes = sorted({region % len(self.stripes) for region in regions})
-        for stripe in stripes:
-            self.stripes[stripe].acquire()
-        try:
-            rest = [r for r in regions if self.overlay is not None and self.requested(r)]
-            if rest:
-                fetcher = self._fetcher()
-                fetcher.account(fetcher.fetch(rest, prepared=True, optional=set(rest)))
-        finally:
-            for stripe in reversed(stripes):
-                self.stripes[stripe].release()
+        the overlay meanwhile) fetched and kept; one that fails its check is left for a reader
+        to fetch.  No stripe is held while the bytes travel (a reader's own regions may share
+        a stripe with the window): copy-on-read keeps each region under its lock, and only if
+        no write put it in the overlay meanwhile and the manifest still names these bytes."""
+        rest = [r for r in regions if self.overlay is not None and self.requested(r)]
+        if rest:
+            fetcher = self._fetcher()
+            fetcher.account(fetcher.fetch(rest, prepared=True, optional=set(rest)))
 
     def _fetcher(self) -> RemoteFetcher:
         if self.fetcher is None:
