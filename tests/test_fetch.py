@@ -37,6 +37,7 @@ class _Link:
         self.client = client
         self.upstream = upstream
         self.armed = False
+        self.read_request = bytearray()  # the bytes of the batched read being sent, from its request line
 
 
 class Relay:
@@ -49,6 +50,7 @@ class Relay:
         self.lock = threading.Lock()
         self.sent = bytearray()  # everything clients sent, in order (requests are small here)
         self.corrupt_next = 0  # batched-read responses still to tamper with
+        self.corrupt_only = b""  # ... only those whose request carries these bytes (b"": any)
         self.tampered = 0
         self.links: list[_Link] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -91,10 +93,18 @@ class Relay:
                     before = len(_REQUEST_LINE.findall(bytes(self.sent)))
                     self.sent += chunk
                     lines = _REQUEST_LINE.findall(bytes(self.sent))[before:]
-                    # Armed before the request goes on: its answer cannot overtake the flag.
-                    if self.corrupt_next and any(p.endswith(b"/read") for m, p in lines if m == b"POST"):
+                    if lines:
+                        reading = any(p.endswith(b"/read") for m, p in lines if m == b"POST")
+                        link.read_request = bytearray(chunk) if reading else bytearray()
+                    elif link.read_request:
+                        link.read_request += chunk  # the request's body may come in a later chunk
+                    # Armed before the request goes on: its answer cannot overtake the flag.  Only
+                    # a read whose body names corrupt_only (its runs), when given, is tampered with.
+                    if (self.corrupt_next and link.read_request and not link.armed
+                            and self.corrupt_only in link.read_request):
                         self.corrupt_next -= 1
                         link.armed = True
+                        link.read_request = bytearray()
                 link.upstream.sendall(chunk)
         except OSError:
             pass
@@ -234,7 +244,8 @@ def test_a_damaged_readahead_region_does_not_fail_the_read_of_its_neighbour(degr
 
 def test_a_transient_mismatch_is_retried_and_served(degraded, relay, caplog):
     _, data = degraded
-    relay.corrupt_next = 1  # the first answer carries one flipped byte in region 5's payload
+    relay.corrupt_next = 1  # the first answer for region 5 carries one flipped byte in its payload
+    relay.corrupt_only = b'"runs": [[5, 1]]'  # not the readahead's, which runs beside it
     caplog.set_level(logging.WARNING, logger="drtool.fetch")
     assert api.read("vol", 5 * RS, RS) == region_bytes(data, 5)
     assert relay.tampered == 1
