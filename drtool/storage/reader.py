@@ -14,9 +14,11 @@ cost a third of the CPU): the chunk's pages are first populated with
 error instead of SIGBUS, and such a chunk goes the ``preadv`` way, which pins the error to its
 regions.  A mapping is used only for the part of a regular file its current size covers, or a
 block device, and only by a plain :class:`Device` (one whose ``readinto`` a subclass
-replaced is read through it).  What is left, said plainly: a page reclaimed between the populate and the hash
-and then failing to read back, or a file truncated in that window (microseconds), ends the
-process with SIGBUS (a crash the kill -9 fault suite shows safe); ``mapped=False`` (and
+replaced is read through it).  The populated pages are then locked (mlock) until hashed, so
+none can be reclaimed and read again (an I/O error at that moment would be SIGBUS, the whole
+agent gone); a chunk that cannot be locked (RLIMIT_MEMLOCK) goes the ``preadv`` way.  What is
+left, said plainly: a regular file truncated while a chunk of it is hashed (microseconds)
+still ends the process with SIGBUS (block devices cannot be truncated); ``mapped=False`` (and
 ``DRTOOL_SCRUB_MMAP=0``) reads everything with ``preadv``.
 
 :func:`data_runs` tells which regions of a sparse file hold any data (SEEK_DATA/SEEK_HOLE):
@@ -25,6 +27,7 @@ callers read only those, a region wholly in a hole is zeros by definition.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -227,25 +230,65 @@ class _Mapper:
         # wrapper) is read through them: a mapping would go around them.
         self.usable = (self.regular or stat.S_ISBLK(info.st_mode)) and type(device).readinto is Device.readinto
 
-    def map(self, offset: int, length: int) -> mmap.mmap | None:
-        """The chunk's bytes, mapped and populated; None when that cannot be done safely."""
-        if not self.usable or offset % mmap.ALLOCATIONGRANULARITY:
+    def map(self, offset: int, length: int) -> _Mapped | None:
+        """The chunk's bytes, mapped, populated and locked; None when that cannot be done safely."""
+        if not self.usable or _libc is None or offset % mmap.ALLOCATIONGRANULARITY:
             return None
         if self.regular and os.fstat(self.device.fd).st_size < offset + length:
             return None  # past the end: preadv reports the short read
-        try:
-            mapping = mmap.mmap(self.device.fd, length, prot=mmap.PROT_READ, offset=offset)
-        except (OSError, ValueError):
+        address = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, self.device.fd, offset)
+        if address in (None, _MAP_FAILED):
             self.usable = False
             return None
-        try:
-            mapping.madvise(MADV_POPULATE_READ, 0, length)
-        except OSError as exc:
-            mapping.close()
-            if exc.errno in (errno.EINVAL, errno.ENOSYS):  # a kernel without it: never again
+        mapped = _Mapped(address, length)
+        if _libc.madvise(address, length, MADV_POPULATE_READ) != 0:
+            code = ctypes.get_errno()
+            mapped.close()
+            if code in (errno.EINVAL, errno.ENOSYS):  # a kernel without it: never again
                 self.usable = False
             return None  # EFAULT / EIO: an unreadable page; preadv pins it to its regions
-        return mapping
+        # Pin the populated pages while they are hashed: a page reclaimed in between would be
+        # read again by the hash, and an I/O error there is SIGBUS (the agent gone, with every
+        # client of every volume).  Locked pages are never reclaimed; munmap unlocks them.
+        # Where they cannot be locked (RLIMIT_MEMLOCK), the chunk goes the preadv way.
+        if _libc.mlock(address, length) != 0:
+            mapped.close()
+            return None
+        return mapped
+
+
+class _Mapped:
+    """A read-only mapping made through libc (Python's mmap cannot mlock its pages)."""
+
+    def __init__(self, address: int, length: int) -> None:
+        self.address = address
+        self.length = length
+        self.view = memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+
+    def close(self) -> None:
+        self.view.release()
+        _libc.munmap(self.address, self.length)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.mmap.restype = ctypes.c_void_p
+        for name in ("madvise",):
+            getattr(libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            getattr(libc, name).restype = ctypes.c_int
+        for name in ("mlock", "munmap"):
+            getattr(libc, name).argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            getattr(libc, name).restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _digest_chunk(device: Device, geometry: Geometry, first: int, count: int, view: memoryview,
@@ -256,8 +299,8 @@ def _digest_chunk(device: Device, geometry: Geometry, first: int, count: int, vi
     mapping = mapper.map(offset, length) if mapper is not None else None
     if mapping is not None:
         try:
-            with memoryview(mapping) as data:
-                digests = [hasher(data[start:start + rsize]).digest() for start in range(0, length, rsize)]
+            data = mapping.view
+            digests = [hasher(data[start:start + rsize]).digest() for start in range(0, length, rsize)]
         finally:
             mapping.close()
         return DigestBatch(first, count, digests, bytes_read=length)

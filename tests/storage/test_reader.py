@@ -204,3 +204,39 @@ def test_a_device_shorter_than_the_volume_is_read_not_mapped_past_its_end(tmp_pa
     found = _digests(path, Geometry(80 * RS, RS), mapped=True)
     assert [r for r, (d, _) in found.items() if d is not None] == list(range(10))
     assert {why for r, (d, why) in found.items() if d is None} == {SHORT_READ}
+
+
+def test_mapped_chunks_are_locked_while_hashed_and_fall_back_when_they_cannot_be(tmp_path, monkeypatch):
+    """A populated page reclaimed before the hash would be read again, and an I/O error then is
+    SIGBUS: the mapper locks the chunk's pages; where mlock fails the chunk is read with preadv."""
+    from drtool.storage import reader
+
+    size = 70 * RS
+    path = tmp_path / "d.img"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    geometry = Geometry(size, RS)
+    expected = {r: (blake3.blake3(data[r * RS:(r + 1) * RS]).digest(), None) for r in range(geometry.count)}
+    locked, mapped_chunks = [], []
+    real_lock, real_map = reader._libc.mlock, reader._Mapper.map
+
+    def counting_lock(address, length):
+        result = real_lock(address, length)
+        locked.append((length, result))
+        return result
+
+    def counting_map(self, offset, length):
+        mapped = real_map(self, offset, length)
+        mapped_chunks.append(mapped is not None)
+        return mapped
+
+    monkeypatch.setattr(reader._libc, "mlock", counting_lock)
+    monkeypatch.setattr(reader._Mapper, "map", counting_map)
+    assert _digests(path, geometry, mapped=True) == expected
+    assert locked and all(result == 0 for _, result in locked)
+    assert all(mapped_chunks) and len(mapped_chunks) == len(locked)
+
+    mapped_chunks.clear()
+    monkeypatch.setattr(reader._libc, "mlock", lambda address, length: -1)  # RLIMIT_MEMLOCK
+    assert _digests(path, geometry, mapped=True) == expected
+    assert mapped_chunks and not any(mapped_chunks)
