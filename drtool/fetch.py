@@ -53,21 +53,38 @@ class RemoteFetcher:
     # -- readahead in the background ----------------------------------------------------
 
     def ahead_busy(self, region: int) -> bool:
-        """Is a readahead fetching ``region`` now?"""
+        """Is a readahead (or a reader) fetching ``region`` now?"""
         return region in self._ahead
 
-    def wait_ahead(self, regions: list[int]) -> None:
-        """Wait for the readaheads fetching any of ``regions`` (their bytes are then in the
-        overlay, or left for the caller to fetch); bounded by the fetch timeout."""
+    def claim(self, regions: list[int]) -> threading.Event:
+        """Claim ``regions`` for a reader's own fetch, after waiting for the readaheads and other
+        readers fetching any of them (their bytes are then in the overlay, or left to this
+        reader): no region is fetched twice at once.  A reader waits holding no claim, so no two
+        wait for each other; a wait is bounded by the fetch timeout (then it goes unclaimed).
+        Give the event back with :meth:`release`."""
+        event = threading.Event()
+        while True:
+            with self._ahead_lock:
+                busy = {self._ahead[r] for r in regions if r in self._ahead}
+                if not busy:
+                    for region in regions:
+                        self._ahead[region] = event
+                    return event
+            for other in busy:
+                if not other.wait(float(self.engine.settings["fetch_timeout"]) + 1.0):
+                    return event  # a fetch that never ends: go on without the claim
+
+    def release(self, regions: list[int], event: threading.Event) -> None:
         with self._ahead_lock:
-            events = {self._ahead[r] for r in regions if r in self._ahead}
-        for event in events:
-            event.wait(float(self.engine.settings["fetch_timeout"]) + 1.0)
+            for region in regions:
+                if self._ahead.get(region) is event:
+                    del self._ahead[region]
+        event.set()
 
     def read_ahead(self, regions: list[int], fetch: Callable[[list[int]], None]) -> None:
-        """Have ``fetch(regions)`` run on a readahead thread (the engine fetches and keeps them
-        under their region locks); readers of those regions wait for it (:meth:`wait_ahead`)
-        instead of fetching them again."""
+        """Have ``fetch(regions)`` run on a readahead thread (the engine fetches them and
+        copy-on-read keeps them); readers of those regions wait for it instead of fetching them
+        again (:meth:`claim`).  Regions already being fetched are left out."""
         event = threading.Event()
         with self._ahead_lock:
             regions = [r for r in regions if r not in self._ahead]
@@ -85,11 +102,7 @@ class RemoteFetcher:
         except Exception as exc:  # noqa: BLE001 - the readers of these regions fetch them themselves
             log.warning("volume %s: readahead of regions %s failed: %s", self.engine.name, to_runs(regions), exc)
         finally:
-            with self._ahead_lock:
-                for region in regions:
-                    if self._ahead.get(region) is event:
-                        del self._ahead[region]
-            event.set()
+            self.release(regions, event)
 
     def close(self) -> None:
         """Let readaheads in flight finish (they write the overlay the engine is about to close)."""

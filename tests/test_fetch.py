@@ -390,16 +390,16 @@ def test_a_readahead_does_not_hold_up_the_read_that_started_it(protected, replic
         fetcher = engine.fetcher
         assert fetcher.ahead_busy(10) and engine.volume.overlay.test(4) and not engine.volume.overlay.test(10)
         fetched, waiting = [], threading.Event()
-        real_into, real_wait = fetcher.fetch_into, fetcher.wait_ahead
+        real_into, real_claim = fetcher.fetch_into, fetcher.claim
         monkeypatch.setattr(fetcher, "fetch_into", lambda regions, *a, **k: (fetched.append(regions),
                                                                             real_into(regions, *a, **k)))
 
-        def wait_ahead(regions):
+        def claim(regions):
             if any(fetcher.ahead_busy(r) for r in regions):
                 waiting.set()
-            real_wait(regions)
+            return real_claim(regions)
 
-        monkeypatch.setattr(fetcher, "wait_ahead", wait_ahead)
+        monkeypatch.setattr(fetcher, "claim", claim)
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(bytes(engine.read(10 * RS, RS))))
         reader.start()

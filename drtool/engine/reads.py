@@ -333,25 +333,29 @@ class ReadPath:
             self.enter_degraded(f"read of bad regions {to_runs(regions)}", auto=True)
         fetcher = self._fetcher()
         fetcher.prepare(regions)  # lost check and forced replication: no region lock may be held
-        fetcher.wait_ahead(regions)  # a readahead is fetching some of them: they land in the overlay
-        ahead = self._readahead(regions)
-        if ahead:  # fetched in the background, while this reader fetches its own regions
-            fetcher.read_ahead(ahead, self._fetch_ahead)
-        stripes = sorted({region % len(self.stripes) for region in regions})
-        for stripe in stripes:
-            self.stripes[stripe].acquire()
+        # A readahead or another reader fetching some of them: wait, they land in the overlay.
+        claim = fetcher.claim(regions)
         try:
-            # A write (or a readahead) may have moved a region into the overlay meanwhile: it is local now.
-            moved = [r for r in regions if self.volume.overlay.test(r)]
-            for run_first, run_count in to_runs(moved):
-                if self._read_local(self.overlay, run_first, run_count, base, view):
-                    raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
-            rest = [r for r in regions if not self.volume.overlay.test(r)]
-            if rest:
-                fetcher.fetch_into(rest, base, view, prepared=True)
+            ahead = self._readahead(regions)
+            if ahead:  # fetched in the background, while this reader fetches its own regions
+                fetcher.read_ahead(ahead, self._fetch_ahead)
+            stripes = sorted({region % len(self.stripes) for region in regions})
+            for stripe in stripes:
+                self.stripes[stripe].acquire()
+            try:
+                # A write (or a readahead) may have moved a region into the overlay meanwhile: it is local now.
+                moved = [r for r in regions if self.volume.overlay.test(r)]
+                for run_first, run_count in to_runs(moved):
+                    if self._read_local(self.overlay, run_first, run_count, base, view):
+                        raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
+                rest = [r for r in regions if not self.volume.overlay.test(r)]
+                if rest:
+                    fetcher.fetch_into(rest, base, view, prepared=True)
+            finally:
+                for stripe in reversed(stripes):
+                    self.stripes[stripe].release()
         finally:
-            for stripe in reversed(stripes):
-                self.stripes[stripe].release()
+            fetcher.release(regions, claim)
 
     def _readahead(self, regions: list[int]) -> list[int]:
         """Requested regions just after a remote read, not in flight already: fetched in the
