@@ -159,9 +159,12 @@ def verify_volume(name: str, regions: str | None = None, repair: bool = False, r
 
 
 def recover(name: str, local_era: int | None = None, source: str | None = None,
-            root: str | None = None) -> dict[str, Any]:
-    """Enter degraded mode: create the overlay, redirect writes, merge reads.  Idempotent."""
-    args = {"local_era": local_era, "source": source}
+            accept_rollback: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Enter degraded mode: create the overlay, redirect writes, merge reads.  Idempotent.
+
+    From a snapshot (``source="snapshot:S"``), the regions it would take back in time are
+    listed first and ConfirmationNeeded is raised unless ``accept_rollback``."""
+    args = {"local_era": local_era, "source": source, "accept_rollback": accept_rollback}
     return _run(name, root, "recover", args)
 
 

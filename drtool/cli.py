@@ -15,6 +15,7 @@ from rich.console import Console
 from drtool import __version__, api, report
 from drtool.errors import DrtoolError, ExitCode, StateError, UsageError
 from drtool.progress import NoProgress, Progress
+from drtool.regions import format_runs
 from drtool.units import format_bytes, parse_size
 
 
@@ -339,13 +340,18 @@ def cmd_replicate(ctx: Context) -> int:
 
 def cmd_recover(ctx: Context) -> int:
     a = ctx.args
-    result = api.recover(a.name, local_era=a.local_era, source=a.source, root=ctx.root)
+    result = api.recover(a.name, local_era=a.local_era, source=a.source, accept_rollback=a.accept_rollback,
+                         root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)
     else:
         verb = "entered degraded mode" if result["changed"] else "was already in " + result["mode"] + " mode"
         ctx.out.print(f"volume {a.name} {verb}: writes go to the overlay, {result['requested_count']} regions "
                       f"are served from the replica (source {result['recovery']['source']})")
+        rolled_back = (result["recovery"] or {}).get("rolled_back") or []
+        if rolled_back and result["changed"]:
+            ctx.out.print(f"{sum(n for _, n in rolled_back)} regions went back to the snapshot's time: "
+                          f"{format_runs(rolled_back, limit=20)}")
         if result["lost_regions"]:
             ctx.err.print(f"[red]lost regions (reads fail with EIO): {result['lost_regions']}[/red]")
     return ExitCode.OK
@@ -636,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--local-era", type=int, help="the local copy is older: it holds writes before this era")
     p.add_argument("--source", default="mirror", help="mirror (default), journal or snapshot:NAME")
+    p.add_argument("--accept-rollback", action="store_true",
+                   help="with snapshot:NAME: go ahead although regions go back to the snapshot's time "
+                        "(without it they are listed and nothing changes)")
 
     p = command("failback", cmd_failback, "copy bad and overlay regions back into the device")
     p.add_argument("name")

@@ -272,6 +272,24 @@ class ReplicaClient:
             else:
                 response.close()
 
+    def preserved(self, name: str, snapshot: str, runs: Iterable[Run], region_count: int) -> Iterator[tuple[int, bytes]]:
+        """The regions of ``runs`` that ``snapshot`` preserved (the mirror changed them after it
+        was taken), each with the digest the snapshot keeps: what reading them from the
+        snapshot takes back in time.  In order; a batch of at most MAX_REGIONS_PER_READ a request."""
+        for batch in _split_runs(list(runs), MAX_REGIONS_PER_READ):
+            body = {"snapshot": snapshot, "runs": [list(r) for r in batch]}
+            response = self._request("POST", self._path(name, "preserved"), stream=True, json=body)
+            try:
+                _expect_type(response, wire.MANIFEST_CONTENT_TYPE)
+                try:
+                    yield from wire.iter_manifest_entries(response.raw.read, region_count)
+                except wire.WireError as exc:
+                    raise PeerProtocolError(f"replica server {response.url} sent bad entries: {exc}") from None
+                except OSError as exc:
+                    raise PeerUnreachable(f"replica server {self.url} vanished while answering: {exc}") from None
+            finally:
+                response.close()
+
     def adopt(self, name: str, image: str, manifest: str, size: int, region_size: int, volume_id: str,
               applied_seq: int, era: int, divergent: Iterable[Run] = (),
               lost: dict[str, Any] | None = None) -> dict[str, Any]:

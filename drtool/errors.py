@@ -23,6 +23,7 @@ and exits with the error's code; the Ansible modules pass the message to
     │   └── VerificationFailed
     ├── OperationTimeout             9  a wait did not finish in time
     ├── NotPermitted                10  the volume's mode or role forbids this
+    │   └── ConfirmationNeeded       it would take data back in time: say so with a flag
     └── Conflict                    11  the request contradicts existing state
 """
 
@@ -183,6 +184,12 @@ class OperationTimeout(DrtoolError):
 class NotPermitted(DrtoolError):
     exit_code = ExitCode.NOT_PERMITTED
     errno = errno.EPERM
+
+
+class ConfirmationNeeded(NotPermitted):
+    """The operation would change what clients read in a way they did not ask for (a recovery
+    from a snapshot takes regions back to the snapshot's time): nothing changed; the message
+    lists what would, and names the flag that confirms it."""
 
 
 class Conflict(DrtoolError):

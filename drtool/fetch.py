@@ -151,6 +151,23 @@ class RemoteFetcher:
             raise UsageError(f"volume {engine.name}: the replica server has no snapshot {snapshot} "
                              f"(it has: {', '.join(names) if names else 'none'})")
 
+    def rolled_back(self, snapshot: str, regions: Iterable[int]) -> list[int]:
+        """Of ``regions`` (to be served from ``snapshot``), those whose bytes there differ from the
+        volume's now: the snapshot preserved them (the mirror changed them after it was taken)
+        and its digest is not the manifest's.  The others read as the mirror, which forced
+        replication brings to the manifest first."""
+        engine = self.engine
+        manifest = engine.volume.manifest
+        runs = to_runs(regions)
+        if not runs:
+            return []
+        try:
+            preserved = list(self.client().preserved(engine.name, snapshot, runs, engine.geometry.count))
+        except PeerError as exc:
+            raise PeerError(f"volume {engine.name}: cannot ask the replica server which regions snapshot "
+                            f"{snapshot} takes back in time: {exc}") from None
+        return [region for region, digest in preserved if not manifest.matches(region, digest)]
+
     def lagging(self, regions: list[int]) -> list[int]:
         """Refuse lost regions (nobody holds them); return those the replica lacks the latest bytes of."""
         volume = self.engine.volume

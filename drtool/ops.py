@@ -130,9 +130,11 @@ def demote(engine: Engine, timeout: float = 60.0, force: bool = False) -> dict[s
     return roles.demote(engine, timeout=timeout, force=force)
 
 
-def recover(engine: Engine, local_era: int | None = None, source: str | None = None) -> dict[str, Any]:
+def recover(engine: Engine, local_era: int | None = None, source: str | None = None,
+            accept_rollback: bool = False) -> dict[str, Any]:
     source = parse_source(source)
-    changed = engine.enter_degraded("operator ran recover", local_era=local_era, source=source)
+    changed = engine.enter_degraded("operator ran recover", local_era=local_era, source=source,
+                                    accept_rollback=accept_rollback)
     return {"volume": engine.name, "changed": changed, "mode": engine.mode,
             "recovery": engine.record.recovery.to_json() if engine.record.recovery else None, "bad_count": engine.volume.bad.popcount(),
             "requested_count": engine.requested_regions().popcount(),

@@ -194,5 +194,9 @@ def parse_runs(text: str, geometry: Geometry | None = None) -> list[Run]:
     return coalesce(runs)
 
 
-def format_runs(runs: Iterable[Run]) -> str:
-    return ",".join(str(a) if n == 1 else f"{a}-{a + n - 1}" for a, n in runs)
+def format_runs(runs: Iterable[Run], limit: int | None = None) -> str:
+    """``3,10-12``; with ``limit``, at most that many runs and then how many more there are."""
+    runs = list(runs)
+    shown = runs if limit is None else runs[:limit]
+    text = ",".join(str(a) if n == 1 else f"{a}-{a + n - 1}" for a, n in shown)
+    return text if len(shown) == len(runs) else f"{text} and {len(runs) - len(shown)} more runs"

@@ -15,7 +15,7 @@ from typing import Any
 from drtool.engine.core import effective_settings
 from drtool.engine.lag import Pending, lag as lag_of
 from drtool.errors import ExitCode, UsageError
-from drtool.regions import runs_total
+from drtool.regions import format_runs, runs_total
 from drtool.storage.device import probe as probe_device
 from drtool.storage.lock import is_locked
 from drtool.storage.records import SubRecord
@@ -71,6 +71,7 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
     # era are stale on the device: served from the replica, not healthy here.
     stale = volume.requested_regions().difference(volume.bad).runs() if record.recovery else []
     health = "FAULTED" if faulted else ("DEGRADED" if bad or stale else "ONLINE")
+    rolled_back = (record.recovery.rolled_back if record.recovery else None) or []
     out = {
         "schema": SCHEMA,
         "volume": record.name,
@@ -89,6 +90,9 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "lost_count": runs_total(lost),
         "stale_regions": [list(run) for run in stale],
         "stale_count": runs_total(stale),
+        # a recovery from a snapshot: the regions it took back to the snapshot's time
+        "rolled_back_regions": [list(run) for run in rolled_back],
+        "rolled_back_count": runs_total(rolled_back),
         "era": record.era,
         "era_started": record.eras[-1].started if record.eras else None,
         "last_scrub": record.last_scrub,
@@ -268,6 +272,13 @@ def diagnose(status: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             problems.append(_problem("degraded mode: writes go to the overlay",
                                      f"drtool failback {name}"))
+    rolled_back = status.get("rolled_back_count", 0)
+    if rolled_back and mode in ("degraded", "resync"):
+        source = (status.get("recovery") or {}).get("source", "a snapshot")
+        problems.append(_problem(f"{_plural(rolled_back, 'region')} {'was' if rolled_back == 1 else 'were'} taken "
+                                 f"back in time by the recovery from {source} "
+                                 f"({format_runs(status.get('rolled_back_regions') or [], limit=20)}): data spanning them "
+                                 "may be half old and half new", None))
     if mode == "resync":
         failback = status.get("failback") or {}
         done, total = failback.get("done_regions", 0), failback.get("total_regions", 0)

@@ -223,7 +223,7 @@ def test_snapshot_source_rolls_bad_regions_back(protected, replica_server):
     api.replicate("vol")
     damage(path, [5])
     api.scrub_volume("vol")
-    api.recover("vol", source="snapshot:before")
+    api.recover("vol", source="snapshot:before", accept_rollback=True)
     assert api.read("vol", 5 * RS, RS) == old
 
 
@@ -488,7 +488,7 @@ def test_first_overlay_writes_over_a_snapshot_source_ship_whole(protected, repli
     api.replicate("vol")
     damage(path, [5])
     api.scrub_volume("vol")
-    api.recover("vol", source="snapshot:before")
+    api.recover("vol", source="snapshot:before", accept_rollback=True)
     with Engine.open(None, "vol") as engine:
         replicator = Replicator(engine)
         replicator.ship()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import blake3
@@ -19,9 +19,9 @@ from drtool.engine import modes
 from drtool.engine.changes import DEVICE, OVERLAY, StateChanges
 from drtool.engine.reads import ReadPath
 from drtool.engine.writes import WritePath
-from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
+from drtool.errors import ConfirmationNeeded, DataUnavailable, DeviceError, DeviceIOError, NotPermitted, UsageError
 from drtool.fetch import RemoteFetcher
-from drtool.regions import Geometry
+from drtool.regions import Geometry, format_runs, to_runs
 from drtool.storage import overlay as overlay_file
 from drtool.storage.device import Device
 from drtool.storage.maps import RegionBitmap, merge_regions, zero_digest
@@ -354,12 +354,27 @@ class Engine(ReadPath, WritePath, StateChanges):
             return self.volume.checkpoint(self.log.next_seq)
 
     def enter_degraded(self, reason: str, local_era: int | None = None, source: str = "mirror",
-                       auto: bool = False) -> bool:
+                       auto: bool = False, accept_rollback: bool = False) -> bool:
         """Create the overlay and redirect writes to it.  Instant; idempotent.  A snapshot
-        source must exist on the replica server (asked first: nothing changes otherwise)."""
+        source must exist on the replica server, and the regions it would take back in time
+        (the requested regions the snapshot holds older bytes of) must be accepted
+        (``accept_rollback``): both asked first, nothing changes otherwise."""
         recovery = self.record.recovery
+        rolled_back: list[list[int]] | None = None
         if source.startswith("snapshot:") and not (recovery is not None and recovery.source == source):
-            self._fetcher().check_snapshot(source.split(":", 1)[1])
+            snapshot = source.split(":", 1)[1]
+            fetcher = self._fetcher()
+            fetcher.check_snapshot(snapshot)
+            if not modes.in_recovery(self.record) and self.protected:
+                back = to_runs(fetcher.rolled_back(snapshot, self._would_request(local_era)))
+                if back and not accept_rollback:
+                    count = sum(n for _, n in back)
+                    raise ConfirmationNeeded(
+                        f"volume {self.name}: recovering from snapshot {snapshot} takes {count} "
+                        f"region{'s' if count != 1 else ''} back to the snapshot's time ({format_runs(back, limit=20)}); "
+                        "the rest of the volume stays as it is now, so data spanning them may be half old "
+                        "and half new.  Nothing changed; run again with --accept-rollback to go ahead")
+                rolled_back = [list(run) for run in back]
         with self.meta:
             if modes.in_recovery(self.record):
                 recovery = self.record.recovery
@@ -382,10 +397,20 @@ class Engine(ReadPath, WritePath, StateChanges):
             # Regions written from now on carry a new era: failback ships exactly those to the mirror.
             era = self.volume.checkpoint(self.log.next_seq)
             modes.degrade(self.record, Recovery(entered=time.time(), reason=reason, auto=auto,
-                                                local_era=local_era, source=source, era=era))
+                                                local_era=local_era, source=source, era=era,
+                                                rolled_back=rolled_back))
             self.save_bitmaps()
         log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)
         return True
+
+    def _would_request(self, local_era: int | None) -> Iterator[int]:
+        """The regions a recovery with ``local_era`` would serve from the replica, before it
+        begins: the bad ones, and those written since ``local_era``."""
+        count = self.geometry.count
+        regions = self.volume.bad.set_between(0, count)
+        if local_era is not None:
+            regions = merge_regions(regions, self.volume.eras.changed_since(local_era, 0, count))
+        return (region for region in regions if not self.volume.overlay.test(region))
 
     def begin_resync(self, device: str) -> int:
         """degraded -> resync: mark every region the device must get back (the requested

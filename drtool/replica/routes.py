@@ -146,17 +146,12 @@ def _get_data(req: ReplicaHandler, name: str) -> None:
         reading.stream_range(volume, start, length, resolve, req.connection)
 
 
-def _post_read(req: ReplicaHandler, name: str) -> None:
-    volume = req.server.replicas.get(name)
-    volume.refuse_if_promoted("its stored digests no longer describe its image, so no read can be verified "
-                              "here; read it through its agent")
-    body = req.read_json()
-    overlay = bool(body.get("overlay", False))
-    snapshot = _source(volume, body.get("snapshot"), overlay)
+def _body_runs(body: dict, volume: ReplicaVolume, limit: int) -> list[list[int]]:
+    """A request's ``runs``: a non-empty list of [first, count] inside the volume, at most
+    ``limit`` regions in all."""
     runs = body.get("runs")
     if not isinstance(runs, list) or not runs:
         raise UsageError('"runs" must be a non-empty list of [first, count] pairs')
-    limit = req.server.limits.max_read_regions
     total = 0
     for run in runs:
         if (not isinstance(run, list) or len(run) != 2
@@ -165,7 +160,37 @@ def _post_read(req: ReplicaHandler, name: str) -> None:
         volume.geometry.check_run(*run)
         total += run[1]
         if total > limit:
-            raise UsageError(f"a read may ask for at most {limit} regions")
+            raise UsageError(f"a request may name at most {limit} regions")
+    return runs
+
+
+def _post_preserved(req: ReplicaHandler, name: str) -> None:
+    """Which regions of ``runs`` a snapshot preserved (changed on the mirror since it was taken),
+    with the digest it keeps for each, as manifest entries (drtool.wire): what a recovery from
+    that snapshot would take back in time.  Regions it did not preserve read as the mirror."""
+    volume = req.server.replicas.get(name)
+    body = req.read_json()
+    if not isinstance(body.get("snapshot"), str):
+        raise UsageError('"snapshot" must name a snapshot')
+    snapshot = _source(volume, body["snapshot"], False)
+    assert snapshot is not None
+    runs = _body_runs(body, volume, req.server.limits.max_read_regions)
+    with volume.lock.shared():
+        entries = [(region, snapshot.table.digest(region)) for region in from_runs(runs)
+                   if snapshot.table.present(region)]
+    req.send_head(200, MANIFEST_CONTENT_TYPE, MANIFEST_ENTRY.size * len(entries))
+    for chunk in encode_manifest_entries(iter(entries)):
+        req.wfile.write(chunk)
+
+
+def _post_read(req: ReplicaHandler, name: str) -> None:
+    volume = req.server.replicas.get(name)
+    volume.refuse_if_promoted("its stored digests no longer describe its image, so no read can be verified "
+                              "here; read it through its agent")
+    body = req.read_json()
+    overlay = bool(body.get("overlay", False))
+    snapshot = _source(volume, body.get("snapshot"), overlay)
+    runs = _body_runs(body, volume, req.server.limits.max_read_regions)
     framing = body.get("frames", "regions")
     if framing not in ("regions", "runs"):
         raise UsageError(f'"frames" must be "regions" (a frame per region) or "runs" (RUN frames), not {framing!r}')
@@ -349,6 +374,7 @@ _ROUTES: dict[tuple[str, ...], dict[str, Handler]] = {
     (): {"GET": _get_volume, "PUT": _put_volume, "DELETE": _delete_volume},
     ("data",): {"GET": _get_data, "HEAD": _get_data},
     ("read",): {"POST": _post_read},
+    ("preserved",): {"POST": _post_preserved},
     ("changes",): {"GET": _get_changes},
     ("records",): {"POST": _post_records},
     ("overlay", "records"): {"POST": _post_overlay_records},

@@ -149,6 +149,11 @@ class Recovery(SubRecord):
     era: int  # the era the incident's writes carry (failback ships exactly those to the mirror)
     fetched_regions: int = 0
     fetched_bytes: int = 0
+    #: a snapshot source: the runs it took back in time when recover began (confirmed by the
+    #: operator), shown by status while the recovery lasts; absent (None) when there were none
+    rolled_back: list[list[int]] | None = None
+
+    OMIT_NONE = frozenset({"rolled_back"})
 
     def check(self, where: str, path: str) -> None:
         if not (self.source in ("mirror", "journal") or self.source.startswith("snapshot:")):

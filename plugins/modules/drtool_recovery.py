@@ -44,6 +44,13 @@ options:
         (the changes since O(local_era)) or V(snapshot:NAME) (a point in time).
     type: str
     default: mirror
+  accept_rollback:
+    description:
+      - With O(source=snapshot:NAME), go ahead although regions go back to the snapshot's time (the bad regions
+        the snapshot holds older bytes of; the rest of the volume stays as it is now). Without it the module
+        fails, listing those regions, and nothing changes.
+    type: bool
+    default: false
   local_era:
     description:
       - With V(degraded), the local copy is older (restored from a backup) and holds the writes made before this
@@ -196,6 +203,7 @@ def main():
             name=dict(type="str", required=True, aliases=["volume"]),
             state=dict(type="str", required=True, choices=["degraded", "normal", "scrubbed"]),
             source=dict(type="str", default="mirror"),
+            accept_rollback=dict(type="bool", default=False),
             local_era=dict(type="int"),
             device=dict(type="path"),
             rate=dict(type="str"),
@@ -226,7 +234,7 @@ def main():
         changed = status["mode"] == "normal"
         if changed and not module.check_mode:
             output["recover"] = call(module, api.recover, name, local_era=p["local_era"], source=p["source"],
-                                     root=root)
+                                     accept_rollback=p["accept_rollback"], root=root)
             changed = output["recover"]["changed"]
     else:
         changed = status["mode"] != "normal"
