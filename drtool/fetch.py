@@ -36,7 +36,6 @@ log = logging.getLogger("drtool.fetch")
 SETTLE_BATCH = 256  # regions asked of the replica in one read when settling possibly lost regions
 STREAMS = 4  # connections one large fetch is spread over, at most ...
 STREAM_BYTES = 4 << 20  # ... one per this many bytes of regions
-AHEAD_THREADS = 2  # readaheads in flight at once
 
 
 class RemoteFetcher:
@@ -46,70 +45,6 @@ class RemoteFetcher:
         self.engine = engine
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None  # the extra streams of a large fetch
-        self._ahead: dict[int, threading.Event] = {}  # regions a readahead is fetching -> set when it ends
-        self._ahead_lock = threading.Lock()
-        self._ahead_pool: ThreadPoolExecutor | None = None
-
-    # -- readahead in the background ----------------------------------------------------
-
-    def ahead_busy(self, region: int) -> bool:
-        """Is a readahead (or a reader) fetching ``region`` now?"""
-        return region in self._ahead
-
-    def claim(self, regions: list[int]) -> threading.Event:
-        """Claim ``regions`` for a reader's own fetch, after waiting for the readaheads and other
-        readers fetching any of them (their bytes are then in the overlay, or left to this
-        reader): no region is fetched twice at once.  A reader waits holding no claim, so no two
-        wait for each other; a wait is bounded by the fetch timeout (then it goes unclaimed).
-        Give the event back with :meth:`release`."""
-        event = threading.Event()
-        while True:
-            with self._ahead_lock:
-                busy = {self._ahead[r] for r in regions if r in self._ahead}
-                if not busy:
-                    for region in regions:
-                        self._ahead[region] = event
-                    return event
-            for other in busy:
-                if not other.wait(float(self.engine.settings["fetch_timeout"]) + 1.0):
-                    return event  # a fetch that never ends: go on without the claim
-
-    def release(self, regions: list[int], event: threading.Event) -> None:
-        with self._ahead_lock:
-            for region in regions:
-                if self._ahead.get(region) is event:
-                    del self._ahead[region]
-        event.set()
-
-    def read_ahead(self, regions: list[int], fetch: Callable[[list[int]], None]) -> None:
-        """Have ``fetch(regions)`` run on a readahead thread (the engine fetches them and
-        copy-on-read keeps them); readers of those regions wait for it instead of fetching them
-        again (:meth:`claim`).  Regions already being fetched are left out."""
-        event = threading.Event()
-        with self._ahead_lock:
-            regions = [r for r in regions if r not in self._ahead]
-            for region in regions:
-                self._ahead[region] = event
-            if not regions:
-                return
-            if self._ahead_pool is None:
-                self._ahead_pool = ThreadPoolExecutor(max_workers=AHEAD_THREADS, thread_name_prefix="drtool-ahead")
-            self._ahead_pool.submit(self._run_ahead, regions, event, fetch)
-
-    def _run_ahead(self, regions: list[int], event: threading.Event, fetch: Callable[[list[int]], None]) -> None:
-        try:
-            fetch(regions)
-        except Exception as exc:  # noqa: BLE001 - the readers of these regions fetch them themselves
-            log.warning("volume %s: readahead of regions %s failed: %s", self.engine.name, to_runs(regions), exc)
-        finally:
-            self.release(regions, event)
-
-    def close(self) -> None:
-        """Let readaheads in flight finish (they write the overlay the engine is about to close)."""
-        for pool in (self._ahead_pool, self._pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._ahead_pool = self._pool = None
 
     def client(self) -> Any:
         """This thread's client (sessions are not shared between threads), made anew when the
@@ -123,9 +58,14 @@ class RemoteFetcher:
             self._local.client, self._local.timeout = client, timeout
         return client
 
-    def fetch_into(self, regions: list[int], base: int, view: memoryview, prepared: bool = False) -> None:
-        """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``."""
-        got = self.fetch(regions, prepared=prepared)
+    def fetch_into(self, regions: list[int], base: int, view: memoryview, prepared: bool = False,
+                   extra: list[int] | None = None) -> None:
+        """Fill the slices of ``view`` (region-aligned from region ``base``) for ``regions``;
+        ``extra`` regions (readahead) come in the same request and only go to the overlay."""
+        wanted = set(regions)
+        optional = {r for r in extra or [] if r not in wanted}
+        # A readahead region that cannot be verified is dropped: it must not fail this read.
+        got = self.fetch(regions + sorted(optional), prepared=prepared, optional=optional)
         shift = self.engine.geometry.shift
         for region in regions:
             data = got[region][0]

@@ -212,13 +212,11 @@ def test_a_region_damaged_on_the_replica_is_fetched_twice_then_refused(degraded,
     with pytest.raises(VerificationFailed, match=r"regions \[\(5, 1\)\] from the replica fail verification twice"):
         api.read("vol", 5 * RS, RS)
     reads = relay.requests("/read")
-    # One fetch of region 5, one retry, nothing more; and the readahead of region 7 (the
-    # requested region after it), fetched in the background and kept.
-    assert reads == ["POST /v1/volumes/vol/read"] * 3
+    assert reads == ["POST /v1/volumes/vol/read"] * 2  # one fetch, one retry, nothing more
     assert [("attempt 1" in m, "attempt 2" in m) for m in warnings_of(caplog)] == [(True, False), (False, True)]
     assert all("damaged on the secondary" in m for m in warnings_of(caplog))
     status = api.status("vol")[0]
-    assert status["recovery"]["fetched_regions"] == 1 and status["maps"]["overlay"] == [[7, 1]]
+    assert status["recovery"]["fetched_regions"] == 0 and status["overlay"]["regions"] == 0
     assert status["bad_regions"] == [[3, 1], [5, 1], [7, 1]] and status["lost_regions"] == []
 
     # Through the CLI: exit 8 and one line saying why.
@@ -245,21 +243,19 @@ def test_a_damaged_readahead_region_does_not_fail_the_read_of_its_neighbour(degr
 def test_a_transient_mismatch_is_retried_and_served(degraded, relay, caplog):
     _, data = degraded
     relay.corrupt_next = 1  # the first answer for region 5 carries one flipped byte in its payload
-    relay.corrupt_only = b'"runs": [[5, 1]]'  # not the readahead's, which runs beside it
+    relay.corrupt_only = b'"runs": [[5, 1]'  # the read that starts with region 5, no other
     caplog.set_level(logging.WARNING, logger="drtool.fetch")
     assert api.read("vol", 5 * RS, RS) == region_bytes(data, 5)
     assert relay.tampered == 1
-    # Region 5, its retry, and the readahead of region 7 in the background (its own request;
-    # the engine closing at the end of api.read waited for it).
-    assert relay.requests("/read") == ["POST /v1/volumes/vol/read"] * 3
+    assert relay.requests("/read") == ["POST /v1/volumes/vol/read"] * 2
     messages = warnings_of(caplog)
     assert len(messages) == 1 and "regions [(5, 1)]" in messages[0] and "attempt 1" in messages[0]
     # Copy-on-read kept the verified bytes, never the tampered ones: a whole read fetches only
     # region 3 (the readahead after region 5 brought region 7 along), the next one nothing.
     assert api.read("vol", 0, SIZE) == data
-    assert len(relay.requests("/read")) == 4
+    assert len(relay.requests("/read")) == 3
     assert api.read("vol", 0, SIZE) == data
-    assert len(relay.requests("/read")) == 4
+    assert len(relay.requests("/read")) == 3
     assert api.status("vol")[0]["overlay"]["regions"] == 3
 
 
@@ -362,55 +358,3 @@ def test_a_stream_that_breaks_fails_the_whole_fetch(protected, replica_server, r
     assert sorted(calls) == [4, 10, 16, 22]
     status = api.status("vol")[0]
     assert status["overlay"]["regions"] == 0 and status["recovery"]["fetched_regions"] == 0
-
-
-def test_a_readahead_does_not_hold_up_the_read_that_started_it(protected, replica_server, relay, monkeypatch):
-    """The read of region 4 returns while the readahead of the regions after it is still in
-    flight; a reader of one of those waits for it instead of fetching it again; each region
-    crosses the wire once."""
-    path, data = protected
-    bad = list(range(4, 20))
-    damage(path, bad)
-    api.scrub_volume("vol")
-    api.recover("vol")
-    release = threading.Event()
-    started = threading.Event()
-    engine = Engine.open(None, "vol")
-    try:
-        real = engine._fetch_ahead
-
-        def slow_ahead(regions):
-            started.set()
-            assert release.wait(30)
-            real(regions)
-
-        monkeypatch.setattr(engine, "_fetch_ahead", slow_ahead)
-        assert bytes(engine.read(4 * RS, RS)) == region_bytes(data, 4)  # while the readahead is held back
-        assert started.wait(30) and not release.is_set()
-        fetcher = engine.fetcher
-        assert fetcher.ahead_busy(10) and engine.volume.overlay.test(4) and not engine.volume.overlay.test(10)
-        fetched, waiting = [], threading.Event()
-        real_into, real_claim = fetcher.fetch_into, fetcher.claim
-        monkeypatch.setattr(fetcher, "fetch_into", lambda regions, *a, **k: (fetched.append(regions),
-                                                                            real_into(regions, *a, **k)))
-
-        def claim(regions):
-            if any(fetcher.ahead_busy(r) for r in regions):
-                waiting.set()
-            return real_claim(regions)
-
-        monkeypatch.setattr(fetcher, "claim", claim)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(bytes(engine.read(10 * RS, RS))))
-        reader.start()
-        assert waiting.wait(30)  # the reader of region 10 waits for the readahead that has it
-        release.set()
-        reader.join(30)
-        assert got == [region_bytes(data, 10)] and fetched == []  # from the overlay, not fetched again
-        assert bytes(engine.read(0, SIZE)) == bytes(data) and fetched == []
-    finally:
-        release.set()
-        engine.close()
-    status = api.status("vol")[0]
-    assert status["recovery"]["fetched_regions"] == len(bad)
-    assert status["recovery"]["fetched_bytes"] == len(bad) * RS

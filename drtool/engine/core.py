@@ -165,8 +165,6 @@ class Engine(ReadPath, WritePath, StateChanges):
                 self.device = None
 
     def close(self) -> None:
-        if self.fetcher is not None:
-            self.fetcher.close()  # a readahead in flight writes the overlay: it finishes first
         try:
             if self.volume.lock is not None and not self.look_only:
                 self.sync_all()

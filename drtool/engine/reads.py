@@ -333,59 +333,41 @@ class ReadPath:
             self.enter_degraded(f"read of bad regions {to_runs(regions)}", auto=True)
         fetcher = self._fetcher()
         fetcher.prepare(regions)  # lost check and forced replication: no region lock may be held
-        # A readahead or another reader fetching some of them: wait, they land in the overlay.
-        claim = fetcher.claim(regions)
+        ahead = self._readahead(regions)
+        stripes = sorted({region % len(self.stripes) for region in regions + ahead})
+        for stripe in stripes:
+            self.stripes[stripe].acquire()
         try:
-            ahead = self._readahead(regions)
-            if ahead:  # fetched in the background, while this reader fetches its own regions
-                fetcher.read_ahead(ahead, self._fetch_ahead)
-            stripes = sorted({region % len(self.stripes) for region in regions})
-            for stripe in stripes:
-                self.stripes[stripe].acquire()
-            try:
-                # A write (or a readahead) may have moved a region into the overlay meanwhile: it is local now.
-                moved = [r for r in regions if self.volume.overlay.test(r)]
-                for run_first, run_count in to_runs(moved):
-                    if self._read_local(self.overlay, run_first, run_count, base, view):
-                        raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
-                rest = [r for r in regions if not self.volume.overlay.test(r)]
-                if rest:
-                    fetcher.fetch_into(rest, base, view, prepared=True)
-            finally:
-                for stripe in reversed(stripes):
-                    self.stripes[stripe].release()
+            # A write may have moved a region into the overlay meanwhile: it is local now.
+            moved = [r for r in regions if self.volume.overlay.test(r)]
+            for run_first, run_count in to_runs(moved):
+                if self._read_local(self.overlay, run_first, run_count, base, view):
+                    raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
+            rest = [r for r in regions if not self.volume.overlay.test(r)]
+            if rest:
+                extra = [r for r in ahead if not self.volume.overlay.test(r)]
+                fetcher.fetch_into(rest, base, view, prepared=True, extra=extra)
         finally:
-            fetcher.release(regions, claim)
+            for stripe in reversed(stripes):
+                self.stripes[stripe].release()
 
     def _readahead(self, regions: list[int]) -> list[int]:
-        """Requested regions just after a remote read, not in flight already: fetched in the
-        background and kept by copy-on-read, so a sequential reader finds them local."""
+        """Requested regions just after a remote read, fetched in the same batch (copy-on-read
+        keeps them): a sequential reader then pays one round trip per window, not per region."""
         if not self.settings["copy_on_read"] or self.overlay is None:
             return []
         volume = self.volume
-        busy = self._fetcher().ahead_busy
         wanted = set(regions)
         ahead = []
         start = max(regions) + 1
-        # Every reader of a remote region computes this: it must be cheap (requested_between is).
+        # Every reader waiting for a fetch computes this: it must be cheap (requested_between is).
         for region in volume.requested_between(start, start + READAHEAD_REGIONS):
             if (region not in wanted and not volume.norecord.test(region)
-                    and not volume.unreplicated.test(region) and not busy(region)):
+                    and not volume.unreplicated.test(region)):
                 ahead.append(region)
                 if len(ahead) >= READAHEAD_MAX:
                     break
         return ahead
-
-    def _fetch_ahead(self, regions: list[int]) -> None:
-        """A readahead, on the fetcher's readahead thread: the regions still requested (not in
-        the overlay meanwhile) fetched and kept; one that fails its check is left for a reader
-        to fetch.  No stripe is held while the bytes travel (a reader's own regions may share
-        a stripe with the window): copy-on-read keeps each region under its lock, and only if
-        no write put it in the overlay meanwhile and the manifest still names these bytes."""
-        rest = [r for r in regions if self.overlay is not None and self.requested(r)]
-        if rest:
-            fetcher = self._fetcher()
-            fetcher.account(fetcher.fetch(rest, prepared=True, optional=set(rest)))
 
     def _fetcher(self) -> RemoteFetcher:
         if self.fetcher is None:
