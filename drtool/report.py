@@ -173,11 +173,18 @@ def region_map(status: dict[str, Any], width: int, rows: int = 6) -> Group:
             color, glyph = style[state]
             line.append(glyph, style=color)
         lines.append(line)
-    legend = Text(f"each cell = {per_cell} region{'s' if per_cell > 1 else ''}   ", style="dim")
+    # The legend wraps between its entries, never inside one ("· / healthy" on two lines).
+    legends = [Text(f"each cell = {per_cell} region{'s' if per_cell > 1 else ''}", style="dim")]
     for _name, color, glyph, meaning in _legend_states(status, set(states)):
-        legend.append(glyph, style=color)
-        legend.append(f" {meaning}   ", style="dim")
-    return Group(*lines, legend)
+        entry = Text()
+        entry.append(glyph, style=color)
+        entry.append(f" {meaning}", style="dim")
+        if legends[-1].cell_len + 3 + entry.cell_len > columns:
+            legends.append(entry)
+        else:
+            legends[-1].append("   ")
+            legends[-1].append_text(entry)
+    return Group(*lines, *legends)
 
 
 def plain_region_map(status: dict[str, Any], columns: int, rows: int = 6) -> list[str]:

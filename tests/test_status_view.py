@@ -151,3 +151,20 @@ def test_status_x_shows_only_volumes_needing_attention(vol, cli, tmp_path):
     assert not any(line.split()[:1] == ["vol"] for line in lines)
     assert cli("status", "-x", "vol").out.strip() == "volume vol is healthy and protected"
     assert cli("status", "-x", "--json").json()[0]["volume"] == "other"
+
+
+def test_the_region_map_legend_wraps_between_its_entries_at_80_columns():
+    """At 80 columns the legend takes two lines: each entry (glyph and meaning) stays whole."""
+    from rich.console import Console
+
+    from drtool.report import region_map
+
+    status = {"regions_total": 64, "mode": "degraded", "bad_regions": [[3, 2]], "stale_regions": [],
+              "maps": {"bad": [[3, 2]], "overlay": [[7, 1]], "unreplicated": [[9, 4]], "lost": [], "resync": []}}
+    console = Console(width=60, record=True, color_system=None)
+    console.print(region_map(status, 60))
+    text = console.export_text()
+    legend = [line.rstrip() for line in text.splitlines() if line.strip() and not set(line.strip()) <= set("█▒░·x")]
+    assert all(len(line) <= 56 for line in legend), legend
+    for entry in ("█ bad on the device", "░ not yet replicated", "▒ in the overlay", "· healthy"):
+        assert any(entry in line for line in legend), (entry, legend)
