@@ -20,6 +20,7 @@ log file SIGHUP is ignored rather than fatal (``systemctl reload`` is harmless).
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import logging
 import os
 import signal
@@ -160,7 +161,9 @@ class LogFile:
 
 def reopen_on_sighup(log_file: LogFile | None) -> None:
     """SIGHUP reopens ``log_file`` (logrotate renamed it), or is only logged when there is
-    none: its default action would kill the process."""
+    none: its default action would kill the process.  SIGUSR1 writes every thread's stack to
+    standard error (the log file): what a daemon that does not stop is waiting for."""
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
     def on_hup(signum: int, frame: object) -> None:
         if log_file is None:

@@ -159,9 +159,24 @@ def _connects(path: Path) -> bool:
             return False
 
 
-def _stop(proc) -> int:
+def _stop(proc, stderr: Path | None = None) -> int:
+    """SIGTERM and wait; a daemon still running after 60 s is asked for its threads' stacks
+    (SIGUSR1, drtool.daemon), which the failure then shows, and killed."""
+    import subprocess
+
     proc.terminate()
-    return proc.wait(timeout=60)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            proc.wait(timeout=5)  # the dump is written at once; this only bounds the wait
+        except subprocess.TimeoutExpired:
+            pass
+        proc.kill()
+        proc.wait()
+        dump = stderr.read_text(errors="replace")[-20000:] if stderr is not None else "(not captured)"
+        raise AssertionError(f"the daemon did not stop within 60 s of SIGTERM; its threads:\n{dump}") from None
 
 
 @pytest.mark.parametrize("abstract", [True, False], ids=["abstract", "path"])
@@ -172,9 +187,11 @@ def test_agent_notifies_ready_once_it_serves(volume: Path, tmp_path: Path, state
 
     listener, address = _notify_socket(tmp_path, abstract)
     nbd = tmp_path / "nbd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "drtool", "agent", "vol", "--nbd-socket", str(nbd)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "NOTIFY_SOCKET": address})
+    errors = tmp_path / "agent.err"
+    with open(errors, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "drtool", "agent", "vol", "--nbd-socket", str(nbd)],
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={**os.environ, "NOTIFY_SOCKET": address})
     try:
         message = listener.recv(4096).decode()
         # Ready means serving: the NBD socket and the control sockets answer now.
@@ -182,7 +199,7 @@ def test_agent_notifies_ready_once_it_serves(volume: Path, tmp_path: Path, state
         assert message.splitlines()[0] == "READY=1"
         assert message.splitlines()[1].startswith(f"STATUS=drtool agent (pid {proc.pid}) serving")
     finally:
-        assert _stop(proc) == 0
+        assert _stop(proc, errors) == 0
         listener.close()
 
 
@@ -271,3 +288,29 @@ def test_sighup_without_a_log_file_is_harmless(volume: Path, tmp_path: Path, sta
     assert _stop(proc) == 0
     proc.stdout.close()
     proc.stderr.close()
+
+
+def test_sigusr1_dumps_every_threads_stack_and_the_daemon_keeps_serving(volume: Path, tmp_path: Path,
+                                                                        state_root: Path) -> None:
+    import subprocess
+
+    from drtool import api as drtool_api
+
+    listener, address = _notify_socket(tmp_path, abstract=False)
+    errors = tmp_path / "agent.err"
+    with open(errors, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "drtool", "agent", "vol", "--nbd-socket",
+                                 str(tmp_path / "nbd.sock")], stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={**os.environ, "NOTIFY_SOCKET": address})
+    try:
+        assert listener.recv(4096).decode().startswith("READY=1")
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "Current thread" not in errors.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dump = errors.read_text(errors="replace")
+        assert "Current thread" in dump and "Thread 0x" in dump  # every thread, not only the main one
+        assert drtool_api.agent_info()["volumes"] == ["vol"]  # still serving
+    finally:
+        assert _stop(proc, errors) == 0
+        listener.close()
