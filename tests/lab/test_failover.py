@@ -140,7 +140,7 @@ def test_cleartext_is_refused_beyond_loopback(d: DrtoolLab) -> None:
     # The primary's role refuses an http:// peer off loopback before it changes anything.
     http_peer = f"http://{d.lab.hosts[B]['address']}:8470"
     run = d.playbook("site.yml", "--limit", A, drtool_primary_peer_url=http_peer)
-    check = "drtool_primary : Check that the peer is reached over TLS beyond loopback"
+    check = "drtool.drtool.drtool_primary : Check that the peer is reached over TLS beyond loopback"
     assert run.rc != 0 and failed_task(run) == check, f"{run}"
     assert "drtool_primary_insecure" in run.output and run.changed == 0, f"{run}"
     for volume in VOLUMES:
@@ -150,14 +150,15 @@ def test_cleartext_is_refused_beyond_loopback(d: DrtoolLab) -> None:
 def test_planned_failover_refuses_to_start_until_replication_drains(d: DrtoolLab) -> None:
     # Without a terminal and without -e confirm=yes, nobody answered the prompt: nothing happens.
     unconfirmed = d.playbook("planned_failover.yml", drtool_failover_from=A, drtool_failover_to=B)
-    assert unconfirmed.rc != 0 and failed_task(unconfirmed) == "drtool_failover : Stop unless the answer was yes"
+    stop = "drtool.drtool.drtool_failover : Stop unless the answer was yes"
+    assert unconfirmed.rc != 0 and failed_task(unconfirmed) == stop
     # A cannot reach B's replica server (its route there is refused): the lag cannot drain.
     d.lab.run_in(A, ["ip", "route", "add", "prohibit", d.lab.hosts[B]["address"] + "/32"], check=True)
     try:
         d.write(A, "vol-a", [(5 * REGION, 4096, 0x41), (6 * REGION + 512, 1024, 0x42)])
         run = d.playbook("planned_failover.yml", drtool_failover_from=A, drtool_failover_to=B, confirm="yes",
                          drtool_failover_timeout=3)
-        drain = "drtool_failover : Drain replication (the lag must reach zero within the timeout)"
+        drain = "drtool.drtool.drtool_failover : Drain replication (the lag must reach zero within the timeout)"
         assert run.rc != 0 and failed_task(run) == drain, f"{run}"
         # Nothing changed: A is still the primary and takes writes; B promoted nothing.
         assert all(d.status(A, volume)["role"] == "primary" for volume in VOLUMES)
