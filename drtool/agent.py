@@ -23,11 +23,9 @@ since every local user can then read and write the volumes.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import ssl
 import threading
 import time
@@ -41,6 +39,7 @@ from drtool.errors import DrtoolError, ExportBusy, UsageError
 from drtool.export import EngineExport
 from drtool.nbd.server import NbdServer
 from drtool.nbd.tls import server_context
+from drtool.tls import is_loopback
 from drtool.progress import Progress
 from drtool.replication import Replicator
 from drtool.storage.paths import agent_control_socket, state_root, validate_name
@@ -67,20 +66,6 @@ def parse_listen(text: str | None, default_port: int = DEFAULT_NBD_PORT) -> tupl
     if not host or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"--listen {text!r} is not HOST:PORT")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback address (a wildcard is not)."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return False  # binding will say what is wrong with it
-    addresses = {info[4][0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 @dataclass(frozen=True)

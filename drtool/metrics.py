@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from drtool.errors import PeerError, RegionsLost, UsageError, VerificationFailed
+from drtool.tls import is_loopback
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -87,22 +88,6 @@ def parse_address(text: str) -> tuple[str, int]:
         raise UsageError(f"--metrics-listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, "
                          f"[::1]:{DEFAULT_PORT})")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback address (0.0.0.0 and :: are not)."""
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return False  # binding will say what is wrong with it
-    addresses = {info[4][0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def metrics_listen(listen: str | None, tls_cert: str | None = None, tls_key: str | None = None,

@@ -1,9 +1,12 @@
-"""The TLS server context both of drtool's listeners use (the NBD export, the replica server):
-TLS 1.2 or later, a private key only its owner can read, client certificates when a CA is given."""
+"""The TLS server context drtool's listeners use (the NBD export, the replica server, the
+metrics endpoint): TLS 1.2 or later, a private key only its owner can read, client certificates
+when a CA is given; and which listening addresses stay on this host (those need no TLS)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import ssl
 import stat
 
@@ -32,3 +35,20 @@ def server_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext
             raise UsageError(f"cannot load TLS CA certificate {ca}: {exc}") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (a wildcard such as 0.0.0.0
+    or :: is not): a listener there is reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False  # binding will say what is wrong with it
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)

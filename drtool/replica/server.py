@@ -9,7 +9,6 @@ idle timeout on every send.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -28,7 +27,7 @@ from drtool.errors import UsageError
 from drtool.replica.handler import ReplicaHandler
 from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT
 from drtool.replica.store import ReplicaRoot
-from drtool.tls import server_context
+from drtool.tls import is_loopback, server_context
 
 
 @dataclass(frozen=True)
@@ -250,15 +249,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str | None = None,
           tls_key: str | None = None, announce: Callable[..., None] | None = None, *,
           limits: Limits | None = None, journal_limit: int = DEFAULT_JOURNAL_LIMIT, insecure: bool = False,
@@ -276,7 +266,7 @@ def serve(root: str, listen: str, token_file: str | None = None, tls_cert: str |
     if not isinstance(journal_limit, int) or journal_limit < 0:
         raise UsageError(f"journal-limit must be a size of 0 (no journal) or more bytes, not {journal_limit!r}")
     token = read_token(token_file) if token_file else None
-    loopback = _is_loopback(host)
+    loopback = is_loopback(host)
     if token is None and not loopback:
         raise UsageError(f"refusing to serve {host} without --token-file (only loopback may go without)")
     context = tls_context(tls_cert, tls_key)
