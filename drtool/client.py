@@ -256,21 +256,7 @@ class ReplicaClient:
         """The replica's digests as (region, blake3) for every region that is not all zeros, in
         order (drtool.wire manifest entries), streamed: memory follows a chunk, not the volume."""
         response = self._request("GET", self._path(name, "manifest"), stream=True)
-        complete = False
-        try:
-            _expect_type(response, wire.MANIFEST_CONTENT_TYPE)
-            try:
-                yield from wire.iter_manifest_entries(response.raw.read, region_count)
-            except wire.WireError as exc:
-                raise PeerProtocolError(f"replica server {response.url} sent a bad manifest: {exc}") from None
-            except OSError as exc:
-                raise PeerUnreachable(f"replica server {self.url} vanished while sending the manifest: {exc}") from None
-            complete = True
-        finally:
-            if complete:
-                response.raw.release_conn()
-            else:
-                response.close()
+        yield from self._manifest_entries(response, region_count, "manifest")
 
     def preserved(self, name: str, snapshot: str, runs: Iterable[Run], region_count: int) -> Iterator[tuple[int, bytes]]:
         """The regions of ``runs`` that ``snapshot`` preserved (the mirror changed them after it
@@ -279,15 +265,26 @@ class ReplicaClient:
         for batch in _split_runs(list(runs), MAX_REGIONS_PER_READ):
             body = {"snapshot": snapshot, "runs": [list(r) for r in batch]}
             response = self._request("POST", self._path(name, "preserved"), stream=True, json=body)
+            yield from self._manifest_entries(response, region_count, "list of preserved regions")
+
+    def _manifest_entries(self, response: requests.Response, region_count: int,
+                          what: str) -> Iterator[tuple[int, bytes]]:
+        """Decode a response of manifest entries (drtool.wire) as they arrive; a response read to
+        its end leaves the connection reusable, anything else closes it."""
+        complete = False
+        try:
+            _expect_type(response, wire.MANIFEST_CONTENT_TYPE)
             try:
-                _expect_type(response, wire.MANIFEST_CONTENT_TYPE)
-                try:
-                    yield from wire.iter_manifest_entries(response.raw.read, region_count)
-                except wire.WireError as exc:
-                    raise PeerProtocolError(f"replica server {response.url} sent bad entries: {exc}") from None
-                except OSError as exc:
-                    raise PeerUnreachable(f"replica server {self.url} vanished while answering: {exc}") from None
-            finally:
+                yield from wire.iter_manifest_entries(response.raw.read, region_count)
+            except wire.WireError as exc:
+                raise PeerProtocolError(f"replica server {response.url} sent a bad {what}: {exc}") from None
+            except OSError as exc:
+                raise PeerUnreachable(f"replica server {self.url} vanished while sending the {what}: {exc}") from None
+            complete = True
+        finally:
+            if complete:
+                response.raw.release_conn()
+            else:
                 response.close()
 
     def adopt(self, name: str, image: str, manifest: str, size: int, region_size: int, volume_id: str,
