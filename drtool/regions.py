@@ -167,6 +167,21 @@ def coalesce(runs: Iterable[Run], max_count: int | None = None) -> list[Run]:
 _RUN_TEXT = re.compile(r"^(\d+)(?:-(\d+)|\+(\d+))?$")
 
 
+def runs_from_json(runs: object, geometry: Geometry) -> list[Run]:
+    """Runs from a request body (a JSON list of [first, count] pairs), each inside the volume,
+    in the order given; a UsageError naming what is wrong otherwise."""
+    if not isinstance(runs, list) or not runs:
+        raise UsageError('"runs" must be a non-empty list of [first, count] pairs')
+    checked: list[Run] = []
+    for run in runs:
+        if (not isinstance(run, list) or len(run) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in run)):
+            raise UsageError(f"run {run!r} is not a [first, count] pair of integers")
+        geometry.check_run(*run)
+        checked.append((run[0], run[1]))
+    return checked
+
+
 def parse_runs(text: str, geometry: Geometry | None = None) -> list[Run]:
     """Parse ``'3,10-12,40+4'`` (single, inclusive range, first+count) into runs."""
     runs: list[Run] = []

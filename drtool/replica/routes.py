@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from drtool import __version__
 from drtool.errors import Conflict, DrtoolError, UsageError
-from drtool.regions import from_runs, parse_runs
+from drtool.regions import Run, from_runs, parse_runs, runs_from_json
 from drtool.replica import handover, reading, scrub
 from drtool.replica.adopt import AdoptRequest
 from drtool.replica.apply import PROMOTED_REFUSES_RECORDS, apply_batch, parse_batch
@@ -146,21 +146,11 @@ def _get_data(req: ReplicaHandler, name: str) -> None:
         reading.stream_range(volume, start, length, resolve, req.connection)
 
 
-def _body_runs(body: dict, volume: ReplicaVolume, limit: int) -> list[list[int]]:
-    """A request's ``runs``: a non-empty list of [first, count] inside the volume, at most
-    ``limit`` regions in all."""
-    runs = body.get("runs")
-    if not isinstance(runs, list) or not runs:
-        raise UsageError('"runs" must be a non-empty list of [first, count] pairs')
-    total = 0
-    for run in runs:
-        if (not isinstance(run, list) or len(run) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in run)):
-            raise UsageError(f"run {run!r} is not a [first, count] pair of integers")
-        volume.geometry.check_run(*run)
-        total += run[1]
-        if total > limit:
-            raise UsageError(f"a request may name at most {limit} regions")
+def _body_runs(body: dict, volume: ReplicaVolume, limit: int) -> list[Run]:
+    """A request's ``runs`` (drtool.regions.runs_from_json), at most ``limit`` regions in all."""
+    runs = runs_from_json(body.get("runs"), volume.geometry)
+    if sum(count for _, count in runs) > limit:
+        raise UsageError(f"a request may name at most {limit} regions")
     return runs
 
 

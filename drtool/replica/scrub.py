@@ -33,7 +33,7 @@ from typing import Any
 import blake3
 
 from drtool.errors import CorruptStateFile, DeviceError, DrtoolError, UsageError
-from drtool.regions import Geometry, Run, to_runs
+from drtool.regions import Geometry, Run, runs_from_json, to_runs
 from drtool.replica.jsonstate import load_json, save_json
 from drtool.replica.tables import DigestTable
 from drtool.replica.volume import ReplicaVolume, Target
@@ -119,19 +119,11 @@ def _resolve(volume: ReplicaVolume, source: str, region: int) -> tuple[str, Devi
 
 
 def check_runs(volume: ReplicaVolume, runs: object) -> list[Run]:
-    """Runs from a request body: a non-empty list of [first, count] pairs inside the volume."""
-    if not isinstance(runs, list) or not runs:
-        raise UsageError('"runs" must be a non-empty list of [first, count] pairs')
-    if len(runs) > MAX_RUNS:
+    """Runs from a request body: a non-empty list of [first, count] pairs inside the volume,
+    at most MAX_RUNS of them, sorted."""
+    if isinstance(runs, list) and len(runs) > MAX_RUNS:
         raise UsageError(f"a verify may name at most {MAX_RUNS} runs")
-    checked: list[Run] = []
-    for run in runs:
-        if (not isinstance(run, list) or len(run) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in run)):
-            raise UsageError(f"run {run!r} is not a [first, count] pair of integers")
-        volume.geometry.check_run(*run)
-        checked.append((run[0], run[1]))
-    return sorted(checked)
+    return sorted(runs_from_json(runs, volume.geometry))
 
 
 def verify_batch(volume: ReplicaVolume, runs: list[Run], start: int = 0, source: str = "mirror",
