@@ -258,14 +258,12 @@ class ReplicaClient:
         response = self._request("GET", self._path(name, "manifest"), stream=True)
         yield from self._manifest_entries(response, region_count, "manifest")
 
-    def preserved(self, name: str, snapshot: str, runs: Iterable[Run], region_count: int) -> Iterator[tuple[int, bytes]]:
-        """The regions of ``runs`` that ``snapshot`` preserved (the mirror changed them after it
-        was taken), each with the digest the snapshot keeps: what reading them from the
-        snapshot takes back in time.  In order; a batch of at most MAX_REGIONS_PER_READ a request."""
-        for batch in _split_runs(list(runs), MAX_REGIONS_PER_READ):
-            body = {"snapshot": snapshot, "runs": [list(r) for r in batch]}
-            response = self._request("POST", self._path(name, "preserved"), stream=True, json=body)
-            yield from self._manifest_entries(response, region_count, "list of preserved regions")
+    def preserved(self, name: str, snapshot: str, region_count: int) -> Iterator[tuple[int, bytes]]:
+        """The regions ``snapshot`` preserved (the mirror changed them after it was taken), each
+        with the digest the snapshot keeps, in order: what reading them from the snapshot can
+        take back in time.  As many as the snapshot preserved, whatever the volume's size."""
+        response = self._request("POST", self._path(name, "preserved"), stream=True, json={"snapshot": snapshot})
+        yield from self._manifest_entries(response, region_count, "list of preserved regions")
 
     def _manifest_entries(self, response: requests.Response, region_count: int,
                           what: str) -> Iterator[tuple[int, bytes]]:

@@ -91,22 +91,20 @@ class RemoteFetcher:
             raise UsageError(f"volume {engine.name}: the replica server has no snapshot {snapshot} "
                              f"(it has: {', '.join(names) if names else 'none'})")
 
-    def rolled_back(self, snapshot: str, regions: Iterable[int]) -> list[int]:
-        """Of ``regions`` (to be served from ``snapshot``), those whose bytes there differ from the
-        volume's now: the snapshot preserved them (the mirror changed them after it was taken)
-        and its digest is not the manifest's.  The others read as the mirror, which forced
-        replication brings to the manifest first."""
+    def rolled_back(self, snapshot: str, served: Callable[[int], bool]) -> list[int]:
+        """Of the regions to be served from ``snapshot`` (``served(region)``), those whose bytes
+        there differ from the volume's now: the snapshot preserved them (the mirror changed them
+        after it was taken) and its digest is not the manifest's.  The others read as the
+        mirror, which forced replication brings to the manifest first.  The work follows what
+        the snapshot preserved, not the volume's size (a faulted device requests every region)."""
         engine = self.engine
         manifest = engine.volume.manifest
-        runs = to_runs(regions)
-        if not runs:
-            return []
         try:
-            preserved = list(self.client().preserved(engine.name, snapshot, runs, engine.geometry.count))
+            return [region for region, digest in self.client().preserved(engine.name, snapshot, engine.geometry.count)
+                    if served(region) and not manifest.matches(region, digest)]
         except PeerError as exc:
             raise PeerError(f"volume {engine.name}: cannot ask the replica server which regions snapshot "
                             f"{snapshot} takes back in time: {exc}") from None
-        return [region for region, digest in preserved if not manifest.matches(region, digest)]
 
     def lagging(self, regions: list[int]) -> list[int]:
         """Refuse lost regions (nobody holds them); return those the replica lacks the latest bytes of."""

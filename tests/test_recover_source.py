@@ -123,3 +123,20 @@ def test_the_preserved_endpoint_refuses_bad_requests(protected, replica_server):
                          ({"snapshot": "nosuch", "runs": [[0, 1]]}, 404)):
         response = requests.post(url, json=body, headers=headers, timeout=10)
         assert response.status_code == status, (body, response.text)
+
+
+def test_the_preserved_endpoint_lists_what_the_snapshot_preserved_and_only_that(protected, replica_server):
+    """The preview costs what the snapshot preserved, not the volume's size: the server lists its
+    preserved regions (here the two rewritten since), with the digests it keeps."""
+    import blake3
+
+    path, data = protected
+    client = replica_server.client()
+    client.create_snapshot("vol", "before")
+    api.write("vol", 3 * RS, b"A" * RS)
+    api.write("vol", 9 * RS + 7, b"B")
+    api.replicate("vol")
+    entries = dict(client.preserved("vol", "before", SIZE // RS))
+    assert sorted(entries) == [3, 9]
+    assert entries[3] == blake3.blake3(data[3 * RS:4 * RS]).digest()
+    assert entries[9] == blake3.blake3(data[9 * RS:10 * RS]).digest()

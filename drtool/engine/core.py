@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import blake3
@@ -364,7 +364,8 @@ class Engine(ReadPath, WritePath, StateChanges):
             fetcher = self._fetcher()
             fetcher.check_snapshot(snapshot)
             if not modes.in_recovery(self.record) and self.protected:
-                back = to_runs(fetcher.rolled_back(snapshot, self._would_request(local_era)))
+                back = to_runs(fetcher.rolled_back(
+                    snapshot, lambda region: self.volume.would_request(region, local_era)))
                 if back and not accept_rollback:
                     count = sum(n for _, n in back)
                     raise ConfirmationNeeded(
@@ -400,15 +401,6 @@ class Engine(ReadPath, WritePath, StateChanges):
             self.save_bitmaps()
         log.log(logging.WARNING if auto else logging.INFO, "volume %s: entered degraded mode: %s", self.name, reason)
         return True
-
-    def _would_request(self, local_era: int | None) -> Iterator[int]:
-        """The regions a recovery with ``local_era`` would serve from the replica, before it
-        begins: the bad ones, and those written since ``local_era``."""
-        count = self.geometry.count
-        regions = self.volume.bad.set_between(0, count)
-        if local_era is not None:
-            regions = merge_regions(regions, self.volume.eras.changed_since(local_era, 0, count))
-        return (region for region in regions if not self.volume.overlay.test(region))
 
     def begin_resync(self, device: str) -> int:
         """degraded -> resync: mark every region the device must get back (the requested

@@ -155,19 +155,25 @@ def _body_runs(body: dict, volume: ReplicaVolume, limit: int) -> list[Run]:
 
 
 def _post_preserved(req: ReplicaHandler, name: str) -> None:
-    """Which regions of ``runs`` a snapshot preserved (changed on the mirror since it was taken),
-    with the digest it keeps for each, as manifest entries (drtool.wire): what a recovery from
-    that snapshot would take back in time.  Regions it did not preserve read as the mirror."""
+    """The regions a snapshot preserved (the mirror changed them after it was taken), with the
+    digest it keeps for each, as manifest entries (drtool.wire): what a recovery from that
+    snapshot could take back in time; every other region reads as the mirror.  ``runs``
+    (optional) narrows it to those regions.  The work follows what the snapshot preserved,
+    not the volume's size."""
     volume = req.server.replicas.get(name)
     body = req.read_json()
     if not isinstance(body.get("snapshot"), str):
         raise UsageError('"snapshot" must name a snapshot')
     snapshot = _source(volume, body["snapshot"], False)
     assert snapshot is not None
-    runs = _body_runs(body, volume, req.server.limits.max_read_regions)
+    table = snapshot.table
     with volume.lock.shared():
-        entries = [(region, snapshot.table.digest(region)) for region in from_runs(runs)
-                   if snapshot.table.present(region)]
+        if "runs" in body:
+            runs = _body_runs(body, volume, req.server.limits.max_read_regions)
+            entries = [(region, table.digest(region)) for first, count in runs
+                       for region in table.iter_present(first, first + count)]
+        else:
+            entries = [(region, table.digest(region)) for region in table.iter_present()]
     req.send_head(200, MANIFEST_CONTENT_TYPE, MANIFEST_ENTRY.size * len(entries))
     for chunk in encode_manifest_entries(iter(entries)):
         req.wfile.write(chunk)

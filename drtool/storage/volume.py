@@ -218,14 +218,16 @@ class Volume:
     def requested(self, region: int) -> bool:
         """Must this region's bytes come from the replica?  Bad, or (when the local copy is an
         older point in time) written since that era; never when the overlay holds it."""
+        recovery = self.record.recovery
+        return self.would_request(region, recovery.get("local_era") if recovery else None)
+
+    def would_request(self, region: int, local_era: int | None) -> bool:
+        """:meth:`requested` for a recovery with ``local_era`` (one that may not have begun)."""
         if self.overlay.test(region):
             return False
         if self.bad.test(region):
             return True
-        recovery = self.record.recovery
-        if recovery and recovery.get("local_era") is not None:
-            return self.eras[region] >= recovery["local_era"]
-        return False
+        return local_era is not None and self.eras[region] >= local_era
 
     def requested_between(self, first: int, end: int) -> Iterator[int]:
         """The requested regions in [first, end), ascending: the bad map's set bits, and (for an
