@@ -52,6 +52,7 @@ DEFAULT_NBD_SOCKET = "nbd.sock"
 SAVE_INTERVAL = 2.0
 #: how long removing a volume waits for operations running on it (a status, a read) to end
 DRAIN_SECONDS = 5.0
+CLOSING_CLIENT_GRACE = 1.0  # seconds a just-disconnected NBD client may take to be forgotten
 TLS_FLAGS = "--tls-cert FILE and --tls-key FILE (and --tls-ca FILE to require client certificates)"
 
 
@@ -356,6 +357,13 @@ class Agent:
                                      "finished")
                 self.exports = {n: e for n, e in self.exports.items() if n != name}
             clients = self.nbd.clients(name) if self.nbd else []
+            # A client that has just closed its socket is still counted until its connection's
+            # thread sees the end (milliseconds): give those a moment (no new one can connect,
+            # the export is gone) before refusing, so "disconnect, then detach" works.
+            deadline = time.monotonic() + CLOSING_CLIENT_GRACE
+            while clients and not force and time.monotonic() < deadline:
+                time.sleep(0.02)
+                clients = self.nbd.clients(name)
             if clients and not force:
                 self._keep(served)
                 raise ExportBusy(
