@@ -10,6 +10,7 @@ and exits with the error's code; the Ansible modules pass the message to
     ├── StateError                   5  state directory problems
     │   ├── VolumeNotFound
     │   ├── VolumeExists
+    │   ├── GroupNotFound
     │   └── CorruptStateFile         a torn, truncated or foreign state file
     ├── VolumeBusy                   6  another process holds the volume
     │   └── ExportBusy               NBD clients or an operation keep it in the agent
@@ -77,6 +78,12 @@ class StateError(DrtoolError):
 class VolumeNotFound(StateError):
     def __init__(self, name: str, state_root: str) -> None:
         super().__init__(f"volume {name} is not registered under {state_root}")
+        self.name = name
+
+
+class GroupNotFound(StateError):
+    def __init__(self, name: str, state_root: str) -> None:
+        super().__init__(f"group {name} is not defined under {state_root} (drtool group create {name} VOLUME...)")
         self.name = name
 
 
