@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import blake3
 import requests
@@ -28,8 +28,8 @@ import urllib3
 
 from drtool import wire
 from drtool.buffers import aligned_bytes
-from drtool.errors import (Conflict, DataUnavailable, DrtoolError, NotPermitted, PeerAuthError, PeerError,
-                           PeerProtocolError, PeerUnreachable, UsageError, VolumeNotFound)
+from drtool.errors import (Conflict, DataUnavailable, DrtoolError, GroupNotFound, NotPermitted, PeerAuthError,
+                           PeerError, PeerProtocolError, PeerUnreachable, UsageError, VolumeNotFound)
 from drtool.regions import Run
 
 Chunk = bytes | bytearray | memoryview
@@ -353,6 +353,37 @@ class ReplicaClient:
         except wire.WireError as exc:
             raise PeerProtocolError(f"replica server {response.url} sent a bad record: {exc}") from None
         yield from records
+
+    # -- consistency groups (docs/api.md "Consistency groups") ---------------------------
+
+    def _group_path(self, group: str, *rest: str) -> str:
+        return "/v1/groups/" + "/".join(quote(p, safe="") for p in (group, *rest))
+
+    def ensure_group(self, group: str, group_id: str, members: list[str]) -> dict[str, Any]:
+        """Create the server's group of these (existing) replicas, or set its members; Conflict
+        when the name is another group's or a member is in another group."""
+        return self._json("PUT", self._group_path(group), json={"group_id": group_id, "members": list(members)})
+
+    def group_info(self, group: str) -> dict[str, Any]:
+        """{name, group_id, members, committed_txn, members_applied: {volume: seq}}; GroupNotFound."""
+        return self._json("GET", self._group_path(group))
+
+    def delete_group(self, group: str) -> None:
+        """Forget the group on the server (its members stay, and take per-volume records again)."""
+        self._json("DELETE", self._group_path(group), retry=False)
+
+    def send_group_txn(self, group: str, txn: int, parts: list[tuple[str, bool, int, list[bytes]]]) -> dict[str, Any]:
+        """Ship one group transaction, applied all or nothing (drtool.wire: ``parts`` are (volume,
+        overlay, complete_through or 0, record chunks)); returns {"txn", "committed_txn",
+        "members_applied": {volume: applied_seq}, "parts": [...]}.  A resend is harmless (the
+        server skips records it applied), so a lost answer is retried."""
+        chunks = wire.encode_group_txn(txn, parts)
+        return self._json("POST", self._group_path(group, "records"), data=_Body(chunks),
+                          headers={"Content-Type": wire.GROUP_CONTENT_TYPE})
+
+    def group_snapshot(self, group: str, name: str) -> dict[str, Any]:
+        """Snapshot every member at one point between two group transactions."""
+        return self._json("POST", self._group_path(group, "snapshots"), json={"name": name}, retry=False)
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -691,6 +722,8 @@ def _http_error(method: str, url: str, response: requests.Response) -> DrtoolErr
         return PeerAuthError(message)
     if status == 404 and title == "No such replica":
         return VolumeNotFound(url.rsplit("/v1/volumes/", 1)[-1].split("/")[0], url)
+    if status == 404 and title == "No such group":
+        return GroupNotFound(unquote(url.rsplit("/v1/groups/", 1)[-1].split("/")[0]), url)
     if status == 409:
         # "conflict": the request contradicts what the server holds; any other 409
         # (not-permitted, promoted, released, not-released) is forbidden in the replica's role.

@@ -1,4 +1,4 @@
-"""The byte formats shared by the primary and the secondary: records and frames.
+"""The byte formats shared by the primary and the secondary: records, frames, group transactions.
 
 This is the one place that defines them.  The replication log on the primary,
 the replication stream, the secondary's journal and the change-log replica all
@@ -295,3 +295,126 @@ def iter_manifest_entries(read: Callable[[int], bytes], region_count: int) -> It
                 raise WireError(f"manifest entry for region {region} has no digest")
             last = region
             yield region, digest
+
+# -- group transactions --------------------------------------------------------------------
+#
+# ``POST /v1/groups/{group}/records`` carries one group transaction: the records of several
+# volumes of a consistency group between two consistent cuts of the primary, applied on the
+# secondary all or nothing (drtool.replica.group).
+#
+# Group transaction (24-byte header, then ``parts`` parts back to back, nothing after)::
+#
+#     magic    4s  b"DRTG"
+#     version  H   1
+#     flags    H   reserved (0)
+#     txn      Q   the group transaction id, from 1, increasing
+#     parts    I   number of parts (at least 1)
+#     hcrc     I   crc32 of the 20 bytes above
+#
+# Part (20-byte head, the volume's name, a crc, then ``length`` bytes of records)::
+#
+#     name_len H   bytes of the name (1..255, utf-8)
+#     flags    H   OVERLAY=1: the records go to the volume's overlay replica, not its mirror
+#     complete Q   Complete-Through for this part (0: none), as X-Drtool-Complete-Through
+#     length   Q   bytes of the records body
+#     name     name_len bytes
+#     pcrc     I   crc32 of the head and the name
+#     records  ``length`` bytes: an ordinary records body (each record checked by iter_records)
+
+GROUP_MAGIC = b"DRTG"
+GROUP_VERSION = 1
+GROUP_HEAD = struct.Struct("<4sHHQI")
+GROUP_HEADER_SIZE = GROUP_HEAD.size + 4  # 24
+GROUP_PART_HEAD = struct.Struct("<HHQQ")
+GROUP_PART_OVERLAY = 1
+GROUP_CONTENT_TYPE = "application/x-drtool-group-txn"
+MAX_GROUP_NAME = 255
+
+
+@dataclass(frozen=True)
+class GroupPart:
+    """One volume's records in a group transaction (``body``: records as the per-volume route takes them)."""
+
+    volume: str
+    overlay: bool
+    complete_through: int  # 0: none
+    body: memoryview
+
+
+@dataclass(frozen=True)
+class GroupTxn:
+    txn: int
+    parts: list[GroupPart]
+
+
+def encode_group_txn(txn: int, parts: list[tuple[str, bool, int, list[bytes]]]) -> list[bytes]:
+    """A group transaction as chunks (headers, then each part's record chunks as given, not
+    copied).  ``parts``: (volume, overlay, complete_through or 0, chunks of its records)."""
+    if txn < 1:
+        raise ValueError(f"group transaction id must be at least 1, not {txn}")
+    if not parts:
+        raise ValueError("a group transaction needs at least one part")
+    head = GROUP_HEAD.pack(GROUP_MAGIC, GROUP_VERSION, 0, txn, len(parts))
+    chunks: list[bytes] = [head + _CRC.pack(zlib.crc32(head))]
+    for volume, overlay, complete_through, records in parts:
+        name = volume.encode()
+        if not 1 <= len(name) <= MAX_GROUP_NAME:
+            raise ValueError(f"volume name {volume!r} must be 1 to {MAX_GROUP_NAME} bytes")
+        part = GROUP_PART_HEAD.pack(len(name), GROUP_PART_OVERLAY if overlay else 0, complete_through or 0,
+                                    sum(len(c) for c in records)) + name
+        chunks.append(part + _CRC.pack(zlib.crc32(part)))
+        chunks += records
+    return chunks
+
+
+def decode_group_txn(body: bytes | bytearray | memoryview, max_parts: int = 1024) -> GroupTxn:
+    """Split a group transaction into its parts; every length is checked against the body
+    (WireError says which check failed).  The records inside a part are not decoded here
+    (iter_records does that, part by part)."""
+    view = memoryview(body)
+    if len(view) < GROUP_HEADER_SIZE:
+        raise WireError(f"group transaction header needs {GROUP_HEADER_SIZE} bytes, got {len(view)}")
+    magic, version, _flags, txn, count = GROUP_HEAD.unpack_from(view)
+    if magic != GROUP_MAGIC:
+        raise WireError(f"bad group transaction magic {bytes(magic)!r}")
+    if zlib.crc32(view[:GROUP_HEAD.size]) != _CRC.unpack_from(view, GROUP_HEAD.size)[0]:
+        raise WireError("group transaction header checksum mismatch")
+    if version != GROUP_VERSION:
+        raise WireError(f"group transaction version {version} is not supported (this side knows {GROUP_VERSION})")
+    if txn == 0:
+        raise WireError("group transaction id 0")
+    if not 1 <= count <= max_parts:
+        raise WireError(f"group transaction has {count} parts (1 to {max_parts} allowed)")
+    pos = GROUP_HEADER_SIZE
+    parts: list[GroupPart] = []
+    seen: set[tuple[str, bool]] = set()
+    for index in range(count):
+        if len(view) - pos < GROUP_PART_HEAD.size:
+            raise WireError(f"part {index} at byte {pos}: truncated part header")
+        name_len, flags, complete, length = GROUP_PART_HEAD.unpack_from(view, pos)
+        if not 1 <= name_len <= MAX_GROUP_NAME:
+            raise WireError(f"part {index} at byte {pos}: volume name of {name_len} bytes")
+        if flags & ~GROUP_PART_OVERLAY:
+            raise WireError(f"part {index} at byte {pos}: unknown flags {flags:#x}")
+        name_end = pos + GROUP_PART_HEAD.size + name_len
+        if name_end + 4 > len(view):
+            raise WireError(f"part {index} at byte {pos}: truncated part header")
+        if zlib.crc32(view[pos:name_end]) != _CRC.unpack_from(view, name_end)[0]:
+            raise WireError(f"part {index} at byte {pos}: part header checksum mismatch")
+        try:
+            volume = bytes(view[pos + GROUP_PART_HEAD.size:name_end]).decode()
+        except UnicodeDecodeError:
+            raise WireError(f"part {index} at byte {pos}: volume name is not utf-8") from None
+        start = name_end + 4
+        if length > len(view) - start:
+            raise WireError(f"part {index} ({volume}) is truncated: its records need {length} bytes, "
+                            f"{len(view) - start} left")
+        overlay = bool(flags & GROUP_PART_OVERLAY)
+        if (volume, overlay) in seen:
+            raise WireError(f"part {index}: volume {volume} has two {'overlay' if overlay else 'mirror'} parts")
+        seen.add((volume, overlay))
+        parts.append(GroupPart(volume, overlay, complete, view[start:start + length]))
+        pos = start + length
+    if pos != len(view):
+        raise WireError(f"{len(view) - pos} bytes after the last part of the group transaction")
+    return GroupTxn(txn, parts)

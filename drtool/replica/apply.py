@@ -110,66 +110,121 @@ def parse_batch(volume: ReplicaVolume, body: memoryview, overlay: bool, max_reco
     return Batch(body, records)
 
 
-def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | None,
-                overlay: bool) -> dict[str, Any]:
+@dataclass
+class Plan:
+    """What applying a batch will do, decided and checked before anything is written."""
+
+    volume: ReplicaVolume
+    batch: Batch
+    overlay: bool
+    complete_through: int | None
+    todo: list[Record]  # the records not applied yet, overlay copies resolved
+
+    @property
+    def target(self) -> Target:
+        return self.volume.overlay if self.overlay else self.volume.mirror
+
+    @property
+    def behind(self) -> bool:
+        """The journal makes it durable and the image is written behind (mirror with a journal)."""
+        return not self.overlay and not self.volume.journal.disabled
+
+
+def plan_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | None, overlay: bool) -> Plan:
+    """Check the batch against the replica and pick the records to apply; nothing is written, so
+    a refusal here leaves everything as it was.  Call with the exclusive lock held."""
     records = batch.records
     target = volume.overlay if overlay else volume.mirror
+    volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)
+    if complete_through is not None:
+        _check_complete_through(volume, records, complete_through)
+    todo: list[Record] = []
+    seen: set[int] = set()
+    for record in records:
+        if not target.applied.has(record.header.seq) and record.header.seq not in seen:
+            seen.add(record.header.seq)
+            todo.append(record)
+    if todo or (complete_through or 0) > target.applied.watermark:
+        volume.check_accepts_records()  # a resent, already applied batch is still acknowledged
+    if todo:
+        todo = _resolve_overlay_copies(volume, todo)  # before anything is written: all or nothing
+    return Plan(volume, batch, overlay, complete_through, todo)
+
+
+def prepare(plan: Plan) -> None:
+    """What must precede any write of the image: the snapshots' copy-on-write (mirror), the
+    mirror's bytes under a partial overlay record (overlay)."""
+    if plan.overlay:
+        _fill_overlay(plan.volume, plan.todo)
+    else:
+        plan.volume.snapshots.preserve({r.region for r in plan.todo}, plan.volume.mirror.image,
+                                       plan.volume.mirror.table)
+
+
+def append_journal(plan: Plan) -> None:
+    """Append the plan's records, exactly as received, to the mirror's journal, durably."""
+    plan.volume.journal.append([(r.header.seq, r.region, r.header.total_size) for r in plan.todo],
+                               plan.batch.raw(plan.todo))
+
+
+def write_behind(plan: Plan) -> dict[int, bytes | None]:
+    return _write_behind(plan.volume, plan.target, plan.todo)
+
+
+def write_durably(plan: Plan) -> dict[int, bytes | None]:
+    return _write_durably(plan.volume, plan.target, plan.todo)
+
+
+def finish(plan: Plan, final: dict[int, bytes | None]) -> dict[str, Any]:
+    """After the records are durable and in the image: digests, the applied state, a checkpoint
+    when the journal has grown a segment's worth; the answer for the primary."""
+    volume, target, todo, overlay = plan.volume, plan.target, plan.todo, plan.overlay
+    complete_through = plan.complete_through
+    if todo:
+        _set_digests(volume, target, final)
+        if not plan.behind:
+            target.table.save(target.applied.watermark)
+        if not overlay:
+            _supersede_overlay(volume, {r.region for r in todo})
+    applied = target.applied
+    before = (applied.watermark, frozenset(applied.ahead))
+    if todo:
+        applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
+    applied.mark([r.header.seq for r in todo])
+    marked = applied.watermark
+    if complete_through is not None:
+        applied.complete_through(complete_through)
+    changed = (applied.watermark, frozenset(applied.ahead)) != before
+    if overlay or volume.journal.disabled:
+        if todo or changed:
+            applied.save()
+    elif applied.watermark > marked:
+        # Complete-Through moved the watermark over seqs no record carries: the journal cannot
+        # say so after a crash, the applied state does (the records are in the journal).
+        applied.save()
+    if not overlay and volume.journal.since_checkpoint() >= volume.journal.segment_limit:
+        volume.checkpoint()
+    return {"applied_seq": target.applied.watermark, "applied": len(todo),
+            "skipped": len(plan.batch.records) - len(todo)}
+
+
+def apply_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | None,
+                overlay: bool) -> dict[str, Any]:
     with volume.lock.exclusive():
-        volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)
-        if complete_through is not None:
-            _check_complete_through(volume, records, complete_through)
-        todo: list[Record] = []
-        seen: set[int] = set()
-        for record in records:
-            if not target.applied.has(record.header.seq) and record.header.seq not in seen:
-                seen.add(record.header.seq)
-                todo.append(record)
-        if todo or (complete_through or 0) > target.applied.watermark:
-            volume.check_accepts_records()  # a resent, already applied batch is still acknowledged
-        if todo:
-            todo = _resolve_overlay_copies(volume, todo)  # before anything is written: all or nothing
-            touched = {r.region for r in todo}
-            if overlay:
-                _fill_overlay(volume, todo)
-            else:
-                volume.snapshots.preserve(touched, volume.mirror.image, volume.mirror.table)
-            journal = volume.journal
-            behind = not overlay and not journal.disabled
-            if behind:
+        plan = plan_batch(volume, batch, complete_through, overlay)
+        final: dict[int, bytes | None] = {}
+        if plan.todo:
+            prepare(plan)
+            if plan.behind:
                 # The journal is the durable copy; the image is written beside it (one wait).
-                written = _IMAGE_WRITERS.submit(_write_behind, volume, target, todo)
+                written = _IMAGE_WRITERS.submit(write_behind, plan)
                 try:
-                    journal.append([(r.header.seq, r.region, r.header.total_size) for r in todo],
-                                   batch.raw(todo))
+                    append_journal(plan)
                 finally:
                     final = written.result()
             else:
-                final = _write_durably(volume, target, todo)
-            _set_digests(volume, target, final)
-            if not behind:
-                target.table.save(target.applied.watermark)
-            if not overlay:
-                _supersede_overlay(volume, touched)
-        applied = target.applied
-        before = (applied.watermark, frozenset(applied.ahead))
-        if todo:
-            applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
-        applied.mark([r.header.seq for r in todo])
-        marked = applied.watermark
-        if complete_through is not None:
-            applied.complete_through(complete_through)
-        changed = (applied.watermark, frozenset(applied.ahead)) != before
-        if overlay or volume.journal.disabled:
-            if todo or changed:
-                applied.save()
-        elif applied.watermark > marked:
-            # Complete-Through moved the watermark over seqs no record carries: the journal cannot
-            # say so after a crash, the applied state does (the records are in the journal).
-            applied.save()
-        if not overlay and volume.journal.since_checkpoint() >= volume.journal.segment_limit:
-            volume.checkpoint()
-        return {"applied_seq": target.applied.watermark, "applied": len(todo),
-                "skipped": len(records) - len(todo)}
+                final = write_durably(plan)
+        return finish(plan, final)
 
 
 def _resolve_overlay_copies(volume: ReplicaVolume, todo: list[Record]) -> list[Record]:

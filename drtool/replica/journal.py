@@ -181,6 +181,32 @@ class Journal:
         os.truncate(self._segment_path(segment), position)
         self.scan()
 
+    def cut_to(self, at: tuple[int, int]) -> int:
+        """Remove every record after position ``at`` (a ``end()`` taken earlier): appended but not
+        committed by their consistency group (drtool.replica.group), so never acknowledged.
+        Returns the bytes removed.  Refuses a position before the mirror's checkpoint."""
+        segment, position = at
+        if self.checkpoint is not None and at < self.checkpoint:
+            raise CorruptStateFile(self._segment_path(segment), f"cannot cut the journal at {at}: the mirror's "
+                                   f"checkpoint {self.checkpoint} is past it")
+        removed = 0
+        try:
+            for later in self._segments():
+                path = self._segment_path(later)
+                if later > segment:
+                    removed += os.path.getsize(path)
+                    os.unlink(path)
+                elif later == segment and os.path.getsize(path) > position:
+                    removed += os.path.getsize(path) - position
+                    os.truncate(path, position)
+            if removed:
+                fsync_dir(self.directory)
+        except OSError as exc:
+            raise DeviceError(f"cannot cut the journal {self.directory} back to {at}: {exc.strerror}") from None
+        if removed:
+            self.scan()
+        return removed
+
     def _save(self, base_seq: int, disabled: bool | None = None) -> None:
         self.disabled = self.disabled if disabled is None else disabled
         save_json(self._base_path, "journal", self.volume_id, {"base_seq": base_seq, "disabled": self.disabled})

@@ -6,8 +6,8 @@ Conflict and every other 409 to NotPermitted); the title is for people.
 
 from __future__ import annotations
 
-from drtool.errors import (Conflict, DataUnavailable, DrtoolError, NotPermitted, UsageError, VolumeBusy,
-                           VolumeNotFound)
+from drtool.errors import (Conflict, DataUnavailable, DrtoolError, GroupNotFound, NotPermitted, UsageError,
+                           VolumeBusy, VolumeNotFound)
 
 PROBLEM_TYPE = "urn:drtool:problem:"
 
@@ -45,6 +45,8 @@ def status_of(exc: DrtoolError) -> tuple[int, str, str]:
         return 400, "Bad request", "bad-request"
     if isinstance(exc, VolumeNotFound):
         return 404, "No such replica", "no-such-replica"
+    if isinstance(exc, GroupNotFound):
+        return 404, "No such group", "no-such-group"
     if isinstance(exc, Conflict):
         return 409, "Conflict", "conflict"
     if isinstance(exc, NotPermitted):

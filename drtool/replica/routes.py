@@ -32,6 +32,10 @@ def route(req: ReplicaHandler, method: str, segments: list[str]) -> None:
         _allow(method, "GET")
         req.send_json(200, {"status": "ok", "service": "drtool-replica", "version": __version__})
         return
+    if segments[:2] == ["v1", "groups"] and len(segments) in (2, 3, 4):
+        req.authorize()
+        _group_route(req, method, segments[2:])
+        return
     if segments[:2] != ["v1", "volumes"] or len(segments) > 5:
         raise Problem(404, "Not found", f"no such endpoint: /{'/'.join(segments)}")
     req.authorize()
@@ -224,6 +228,7 @@ def _records(req: ReplicaHandler, name: str, overlay: bool) -> None:
         raise UsageError(f"{len(raws)} X-Drtool-Complete-Through headers: send one")
     through = parse_count(raws[0], "X-Drtool-Complete-Through") if raws else None
     volume.refuse_if_promoted(PROMOTED_REFUSES_RECORDS)  # before reading a large body for nothing
+    req.server.replicas.groups.refuse_member_records(name)
     limits = req.server.limits
     body = req.read_body(limits.max_body)
     batch = parse_batch(volume, body, overlay, limits.max_records)
@@ -357,6 +362,47 @@ def _post_scrub(req: ReplicaHandler, name: str) -> None:
 
 def _get_scrub(req: ReplicaHandler, name: str) -> None:
     req.send_json(200, scrub.describe(req.server.replicas.get(name)))
+
+
+# -- consistency groups (docs/api.md "Consistency groups") --------------------------------
+
+
+def _group_route(req: ReplicaHandler, method: str, rest: list[str]) -> None:
+    groups = req.server.replicas.groups
+    if not rest:
+        _allow(method, "GET")
+        req.send_json(200, {"groups": [_describe_group(req, n) for n in groups.names()]})
+        return
+    name = validate_name(rest[0], "group name")
+    if len(rest) == 1:
+        _allow(method, "GET", "PUT", "DELETE")
+        if method == "GET":
+            req.send_json(200, groups.describe(name))
+        elif method == "PUT":
+            body = req.read_json()
+            created, described = groups.ensure(name, body.get("group_id"), body.get("members"))
+            req.send_json(201 if created else 200, described)
+        else:
+            groups.delete(name)
+            req.send_json(200, {"deleted": name})
+    elif len(rest) == 2 and rest[1] == "records":
+        _allow(method, "POST")
+        limits = req.server.limits
+        groups.get(name)  # 404 before reading a large body for nothing
+        body = req.read_body(limits.max_body)
+        req.send_json(200, groups.apply_txn(name, body, limits.max_records))
+    elif len(rest) == 2 and rest[1] == "snapshots":
+        _allow(method, "POST")
+        req.send_json(201, groups.snapshot(name, req.read_json().get("name")))
+    else:
+        raise Problem(404, "Not found", f"no such endpoint: /v1/groups/{'/'.join(rest)}")
+
+
+def _describe_group(req: ReplicaHandler, name: str) -> dict[str, object]:
+    try:
+        return req.server.replicas.groups.describe(name)
+    except DrtoolError as exc:
+        return {"name": name, "error": str(exc)}
 
 
 def _number(body: dict[str, object], key: str) -> int:

@@ -32,6 +32,15 @@ class ReplicaRoot:
         self._volumes: dict[str, ReplicaVolume] = {}
         self._lock = threading.Lock()
         os.makedirs(self.root, exist_ok=True)
+        from drtool.replica.group import ReplicaGroups  # (it builds on this module)
+
+        # Before any replica is opened: a member's journal may hold records no commit covers.
+        self.groups = ReplicaGroups(self)
+        try:
+            self.groups.recover()
+        except BaseException:
+            self.close()
+            raise
 
     def _meta_path(self, name: str) -> str:
         return os.path.join(self.root, name, META_FILE)
@@ -115,6 +124,7 @@ class ReplicaRoot:
                                                  else None)
             if volume is None:
                 raise VolumeNotFound(name, self.root)
+            self.groups.refuse_delete_member(name)
             if volume.meta.get("promoted") and not volume.meta.get("image"):
                 volume.refuse_if_promoted(f"its image {volume.image_path} is the primary volume now; adopt it "
                                           "(demote) before deleting the replica")
@@ -153,6 +163,11 @@ def describe_root(root: str) -> list[dict[str, Any]]:
 
 def _names(root: str) -> list[str]:
     return sorted(n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, META_FILE)))
+
+
+def load_meta(root: str, name: str, unfinished_ok: bool = False) -> dict[str, Any]:
+    """A replica's replica.json, checked (see :func:`_load_meta`)."""
+    return _load_meta(root, name, unfinished_ok)
 
 
 def _load_meta(root: str, name: str, unfinished_ok: bool = False) -> dict[str, Any]:
