@@ -35,7 +35,7 @@ from typing import Any
 
 from drtool import control, metrics, ops, roles
 from drtool.engine import Engine
-from drtool.errors import DrtoolError, ExportBusy, UsageError
+from drtool.errors import DrtoolError, ExportBusy, StateError, UsageError
 from drtool.export import EngineExport
 from drtool.nbd.server import NbdServer
 from drtool.nbd.tls import server_context
@@ -200,7 +200,7 @@ class Agent:
             self._thread("checkpoint", self._checkpoint_loop)
             if self.metrics_listen is not None:
                 self.metrics = metrics.MetricsServer(self.metrics_listen, metrics.AgentCollector(
-                    self._metric_facts, self.started)).start()
+                    self._metric_facts, self.started, self._metric_groups)).start()
         except BaseException:
             self.shutdown()
             raise
@@ -270,6 +270,12 @@ class Agent:
                             seen[engine.name] = (*marker[:4], engine.volume.dirty_bytes)
                         except DrtoolError as exc:
                             log.error("volume %s: checkpoint failed: %s", engine.name, exc)
+
+    def _metric_groups(self) -> list[dict[str, Any]]:
+        """The consistency groups of the state root (a scrape composes their states)."""
+        from drtool.storage.groups import load_groups
+
+        return [group.to_json() for group in load_groups(self.root)]
 
     def _metric_facts(self) -> list[metrics.VolumeFacts]:
         """What a scrape reads of each volume served now: the status ``status --json`` shows."""
@@ -409,7 +415,28 @@ class Agent:
             "volumes": volumes,
             "attach": lambda args, progress: self.add(args.get("name")),
             "detach": lambda args, progress: self.remove(args.get("name"), force=bool(args.get("force"))),
+            "demote_group": lambda args, progress: self._demote_group(args),
         }
+
+    def _demote_group(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Demote a consistency group's members together (drtool.roles.demote_group): they are
+        all served here, each marked busy meanwhile so none leaves the agent mid-swap."""
+        names = [validate_name(n) for n in args.get("members") or []]
+        with self._cond:
+            missing = [n for n in names if n not in self.served or self.served[n].leaving or self.served[n].closed]
+            if missing:
+                raise StateError(f"group {args.get('group')}: this agent does not serve {', '.join(missing)}")
+            members = [self.served[n] for n in names]
+            for served in members:
+                served.busy.append("demote")
+        try:
+            return roles.demote_group(str(args.get("group")), [s.engine for s in members],
+                                      timeout=float(args.get("timeout", 60.0)), force=bool(args.get("force")))
+        finally:
+            with self._cond:
+                for served in members:
+                    served.busy.remove("demote")
+                self._cond.notify_all()
 
     def _handlers(self, served: Served) -> dict[str, control.Handler]:
         """One handler per operation of drtool.ops.OPERATIONS (the registry api uses too), run

@@ -155,6 +155,14 @@ def verify_volume(name: str, regions: str | None = None, repair: bool = False, r
     False neither resumes nor saves a cursor (writes nothing: check mode)."""
     args = {"regions": regions, "repair": repair, "rate": rate, "restart": restart, "timeout": timeout,
             "cursor": cursor}
+    group = _group_named(name, root)
+    if group is not None:
+        if regions is not None:
+            from drtool.errors import UsageError
+            raise UsageError(f"{name} is a group: verify its members' regions one volume at a time "
+                             f"(drtool verify MEMBER --regions ...)")
+        return _verify_group(group.name, {member: _run(member, root, "verify", args, progress)
+                                          for member in group.members})
     return _run(name, root, "verify", args, progress)
 
 
@@ -176,7 +184,13 @@ def failback(name: str, device: str | None = None, rate: int | str | None = None
 
 
 def demote(name: str, timeout: float = 60.0, force: bool = False, root: str | None = None) -> dict[str, Any]:
-    """Hand the primary role over: refuse writes, drain replication, release."""
+    """Hand the primary role over: refuse writes, drain replication, release.  A group name
+    demotes every member at one consistent point (drtool.roles.demote_group); a member of a
+    group alone is refused (NotPermitted)."""
+    group = _group_named(name, root)
+    if group is not None:
+        return _demote_group(group, timeout, force, root)
+    _refuse_member(name, root, "demote")
     args = {"timeout": timeout, "force": force}
     return _run(name, root, "demote", args)
 
@@ -187,6 +201,18 @@ def adopt(name: str, replica_url: str, token_file: str | None = None, ca: str | 
     over and stops serving it (the others it serves are not disturbed); NBD clients still
     connected to it make that fail (ExportBusy) unless ``force``, which disconnects them."""
     token_file, ca = absolute_path(token_file), absolute_path(ca)
+    group = _group_named(name, root)
+    if group is not None:
+        results = {member: _adopt(member, replica_url, token_file, ca, root, insecure, force)
+                   for member in group.members}
+        return {"group": group.name, "changed": any(r["changed"] for r in results.values()),
+                "members": results}
+    _refuse_member(name, root, "adopt")
+    return _adopt(name, replica_url, token_file, ca, root, insecure, force)
+
+
+def _adopt(name: str, replica_url: str, token_file: str | None, ca: str | None, root: str | None,
+           insecure: bool, force: bool) -> dict[str, Any]:
     socket_path = agent_socket(name, root)
     if socket_path:
         return control.call(socket_path, "adopt", {"replica_url": replica_url, "token_file": token_file,
@@ -256,9 +282,15 @@ def agent_serve(names: list[str], force: bool = False, check: bool = False,
 
 def promote(name: str, replica_url: str, token_file: str | None = None, ca: str | None = None,
             force: bool = False, root: str | None = None, insecure: bool = False) -> dict[str, Any]:
-    """Turn this host's replica into the primary volume (``force``: takeover)."""
-    return roles.promote(root, name, replica_url, absolute_path(token_file), absolute_path(ca), force=force,
-                         insecure=insecure)
+    """Turn this host's replica into the primary volume (``force``: takeover).  A group name
+    (defined here, or kept by the replica server) promotes every member and defines the group
+    here with the same id (drtool.roles.promote_group); a member of a group alone is refused."""
+    token_file, ca = absolute_path(token_file), absolute_path(ca)
+    if _group_named(name, root) is not None or _server_group(name, replica_url, token_file, ca, insecure):
+        return roles.promote_group(root, name, replica_url, token_file, ca, force=force, insecure=insecure)
+    _refuse_member(name, root, "promote", replica_url=replica_url, token_file=token_file, ca=ca,
+                   insecure=insecure)
+    return roles.promote(root, name, replica_url, token_file, ca, force=force, insecure=insecure)
 
 
 def remove_volume(name: str, root: str | None = None) -> dict[str, Any]:
@@ -360,8 +392,19 @@ def snapshot(action: str, volume: str, snap: str | None = None, replica_url: str
         if not snap:
             raise UsageError(f"snapshot {action} needs the snapshot's name")
         validate_name(snap, "snapshot name")
-    peer = _replica_peer(volume, replica_url, token_file, ca, insecure, root, "give --replica-url")
+    group = _group_named(volume, root)
+    if group is not None and not replica_url:
+        peer = _group_peer(group, root)
+    else:
+        peer = _replica_peer(volume, replica_url, token_file, ca, insecure, root, "give --replica-url")
     with make_client(peer) as client:
+        members = list(group.members) if group is not None else None
+        if members is None and replica_url:
+            # On the secondary there may be no definition: the replica server keeps the group.
+            served = roles.server_group(client, volume)
+            members = list(served["members"]) if served is not None else None
+        if members is not None:
+            return _group_snapshot(client, action, volume, members, snap or "", peer["url"])
         if action == "create":
             return {"volume": volume, "replica_url": peer["url"], "changed": True,
                     "snapshot": client.create_snapshot(volume, snap or "")}
@@ -394,3 +437,175 @@ def replica_scrub(volume: str, rate: int | str | None = None, restart: bool = Fa
             time.sleep(0.2)
             found = client.scrub_status(volume)
     return {"volume": volume, "replica_url": peer["url"], **found}
+
+
+# -- consistency groups: the operations that take a group's name ------------------------------
+# (membership: drtool.storage.groups; replication of a group: drtool.replication)
+
+
+def is_group(name: str, root: str | None = None) -> bool:
+    """Whether ``name`` is a consistency group defined under the state root."""
+    return _group_named(name, root) is not None
+
+
+def _group_named(name: str, root: str | None) -> Any:
+    """The group called ``name`` under the state root (storage.groups.GroupRecord), or None:
+    a name is looked up as a group first (volume and group names share one namespace)."""
+    import os
+
+    from drtool.storage.groups import group_path, load_group
+
+    root = state_root(root)
+    validate_name(name)
+    return load_group(root, name) if os.path.exists(group_path(root, name)) else None
+
+
+def _refuse_member(name: str, root: str | None, command: str, replica_url: str | None = None,
+                   token_file: str | None = None, ca: str | None = None, insecure: bool = False) -> None:
+    """A member of a consistency group changes roles only with its group (a swap of one member
+    alone would split the group's write order between two sites)."""
+    from drtool.errors import NotPermitted
+    from drtool.storage.groups import group_of
+
+    group = group_of(state_root(root), validate_name(name))
+    if group is None and replica_url:
+        from drtool.errors import DrtoolError
+        from drtool.peer import make_client
+
+        try:
+            with make_client({"url": replica_url, "token_file": token_file, "ca": ca,
+                              "insecure": insecure}) as client:
+                group = next((g["name"] for g in client.list_groups() if name in (g.get("members") or [])),
+                             None)
+        except DrtoolError:
+            group = None  # the command itself reports what is wrong with the server
+    if group:
+        raise NotPermitted(f"volume {name} is in consistency group {group}: its members change roles together "
+                           f"(drtool {command} {group})")
+
+
+def _server_group(name: str, replica_url: str, token_file: str | None, ca: str | None,
+                  insecure: bool) -> dict[str, Any] | None:
+    """What the replica server at ``replica_url`` keeps of a group called ``name`` (None: none)."""
+    from drtool.peer import make_client
+
+    with make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}) as client:
+        return roles.server_group(client, name)
+
+
+def _group_peer(group: Any, root: str | None) -> dict[str, Any]:
+    """The replica server of a group's members (one for all of them)."""
+    from drtool.errors import UsageError
+
+    peers = {}
+    for member in group.members:
+        with Volume.inspect(state_root(root), member) as registered:
+            peer = registered.record.peer
+        if not peer:
+            raise UsageError(f"group {group.name}: member {member} has no peer here: "
+                             f"drtool protect {group.name} --peer URL, or give --replica-url")
+        peers[peer["url"]] = dict(peer)
+    if len(peers) != 1:
+        raise UsageError(f"group {group.name}: its members replicate to {', '.join(sorted(peers))}: "
+                         f"drtool protect {group.name} --peer URL")
+    return next(iter(peers.values()))
+
+
+def _demote_group(group: Any, timeout: float, force: bool, root: str | None) -> dict[str, Any]:
+    """Demote every member together: in the agent serving them (it holds their engines), or
+    here on the members opened for it."""
+    from contextlib import ExitStack
+
+    from drtool.errors import StateError
+
+    root = state_root(root)
+    served = [m for m in group.members if agent_socket(m, root)]
+    args = {"group": group.name, "members": list(group.members), "timeout": timeout, "force": force}
+    if served:
+        if len(served) != len(group.members):
+            others = [m for m in group.members if m not in served]
+            raise StateError(f"group {group.name}: the agent serves {', '.join(served)} but not "
+                             f"{', '.join(others)}; one agent serves a whole group (drtool attach "
+                             f"{others[0]})")
+        return control.call(_agent(root), "demote_group", args)
+    with ExitStack() as stack:
+        engines = [stack.enter_context(_open(root, member)) for member in group.members]
+        return roles.demote_group(group.name, engines, timeout=timeout, force=force)
+
+
+def _group_snapshot(client: Any, action: str, group: str, members: list[str], snap: str,
+                    url: str) -> dict[str, Any]:
+    """A group's snapshots: created by the replica server at one point between two group
+    transactions (every member at once); listed and deleted member by member."""
+    from drtool.errors import DrtoolError
+
+    if action == "create":
+        return {"group": group, "replica_url": url, "changed": True, "members": members,
+                "snapshot": client.group_snapshot(group, snap)}
+    listed = {member: client.list_snapshots(member) for member in members}
+    if action == "list":
+        names = [{m: {s["name"] for s in listed[m]} for m in members}]
+        common = sorted(set.intersection(*names[0].values())) if members else []
+        return {"group": group, "replica_url": url, "members": listed, "snapshots": common}
+    deleted = []
+    for member in members:
+        if any(s["name"] == snap for s in listed[member]):
+            client.delete_snapshot(member, snap)
+            deleted.append(member)
+    if not deleted:
+        raise DrtoolError(f"group {group} has no snapshot {snap} on {url}")
+    return {"group": group, "replica_url": url, "changed": True, "deleted": snap, "members": deleted}
+
+
+def _verify_group(group: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every member's verify, and the group's verdict: the worst member's."""
+    order = ("differ", "pending", "equal")
+    worst = min((r["result"] for r in results.values()), key=order.index, default="equal")
+    return {"group": group, "members": results, "result": worst, "in_sync": worst == "equal",
+            "regions_compared": sum(r["regions_compared"] for r in results.values()),
+            "bytes_read": sum(r["bytes_read"] for r in results.values()),
+            "differ": sorted(m for m, r in results.items() if r["result"] == "differ"),
+            "pending": sorted(m for m, r in results.items() if r["result"] == "pending")}
+
+
+def group_status(name: str | None = None, root: str | None = None,
+                 probe_peer: bool = True) -> dict[str, Any] | list[dict[str, Any]]:
+    """The status of one consistency group (a dict), or of every group under the state root (a
+    list): its members' status summaries, the group's lag (its recovery point: the oldest write
+    not acknowledged on any member), whether its replica is write-order consistent and why not,
+    and what to do (schema ``drtool.group-status/1``, docs/status.md)."""
+    from drtool.storage.groups import load_group, load_groups
+
+    root = state_root(root)
+    groups = [load_group(root, validate_name(name, "group name"))] if name else load_groups(root)
+    out = [_one_group_status(group, root, probe_peer) for group in groups]
+    return out[0] if name else out
+
+
+def _one_group_status(group: Any, root: str, probe_peer: bool) -> dict[str, Any]:
+    from drtool.errors import DrtoolError
+    from drtool.peer import make_client
+    from drtool.status import group_status as compose
+
+    members: dict[str, dict[str, Any] | None] = {}
+    errors: dict[str, str] = {}
+    for member in group.members:
+        try:
+            members[member] = status(member, root=root, probe_peer=probe_peer)[0]
+        except DrtoolError as exc:
+            members[member], errors[member] = None, str(exc)
+    server = server_error = None
+    probed = False
+    present = [s for s in members.values() if s is not None]
+    peers = {(s.get("peer") or {}).get("url"): s["peer"] for s in present if s.get("peer")}
+    if (probe_peer and len(peers) == 1 and present and all(s.get("role") == "primary" for s in present)
+            and all(s["peer"].get("reachable") is not False for s in present)):
+        peer = next(iter(peers.values()))
+        try:
+            with make_client(peer, timeout=5.0) as client:
+                server = roles.server_group(client, group.name)
+            probed = True
+        except DrtoolError as exc:
+            server_error = str(exc)
+    return compose(group.to_json(), members, errors, server=server, server_error=server_error,
+                   server_probed=probed)

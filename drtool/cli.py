@@ -164,6 +164,8 @@ def cmd_status(ctx: Context) -> int:
             report.render_replicas(ctx.out, replicas)
         return ExitCode.OK
     _check_readable_root(ctx.root)
+    if ctx.args.name and api.is_group(ctx.args.name, root=ctx.root):
+        return _group_status(ctx, ctx.args.name)
     statuses = api.status(ctx.args.name, root=ctx.root, attention_only=ctx.args.x)
     if ctx.args.x:
         # Like zpool status -x: only the volumes that need attention.
@@ -177,7 +179,40 @@ def cmd_status(ctx: Context) -> int:
         report.render_status(ctx.out, statuses[0])
     else:
         report.render_summary(ctx.out, statuses)
+        try:
+            groups = api.group_status(root=ctx.root)
+        except DrtoolError as exc:  # the volumes above stand on their own
+            ctx.err.print(f"[red]consistency groups: {exc}[/red]")
+            return ExitCode.OK
+        if ctx.args.x:
+            groups = [g for g in groups if g.get("attention")]
+        if groups:
+            ctx.out.print("")
+            report.render_groups(ctx.out, groups)
     return ExitCode.OK
+
+
+def _group_status(ctx: Context, name: str | None) -> int:
+    """``drtool status GROUP`` and ``drtool group status [NAME]`` (docs/status.md, groups)."""
+    result = api.group_status(name, root=ctx.root)
+    if ctx.json:
+        ctx.emit_json(result)
+    elif isinstance(result, dict):
+        report.render_group(ctx.out, result)
+    else:
+        report.render_groups(ctx.out, result)
+    return ExitCode.OK
+
+
+def cmd_group_status(ctx: Context) -> int:
+    _check_readable_root(ctx.root)
+    return _group_status(ctx, ctx.args.name)
+
+
+def _say_group(ctx: Context, result: dict, what: Callable[[str, dict], str]) -> None:
+    """One line per member of a group's role swap, then the group's."""
+    for member, each in result["members"].items():
+        ctx.out.print(what(member, each))
 
 
 def _plan_text(plan: dict) -> str:
@@ -221,6 +256,16 @@ def cmd_snapshot(ctx: Context) -> int:
                           token_file=a.token_file, ca=a.ca, insecure=a.insecure, root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)
+    elif "group" in result:
+        if a.action == "create":
+            ctx.stdout.write(f"snapshot {a.snapshot} of group {a.name} ({', '.join(result['members'])}) created "
+                             f"on {result['replica_url']} at one consistent point\n")
+        elif a.action == "delete":
+            ctx.stdout.write(f"snapshot {result['deleted']} of group {a.name} deleted on {result['replica_url']} "
+                             f"({', '.join(result['members'])})\n")
+        else:
+            for member, snaps in result["members"].items():
+                report.render_snapshots(ctx.out, member, snaps)
     elif a.action == "create":
         snap = result["snapshot"]
         ctx.stdout.write(f"snapshot {snap['name']} of {a.name} created on {result['replica_url']} at sequence "
@@ -237,6 +282,21 @@ def cmd_demote(ctx: Context) -> int:
     result = api.demote(a.name, timeout=a.timeout, force=a.force, root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)
+    elif "group" in result:
+        _say_group(ctx, result, lambda m, r: f"volume {m}: " + (
+            "already the secondary here" if not r["changed"] else
+            f"demoted at era {r['demoted']['era']}, sequence {r['demoted']['seq']}"))
+        lost = result["lost"]
+        ctx.out.print(f"group {a.name} demoted: primary role handed over" if result["changed"]
+                      else f"group {a.name} is already the secondary here")
+        if lost.get("records") or lost.get("regions"):
+            for member, each in result["members"].items():
+                mlost = (each.get("demoted") or {}).get("lost") or {}
+                if mlost.get("records") or mlost.get("regions"):
+                    ctx.err.print(f"[red]lost on {member}: {mlost['records']} records, {format_bytes(mlost['bytes'])} "
+                                  f"in {mlost['regions']} regions[/red]")
+            ctx.err.print(f"[red]lost in group {a.name}: {lost['records']} records, {format_bytes(lost['bytes'])} "
+                          f"in {lost['regions']} regions never reached the new primary[/red]")
     elif not result["changed"]:
         ctx.out.print(f"volume {a.name} is already the secondary here")
     else:
@@ -256,6 +316,11 @@ def cmd_adopt(ctx: Context) -> int:
                        force=a.force)
     if ctx.json:
         ctx.emit_json(result)
+    elif "group" in result:
+        for member, each in result["members"].items():
+            verb = "now served" if each["changed"] else "already served"
+            ctx.out.print(f"volume {member} of group {a.name} is {verb} as a replica by {a.replica_url}")
+            _say_disconnected(ctx, member, each.get("disconnected"))
     else:
         verb = "now served" if result["changed"] else "already served"
         left = "; the agent no longer serves it" if result["left_agent"] else ""
@@ -298,6 +363,14 @@ def cmd_promote(ctx: Context) -> int:
                          insecure=a.insecure)
     if ctx.json:
         ctx.emit_json(result)
+    elif "group" in result:
+        for member, each in result["members"].items():
+            promoted = each["promoted"]
+            ctx.out.print(f"volume {member}: " + ("already the primary here" if not each["changed"] else
+                          f"promoted at sequence {promoted['applied_seq']}, era {promoted['era']}"))
+        kind = "TAKEOVER" if result["takeover"] else "planned"
+        ctx.out.print(f"group {a.name} promoted ({kind}): protect it from here with drtool protect {a.name} --peer URL"
+                      if result["changed"] else f"group {a.name} is already the primary here")
     elif not result["changed"]:
         ctx.out.print(f"volume {a.name} is already the primary here")
     else:
@@ -395,6 +468,12 @@ def cmd_verify(ctx: Context) -> int:
                                timeout=a.timeout, root=ctx.root, progress=ctx.progress())
     if ctx.json:
         ctx.emit_json(result)
+    elif "group" in result:
+        for each in result["members"].values():
+            report.render_verify(ctx.out, each)
+        ctx.out.print(f"group {a.name}: replica {result['result'].upper()}"
+                      + (f" (differ: {', '.join(result['differ'])})" if result["differ"] else "")
+                      + (f" (pending: {', '.join(result['pending'])})" if result["pending"] else ""))
     else:
         report.render_verify(ctx.out, result)
     return ExitCode.BAD_REGIONS if result["result"] == "differ" else ExitCode.OK
@@ -731,11 +810,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="JSON: {host: [status, ...]} or [status, ...] ('-' for stdin)")
     p.add_argument("--detail", action="store_true", help="a full panel for every volume")
 
-    p = command("status", cmd_status, "show the status of one volume or all")
-    p.add_argument("name", nargs="?")
+    p = command("status", cmd_status, "show the status of one volume or group, or of all")
+    p.add_argument("name", nargs="?", help="a volume or a consistency group")
     p.add_argument("--replica-root", help="on a secondary: show the replicas kept under this directory")
     p.add_argument("-x", action="store_true", help="only the volumes that need attention (not ONLINE, not "
                    "protected, not in normal mode)")
+    group = sub.add_parser("group", help="consistency groups: volumes that replicate and fail over together",
+                           description="consistency groups: volumes that replicate and fail over together")
+    group_sub = group.add_subparsers(dest="group_command", required=True, metavar="COMMAND")
+    p = group_sub.add_parser("status", parents=[common], help="a group's members, lag (its recovery point) "
+                             "and write-order consistency; every group without NAME")
+    p.set_defaults(handler=cmd_group_status)
+    p.add_argument("name", nargs="?")
     return parser
 
 

@@ -385,6 +385,10 @@ class ReplicaClient:
         """Snapshot every member at one point between two group transactions."""
         return self._json("POST", self._group_path(group, "snapshots"), json={"name": name}, retry=False)
 
+    def list_groups(self) -> list[dict[str, Any]]:
+        """Every group the server keeps (``GET /v1/groups``), each as :meth:`group_info` says it."""
+        return list(self._json("GET", "/v1/groups").get("groups") or [])
+
     # -- snapshots ----------------------------------------------------------------------
 
     def create_snapshot(self, name: str, snap: str) -> dict[str, Any]:

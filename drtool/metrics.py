@@ -335,9 +335,13 @@ class VolumeFacts:
 class AgentCollector:
     """The agent's volumes: states from their status objects, counters from :class:`VolumeStats`."""
 
-    def __init__(self, volumes: Callable[[], list[VolumeFacts]], started: float) -> None:
+    def __init__(self, volumes: Callable[[], list[VolumeFacts]], started: float,
+                 groups: Callable[[], list[dict[str, Any]]] | None = None) -> None:
         self.volumes = volumes
         self.started = started
+        #: the consistency groups defined (storage.groups, ``to_json``): their states are
+        #: composed from the same member status objects as the volumes' (drtool.status)
+        self.groups = groups
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -396,15 +400,18 @@ class AgentCollector:
         }
         latency = HistogramMetricFamily("drtool_fetch_duration_seconds", "time a fetch took, forced replication "
                                         "of lagging regions included", labels=["volume"])
+        statuses: dict[str, dict[str, Any]] = {}
         for facts in self.volumes():
             name = facts.name
             try:
-                self._states(g, name, facts.status())
+                statuses[name] = facts.status()
+                self._states(g, name, statuses[name])
                 g["up"].add_metric([name], 1)
             except Exception as exc:  # one volume's trouble must not hide the others
                 log.warning("metrics: status of volume %s: %s", name, exc)
                 g["up"].add_metric([name], 0)
             self._counters(c, latency, facts)
+        yield from self._groups(statuses)
         yield GaugeMetricFamily("drtool_agent_start_time_seconds", "when this agent started", value=self.started)
         yield from g.values()
         yield from c.values()
@@ -453,6 +460,46 @@ class AgentCollector:
                 g["reachable"].add_metric([name, peer["url"]], _flag(peer["reachable"]))
             if peer.get("last_ack"):
                 g["last_ack"].add_metric([name], peer["last_ack"])
+
+    def _groups(self, statuses: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+        """The consistency groups whose members this agent serves: their recovery point and
+        whether their replica is write-order consistent, from the members' status objects."""
+        from drtool.status import group_status
+
+        if self.groups is None:
+            return
+        g = {
+            "lag": _gauge("drtool_group_lag_seconds", "age of the oldest write not acknowledged on any member "
+                          "of the group (0 in sync): the group's recovery point", ("group",)),
+            "records": _gauge("drtool_group_lag_records", "log records of the group's members not acknowledged",
+                              ("group",)),
+            "bytes": _gauge("drtool_group_lag_bytes", "bytes of the group's members waiting to be replicated",
+                            ("group",)),
+            "consistent": _gauge("drtool_group_consistent", "1 when the group's replica is write-order consistent "
+                                 "across its members (status: consistent; absent on a secondary)", ("group",)),
+            "protection": _gauge("drtool_group_protection", "1 for the group's protection (status: protection)",
+                                 ("group", "state")),
+        }
+        try:
+            groups = self.groups()
+        except Exception as exc:
+            log.warning("metrics: consistency groups: %s", exc)
+            return
+        for group in groups:
+            if not all(m in statuses for m in group["members"]):
+                continue  # not served (wholly) here: this agent cannot say
+            # No probe of the replica server: a scrape must stay cheap (drtool status asks it).
+            s = group_status(group, {m: statuses[m] for m in group["members"]})
+            name = group["name"]
+            if s["role"] != "primary":
+                continue
+            g["lag"].add_metric([name], s["rpo_seconds"] or 0.0)
+            g["records"].add_metric([name], s["lag"]["records"])
+            g["bytes"].add_metric([name], s["lag"]["bytes"])
+            g["consistent"].add_metric([name], _flag(s["consistent"]))
+            for state in PROTECTION_STATES:
+                g["protection"].add_metric([name, state], _flag(s["protection"] == state))
+        yield from g.values()
 
     @staticmethod
     def _counters(c: dict[str, CounterMetricFamily], latency: HistogramMetricFamily, facts: VolumeFacts) -> None:

@@ -277,6 +277,8 @@ def _status_rows(status: dict[str, Any]) -> list[tuple[str, Text | str]]:
         rows.append(("also", extra["status"] + (f"; action: {extra['action']}" if extra.get("action") else "")))
     rows.append(("mode", Text(status["mode"], style=MODE_STYLE.get(status["mode"], ""))))
     rows.append(("role", status.get("role", "primary")))
+    if status.get("group"):
+        rows.append(("group", f"{status['group']} (swapped and protected with it: drtool status {status['group']})"))
     if status.get("direction"):
         rows.append(("replication to", status["direction"]))
     swap = status.get("last_swap")
@@ -603,3 +605,117 @@ def render_verify(console: Console, report: dict[str, Any]) -> None:
             console.print(Text(f"    still differs: {line}", style="red"))
     elif result == "differ":
         console.print("  run drtool verify --repair to ship these regions again")
+
+
+# -- consistency groups ---------------------------------------------------------------------------
+
+CONSISTENT_STYLE = {True: "bold green", False: "bold red", None: ""}
+
+
+def _consistent_text(group: dict[str, Any]) -> Text:
+    consistent = group.get("consistent")
+    word = {True: "yes", False: "NO", None: "n/a"}[consistent]
+    reason = group.get("consistent_reason") or ""
+    return Text.assemble((word, CONSISTENT_STYLE[consistent]), f" ({reason})" if reason and consistent is not True else "")
+
+
+def _group_lag_text(group: dict[str, Any]) -> str:
+    lag = group.get("lag") or {}
+    if group.get("role") != "primary" or not lag:
+        return lag.get("summary", "") if lag else ""
+    text = lag_text(lag)
+    if lag.get("oldest_member"):
+        text += f" (the oldest on {lag['oldest_member']})"
+    return text
+
+
+def _group_rows(group: dict[str, Any]) -> list[tuple[str, Text | str]]:
+    rows: list[tuple[str, Text | str]] = [("group", group["group"]),
+                                          ("members", ", ".join(group["members"]))]
+    health = group.get("health") or "n/a"
+    rows.append(("health", Text(health, style=HEALTH_STYLE.get(health, ""))))
+    state = group.get("protection")
+    if state or group.get("role") != "secondary":
+        reason = group.get("protection_reason") or ""
+        rows.append(("protection", Text.assemble((state or "n/a", PROTECTION_STYLE.get(state or "", "")),
+                                                 f" ({reason})" if reason and state not in ("PROTECTED", "UNPROTECTED")
+                                                 else "")))
+    rows.append(("consistent", _consistent_text(group)))
+    if group.get("role") == "primary":
+        rpo = group.get("rpo_seconds") or 0.0
+        rows.append(("recovery point", "every acknowledged write is on the replica" if not rpo else
+                     f"{format_duration(rpo)} behind (the oldest write not acknowledged)"))
+        rows.append(("replication", _group_lag_text(group)))
+    if group.get("status"):
+        rows.append(("status", Text(group["status"], style="yellow")))
+    if group.get("action"):
+        rows.append(("action", Text(group["action"], style="bold")))
+    for extra in (group.get("problems") or [])[1:]:
+        rows.append(("also", extra["status"] + (f"; action: {extra['action']}" if extra.get("action") else "")))
+    rows.append(("role", group.get("role") or "n/a"))
+    if group.get("peer"):
+        rows.append(("replica server", group["peer"]))
+    return rows
+
+
+def _member_table_rows(group: dict[str, Any]) -> list[list[Text | str]]:
+    rows: list[list[Text | str]] = []
+    for member in group.get("member_status") or []:
+        if member.get("error"):
+            rows.append([member["volume"], Text("?", style="red"), "", "", "", Text(member["error"], style="red")])
+            continue
+        health, state = member.get("health") or "", member.get("protection") or "n/a"
+        lag = member.get("lag") or {}
+        pending = ("" if member.get("role") == "secondary" else
+                   "in sync" if not (lag.get("records") or lag.get("regions")) else
+                   f"{lag.get('records', 0)} records, {format_bytes(lag.get('bytes', 0))}, "
+                   f"oldest {format_duration(lag.get('oldest_seconds') or 0.0)}"
+                   + (", BITMAP MODE" if lag.get("bitmap_mode") else ""))
+        rows.append([member["volume"], Text(health, style=HEALTH_STYLE.get(health, "")),
+                     Text(state, style=PROTECTION_STYLE.get(state, "")),
+                     Text(member.get("mode") or "", style=MODE_STYLE.get(member.get("mode") or "", "")),
+                     member.get("role") or "", pending])
+    return rows
+
+
+MEMBER_COLUMNS = [("member", False), ("health", False), ("protection", False), ("mode", False),
+                  ("role", True), ("lag", True)]
+
+
+def render_group(console: Console, group: dict[str, Any]) -> None:
+    """``drtool group status NAME``: the group, its recovery point, whether its replica is
+    write-order consistent, what to do, and a line per member."""
+    rows = _group_rows(group)
+    if is_plain(console):
+        lines = [f"{label:>14}  {value if isinstance(value, str) else value.plain}" for label, value in rows]
+        console.out("\n".join(lines) + "\n", highlight=False)
+        _fit_table(console, f"members of {group['group']}", MEMBER_COLUMNS, _member_table_rows(group))
+        return
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", justify="right", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(Panel(table, title=f"drtool group status: {group['group']}", width=console.width, expand=False))
+    _fit_table(console, f"members of {group['group']}", MEMBER_COLUMNS, _member_table_rows(group))
+
+
+def render_groups(console: Console, groups: list[dict[str, Any]]) -> None:
+    """Every group in one table (``drtool group status``, and under ``drtool status``)."""
+    if not groups:
+        console.print("no consistency groups defined")
+        return
+    columns = [("group", False), ("protection", False), ("consistent", False), ("lag", False),
+               ("members", True), ("role", True)]
+    rows: list[list[Text | str]] = []
+    for group in groups:
+        state = group.get("protection") or "n/a"
+        lag = group.get("lag") or {}
+        consistent = group.get("consistent")
+        rows.append([group["group"], Text(state, style=PROTECTION_STYLE.get(state, "")),
+                     Text({True: "yes", False: "NO", None: "n/a"}[consistent], style=CONSISTENT_STYLE[consistent]),
+                     ("" if group.get("role") != "primary" else "in sync" if not (lag.get("records") or lag.get("regions"))
+                      else f"{format_duration(group.get('rpo_seconds') or 0.0)}, {format_bytes(lag.get('bytes', 0))}"),
+                     ", ".join(group["members"]), group.get("role") or ""])
+    _fit_table(console, "drtool consistency groups", columns, rows)
+    _problem_lines(console, [(f"group {group['group']}", group) for group in groups])

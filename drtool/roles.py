@@ -79,6 +79,94 @@ def demote(engine: RolePort, timeout: float = 60.0, force: bool = False) -> dict
     return {"volume": engine.name, "changed": True, "role": "secondary", "demoted": record.demoted.to_json()}
 
 
+def demote_group(group: str, engines: list[RolePort], timeout: float = 60.0,
+                 force: bool = False) -> dict[str, Any]:
+    """:func:`demote` for every member of a consistency group at once.  Idempotent.
+
+    Writes are refused on every member before any is drained, so the point the secondary is
+    drained to is one point of the whole group (no member takes a write after another stopped);
+    then every member is drained, and only then is any released.  ``force``: each member's loss
+    is counted as :func:`demote` counts it, and summed for the group.
+    """
+    active = [e for e in engines if e.record.role != "secondary"]
+    unpaired = [e.name for e in active if not e.protected]
+    if unpaired:
+        raise NotPermitted(f"group {group}: {', '.join(unpaired)} has no secondary to hand over to")
+    previous: list[tuple[RolePort, str | None]] = []
+    handed: dict[str, tuple[Loss, RegionBitmap]] = {}
+    released: list[str] = []
+    clients: dict[str, Any] = {}
+    try:
+        for engine in active:
+            previous.append((engine, engine.refuse_writes(f"being demoted with group {group}: writes are refused")))
+        for engine in active:
+            clients[engine.name] = make_client(engine.record.peer)
+        if force:
+            for engine in active:
+                handed[engine.name] = _takeover_loss(engine, clients[engine.name])
+        else:
+            deadline = time.monotonic() + timeout
+            for engine in active:
+                engine.replicator.wait_caught_up(max(0.1, deadline - time.monotonic()))
+            for engine in active:
+                engine.sync_all()
+            for engine in active:
+                acked = engine.record.replication.acked_through
+                _release(clients[engine.name], engine.name, engine.record.era,
+                         engine.log.next_seq - 1 if acked is None else acked)
+                released.append(engine.name)
+                handed[engine.name] = (Loss(records=0, bytes=0, regions=0), _stale_on_device(engine))
+    except DrtoolError as exc:
+        if released:
+            # Some members are released to the secondary already: taking writes again here
+            # would split the group.  Writes stay refused until the demotion is run again.
+            exc.message = (f"{exc.message}; group {group} was demoted only partly (released: "
+                           f"{', '.join(released)}): writes stay refused, run drtool demote {group} again")
+        else:
+            for engine, reason in previous:
+                engine.refuse_writes(reason)
+            exc.message = f"{exc.message}; group {group} was not demoted and accepts writes again"
+        exc.args = (exc.message,)
+        raise
+    except BaseException:
+        if not released:
+            for engine, reason in previous:
+                engine.refuse_writes(reason)
+        raise
+    finally:
+        for client in clients.values():
+            client.close()
+    members: dict[str, Any] = {}
+    for engine in engines:
+        record = engine.record
+        if engine.name not in handed:
+            members[engine.name] = {"volume": engine.name, "changed": False, "role": "secondary",
+                                    "demoted": record.demoted.to_json() if record.demoted else None}
+            continue
+        lost, divergent = handed[engine.name]
+        engine.become_secondary(Demoted(time=time.time(), era=record.era, seq=engine.log.next_seq - 1,
+                                        peer=record.peer["url"], forced=force, lost=lost,
+                                        divergent=[list(r) for r in divergent.runs()]))
+        log.warning("volume %s: demoted with group %s (%s); lost %s", engine.name, group,
+                    "forced" if force else "planned", lost)
+        members[engine.name] = {"volume": engine.name, "changed": True, "role": "secondary",
+                                "demoted": record.demoted.to_json()}
+    return {"group": group, "changed": bool(handed), "role": "secondary", "members": members,
+            "lost": group_loss(members)}
+
+
+def group_loss(members: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A group's loss at a role swap: its members' losses summed (``exact`` only when every
+    member's count is)."""
+    losses = [((m.get("demoted") or {}).get("lost") or {}) for m in members.values()]
+    out: dict[str, Any] = {key: sum(int(each.get(key) or 0) for each in losses)
+                           for key in ("records", "bytes", "regions")}
+    counted = [each.get("exact") for each in losses if "exact" in each]
+    if counted:
+        out["exact"] = all(counted)
+    return out
+
+
 def _release(client: Any, name: str, era: int, seq: int) -> None:
     """Hand over at ``seq``.  Forced batches (sent out of order) do not move the secondary's
     watermark; an empty in-order batch that declares everything through ``seq`` complete does."""
@@ -214,3 +302,79 @@ def _load_manifest(volume: Volume, entries: Iterator[tuple[int, bytes]]) -> None
         manifest[region] = digest
         if volume.dirty_bytes > (64 << 20):
             volume.commit()
+
+
+# -- consistency groups ---------------------------------------------------------------------
+
+
+def promote_group(root: str | None, group: str, replica_url: str, token_file: str | None,
+                  ca: str | None = None, force: bool = False, insecure: bool = False) -> dict[str, Any]:
+    """:func:`promote` every member of a consistency group, then define the group here (the
+    same ``group_id`` and members), so that ``protect GROUP --peer`` replicates it as a group
+    from this host.  Idempotent.
+
+    The members come from the replica server (it keeps the group it applies transactions of),
+    else from this host's own definition (a host that was the group's primary before).  Without
+    ``force`` every member must have been released by the old primary before any is promoted,
+    so a planned failover never leaves half the group promoted."""
+    from drtool.storage.groups import GroupRecord, load_group, save_group
+    from drtool.errors import GroupNotFound
+
+    root = state_root(root)
+    client = make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure})
+    try:
+        local = None
+        try:
+            local = load_group(root, group)
+        except GroupNotFound:
+            pass
+        served = server_group(client, group)
+        if served is None and local is None:
+            raise GroupNotFound(group, root)
+        if served is not None and local is not None and served["group_id"] != local.group_id:
+            raise Conflict(f"group {group} here (id {local.group_id}) is not the group the replica server "
+                           f"keeps (id {served['group_id']}): drtool group delete {group} here first")
+        group_id = served["group_id"] if served else local.group_id  # type: ignore[union-attr]
+        members = list(served["members"]) if served else list(local.members)  # type: ignore[union-attr]
+        if not force:
+            claimed = []
+            for member in members:
+                if _is_primary_here(root, member):
+                    continue
+                state = client.volume_info(member).get("state")
+                if state not in ("released", "promoted"):
+                    claimed.append(member)
+            if claimed:
+                raise NotPermitted(f"the primary still claims {', '.join(claimed)} of group {group}: demote the "
+                                   f"group there (drtool demote {group}), or take over with drtool promote "
+                                   f"{group} --force if that site is lost")
+    finally:
+        client.close()
+    results = {member: promote(root, member, replica_url, token_file, ca, force=force, insecure=insecure)
+               for member in members}
+    created = local.created if local is not None else time.time()
+    if local is None or local.members != members:
+        save_group(root, GroupRecord(group, group_id, members, created))
+    promoted = [r.get("promoted") or {} for r in results.values()]
+    return {"group": group, "group_id": group_id, "changed": any(r["changed"] for r in results.values()),
+            "role": "primary", "members": results,
+            "takeover": any(p.get("takeover") for p in promoted)}
+
+
+def _is_primary_here(root: str, name: str) -> bool:
+    try:
+        with Volume.inspect(root, name) as volume:
+            return volume.record.role == "primary" and volume.record.promoted is not None
+    except DrtoolError:
+        return False
+
+
+def server_group(client: Any, group: str) -> dict[str, Any] | None:
+    """What the replica server keeps of ``group`` (``GET /v1/groups/{group}``), None when it
+    keeps no group of that name."""
+    from drtool.errors import GroupNotFound, VolumeNotFound
+
+    try:
+        return client.group_info(group)
+    except (GroupNotFound, VolumeNotFound):
+        return None

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from drtool.engine.core import effective_settings
-from drtool.engine.lag import Pending, lag as lag_of
+from drtool.engine.lag import Pending, group_lag, lag as lag_of
 from drtool.errors import ExitCode, UsageError
 from drtool.regions import format_runs, runs_total
 from drtool.storage.device import probe as probe_device
@@ -75,6 +75,7 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
     out = {
         "schema": SCHEMA,
         "volume": record.name,
+        "group": _group_of(volume),
         "device": record.device,
         "size": record.size,
         "region_size": record.region_size,
@@ -123,6 +124,18 @@ def volume_status(volume: Volume, lag: dict[str, Any] | None = None, probe_peer:
         "settings": effective_settings(volume.record.settings),
     }
     return finish(out)
+
+
+def _group_of(volume: Volume) -> str | None:
+    """The consistency group the volume is in (storage.groups owns membership), or None; a
+    damaged group file does not stop a volume's status (the group's own status reports it)."""
+    from drtool.errors import DrtoolError
+    from drtool.storage.groups import group_of
+
+    try:
+        return group_of(volume.paths.root, volume.record.name)
+    except DrtoolError:
+        return None
 
 
 def finish(status: dict[str, Any]) -> dict[str, Any]:
@@ -363,3 +376,142 @@ def fleet_exit_code(statuses: list[dict[str, Any]]) -> int:
     if any(s.get("protection") == "UNPROTECTED" and s.get("peer") for s in statuses):
         return ExitCode.PEER
     return ExitCode.OK
+
+
+# -- consistency groups: composed from their members' status objects -----------------------------
+
+GROUP_SCHEMA = "drtool.group-status/1"
+
+#: the keys of a member's status a group status repeats (the rest: drtool status MEMBER)
+MEMBER_KEYS = ("volume", "health", "mode", "role", "protection", "protection_reason", "status", "action",
+               "attention", "read_only", "era", "last_swap")
+
+
+def group_status(group: dict[str, Any], members: dict[str, dict[str, Any] | None],
+                 errors: dict[str, str] | None = None, server: dict[str, Any] | None = None,
+                 server_error: str | None = None, server_probed: bool = False) -> dict[str, Any]:
+    """The status of a consistency group (schema ``drtool.group-status/1``, docs/status.md), from
+    its definition (``name``, ``group_id``, ``members``) and its members' status objects (None
+    with a reason in ``errors`` when one could not be read).  ``server``: what the replica server
+    said of the group (``group_info``; None with ``server_probed``: it keeps no such group), when
+    it was asked; ``server_error`` when it could not be.
+
+    The group's lag is its recovery point: the oldest write not acknowledged on any member
+    (engine.lag.group_lag composes it).  ``consistent`` says whether the replica, where it
+    stands now, is the group after a prefix of the writes acknowledged across the members."""
+    errors = errors or {}
+    names = list(group["members"])
+    present = {n: s for n, s in members.items() if s is not None}
+    roles = sorted({s.get("role") or "primary" for s in present.values()})
+    role = roles[0] if len(roles) == 1 else ("mixed" if roles else None)
+    peers = sorted({(s.get("peer") or {}).get("url") for s in present.values() if s.get("peer")})
+    lag = group_lag({n: s.get("lag") or {} for n, s in present.items()})
+    health = next((h for h in ("FAULTED", "DEGRADED") if any(s["health"] == h for s in present.values())),
+                  "ONLINE" if present else None)
+    out: dict[str, Any] = {
+        "schema": GROUP_SCHEMA,
+        "group": group["name"],
+        "group_id": group.get("group_id"),
+        "members": names,
+        "role": role,
+        "peer": peers[0] if len(peers) == 1 else None,
+        "health": health,
+        "lag": lag,
+        # the group's recovery point objective as it stands: its oldest unacknowledged write
+        "rpo_seconds": lag["oldest_seconds"] if role == "primary" else None,
+        "member_status": [
+            {**{k: members[n].get(k) for k in MEMBER_KEYS}, "lag": members[n].get("lag"),
+             "peer": ((members[n].get("peer") or {}).get("url")),
+             "initial_sync": (members[n].get("replication") or {}).get("initial_sync")}
+            if members.get(n) is not None else {"volume": n, "error": errors.get(n, "no status")}
+            for n in names
+        ],
+        "server": server,
+        "generated": time.time(),
+    }
+    out["consistent"], out["consistent_reason"], consistency_action = _consistency(
+        out, present, errors, peers, server, server_error, server_probed)
+    out["protection"], out["protection_reason"] = _group_protection(out, present)
+    problems: list[dict[str, Any]] = []
+    if out["consistent"] is False:
+        problems.append(_problem(f"the group's replica is not write-order consistent: {out['consistent_reason']}",
+                                 consistency_action))
+    for n in names:
+        member = members.get(n)
+        if member is None:
+            continue
+        for each in member.get("problems") or []:
+            problems.append({**each, "status": f"{n}: {each['status']}"})
+    out["problems"] = problems
+    out["status"] = problems[0]["status"] if problems else None
+    out["action"] = problems[0]["action"] if problems else None
+    out["attention"] = any(p["attention"] for p in problems) or health != "ONLINE"
+    return out
+
+
+def _consistency(group: dict[str, Any], present: dict[str, dict[str, Any]], errors: dict[str, str],
+                 peers: list[str], server: dict[str, Any] | None, server_error: str | None,
+                 server_probed: bool) -> tuple[bool | None, str, str | None]:
+    """(consistent, why, what to do).  None on a secondary: the copy here is not replicated to."""
+    name = group["group"]
+    missing = [n for n in group["members"] if n not in present]
+    if missing:
+        why = "; ".join(f"{n}: {errors.get(n, 'no status')}" for n in missing)
+        return False, f"no status for {', '.join(missing)} ({why})", f"drtool status {missing[0]}"
+    role = group["role"]
+    if role == "secondary":
+        return None, "this host holds the secondary copy of the group", None
+    if role == "mixed":
+        by_role = {r: sorted(n for n, s in present.items() if (s.get("role") or "primary") == r)
+                   for r in ("primary", "secondary")}
+        return False, (f"a role swap did not finish: primary here {', '.join(by_role['primary'])}, secondary "
+                       f"{', '.join(by_role['secondary'])}"), f"drtool demote {name} (or drtool promote {name}) again"
+    unpaired = [n for n, s in present.items() if not s.get("peer")]
+    if unpaired:
+        return False, f"{', '.join(sorted(unpaired))} not replicated", f"drtool protect {name} --peer URL --token-file FILE"
+    if len(peers) > 1:
+        return False, f"members replicate to different servers ({', '.join(peers)})", \
+            f"drtool protect {name} --peer URL (one replica server for the whole group)"
+    peer = peers[0]
+    syncing = sorted(n for n, s in present.items() if (s.get("replication") or {}).get("initial_sync") != "done")
+    if syncing:
+        return False, (f"the initial sync of {', '.join(syncing)} has not finished: its regions are copied whole, "
+                       "not in write order"), f"drtool protect {name} --peer {peer} (resumes the sync)"
+    damaged = sorted(n for n, s in present.items() if (s.get("lag") or {}).get("log_damage"))
+    if damaged:
+        return False, f"the replication log of {', '.join(damaged)} is damaged", f"drtool replicate {name} --wait"
+    bitmap = sorted(n for n, s in present.items() if (s.get("lag") or {}).get("bitmap_mode"))
+    if bitmap:
+        regions = sum((present[n].get("lag") or {}).get("bitmap_regions", 0) for n in bitmap)
+        return False, (f"bitmap mode on {', '.join(bitmap)} (the log overflowed): {regions} regions ship whole "
+                       "from the volume, out of write order, until they are replicated"), \
+            f"drtool replicate {name} --wait"
+    if server is None and server_error:
+        return False, f"the replica server cannot say whether it keeps the group: {server_error}", \
+            f"drtool status {name} once the replica server at {peer} answers"
+    if server is None and server_probed:
+        return False, (f"the replica server at {peer} keeps no group {name}: the members replicate one by one, "
+                       "not in one write order"), f"drtool protect {name} --peer {peer}"
+    if server is not None and sorted(server.get("members") or []) != sorted(group["members"]):
+        return False, (f"the replica server keeps the group with members {', '.join(server.get('members') or [])}"
+                       f", not {', '.join(group['members'])}"), f"drtool protect {name} --peer {peer}"
+    return True, "the replica is the group after a prefix of its acknowledged writes", None
+
+
+def _group_protection(group: dict[str, Any], present: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
+    """The worst of the members' protections; a group whose replica is not consistent is not
+    protected whatever its members say (its replica could not be used as a whole)."""
+    if group["role"] == "secondary":
+        return None, "this host holds the secondary copy"
+    states = {n: s.get("protection") for n, s in present.items()}
+    if group["consistent"] is False:
+        return "UNPROTECTED", f"not write-order consistent: {group['consistent_reason']}"
+    for state in ("UNPROTECTED", "LAGGING"):
+        hit = sorted(n for n, s in states.items() if s == state)
+        if hit:
+            if state == "LAGGING":
+                return state, (f"{_lag_words(group['lag'])}"
+                               + (f" (oldest on {group['lag']['oldest_member']})"
+                                  if group["lag"].get("oldest_member") else ""))
+            return state, "; ".join(f"{n}: {present[n].get('protection_reason')}" for n in hit)
+    return "PROTECTED", "the replica holds every acknowledged write of every member"

@@ -89,3 +89,28 @@ def summary(lag: dict[str, Any]) -> str:
     if lag.get("bitmap_mode"):
         text += f"; BITMAP MODE (log overflowed): {lag['bitmap_regions']} regions to ship from the volume"
     return text
+
+
+def group_lag(members: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A consistency group's lag, composed from its members' ``lag`` objects (as :func:`lag`
+    made them): what waits is the sum of what waits on each member, and the group's recovery
+    point is its oldest unacknowledged write, on whichever member it is.  Members that ship
+    nothing (a secondary) add nothing."""
+    shipping = {name: each for name, each in members.items()
+                if each and each.get("summary") != NOT_APPLICABLE}
+    out: dict[str, Any] = {
+        "records": sum(int(each.get("records", 0)) for each in shipping.values()),
+        "bytes": sum(int(each.get("bytes", 0)) for each in shipping.values()),
+        "regions": sum(int(each.get("regions", 0)) for each in shipping.values()),
+        "oldest_seconds": max((float(each.get("oldest_seconds") or 0.0) for each in shipping.values()),
+                              default=0.0),
+        "bitmap_mode": any(each.get("bitmap_mode") for each in shipping.values()),
+        "bitmap_regions": sum(int(each.get("bitmap_regions", 0)) for each in shipping.values()),
+    }
+    oldest = max(shipping, key=lambda n: float(shipping[n].get("oldest_seconds") or 0.0), default=None)
+    out["oldest_member"] = oldest if oldest is not None and out["oldest_seconds"] > 0 else None
+    damage = [f"{name}: {text}" for name, each in shipping.items() for text in each.get("log_damage") or ()]
+    if damage:
+        out["log_damage"] = damage
+    out["summary"] = summary(out) if shipping or not members else NOT_APPLICABLE
+    return out
