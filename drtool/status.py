@@ -299,27 +299,29 @@ def diagnose(status: dict[str, Any]) -> list[dict[str, Any]]:
         problems.append(_problem(f"failback copies regions back onto the device: {done} of {total} done",
                                  None if running else f"drtool failback {name} (resumes it)", attention=not running))
     state, reason = status.get("protection"), status.get("protection_reason", "")
+    # A member of a consistency group is protected and replicated with its group.
+    replicated = status.get("group") or name
     if state == "UNPROTECTED":
         replication = status.get("replication") or {}
         lag = status.get("lag") or {}
         if not peer_url:
-            action = f"drtool protect {name} --peer URL --token-file FILE"
+            action = f"drtool protect {replicated} --peer URL --token-file FILE"
         elif replication.get("initial_sync") != "done":
-            action = f"drtool protect {name} --peer {peer_url} (resumes the sync)"
+            action = f"drtool protect {replicated} --peer {peer_url} (resumes the sync)"
         elif peer.get("reachable") is False:
             action = f"start the replica server at {peer_url} (drtool serve) or fix the network, then drtool status {name}"
         elif lag.get("bitmap_mode") or lag.get("log_damage"):
-            action = f"drtool replicate {name} --wait"
+            action = f"drtool replicate {replicated} --wait"
         else:
             action = None
         problems.append(_problem(f"the volume is not protected: {reason}", action))
     elif state == "LAGGING":
         running = (status.get("agent") or {}).get("running")
         problems.append(_problem(f"replication lags: {reason}",
-                                 None if running else f"drtool replicate {name} --wait", attention=not running))
+                                 None if running else f"drtool replicate {replicated} --wait", attention=not running))
     if peer.get("insecure"):
         problems.append(_problem("the replica link is not encrypted (paired with --insecure)",
-                                 f"drtool protect {name} --peer https://HOST:PORT --ca CA"))
+                                 f"drtool protect {replicated} --peer https://HOST:PORT --ca CA"))
     return problems
 
 
@@ -483,8 +485,8 @@ def _consistency(group: dict[str, Any], present: dict[str, dict[str, Any]], erro
     bitmap = sorted(n for n, s in present.items() if (s.get("lag") or {}).get("bitmap_mode"))
     if bitmap:
         regions = sum((present[n].get("lag") or {}).get("bitmap_regions", 0) for n in bitmap)
-        return False, (f"bitmap mode on {', '.join(bitmap)} (the log overflowed): {regions} regions ship whole "
-                       "from the volume, out of write order, until they are replicated"), \
+        return False, (f"bitmap mode on {', '.join(bitmap)} (the log overflowed): {_plural(regions, 'region')} "
+                       f"{'ships' if regions == 1 else 'ship'} whole from the volume, out of write order, until they are replicated"), \
             f"drtool replicate {name} --wait"
     if server is None and server_error:
         return False, f"the replica server cannot say whether it keeps the group: {server_error}", \

@@ -100,11 +100,13 @@ def test_bitmap_mode_on_one_member_makes_the_group_inconsistent(pair, cli):
         Replicator(engine).overflow()  # its records are dropped: region 2 ships whole, out of order
     group = api.group_status("db", probe_peer=False)
     assert group["consistent"] is False
-    assert group["consistent_reason"].startswith("bitmap mode on data (the log overflowed): 1 regions ship whole")
+    assert group["consistent_reason"].startswith("bitmap mode on data (the log overflowed): 1 region ships whole")
     assert group["protection"] == "UNPROTECTED" and group["attention"] is True
     assert group["status"].startswith("the group's replica is not write-order consistent: bitmap mode on data")
     assert group["action"] == "drtool replicate db --wait"
     assert group["lag"]["bitmap_mode"] and group["lag"]["bitmap_regions"] == 1
+    # The member's own status points at its group: it is replicated with it.
+    assert api.status("data", probe_peer=False)[0]["action"] == "drtool replicate db --wait"
     plain = draw(report.render_group, group, terminal=False)
     assert "consistent  NO (bitmap mode on data" in plain
     assert "action  drtool replicate db --wait" in plain
