@@ -30,8 +30,8 @@ def argument_spec(name: str) -> dict:
     return seen
 
 
-def test_there_are_eight_modules():
-    assert MODULES == ["drtool_agent", "drtool_health_info", "drtool_recovery", "drtool_replica",
+def test_there_are_nine_modules():
+    assert MODULES == ["drtool_agent", "drtool_group", "drtool_health_info", "drtool_recovery", "drtool_replica",
                        "drtool_replication", "drtool_role", "drtool_status_info", "drtool_volume"]
 
 

@@ -1,0 +1,207 @@
+"""drtool_group in-process: created, members changed, protected as a group, deleted; check mode,
+diff and a second run that changes nothing.
+
+The volumes are real (drtool's API registers them, a real replica server pairs them).  The group
+calls go to drtool.api's group functions when it has them; until then to a stand-in with the same
+names and signatures (docs/ansible.md: the module only parses, calls and renders), backed by the
+real group records of drtool.storage.groups, whose protect(GROUP) pairs each member.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tests.ansible.conftest import MODULE_UTILS_NAME, load_module
+from tests.conftest import make_image, state_files
+
+SIZE = 1 << 20
+GROUP_API = ("group_status", "group_create", "group_add", "group_remove", "group_delete")
+
+
+class GroupsStandIn:
+    """drtool.api with the group functions GROUPS.md names, for as long as drtool.api lacks them."""
+
+    def __init__(self) -> None:
+        from drtool import api
+
+        self.real = api
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def _root(self, root: str | None) -> str:
+        from drtool.storage.paths import state_root
+
+        return state_root(root)
+
+    def _registered(self, root: str | None, volumes: list[str]) -> None:
+        for volume in volumes:
+            self.real.status(volume, root=root, probe_peer=False)  # VolumeNotFound when it is not
+
+    def group_status(self, name: str | None = None, root: str | None = None) -> dict[str, Any]:
+        from drtool.storage.groups import load_group
+
+        group = load_group(self._root(root), name)
+        return {"group": name, "group_id": group.group_id,
+                "members": [{"volume": m} for m in group.members]}
+
+    def group_create(self, name: str, members: list[str], root: str | None = None) -> dict[str, Any]:
+        from drtool.storage.groups import create_group
+
+        self.calls.append(("group_create", name))
+        self._registered(root, members)
+        group = create_group(self._root(root), name, members)
+        return {"group": name, "members": group.members, "changed": True}
+
+    def group_add(self, name: str, volumes: list[str], root: str | None = None) -> dict[str, Any]:
+        from drtool.storage.groups import add_members
+
+        self.calls.append(("group_add", name))
+        self._registered(root, volumes)
+        group, new = add_members(self._root(root), name, volumes)
+        return {"group": name, "members": group.members, "changed": bool(new)}
+
+    def group_remove(self, name: str, volumes: list[str], root: str | None = None) -> dict[str, Any]:
+        from drtool.storage.groups import remove_members
+
+        self.calls.append(("group_remove", name))
+        group, gone = remove_members(self._root(root), name, volumes)
+        return {"group": name, "members": group.members, "changed": bool(gone)}
+
+    def group_delete(self, name: str, root: str | None = None) -> dict[str, Any]:
+        from drtool.storage.groups import delete_group
+
+        self.calls.append(("group_delete", name))
+        return {"group": name, "changed": delete_group(self._root(root), name)}
+
+    def protect(self, name: str, peer: str, token_file: str | None = None, ca: str | None = None,
+                root: str | None = None, insecure: bool = False, **kwargs: Any) -> dict[str, Any]:
+        from drtool.storage.groups import list_groups, load_group
+
+        self.calls.append(("protect", name))
+        if name not in list_groups(self._root(root)):
+            return self.real.protect(name, peer, token_file, ca, root=root, insecure=insecure, **kwargs)
+        members = load_group(self._root(root), name).members
+        done = {m: self.real.protect(m, peer, token_file, ca, root=root, insecure=insecure, **kwargs)
+                for m in members}
+        return {"group": name, "peer": peer, "members": done, "changed": any(r["changed"] for r in done.values())}
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch):
+    """The API the module calls: drtool.api once it has the group functions, else the stand-in."""
+    import sys
+
+    from drtool import api as real
+
+    load_module("drtool_group")  # registers the module_utils
+    if all(hasattr(real, name) for name in GROUP_API):
+        return SimpleNamespace(calls=None)
+    stand_in = GroupsStandIn()
+    monkeypatch.setattr(sys.modules[MODULE_UTILS_NAME], "drtool_api", stand_in)
+    return stand_in
+
+
+@pytest.fixture
+def site(tmp_path: Path, replica_server, run_module, api) -> SimpleNamespace:
+    """Three volumes registered under one state root, not paired."""
+    root = str(tmp_path / "state")
+    for seed, name in enumerate(("db-wal", "db-data", "logs")):
+        make_image(tmp_path / f"{name}.img", SIZE, seed=seed + 1)
+        result = run_module("drtool_volume", {"name": name, "device": str(tmp_path / f"{name}.img"), "state_root": root})
+        assert result.changed, result.data
+    return SimpleNamespace(root=root, base=tmp_path, peer=replica_server.url,
+                           token_file=str(replica_server.token_file), api=api)
+
+
+def group_args(site: SimpleNamespace, **extra: Any) -> dict[str, Any]:
+    return {"name": "db", "members": ["db-wal", "db-data"], "state_root": site.root, **extra}
+
+
+def peers(site: SimpleNamespace) -> dict[str, Any]:
+    from drtool import api
+
+    return {s["volume"]: (s.get("peer") or {}).get("url") for s in api.status(None, root=site.root, probe_peer=False)}
+
+
+def test_group_is_created_protected_then_unchanged(run_module, site):
+    args = group_args(site, peer=site.peer, token_file=site.token_file)
+    files = state_files(Path(site.root))
+    check = run_module("drtool_group", args, check=True, diff=True)
+    assert check.changed and check["actions"] == ["created", "protected"], check.data
+    assert check["diff"]["before"] == {"exists": False, "members": [], "peer": None}
+    assert check["diff"]["after"] == {"exists": True, "members": ["db-data", "db-wal"], "peer": site.peer}
+    assert state_files(Path(site.root)) == files and peers(site) == {"db-wal": None, "db-data": None, "logs": None}
+
+    first = run_module("drtool_group", args, diff=True)
+    assert first.changed and first["actions"] == ["created", "protected"], first.data
+    assert (first["exists"], first["members"], first["peer"]) == (True, ["db-data", "db-wal"], site.peer)
+    assert first["diff"]["after"] == check["diff"]["after"]
+    # Protected as a group: every member paired with the peer; the volume outside the group is not.
+    assert peers(site) == {"db-wal": site.peer, "db-data": site.peer, "logs": None}
+    if site.api.calls is not None:
+        assert site.api.calls == [("group_create", "db"), ("protect", "db")]
+
+    again = run_module("drtool_group", args)
+    assert not again.changed and again["actions"] == [], again.data
+    assert run_module("drtool_group", args, check=True).changed is False
+
+
+def test_group_members_follow_the_list(run_module, site):
+    assert run_module("drtool_group", group_args(site)).changed
+    args = group_args(site, members=["db-wal", "logs"])
+    check = run_module("drtool_group", args, check=True, diff=True)
+    assert check.changed and check["actions"] == ["members added", "members removed"]
+    assert (check["added"], check["removed"]) == (["logs"], ["db-data"])
+    assert check["diff"]["before"]["members"] == ["db-data", "db-wal"]
+    assert check["diff"]["after"]["members"] == ["db-wal", "logs"]
+    from drtool.storage.groups import load_group
+
+    assert sorted(load_group(site.root, "db").members) == ["db-data", "db-wal"]
+    done = run_module("drtool_group", args)
+    assert done.changed and done["members"] == ["db-wal", "logs"]
+    assert sorted(load_group(site.root, "db").members) == ["db-wal", "logs"]
+    assert not run_module("drtool_group", args).changed
+
+
+def test_group_absent_deletes_once_and_keeps_the_volumes(run_module, site):
+    assert run_module("drtool_group", group_args(site, peer=site.peer, token_file=site.token_file)).changed
+    absent = {"name": "db", "state": "absent", "state_root": site.root}
+    check = run_module("drtool_group", absent, check=True, diff=True)
+    assert check.changed and check["actions"] == ["deleted"]
+    assert check["diff"]["before"]["members"] == ["db-data", "db-wal"] and check["diff"]["after"]["exists"] is False
+    from drtool.storage.groups import list_groups
+
+    assert list_groups(site.root) == ["db"]
+    assert run_module("drtool_group", absent).changed
+    assert list_groups(site.root) == []
+    assert peers(site) == {"db-wal": site.peer, "db-data": site.peer, "logs": None}  # still paired, each alone
+    assert not run_module("drtool_group", absent).changed
+
+
+def test_group_bad_arguments_fail_before_anything_changes(run_module, site):
+    from drtool.storage.groups import list_groups
+
+    missing = run_module("drtool_group", {"name": "db", "state_root": site.root})
+    assert missing.failed and "members" in missing["msg"] and "state is present" in missing["msg"]
+    twice = run_module("drtool_group", group_args(site, members=["db-wal", "db-wal"]))
+    assert twice.failed and "each once" in twice["msg"]
+    empty = run_module("drtool_group", group_args(site, members=[]))
+    assert empty.failed and "at least one volume" in empty["msg"]
+    unknown = run_module("drtool_group", group_args(site, members=["db-wal", "nope"]))
+    assert unknown.failed and "volume nope is not registered" in unknown["msg"]
+    assert list_groups(site.root) == []
+
+
+def test_group_drtool_errors_become_fail_json(run_module, site):
+    assert run_module("drtool_group", group_args(site)).changed
+    # A volume belongs to one group: drtool refuses, the module reports drtool's message and exit code.
+    other = run_module("drtool_group", {"name": "db2", "members": ["db-wal"], "state_root": site.root})
+    assert other.failed and "already in group db" in other["msg"] and other["exit_code"] != 0, other.data
+    bad = run_module("drtool_group", {"name": "bad/name", "members": ["db-wal"], "state_root": site.root})
+    assert bad.failed and "is not valid" in bad["msg"] and bad["exit_code"] == 2
