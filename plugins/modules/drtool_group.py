@@ -163,7 +163,7 @@ def _group(module, api, name, root):
     from drtool.errors import DrtoolError, GroupNotFound
 
     try:
-        return api.group_status(name, root=root)
+        return api.group_status(name, root=root, probe_peer=False)
     except GroupNotFound:
         return None
     except DrtoolError as exc:
@@ -185,6 +185,11 @@ def _pairing(module, name, members, root, strict=True):
     for member in members:
         status = volume_status(module, member, root)
         if status is None and not strict:
+            continue
+        if status is None and module.check_mode:
+            # An earlier task of the same run (drtool_volume) would have registered it.
+            module.warn("group %s: volume %s is not registered%s yet" % (name, member, " under %s" % root if root else ""))
+            found[member] = (None, False, False)
             continue
         if status is None:
             module.fail_json(msg="group %s: volume %s is not registered%s (drtool_volume registers it)"

@@ -38,9 +38,17 @@ options:
     type: str
     required: true
     aliases: [volume]
+  members:
+    description:
+      - O(name) is a consistency group (M(drtool.drtool.drtool_group)) of these volumes, and they change roles
+        together, at one point of the group's write order (C(drtool demote GROUP), C(adopt GROUP),
+        C(promote GROUP)). A member of a group can not change roles alone.
+      - The task is done when every member has the role; RV(members) reports each one.
+    type: list
+    elements: str
   state:
     description:
-      - The role the volume must have on this host.
+      - The role the volume (or every member of the group) must have on this host.
     type: str
     required: true
     choices: [primary, secondary]
@@ -119,6 +127,15 @@ EXAMPLES = r"""
   drtool.drtool.drtool_agent:
     state: stopped
     pid_file: /run/drtool/agent.pid
+
+- name: Take over a consistency group on dr1 (both volumes at one consistent point)
+  drtool.drtool.drtool_role:
+    name: pg
+    members: [pg-wal, pg-data]
+    state: primary
+    force: true
+    replica_url: https://dr1.example.com:8470
+    token_file: /etc/drtool/replica.token
 
 - name: On db1, let its own replica server serve db from now on
   drtool.drtool.drtool_role:
@@ -200,6 +217,12 @@ lag:
   description: The replication lag before the task (records, bytes, regions), that is what a drain ships, or what a forced demotion may lose.
   returned: when the volume is a primary here before the task
   type: dict
+members:
+  description:
+    - With O(members), each member's role, swap records (C(demoted), C(promoted)) and loss after the task, by name.
+  returned: with O(members)
+  type: dict
+  sample: {"pg-wal": {"role": "primary", "promoted": {"takeover": true, "applied_seq": 812}, "lost": null}}
 replica:
   description: The replica server's description of the volume (C(state) V(replica), V(released) or V(promoted), C(applied_seq)).
   returned: in check mode, with O(state=primary) when the volume is not a primary here yet
@@ -280,10 +303,68 @@ def _primary(module, api, name, root, before):
     return result, volume_status(module, name, root)
 
 
+def _member_view(status):
+    """A member's part of a group's result."""
+    if status is None:
+        return {"role": "secondary", "registered": False}
+    return {"role": status["role"], "registered": True, "demoted": status.get("demoted"),
+            "promoted": status.get("promoted"), "lost": (status.get("demoted") or {}).get("lost")}
+
+
+def _group(module, api, name, root, members):
+    """The group's members change roles together: drtool's group operations, judged member by member."""
+    p = module.params
+    before = dict((m, volume_status(module, m, root)) for m in members)
+    actions, result = [], {}
+    if p["state"] == "secondary":
+        if any(s is not None and s["role"] == "primary" for s in before.values()):
+            actions.append("demoted")
+            result["lag"] = dict((m, s["lag"]) for m, s in before.items() if s is not None and s["role"] == "primary")
+            if not module.check_mode:
+                result["demote"] = call(module, api.demote, name, timeout=p["timeout"], force=p["force"], root=root)
+        url = p["replica_url"]
+        registered = [m for m, s in before.items() if s is not None]
+        if url and registered:
+            now = before if module.check_mode else dict((m, volume_status(module, m, root)) for m in members)
+            if any(((now[m].get("demoted") or {}).get("adopted") or {}).get("url") != url for m in registered):
+                actions.append("adopted")
+                if not module.check_mode:
+                    call(module, api.adopt, name, url, p["token_file"], p["ca"], root=root, insecure=p["insecure"])
+    else:
+        if not all(s is not None and s["role"] == "primary" for s in before.values()):
+            actions.append("promoted")
+            if module.check_mode:
+                replicas = {}
+                for member in members:
+                    info = _replica_info(module, api, member, p["replica_url"], p["token_file"], p["ca"], p["insecure"])
+                    if info is None:
+                        module.fail_json(msg="the replica server %s holds no volume %s (of group %s) to promote"
+                                             % (p["replica_url"], member, name))
+                    replicas[member] = dict((key, info.get(key)) for key in ("state", "applied_seq", "primary", "promoted"))
+                result["replica"] = replicas
+            else:
+                result["promote"] = call(module, api.promote, name, p["replica_url"], p["token_file"], p["ca"],
+                                         force=p["force"], root=root, insecure=p["insecure"])
+    after = before if module.check_mode else dict((m, volume_status(module, m, root)) for m in members)
+    output = dict(changed=bool(actions), volume=name, group=name, role=p["state"], actions=actions,
+                  members=dict((m, _member_view(s)) for m, s in after.items()))
+    for key in ("lag", "replica"):
+        if key in result:
+            output[key] = result[key]
+    if module._diff:
+        shown = dict((m, (s or {}).get("role", "secondary")) for m, s in before.items())
+        predicted = dict((m, p["state"]) for m in members) if module.check_mode else dict(
+            (m, (s or {}).get("role", "secondary")) for m, s in after.items())
+        output["diff"] = dict(before={"roles": shown}, after={"roles": predicted},
+                              before_header="group %s" % name, after_header="group %s" % name)
+    module.exit_json(**output)
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
             name=dict(type="str", required=True, aliases=["volume"]),
+            members=dict(type="list", elements="str"),
             state=dict(type="str", required=True, choices=["primary", "secondary"]),
             force=dict(type="bool", default=False),
             timeout=dict(type="float", default=60.0),
@@ -305,6 +386,12 @@ def main():
     if p["replica_url"]:
         p["replica_url"] = p["replica_url"].rstrip("/")
 
+    if p["members"] is not None:
+        members = sorted(set(p["members"]))
+        if not members or len(members) != len(p["members"]):
+            module.fail_json(msg="group %s: members must name at least one volume, each once (got %s)"
+                                 % (name, p["members"]))
+        _group(module, api, name, root, members)
     before = volume_status(module, name, root)
     if p["state"] == "secondary":
         result, after = _secondary(module, api, name, root, before)

@@ -43,12 +43,15 @@ class GroupsStandIn:
         for volume in volumes:
             self.real.status(volume, root=root, probe_peer=False)  # VolumeNotFound when it is not
 
-    def group_status(self, name: str | None = None, root: str | None = None) -> dict[str, Any]:
-        from drtool.storage.groups import load_group
+    def group_status(self, name: str | None = None, root: str | None = None,
+                     probe_peer: bool = True) -> dict[str, Any]:
+        from drtool.storage.groups import load_group, load_groups
 
+        if name is None:
+            return [{"group": g.name, "group_id": g.group_id, "members": list(g.members)}
+                    for g in load_groups(self._root(root))]
         group = load_group(self._root(root), name)
-        return {"group": name, "group_id": group.group_id,
-                "members": [{"volume": m} for m in group.members]}
+        return {"group": name, "group_id": group.group_id, "members": list(group.members)}
 
     def group_create(self, name: str, members: list[str], root: str | None = None) -> dict[str, Any]:
         from drtool.storage.groups import create_group
@@ -205,3 +208,115 @@ def test_group_drtool_errors_become_fail_json(run_module, site):
     assert other.failed and "already in group db" in other["msg"] and other["exit_code"] != 0, other.data
     bad = run_module("drtool_group", {"name": "bad/name", "members": ["db-wal"], "state_root": site.root})
     assert bad.failed and "is not valid" in bad["msg"] and bad["exit_code"] == 2
+
+
+def test_status_info_reports_the_groups_when_asked_and_changes_nothing(run_module, site):
+    assert run_module("drtool_group", group_args(site)).changed
+    files = state_files(Path(site.root))
+    plain = run_module("drtool_status_info", {"state_root": site.root, "probe_peer": False})
+    assert not plain.changed and plain["groups"] == [] and sorted(plain["names"]) == ["db-data", "db-wal", "logs"]
+    for check in (False, True):
+        asked = run_module("drtool_status_info", {"state_root": site.root, "probe_peer": False, "groups": True},
+                           check=check)
+        assert not asked.changed and [g["group"] for g in asked["groups"]] == ["db"], asked.data
+        assert sorted(asked["groups"][0]["members"]) == ["db-data", "db-wal"]
+    assert state_files(Path(site.root)) == files
+
+
+# -- drtool_role with a group's members ----------------------------------------------------------
+
+
+class SwapStandIn:
+    """drtool.api's role operations on a group, as GROUPS.md has them (every member at once), over
+    member statuses kept here: what drtool_role asks and in which order, not drtool's swap itself
+    (tests/lab/test_failover.py runs that)."""
+
+    def __init__(self, roles: dict[str, str | None]) -> None:
+        self.roles = dict(roles)  # member -> "primary" | "secondary" | None (not registered)
+        self.adopted: dict[str, str | None] = {m: None for m in roles}
+        self.calls: list[tuple] = []
+
+    def status(self, name: str, root: str | None = None, probe_peer: bool = True) -> list[dict[str, Any]]:
+        from drtool.errors import VolumeNotFound
+
+        if self.roles.get(name) is None:
+            raise VolumeNotFound(name, root or "/state")
+        demoted = {"adopted": {"url": self.adopted[name]} if self.adopted[name] else None, "lost": {"records": 0}}
+        return [{"volume": name, "role": self.roles[name], "lag": {"records": 1},
+                 "demoted": demoted if self.roles[name] == "secondary" else None,
+                 "promoted": {"takeover": True} if self.roles[name] == "primary" else None}]
+
+    def demote(self, name: str, timeout: float = 60.0, force: bool = False, root: str | None = None) -> dict:
+        self.calls.append(("demote", name, force))
+        self.roles = {m: "secondary" for m in self.roles}
+        return {"group": name}
+
+    def adopt(self, name: str, url: str, *args: Any, **kwargs: Any) -> dict:
+        self.calls.append(("adopt", name, url))
+        self.adopted = {m: url for m in self.roles}
+        return {"group": name}
+
+    def promote(self, name: str, url: str, *args: Any, force: bool = False, **kwargs: Any) -> dict:
+        self.calls.append(("promote", name, force))
+        self.roles = {m: "primary" for m in self.roles}
+        return {"group": name}
+
+    def replica_info(self, name: str, url: str, **kwargs: Any) -> dict:
+        return {"state": "replica", "applied_seq": 7}
+
+
+@pytest.fixture
+def swap(monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    load_module("drtool_role")
+
+    def make(roles: dict[str, str | None]) -> SwapStandIn:
+        stand_in = SwapStandIn(roles)
+        monkeypatch.setattr(sys.modules[MODULE_UTILS_NAME], "drtool_api", stand_in)
+        return stand_in
+
+    return make
+
+
+MEMBERS = ["db-wal", "db-data"]
+
+
+def test_role_group_steps_down_as_one_then_is_done(run_module, swap):
+    api = swap({"db-wal": "primary", "db-data": "primary"})
+    args = {"name": "db", "members": MEMBERS, "state": "secondary", "replica_url": "https://a:8470"}
+    check = run_module("drtool_role", args, check=True, diff=True)
+    assert check.changed and check["actions"] == ["demoted", "adopted"] and api.calls == []
+    assert check["diff"]["after"] == {"roles": {"db-data": "secondary", "db-wal": "secondary"}}
+    done = run_module("drtool_role", args)
+    # One demotion and one adoption of the group, never of a member alone.
+    assert done.changed and api.calls == [("demote", "db", False), ("adopt", "db", "https://a:8470")]
+    assert {m: v["role"] for m, v in done["members"].items()} == {"db-data": "secondary", "db-wal": "secondary"}
+    assert not run_module("drtool_role", args).changed and len(api.calls) == 2
+
+
+def test_role_group_takes_over_as_one_then_is_done(run_module, swap):
+    api = swap({"db-wal": None, "db-data": None})
+    args = {"name": "db", "members": MEMBERS, "state": "primary", "force": True, "replica_url": "https://b:8470"}
+    check = run_module("drtool_role", args, check=True)
+    assert check.changed and check["replica"]["db-wal"] == {"state": "replica", "applied_seq": 7, "primary": None,
+                                                             "promoted": None}
+    assert api.calls == []
+    done = run_module("drtool_role", args)
+    assert done.changed and api.calls == [("promote", "db", True)]
+    assert all(v["role"] == "primary" and v["promoted"]["takeover"] for v in done["members"].values())
+    assert not run_module("drtool_role", args).changed and len(api.calls) == 1
+
+
+def test_role_group_half_swapped_is_finished(run_module, swap):
+    # One member promoted, the other not (an interrupted run): the group is promoted again, as one.
+    api = swap({"db-wal": "primary", "db-data": None})
+    done = run_module("drtool_role", {"name": "db", "members": MEMBERS, "state": "primary",
+                                      "replica_url": "https://b:8470"})
+    assert done.changed and api.calls == [("promote", "db", False)]
+
+
+def test_role_group_members_named_twice_fail(run_module, swap):
+    swap({"db-wal": "primary"})
+    result = run_module("drtool_role", {"name": "db", "members": ["db-wal", "db-wal"], "state": "secondary"})
+    assert result.failed and "each once" in result["msg"]
