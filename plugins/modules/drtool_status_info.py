@@ -31,6 +31,12 @@ options:
       - Ask each volume's replica server whether it answers (a short timeout).
     type: bool
     default: true
+  groups:
+    description:
+      - Also return every consistency group defined under O(state_root) (RV(groups)), with its members, its lag (the
+        group's recovery point) and whether its replica is write-order consistent.
+    type: bool
+    default: true
   state_root:
     description:
       - drtool's state root on the host. Default C($DRTOOL_STATE_ROOT), else C(/var/lib/drtool).
@@ -87,6 +93,20 @@ healthy:
   description: Whether every volume is V(ONLINE).
   returned: always
   type: bool
+groups:
+  description:
+    - The status of each consistency group defined under O(state_root) (schema C(drtool.group-status/1), see drtool's
+      docs/status.md), whatever O(names) says, with O(groups=true); else empty.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - group: db
+      members: [db-wal, db-data]
+      role: primary
+      peer: https://dr-site.example.com:8470
+      lag: {"records": 0, "oldest_seconds": 0}
+      consistent: true
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -98,6 +118,7 @@ def main():
         argument_spec=dict(
             names=dict(type="list", elements="str", aliases=["name", "volumes"]),
             probe_peer=dict(type="bool", default=True),
+            groups=dict(type="bool", default=False),
             state_root=STATE_ROOT_OPTION,
         ),
         supports_check_mode=True,
@@ -110,8 +131,9 @@ def main():
         volumes = [call(module, api.status, name, root=p["state_root"], probe_peer=p["probe_peer"])[0]
                    for name in p["names"]]
     unhealthy = [v["volume"] for v in volumes if v["health"] != "ONLINE"]
+    groups = call(module, api.group_status, None, root=p["state_root"], probe_peer=p["probe_peer"]) if p["groups"] else []
     module.exit_json(changed=False, volumes=volumes, names=[v["volume"] for v in volumes],
-                     unhealthy=unhealthy, healthy=not unhealthy)
+                     unhealthy=unhealthy, healthy=not unhealthy, groups=groups)
 
 
 if __name__ == "__main__":
