@@ -36,7 +36,7 @@ options:
       - Also return every consistency group defined under O(state_root) (RV(groups)), with its members, its lag (the
         group's recovery point) and whether its replica is write-order consistent.
     type: bool
-    default: true
+    default: false
   state_root:
     description:
       - drtool's state root on the host. Default C($DRTOOL_STATE_ROOT), else C(/var/lib/drtool).
