@@ -120,6 +120,8 @@ class Served:
     control: control.ControlServer | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+    #: stops its own replicator thread only (it joins a group replicator, or leaves the agent)
+    rep_stop: threading.Event = field(default_factory=threading.Event)
     #: operations running on its control socket now (``remove`` waits for them)
     busy: list[str] = field(default_factory=list)
     #: being removed: its control socket takes no new operation
@@ -163,8 +165,11 @@ class Agent:
         # _cond guards served, exports and each Served's busy/leaving; _changing lets one
         # add or remove run at a time; _saving keeps a checkpoint off an engine being closed.
         self._cond = threading.Condition(threading.RLock())
-        self._changing = threading.Lock()
+        self._changing = threading.RLock()
         self._saving = threading.Lock()
+        #: one group replicator per consistency group whose members this agent serves, protected
+        #: with one peer: (replicator, its stop event, its thread)
+        self.group_replicators: dict[str, tuple[Any, threading.Event, threading.Thread]] = {}
 
     @property
     def names(self) -> list[str]:
@@ -175,6 +180,7 @@ class Agent:
 
     def start(self) -> None:
         try:
+            self.initial = self._with_groups(self.initial)
             for name in self.initial:
                 served = self._open(name)
                 with self._cond:  # at once: a failure below closes what is open
@@ -195,6 +201,7 @@ class Agent:
                                                  busy_hint="another agent serves this state root: have it "
                                                  "serve more volumes with `drtool attach NAME`")
             self.control.start()
+            self.refresh_groups()
             for served in opened:
                 self._start_serving(served)
             self._thread("checkpoint", self._checkpoint_loop)
@@ -228,18 +235,109 @@ class Agent:
         self._start_replicator(served)
 
     def _start_replicator(self, served: Served) -> None:
+        from drtool.storage.groups import group_of
+
         engine = served.engine
-        if engine.replicator is None or any(t.is_alive() for t in served.threads):
+        if (engine.replicator is None or engine.replicator.group is not None
+                or any(t.is_alive() for t in served.threads)):
             return
+        if group_of(self.root, engine.name) is not None:
+            return  # a member's records go only in its group's transactions (refresh_groups)
+        served.rep_stop = threading.Event()
         thread = threading.Thread(
-            target=engine.replicator.run, args=(served.stop,), name=f"replicate:{engine.name}", daemon=True,
+            target=engine.replicator.run, args=(served.rep_stop,), name=f"replicate:{engine.name}", daemon=True,
             kwargs={"on_error": lambda exc, n=engine.name: log.warning("volume %s: replication: %s", n, exc)})
         thread.start()
         served.threads.append(thread)
 
+    def _stop_replicator(self, served: Served) -> None:
+        served.rep_stop.set()
+        for thread in served.threads:
+            thread.join(timeout=30)
+        served.threads = [t for t in served.threads if t.is_alive()]
+
+    # -- consistency groups ------------------------------------------------------------
+
+    def _with_groups(self, names: list[str]) -> list[str]:
+        """``names`` and every other member of their groups: a group is served whole (its
+        transactions need every member's log), so serving one member attaches the rest."""
+        from drtool.storage.groups import load_groups
+
+        out = list(names)
+        for group in load_groups(self.root):
+            if any(n in group.members for n in names):
+                added = [m for m in group.members if m not in out]
+                if added:
+                    log.info("group %s: serving its members %s too (a group is served whole)", group.name,
+                             ", ".join(added))
+                out += added
+        return out
+
+    def refresh_groups(self) -> dict[str, Any]:
+        """One group replicator per group whose members are all served and protected with one peer;
+        every other served volume replicates alone.  Run at start, after attach/detach and when
+        the groups change (api.group_*, protect of a group: the ``groups`` control request)."""
+        from drtool.group_replication import GroupReplicator
+        from drtool.storage.groups import load_groups
+
+        with self._changing:
+            with self._cond:
+                served = dict(self.served)
+            wanted: dict[str, Any] = {}
+            for group in load_groups(self.root):
+                members = [served.get(m) for m in group.members]
+                if all(s is not None and s.engine.replicator is not None for s in members):
+                    urls = {s.engine.record.peer["url"] for s in members if s is not None}
+                    if len(urls) == 1:
+                        wanted[group.name] = group
+                    else:
+                        log.warning("group %s: members replicate to different servers; not replicated as a group",
+                                    group.name)
+            for name, (replicator, stop, thread) in list(self.group_replicators.items()):
+                group = wanted.get(name)
+                stale = (group is None or sorted(group.members) != replicator.members
+                         or any(served[m].engine.replicator is not replicator.replicators[m] for m in replicator.members))
+                if stale:
+                    stop.set()
+                    thread.join(timeout=30)
+                    replicator.detach()
+                    del self.group_replicators[name]
+            for name, group in wanted.items():
+                if name in self.group_replicators:
+                    continue
+                for member in group.members:
+                    self._stop_replicator(served[member])
+                replicator = GroupReplicator(group, {m: served[m].engine for m in group.members}, root=self.root)
+                stop = threading.Event()
+                thread = threading.Thread(
+                    target=replicator.run, args=(stop,), name=f"replicate-group:{name}", daemon=True,
+                    kwargs={"on_error": lambda exc, n=name: log.warning("group %s: replication: %s", n, exc)})
+                thread.start()
+                self.group_replicators[name] = (replicator, stop, thread)
+                log.info("group %s: replicating %s as one (group transactions)", name, ", ".join(group.members))
+            grouped = {m for group in load_groups(self.root) for m in group.members}
+            for name, each in served.items():
+                if name in grouped:
+                    if not any(name in r.members for r, _, _ in self.group_replicators.values()):
+                        self._stop_replicator(each)  # a member's records go only with its group's
+                elif not each.closed and not each.leaving and each.control is not None:
+                    self._start_replicator(each)  # those no group replicator took
+            return {"groups": sorted(self.group_replicators)}
+
+    def _leave_group(self, name: str) -> None:
+        """``name`` leaves the agent: its group's replicator stops first (it needs every member)."""
+        for group, (replicator, stop, thread) in list(self.group_replicators.items()):
+            if name in replicator.members:
+                stop.set()
+                thread.join(timeout=30)
+                replicator.detach()
+                del self.group_replicators[group]
+                log.warning("group %s: not replicated while %s is not served here", group, name)
+
     def _close(self, served: Served) -> None:
         """Stop its replicator and control socket, then save and close its engine."""
         served.stop.set()
+        served.rep_stop.set()
         if served.control is not None:
             served.control.stop()
         for thread in served.threads:
@@ -312,6 +410,11 @@ class Agent:
             self.control.stop()
         for thread in self.threads:
             thread.join(timeout=30)
+        for replicator, stop, thread in list(self.group_replicators.values()):
+            stop.set()
+            thread.join(timeout=30)
+            replicator.detach()
+        self.group_replicators.clear()
         with self._cond:
             serving = list(self.served.values())
             self.served.clear()
@@ -322,11 +425,21 @@ class Agent:
     # -- volumes joining and leaving -------------------------------------------------
 
     def add(self, name: str) -> dict[str, Any]:
-        """Serve one more registered volume; the others' clients are not disturbed."""
+        """Serve one more registered volume (and the rest of its group); the others' clients are
+        not disturbed."""
         name = validate_name(name)
         with self._changing:
             if name in self.served:
                 return {"volume": name, "changed": False, "uris": self.addresses()["uris"][name]}
+            for other in self._with_groups([name])[1:]:
+                if other not in self.served:
+                    self._add_one(other)
+            result = self._add_one(name)
+            self.refresh_groups()
+            return result
+
+    def _add_one(self, name: str) -> dict[str, Any]:
+        with self._changing:
             served = self._open(name)
             try:
                 self._start_serving(served)
@@ -377,6 +490,7 @@ class Agent:
                     f"({', '.join(clients)}): disconnect {'them' if len(clients) != 1 else 'it'} first (e.g. "
                     "nbd-client -d /dev/nbdX), or force it to cut them off")
             dropped = self.nbd.disconnect(name) if self.nbd else []
+            self._leave_group(name)
             result: Any = None
             if then is not None:
                 with self._saving:
@@ -401,6 +515,7 @@ class Agent:
         with self._cond:
             self.exports = {**self.exports, served.engine.name: served.export}
             served.leaving = False
+        self.refresh_groups()
 
     # -- control handlers ------------------------------------------------------------
 
@@ -416,6 +531,7 @@ class Agent:
             "attach": lambda args, progress: self.add(args.get("name")),
             "detach": lambda args, progress: self.remove(args.get("name"), force=bool(args.get("force"))),
             "demote_group": lambda args, progress: self._demote_group(args),
+            "groups": lambda args, progress: self.refresh_groups(),
         }
 
     def _demote_group(self, args: dict[str, Any]) -> dict[str, Any]:

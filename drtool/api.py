@@ -9,6 +9,7 @@ answer is the same.  Results are JSON-able dicts; errors are drtool.errors.
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
 
@@ -56,6 +57,10 @@ def init_volume(
     """Register a volume and digest every region of its device."""
     progress = progress or NoProgress()
     root = state_root(root)
+    if _group_named(name, root) is not None:
+        from drtool.errors import Conflict
+
+        raise Conflict(f"{name} is the name of a group: volumes and groups share one namespace")
     if force and agent_socket(name, root):
         from drtool.errors import VolumeBusy
         raise VolumeBusy(name, None)
@@ -126,6 +131,9 @@ def protect(name: str, peer: str, token_file: str | None = None, ca: str | None 
     # Paths are the caller's: absolute before they reach an agent running in another directory.
     args = {"peer": peer, "token_file": absolute_path(token_file), "ca": absolute_path(ca),
             "plan_only": plan_only, "insecure": insecure}
+    group = _group_named(name, root)
+    if group is not None:
+        return _protect_group(group, args, root, progress)
     return _run(name, root, "protect", args, progress)
 
 
@@ -141,8 +149,24 @@ def read(name: str, offset: int, length: int, root: str | None = None) -> bytes:
 
 def replicate(name: str, wait: bool = False, regions: str | None = None, timeout: float = 300.0,
               root: str | None = None) -> dict[str, Any]:
-    """Ship pending records (all, or force exactly the given regions' records)."""
+    """Ship pending records (all, or force exactly the given regions' records).  A group name:
+    every member's, in whole group transactions."""
     args = {"wait": wait, "regions": regions, "timeout": timeout}
+    group = _group_named(name, root)
+    if group is not None:
+        if regions:
+            from drtool.errors import UsageError
+
+            raise UsageError(f"{name} is a group: force regions of one of its volumes ({', '.join(group.members)})")
+        return _replicate_group(group, wait, timeout, root)
+    from drtool.storage.groups import group_of
+
+    owner = group_of(state_root(root), validate_name(name))
+    if owner is not None and not agent_socket(name, root):
+        # A member ships only in its group's transactions: open the whole group here.
+        group = _group_named(owner, root)
+        if _protected_peer(group, state_root(root)) is not None:
+            return _replicate_member(group, name, args, root)
     return _run(name, root, "replicate", args)
 
 
@@ -530,7 +554,19 @@ def _demote_group(group: Any, timeout: float, force: bool, root: str | None) -> 
         return control.call(_agent(root), "demote_group", args)
     with ExitStack() as stack:
         engines = [stack.enter_context(_open(root, member)) for member in group.members]
+        _ship_as_group(stack, group, {e.name: e for e in engines}, root)
         return roles.demote_group(group.name, engines, timeout=timeout, force=force)
+
+
+def _ship_as_group(stack: Any, group: Any, engines: dict[str, Engine], root: str) -> None:
+    """Members opened here ship through a GroupReplicator (whole group transactions) when the
+    group is protected; it is detached when ``stack`` closes, before the engines."""
+    if _protected_peer(group, root) is None:
+        return
+    from drtool.group_replication import GroupReplicator
+
+    replicator = GroupReplicator(group, engines, root=root)
+    stack.callback(replicator.detach)
 
 
 def _group_snapshot(client: Any, action: str, group: str, members: list[str], snap: str,
@@ -609,3 +645,230 @@ def _one_group_status(group: Any, root: str, probe_peer: bool) -> dict[str, Any]
             server_error = str(exc)
     return compose(group.to_json(), members, errors, server=server, server_error=server_error,
                    server_probed=probed)
+
+
+# -- consistency groups (docs/internals.md "Consistency groups") ----------------------------
+
+
+def _protected_peer(group: Any, root: str) -> dict[str, Any] | None:
+    """The replica server the group replicates to: its members' common peer, or None when any
+    member is unprotected (the group is not protected yet).  UsageError when they differ."""
+    from drtool.errors import UsageError
+
+    peers = {}
+    for member in group.members:
+        with Volume.inspect(root, member) as volume:
+            peers[member] = dict(volume.record.peer or {}) or None
+    if any(p is None for p in peers.values()):
+        return None
+    urls = {p["url"] for p in peers.values() if p}
+    if len(urls) != 1:
+        raise UsageError(f"group {group.name}: its members replicate to different servers "
+                         f"({', '.join(sorted(urls))}): protect the group with one --peer")
+    return peers[group.members[0]]
+
+
+def _set_server_group(group: Any, peer: dict[str, Any], members: list[str]) -> None:
+    """Make the replica server's group hold exactly ``members`` (deleted when none)."""
+    from drtool.errors import GroupNotFound
+    from drtool.peer import make_client
+
+    with make_client(peer) as client:
+        if members:
+            client.ensure_group(group.name, group.group_id, members)
+        else:
+            try:
+                client.delete_group(group.name)
+            except GroupNotFound:
+                pass
+
+
+def _notify_agent(root: str) -> None:
+    """A running agent of this state root re-reads the groups (one group replicator per group
+    whose members it serves, the others' volumes replicate alone)."""
+    from drtool.storage.paths import agent_control_socket
+
+    path = agent_control_socket(root)
+    if control.is_listening(path):
+        control.call(path, "groups", {})
+
+
+def _check_members(root: str, name: str, members: list[str]) -> list[str]:
+    from drtool.errors import Conflict, UsageError, VolumeNotFound
+
+    validate_name(name, "group name")
+    if not isinstance(members, list) or not members:
+        raise UsageError(f"group {name}: name at least one volume")
+    registered = set(list_volumes(root))
+    if name in registered:
+        raise Conflict(f"{name} is the name of a volume: volumes and groups share one namespace")
+    for member in members:
+        if validate_name(member) not in registered:
+            raise VolumeNotFound(member, root)
+    return list(members)
+
+
+def group_create(name: str, members: list[str], root: str | None = None) -> dict[str, Any]:
+    """Create a consistency group of registered volumes (one group per volume).  When every member
+    is protected, with one peer, the replica server's group is created too and the group
+    replicates as one from now on; otherwise ``drtool protect NAME --peer URL`` does that."""
+    from drtool.storage import groups
+
+    root = state_root(root)
+    members = _check_members(root, name, members)
+    record = groups.create_group(root, name, members)
+    peer = _protected_peer(record, root)
+    if peer is not None:
+        _set_server_group(record, peer, record.members)
+    _notify_agent(root)
+    return {"group": name, "group_id": record.group_id, "members": record.members, "changed": True,
+            "protected": peer is not None}
+
+
+def group_add(name: str, volumes: list[str], root: str | None = None) -> dict[str, Any]:
+    """Add volumes to a group (idempotent).  In a protected group, a new member that is not
+    protected is paired with the group's peer first (its initial sync); one that is, in sync with
+    the same peer, ships nothing extra: its replica is already in sync."""
+    from drtool.errors import GroupNotFound, UsageError
+    from drtool.storage import groups
+
+    root = state_root(root)
+    group = _group_named(name, root)
+    if group is None:
+        raise GroupNotFound(name, root)
+    _check_members(root, name, volumes)
+    peer = _protected_peer(group, root)
+    if peer is not None:
+        for volume in volumes:
+            if volume in group.members:
+                continue
+            with Volume.inspect(root, volume) as inspected:
+                own = inspected.record.peer
+            if own is None:
+                protect(volume, peer["url"], peer.get("token_file"), peer.get("ca"), root=root,
+                        insecure=bool(peer.get("insecure")))
+            elif own["url"] != peer["url"]:
+                raise UsageError(f"volume {volume} replicates to {own['url']}, group {name} to {peer['url']}: "
+                                 "a group replicates to one server")
+    record, new = groups.add_members(root, name, volumes)
+    if peer is not None and new:
+        _set_server_group(record, peer, record.members)
+    if new:
+        _notify_agent(root)
+    return {"group": name, "members": record.members, "added": new, "changed": bool(new)}
+
+
+def group_remove(name: str, volumes: list[str], root: str | None = None) -> dict[str, Any]:
+    """Remove volumes from a group (idempotent): each replicates alone again, and leaves the
+    replica server's group."""
+    from drtool.errors import GroupNotFound
+    from drtool.storage import groups
+
+    root = state_root(root)
+    group = _group_named(name, root)
+    if group is None:
+        raise GroupNotFound(name, root)
+    peer = _protected_peer(group, root)
+    record, gone = groups.remove_members(root, name, [validate_name(v) for v in volumes])
+    if peer is not None and gone:
+        _set_server_group(record, peer, record.members)
+    if gone:
+        _notify_agent(root)
+    return {"group": name, "members": record.members, "removed": gone, "changed": bool(gone)}
+
+
+def group_delete(name: str, root: str | None = None) -> dict[str, Any]:
+    """Delete a group (its volumes stay, each replicating alone again); idempotent."""
+    from drtool.storage import groups
+
+    root = state_root(root)
+    group = _group_named(name, root)
+    if group is None:
+        return {"group": name, "changed": False}
+    peer = _protected_peer(group, root)
+    groups.delete_group(root, name)
+    if peer is not None:
+        _set_server_group(group, peer, [])
+    _notify_agent(root)
+    return {"group": name, "members": group.members, "changed": True}
+
+
+def _protect_group(group: Any, args: dict[str, Any], root: str | None, progress: Progress | None) -> dict[str, Any]:
+    """Pair every member with the same peer (each member's initial sync or resume, as protect of
+    a volume), then create the replica server's group: from then on the members replicate as
+    one.  A member that needs a sync leaves the server's group while it runs (its records come
+    on their own until it is in sync: the group is not write-order consistent meanwhile)."""
+    from drtool.errors import Conflict, GroupNotFound
+    from drtool.peer import make_client
+
+    root = state_root(root)
+    peer = {"url": args["peer"].rstrip("/"), "token_file": args["token_file"], "ca": args["ca"],
+            "insecure": args["insecure"]}
+    with make_client(peer) as client:
+        try:
+            info: dict[str, Any] | None = client.group_info(group.name)
+        except GroupNotFound:
+            info = None
+    if info is not None and info.get("group_id") != group.group_id:
+        raise Conflict(f"the replica server {peer['url']} has another group called {group.name} "
+                       f"(group id {info.get('group_id')}, this one is {group.group_id})")
+    in_sync = []
+    for member in group.members:
+        with Volume.inspect(root, member) as volume:
+            record = volume.record
+            if (record.peer and record.peer.get("url") == peer["url"]
+                    and record.replication.initial_sync == "done" and not volume.norecord.any()):
+                in_sync.append(member)
+    needing = [m for m in group.members if m not in in_sync]
+    results: dict[str, Any] = {}
+    if info is not None and needing and not args["plan_only"]:
+        _set_server_group(group, peer, [m for m in info.get("members", []) if m in in_sync])
+    for member in group.members:
+        if member in needing or args["plan_only"]:
+            results[member] = _run(member, root, "protect", dict(args), progress)
+        else:
+            results[member] = {"volume": member, "peer": peer["url"], "changed": False, "plan": {"mode": "in sync"}}
+    changed = any(r.get("changed") for r in results.values())
+    if not args["plan_only"]:
+        if info is None or sorted(info.get("members", [])) != sorted(group.members) or needing:
+            _set_server_group(group, peer, group.members)
+            changed = True
+        _notify_agent(root)
+    return {"group": group.name, "peer": peer["url"], "changed": changed, "members": results}
+
+
+def _replicate_member(group: Any, name: str, args: dict[str, Any], root: str | None) -> dict[str, Any]:
+    """replicate of one member without an agent: its group's members opened here, its own
+    replicator shipping through the group (forced regions: whole transactions up to a cut)."""
+    from contextlib import ExitStack
+
+    from drtool.group_replication import GroupReplicator
+
+    with ExitStack() as stack:
+        engines = {m: stack.enter_context(_open(root, m)) for m in group.members}
+        replicator = GroupReplicator(group, engines, root=state_root(root))
+        try:
+            return {**ops.replicate(engines[name], **args), "group": group.name}
+        finally:
+            replicator.detach()
+
+
+def _replicate_group(group: Any, wait: bool, timeout: float, root: str | None) -> dict[str, Any]:
+    """Ship the group's pending records in whole transactions (through the agent when it serves
+    the group, else with the members opened here)."""
+    root = state_root(root)
+    socket_path = agent_socket(group.members[0], root)
+    if socket_path:
+        result = control.call(socket_path, "replicate", {"wait": wait, "timeout": timeout, "group": True})
+        return {"group": group.name, **result}
+    from contextlib import ExitStack
+
+    from drtool.group_replication import GroupReplicator
+
+    with ExitStack() as stack:
+        engines = {m: stack.enter_context(_open(root, m)) for m in group.members}
+        replicator = GroupReplicator(group, engines, root=root)
+        try:
+            return {"group": group.name, **ops.replicate_group(replicator, wait, timeout)}
+        finally:
+            replicator.detach()

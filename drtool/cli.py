@@ -230,6 +230,8 @@ def _plan_text(plan: dict) -> str:
 
 def cmd_protect(ctx: Context) -> int:
     a = ctx.args
+    if api.is_group(a.name, root=ctx.root):
+        return _protect_group(ctx)
     if not ctx.json:
         # The plan is known only once the peer answered; show it before the copying starts:
         # with --plan it is the answer (stdout), else a note before the work (stderr).
@@ -246,6 +248,50 @@ def cmd_protect(ctx: Context) -> int:
     else:
         ctx.out.print(f"volume {a.name} protected by {result['peer']}: {result['regions_synced']} regions "
                       f"synced, {result['records_shipped']} records shipped")
+    return ExitCode.OK
+
+
+def _protect_group(ctx: Context) -> int:
+    a = ctx.args
+    result = api.protect(a.name, a.peer, a.token_file, a.ca, root=ctx.root, progress=ctx.progress(),
+                         plan_only=a.plan, insecure=a.insecure)
+    if ctx.json:
+        ctx.emit_json(result)
+        return ExitCode.OK
+    for member, each in result["members"].items():
+        plan = each.get("plan") or {}
+        text = "in sync" if plan.get("mode") == "in sync" else _plan_text(plan) if plan else ""
+        if not a.plan and "regions_synced" in each:
+            text += f": {each['regions_synced']} regions synced, {each['records_shipped']} records shipped"
+        ctx.out.print(f"  {member}: {text}")
+    if not a.plan:
+        ctx.out.print(f"group {a.name} protected by {result['peer']}: its volumes replicate as one")
+    return ExitCode.OK
+
+
+def cmd_group(ctx: Context) -> int:
+    """drtool group create|add|remove|delete: the group's definition (docs/operations.md)."""
+    a = ctx.args
+    if a.action == "create":
+        result = api.group_create(a.name, a.volumes, root=ctx.root)
+        text = (f"group {a.name} created: {', '.join(result['members'])}"
+                + ("; it replicates as one" if result["protected"] else
+                   f"; protect it with drtool protect {a.name} --peer URL"))
+    elif a.action == "add":
+        result = api.group_add(a.name, a.volumes, root=ctx.root)
+        text = (f"group {a.name}: added {', '.join(result['added'])}" if result["added"]
+                else f"group {a.name}: nothing to add") + f"; members {', '.join(result['members'])}"
+    elif a.action == "remove":
+        result = api.group_remove(a.name, a.volumes, root=ctx.root)
+        text = (f"group {a.name}: removed {', '.join(result['removed'])} (each replicates alone now)"
+                if result["removed"] else f"group {a.name}: nothing to remove")
+    else:
+        result = api.group_delete(a.name, root=ctx.root)
+        text = f"group {a.name} deleted" if result["changed"] else f"there is no group {a.name}"
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        ctx.out.print(text)
     return ExitCode.OK
 
 
@@ -404,6 +450,13 @@ def cmd_replicate(ctx: Context) -> int:
     result = api.replicate(a.name, wait=a.wait, regions=a.regions, timeout=a.timeout, root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)
+    elif "group" in result:
+        for member, each in result["members"].items():
+            lag = each["lag"]
+            ctx.out.print(f"  {member}: shipped {each['records_shipped']} records ({each['bytes_shipped']} bytes); "
+                          f"lag: {lag['records']} records, {lag['regions']} regions")
+        ctx.out.print(f"group {a.name}: {result['transactions']} transactions"
+                      + ("" if result["consistent"] else f"; not write-order consistent: {result['reason']}"))
     else:
         lag = result["lag"]
         ctx.out.print(f"shipped {result['records_shipped']} records ({result['bytes_shipped']} bytes); "
@@ -663,6 +716,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the volume's bytes cross the network in cleartext")
 
     p.add_argument("--plan", action="store_true", help="show what would be copied; copy nothing")
+
+    p = command("group", cmd_group, "consistency groups: volumes that replicate and fail over together, "
+                "write-order consistent across each other")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    for action, help_text in (("create", "create a group of registered volumes"),
+                              ("add", "add volumes to a group"),
+                              ("remove", "remove volumes from a group (each replicates alone again)"),
+                              ("delete", "delete a group (its volumes stay)")):
+        q = actions.add_parser(action, parents=[common], help=help_text, description=help_text)
+        q.add_argument("name", help="the group")
+        if action != "delete":
+            q.add_argument("volumes", nargs="+", metavar="VOLUME")
 
     p = command("snapshot", cmd_snapshot, "create, list or delete snapshots of a volume's replica on the "
                 "replica server")

@@ -87,10 +87,16 @@ def read(engine: Engine, offset: int, length: int) -> bytes:
 
 
 def replicate(engine: Engine, wait: bool = False, regions: str | None = None,
-              timeout: float = 300.0) -> dict[str, Any]:
+              timeout: float = 300.0, group: bool = False) -> dict[str, Any]:
+    """``group``: the whole consistency group of this volume (its group replicator ships)."""
     replicator = engine.replicator
     if replicator is None:
         raise UsageError(f"volume {engine.name} has no peer: run drtool protect first")
+    if group:
+        if replicator.group is None:
+            raise UsageError(f"volume {engine.name} does not replicate with a group here (is every member "
+                             "protected, with one peer, and served by this agent?)")
+        return replicate_group(replicator.group, wait, timeout)
     before = (replicator.shipped_records, replicator.shipped_bytes)
     forced: list[list[int]] = []
     if regions:
@@ -104,6 +110,21 @@ def replicate(engine: Engine, wait: bool = False, regions: str | None = None,
     return {"volume": engine.name, "records_shipped": replicator.shipped_records - before[0],
             "bytes_shipped": replicator.shipped_bytes - before[1], "forced_regions": forced,
             "lag": replication.lag_of(engine)}
+
+
+def replicate_group(group: Any, wait: bool = False, timeout: float = 300.0) -> dict[str, Any]:
+    """Ship a group's pending records in whole transactions (drtool.group_replication)."""
+    before = {m: (r.shipped_records, r.shipped_bytes) for m, r in group.replicators.items()}
+    txns = group.shipped_txns
+    if wait:
+        group.wait_caught_up(timeout)
+    else:
+        group.ship()
+    consistent, reason = group.consistency()
+    return {"members": {m: {"records_shipped": r.shipped_records - before[m][0],
+                            "bytes_shipped": r.shipped_bytes - before[m][1],
+                            "lag": replication.lag_of(group.engines[m])} for m, r in group.replicators.items()},
+            "transactions": group.shipped_txns - txns, "consistent": consistent, "reason": reason}
 
 
 def protect(engine: Engine, peer: str, token_file: str | None = None, ca: str | None = None,

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -68,6 +69,9 @@ class Replicator:
         self.verified = False
         self.checked_at = 0.0  # time.monotonic() of the last check that found the replica right
         self.confirmed = 0
+        # The consistency group this volume ships with (drtool.group_replication): its records
+        # then go only in whole group transactions, never on their own.
+        self.group: Any = None
         engine.replicator = self
 
     # -- shipping ---------------------------------------------------------------------
@@ -77,7 +81,10 @@ class Replicator:
 
         Returns the volume bytes the batch covered (0: nothing was pending).  The first batch
         (and the first after the server failed one) checks that the server's replica is still the
-        one this volume filled (:meth:`check_replica`): a lost or replaced replica is resynced."""
+        one this volume filled (:meth:`check_replica`): a lost or replaced replica is resynced.
+        In a consistency group, the group ships its next transaction instead."""
+        if self.group is not None:
+            return self.group.ship_txn()
         with self.lock:
             for attempt in (1, 2):
                 if not self.verified:
@@ -193,7 +200,11 @@ class Replicator:
             self.engine.save()
 
     def force(self, regions: list[int]) -> None:
-        """Ship exactly these regions' pending records now and wait for the acknowledgement."""
+        """Ship exactly these regions' pending records now and wait for the acknowledgement (in
+        a consistency group: every whole transaction up to a cut that covers them)."""
+        if self.group is not None:
+            self.group.force(self.engine.name, regions)
+            return
         wanted = set(regions)
         with self.lock:
             for region in sorted(wanted):
@@ -221,43 +232,56 @@ class Replicator:
         failback's copy of an incident write goes as a header naming the bytes the overlay
         replica holds already (the server copies them; if it cannot, the bytes are sent)."""
         engine = self.engine
-        overlay = batch[0].header.overlay
-        complete_through = None
-        if complete:
-            # Every record before this batch is acknowledged (in-order shipping), so the
-            # secondary may advance its watermark past sequence numbers sent elsewhere.
-            oldest = engine.log.oldest_seq()
-            if oldest == batch[0].seq:
-                complete_through = batch[-1].seq
-        sent = _unsuperseded(batch, engine.geometry.region_length)
-        chunks = self._wire_chunks(sent, copies=not overlay)
+        wire_batch = self.wire_batch(batch, complete)
         try:
             try:
-                self.client.send_records(engine.name, chunks, complete_through=complete_through,
-                                         overlay=overlay)
+                self.client.send_records(engine.name, wire_batch.chunks, complete_through=wire_batch.complete_through,
+                                         overlay=wire_batch.overlay)
             except (Conflict, UsageError) as exc:
-                if not any(isinstance(c, _OverlayCopy) for c in chunks):
+                if not wire_batch.has_copies:
                     raise
                 # The overlay replica lacks a region (or the server does not know the kind):
                 # nothing of the batch was applied; send the bytes.
                 log.info("volume %s: overlay copies refused (%s); sending the bytes", engine.name, exc)
-                chunks = self._wire_chunks(sent, copies=False)
-                self.client.send_records(engine.name, chunks, complete_through=complete_through,
-                                         overlay=overlay)
+                wire_batch = wire_batch.without_copies(self)
+                self.client.send_records(engine.name, wire_batch.chunks, complete_through=wire_batch.complete_through,
+                                         overlay=wire_batch.overlay)
         except PeerError as exc:
-            self.reachable = False
-            self.last_error = str(exc)
-            self.verified = False  # the server may come back as another one (a replaced disk)
+            self.failed(exc)
             raise
+        return self.acknowledged(wire_batch)
+
+    def wire_batch(self, batch: list[LogEntry], complete: bool) -> WireBatch:
+        """``batch`` (one endpoint, sequence order) as it goes on the wire: superseded records
+        left out, overlay copies as headers, and its Complete-Through (``complete``: when the
+        batch starts at the oldest pending record, every record before it is acknowledged, so
+        the secondary may advance its watermark past sequence numbers sent elsewhere)."""
+        engine = self.engine
+        overlay = batch[0].header.overlay
+        complete_through = None
+        if complete and engine.log.oldest_seq() == batch[0].seq:
+            complete_through = batch[-1].seq
+        sent = _unsuperseded(batch, engine.geometry.region_length)
+        return WireBatch(batch, sent, self._wire_chunks(sent, copies=not overlay), overlay, complete_through)
+
+    def failed(self, exc: PeerError) -> None:
+        """A batch (or a group transaction) was not acknowledged."""
+        self.reachable = False
+        self.last_error = str(exc)
+        self.verified = False  # the server may come back as another one (a replaced disk)
+
+    def acknowledged(self, wire_batch: WireBatch) -> int:
+        """The secondary applied ``wire_batch``: forget its records here; the volume bytes covered."""
+        batch = wire_batch.batch
         self.reachable = True
         self.last_error = None
         self.last_ack = time.time()
-        if complete_through is not None:
-            self.confirmed = max(self.confirmed, complete_through)
-        self.shipped_records += len(sent)
-        self.shipped_bytes += sum(len(c) for c in chunks)
+        if wire_batch.complete_through is not None:
+            self.confirmed = max(self.confirmed, wire_batch.complete_through)
+        self.shipped_records += len(wire_batch.sent)
+        self.shipped_bytes += sum(len(c) for c in wire_batch.chunks)
         self.logged_bytes += sum(e.size for e in batch)
-        engine.acknowledge([e.seq for e in batch])
+        self.engine.acknowledge([e.seq for e in batch])
         return sum(e.header.length for e in batch)
 
     def _wire_chunks(self, entries: list[LogEntry], copies: bool) -> list[bytes]:
@@ -379,6 +403,26 @@ class Replicator:
 
 class _OverlayCopy(bytes):
     """A header-only KIND_FROM_OVERLAY record among a batch's chunks."""
+
+
+@dataclass(frozen=True)
+class WireBatch:
+    """A batch of one volume's log entries as shipped: ``sent`` (the entries not superseded
+    within it) as ``chunks``, to the mirror or the ``overlay`` endpoint."""
+
+    batch: list[LogEntry]
+    sent: list[LogEntry]
+    chunks: list[bytes]
+    overlay: bool
+    complete_through: int | None
+
+    @property
+    def has_copies(self) -> bool:
+        return any(isinstance(c, _OverlayCopy) for c in self.chunks)
+
+    def without_copies(self, replicator: Replicator) -> WireBatch:
+        """The same batch with every overlay copy sent as its bytes."""
+        return replace(self, chunks=replicator._wire_chunks(self.sent, copies=False))
 
 
 def _unsuperseded(batch: list[LogEntry], region_length: Callable[[int], int]) -> list[LogEntry]:

@@ -158,7 +158,53 @@ def remove_members(root: str, name: str, volumes: list[str]) -> tuple[GroupRecor
 
 def delete_group(root: str, name: str) -> bool:
     try:
+        os.unlink(cuts_path(root, name))
+    except FileNotFoundError:
+        pass
+    try:
         os.unlink(group_path(root, name))
     except FileNotFoundError:
         return False
     return True
+
+
+# -- the group's recorded cuts (drtool.group_replication) ---------------------------------
+#
+# ``@groups/<name>.cuts``: the consistent cuts recorded and not shipped yet, so that after a
+# restart the pending records still go in transactions of a few MiB.  Written lazily (replaced
+# without fsync): a lost or stale file only makes a later transaction bigger, and the reader
+# checks every cut against the members' logs before using it.
+
+
+def cuts_path(root: str, name: str) -> str:
+    return os.path.join(groups_dir(root), validate_name(name, "group name") + ".cuts")
+
+
+def save_cuts(root: str, name: str, group_id: str, cuts: list[dict[str, int]]) -> None:
+    path = cuts_path(root, name)
+    body = {"kind": "drtool-group-cuts", "group_id": group_id, "cuts": cuts}
+    text = json.dumps({**body, "checksum": _checksum(body)}, sort_keys=True).encode()
+    temp = f"{path}.tmp"
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except OSError:
+        pass  # a lost cut only makes a later transaction bigger
+
+
+def load_cuts(root: str, name: str, group_id: str) -> list[dict[str, int]]:
+    """The cuts saved for the group ([] when none, or the file is torn, stale or foreign)."""
+    try:
+        with open(cuts_path(root, name), "rb") as handle:
+            data = json.loads(handle.read())
+        checksum = data.pop("checksum", None)
+        if checksum != _checksum(data) or data.get("group_id") != group_id:
+            return []
+        cuts = data.get("cuts")
+        if not isinstance(cuts, list) or not all(
+                isinstance(c, dict) and all(isinstance(v, int) for v in c.values()) for c in cuts):
+            return []
+        return cuts
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return []

@@ -39,7 +39,8 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +255,9 @@ class ReplicationLog:
         self.lost_ranges: list[tuple[int, int]] = []
         self.regions_unknown = False
         self.lost: list[Lost] = []  # every finding, as data
+        # Called with the bytes of each appended record, after the log's lock is released (a
+        # consistency group counts its members' appends to record cuts: drtool.group_replication).
+        self.on_append: Callable[[int], None] | None = None
 
     @property
     def name(self) -> str:
@@ -655,7 +659,10 @@ class ReplicationLog:
             header = RecordHeader(kind, flags, seq, offset, length, era, digest, now)
             entry = LogEntry(seq, segment.first_seq, position, header, region, now, patch)
             self._index(entry)
-            return entry
+        hook = self.on_append
+        if hook is not None:
+            hook(total)  # outside the lock: a consistency group's hook takes every member's lock
+        return entry
 
     def sync(self) -> None:
         """Make every record appended so far durable (segments written since the last sync, and
@@ -730,6 +737,17 @@ class ReplicationLog:
                     break
                 out.append(entry)
                 total += entry.size
+        return out
+
+    def pending_through(self, seq: int) -> list[LogEntry]:
+        """Pending entries up to sequence ``seq``, in sequence order (what a group transaction
+        up to a cut takes of this log)."""
+        out: list[LogEntry] = []
+        with self.lock:
+            for entry in self.entries.values():
+                if entry.seq > seq:
+                    break
+                out.append(entry)
         return out
 
     def read(self, entries: list[LogEntry]) -> list[bytes]:
@@ -884,6 +902,22 @@ class ReplicationLog:
                 if segment.fd >= 0:
                     os.close(segment.fd)
                     segment.fd = -1
+
+
+def consistent_cut(logs: list[ReplicationLog]) -> list[int]:
+    """The last appended sequence of each log (in the order given), read while holding every
+    log's lock at once (taken in the logs' name order, so two cuts never deadlock).
+
+    A write is appended to its log before it is acknowledged; so if write B was issued after
+    write A was acknowledged (B depends on A), a cut that contains B contains A: the records up
+    to a cut, in every log, are the members' state after a prefix of the acknowledged writes
+    (plus writes in flight, which nothing depends on yet).  The records between two cuts are
+    one group transaction (docs/internals.md, "Consistency groups")."""
+    ordered = sorted(range(len(logs)), key=lambda i: (logs[i].name, i))
+    with ExitStack() as stack:
+        for index in ordered:
+            stack.enter_context(logs[index].lock)
+        return [log.next_seq - 1 for log in logs]
 
 
 def summarize(directory: str, after: int = 0, acked: frozenset[int] = frozenset()) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""Consistency groups on the primary: create/add/remove/delete, protect and replicate a group
+name (whole group transactions to the replica server), a member alone refused there."""
+
+from __future__ import annotations
+
+import pytest
+
+from drtool import api
+from drtool.errors import Conflict, GroupNotFound, NotPermitted, VolumeNotFound
+from drtool.peer import make_client
+from tests.conftest import make_image
+
+RS = 65536
+SIZE = 16 * RS
+
+
+@pytest.fixture
+def volumes(tmp_path, state_root):
+    data = {}
+    for seed, name in enumerate(("a", "b", "c"), start=1):
+        path = tmp_path / f"{name}.img"
+        data[name] = bytearray(make_image(path, SIZE, seed=seed))
+        api.init_volume(name, str(path), "64K")
+    return data
+
+
+def replica(server, name: str) -> bytes:
+    return server.client().read_range(name, 0, SIZE)
+
+
+def test_a_protected_group_replicates_in_whole_transactions(volumes, replica_server, cli) -> None:
+    created = api.group_create("g", ["a", "b"])
+    assert created["members"] == ["a", "b"] and created["changed"] and not created["protected"]
+    result = api.protect("g", replica_server.url, str(replica_server.token_file))
+    assert result["group"] == "g" and set(result["members"]) == {"a", "b"}
+    with make_client({"url": replica_server.url, "token_file": str(replica_server.token_file)}) as client:
+        info = client.group_info("g")
+        assert info["members"] == ["a", "b"] and info["group_id"] == created["group_id"]
+        for n in range(1, 6):
+            api.write("a", n * RS, bytes([n]) * 100)
+            api.write("b", n * RS, bytes([n]) * 100)
+            volumes["a"][n * RS:n * RS + 100] = bytes([n]) * 100
+            volumes["b"][n * RS:n * RS + 100] = bytes([n]) * 100
+        shipped = api.replicate("g", wait=True)
+        assert shipped["transactions"] >= 1 and shipped["consistent"]
+        assert {m: r["lag"]["records"] for m, r in shipped["members"].items()} == {"a": 0, "b": 0}
+        assert replica(replica_server, "a") == bytes(volumes["a"])
+        assert replica(replica_server, "b") == bytes(volumes["b"])
+        assert client.group_info("g")["committed_txn"] >= 1
+        # A member's replicate ships through its group; the server refuses its records alone.
+        api.write("a", 0, b"first")
+        volumes["a"][:5] = b"first"
+        member = api.replicate("a", wait=True)
+        assert member["group"] == "g" and member["lag"]["records"] == 0
+        assert replica(replica_server, "a") == bytes(volumes["a"])
+        with pytest.raises(NotPermitted, match="volume a is in group g"):
+            client.send_records("a", [b""])
+        # Protecting again is a no-op for members in sync.
+        again = api.protect("g", replica_server.url, str(replica_server.token_file))
+        assert not again["changed"]
+        # c joins protected and in sync: nothing extra ships; then it leaves and replicates alone.
+        api.protect("c", replica_server.url, str(replica_server.token_file))
+        added = api.group_add("g", ["c"])
+        assert added["added"] == ["c"] and client.group_info("g")["members"] == ["a", "b", "c"]
+        assert api.group_add("g", ["c"])["changed"] is False
+        api.write("c", 0, b"c" * 10)
+        volumes["c"][:10] = b"c" * 10
+        api.replicate("g", wait=True)
+        assert replica(replica_server, "c") == bytes(volumes["c"])
+        removed = api.group_remove("g", ["c"])
+        assert removed["removed"] == ["c"] and client.group_info("g")["members"] == ["a", "b"]
+        api.write("c", RS, b"alone")
+        assert api.replicate("c", wait=True)["lag"]["records"] == 0
+        assert api.group_delete("g")["changed"]
+        with pytest.raises(GroupNotFound):
+            client.group_info("g")
+        assert api.group_delete("g")["changed"] is False
+        assert api.replicate("a", wait=True)["lag"]["records"] == 0  # alone again
+
+
+def test_groups_and_volumes_share_one_namespace(volumes, cli) -> None:
+    with pytest.raises(Conflict, match="name of a volume"):
+        api.group_create("a", ["b"])
+    with pytest.raises(VolumeNotFound):
+        api.group_create("g", ["a", "nope"])
+    api.group_create("g", ["a"])
+    with pytest.raises(Conflict, match="already in group g"):
+        api.group_create("h", ["a", "b"])
+    with pytest.raises(Conflict, match="name of a group"):
+        api.init_volume("g", "/dev/null")
+    result = cli("group", "add", "g", "b")
+    assert result.code == 0 and "added b" in result.out
+    result = cli("group", "remove", "g", "a", "--json")
+    assert result.code == 0 and result.json()["removed"] == ["a"]
+    result = cli("group", "delete", "g")
+    assert result.code == 0 and "group g deleted" in result.out
+    assert cli("group", "add", "g", "a").code != 0
+
+
+def test_the_agent_runs_one_group_replicator_and_serves_the_group_whole(volumes, replica_server, start_agent) -> None:
+    api.group_create("g", ["a", "b"])
+    api.protect("g", replica_server.url, str(replica_server.token_file))
+    agent = start_agent("a", "b")
+    for n in range(1, 4):
+        api.write("a", n * RS, bytes([n]) * 50)
+        api.write("b", n * RS, bytes([n]) * 50)
+        volumes["a"][n * RS:n * RS + 50] = bytes([n]) * 50
+        volumes["b"][n * RS:n * RS + 50] = bytes([n]) * 50
+    result = api.replicate("g", wait=True)
+    assert result["group"] == "g" and result["consistent"]
+    assert replica(replica_server, "a") == bytes(volumes["a"])
+    assert replica(replica_server, "b") == bytes(volumes["b"])
+    assert "group g: replicating a, b as one" in agent.log.read_text()
+    # Leaving the group: b replicates alone through the agent again.
+    api.group_remove("g", ["b"])
+    api.write("b", 0, b"alone")
+    volumes["b"][:5] = b"alone"
+    assert api.replicate("b", wait=True)["lag"]["records"] == 0
+    assert replica(replica_server, "b") == bytes(volumes["b"])
+    # Detaching a member stops its group's replication; attaching it serves it again, with the group.
+    api.detach("a")
+    assert api.attach("a")["changed"]
+    api.write("a", 0, b"back")
+    volumes["a"][:4] = b"back"
+    assert api.replicate("g", wait=True)["members"]["a"]["lag"]["records"] == 0
+    assert replica(replica_server, "a") == bytes(volumes["a"])
