@@ -450,7 +450,7 @@ def cmd_replicate(ctx: Context) -> int:
     result = api.replicate(a.name, wait=a.wait, regions=a.regions, timeout=a.timeout, root=ctx.root)
     if ctx.json:
         ctx.emit_json(result)
-    elif "group" in result:
+    elif "members" in result:
         for member, each in result["members"].items():
             lag = each["lag"]
             ctx.out.print(f"  {member}: shipped {each['records_shipped']} records ({each['bytes_shipped']} bytes); "
@@ -729,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("name", help="the group")
         if action != "delete":
             q.add_argument("volumes", nargs="+", metavar="VOLUME")
+    q = actions.add_parser("status", parents=[common], help="a group's members, lag (its recovery point) "
+                           "and write-order consistency; every group without NAME")
+    q.set_defaults(handler=cmd_group_status)
+    q.add_argument("name", nargs="?")
 
     p = command("snapshot", cmd_snapshot, "create, list or delete snapshots of a volume's replica on the "
                 "replica server")
@@ -881,13 +885,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-root", help="on a secondary: show the replicas kept under this directory")
     p.add_argument("-x", action="store_true", help="only the volumes that need attention (not ONLINE, not "
                    "protected, not in normal mode)")
-    group = sub.add_parser("group", help="consistency groups: volumes that replicate and fail over together",
-                           description="consistency groups: volumes that replicate and fail over together")
-    group_sub = group.add_subparsers(dest="group_command", required=True, metavar="COMMAND")
-    p = group_sub.add_parser("status", parents=[common], help="a group's members, lag (its recovery point) "
-                             "and write-order consistency; every group without NAME")
-    p.set_defaults(handler=cmd_group_status)
-    p.add_argument("name", nargs="?")
     return parser
 
 
