@@ -1,6 +1,6 @@
 """Capture `drtool status` in four states, from real runs, for docs/status.md.
 
-    python docs/capture_status.py [--dir /tmp/drtool-captures] > captures.md
+    python docs/capture_status.py [--dir /tmp/drtool-captures] [--groups] > captures.md
 
 One volume `vol-a` (4 MiB, 64 regions of 64 KiB) paired with a local replica server
 (`drtool serve` on 127.0.0.1), taken through: healthy (protected, in sync); lagging (5
@@ -96,12 +96,55 @@ class Capture:
         return "\n".join(parts)
 
 
+def show_group(cap: Capture, title: str) -> str:
+    parts = [f"### {title}", ""]
+    for argv, label in ((["group", "status", "db"], "drtool group status db"),):
+        parts += ["At 80 columns:", "", "```", f"$ {label}", cap.on_terminal(*argv), "```", "",
+                  "Piped:", "", "```", f"$ {label} | cat", cap.drtool(*argv).rstrip("\n"), "```", ""]
+    return "\n".join(parts)
+
+
+def groups(base: Path) -> str:
+    """A consistency group ``db`` of ``data`` and ``wal`` (4 MiB each): in sync; lagging (writes
+    on wal not shipped); not consistent (data's log overflowed into bitmap mode)."""
+    cap = Capture(base)
+    out = []
+    try:
+        cap.start_server()
+        for name in ("data", "wal"):
+            device = base / f"{name}.img"
+            device.write_bytes(bytes(range(256)) * (4 * 1024 * 1024 // 256))
+            cap.drtool("init", name, "--device", str(device), "--region-size", "64K")
+        cap.drtool("group", "create", "db", "data", "wal")
+        cap.drtool("protect", "db", "--peer", cap.url)
+        out.append(show_group(cap, "A group in sync"))
+        for region in range(3, 6):
+            subprocess.run([*DRTOOL, "write", "wal", "--offset", str(region * RS)], input=b"w" * 84,
+                           env=cap.env, check=True, capture_output=True)
+        out.append(show_group(cap, "Lagging: 3 writes on wal not yet shipped, no agent to ship them"))
+        cap.drtool("replicate", "db", "--wait")
+        cap.drtool("configure", "data", "--log-limit", "1M")
+        for region in range(20, 40):
+            subprocess.run([*DRTOOL, "write", "data", "--offset", str(region * RS)], input=b"d" * 65000,
+                           env=cap.env, check=True, capture_output=True)
+        out.append(show_group(cap, "Not consistent: data's log overflowed (bitmap mode)"))
+    finally:
+        cap.stop_server()
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="/tmp/drtool-captures", help="scratch directory (emptied first)")
-    base = Path(parser.parse_args().dir)
+    parser.add_argument("--groups", action="store_true", help="capture `drtool group status` of a consistency "
+                        "group instead (docs/status.md, Consistency groups)")
+    args = parser.parse_args()
+    base = Path(args.dir)
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
+    if args.groups:
+        sys.stdout.write(groups(base))
+        return 0
     device = base / "dev.img"
     device.write_bytes(bytes(range(256)) * (4 * 1024 * 1024 // 256))
     cap = Capture(base)
