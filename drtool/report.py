@@ -662,7 +662,7 @@ def _member_table_rows(group: dict[str, Any]) -> list[list[Text | str]]:
     rows: list[list[Text | str]] = []
     for member in group.get("member_status") or []:
         if member.get("error"):
-            rows.append([member["volume"], Text("?", style="red"), "", "", "", Text(member["error"], style="red")])
+            rows.append([member["volume"], Text("?", style="red"), "", Text(member["error"], style="red"), "", ""])
             continue
         health, state = member.get("health") or "", member.get("protection") or "n/a"
         lag = member.get("lag") or {}
@@ -670,16 +670,16 @@ def _member_table_rows(group: dict[str, Any]) -> list[list[Text | str]]:
                    "in sync" if not (lag.get("records") or lag.get("regions")) else
                    f"{lag.get('records', 0)} records, {format_bytes(lag.get('bytes', 0))}, "
                    f"oldest {format_duration(lag.get('oldest_seconds') or 0.0)}"
-                   + (", BITMAP MODE" if lag.get("bitmap_mode") else ""))
+                   + (", BITMAP" if lag.get("bitmap_mode") else ""))
         rows.append([member["volume"], Text(health, style=HEALTH_STYLE.get(health, "")),
-                     Text(state, style=PROTECTION_STYLE.get(state, "")),
+                     Text(state, style=PROTECTION_STYLE.get(state, "")), pending,
                      Text(member.get("mode") or "", style=MODE_STYLE.get(member.get("mode") or "", "")),
-                     member.get("role") or "", pending])
+                     member.get("role") or ""])
     return rows
 
 
-MEMBER_COLUMNS = [("member", False), ("health", False), ("protection", False), ("mode", False),
-                  ("role", True), ("lag", True)]
+MEMBER_COLUMNS = [("member", False), ("health", False), ("protection", False), ("lag", False), ("mode", True),
+                  ("role", True)]
 
 
 def render_group(console: Console, group: dict[str, Any]) -> None:

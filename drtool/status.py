@@ -513,7 +513,7 @@ def _group_protection(group: dict[str, Any], present: dict[str, dict[str, Any]])
         if hit:
             if state == "LAGGING":
                 return state, (f"{_lag_words(group['lag'])}"
-                               + (f" (oldest on {group['lag']['oldest_member']})"
+                               + (f", on {group['lag']['oldest_member']}"
                                   if group["lag"].get("oldest_member") else ""))
             return state, "; ".join(f"{n}: {present[n].get('protection_reason')}" for n in hit)
     return "PROTECTED", "the replica holds every acknowledged write of every member"
