@@ -271,7 +271,7 @@ def test_group_snapshots_are_consistent_points(tmp_path, state_root, replica_ser
 
 
 @pytest.mark.slow
-def test_the_agent_serving_a_group_demotes_it_whole(tmp_path, state_root, replica_server, start_agent):
+def test_the_agent_serving_a_group_demotes_it_whole(tmp_path, state_root, replica_server, start_agent, cli):
     """Through the agent: every member stops taking writes, is drained and released at once."""
     token = str(replica_server.token_file)
     expected = {}
@@ -286,6 +286,15 @@ def test_the_agent_serving_a_group_demotes_it_whole(tmp_path, state_root, replic
             offset = (n % 30) * RS + n * 7
             api.write(name, offset, bytes([n]) * 3000)
             expected[name][offset:offset + 3000] = bytes([n]) * 3000
+    # The CLI by group name: verify every member, a group snapshot (the agent keeps shipping).
+    assert api.replicate("db", wait=True)
+    verified = cli("verify", "db")
+    assert verified.code == 0 and "group db: replica EQUAL" in verified.out
+    assert "volume data  replica EQUAL" in verified.out and "volume wal  replica EQUAL" in verified.out
+    created = cli("snapshot", "create", "db", "before-swap")
+    assert created.code == 0 and "snapshot before-swap of group db (data, wal) created" in created.out
+    listed = cli("snapshot", "list", "db", "--json").json()
+    assert listed["snapshots"] == ["before-swap"] and sorted(listed["members"]) == MEMBERS
     demoted = api.demote("db", timeout=30)
     assert demoted["changed"] and demoted["lost"] == {"records": 0, "bytes": 0, "regions": 0}
     client = replica_server.client()
