@@ -17,7 +17,7 @@ import pytest
 from drtool import api
 from drtool.errors import NotPermitted
 from drtool.storage.groups import load_group
-from tests.conftest import ReplicaServer, make_image
+from tests.conftest import AgentProcess, ReplicaServer, make_image
 
 RS = 65536
 SIZE = 32 * RS
@@ -88,6 +88,15 @@ def test_a_member_cannot_change_roles_alone(hosts, tmp_path):
 def test_planned_failover_of_a_group_and_back(hosts, tmp_path):
     a, b, token = hosts
     expected = grouped(a, b, token, tmp_path)
+    # A's members are served by A's agent, as in production: demote and adopt go through it.
+    agent = AgentProcess(a.root, MEMBERS, tmp_path / "a-nbd.sock").start()
+    try:
+        _failover_and_back(a, b, token, tmp_path, expected, agent)
+    finally:
+        agent.stop(kill=True)
+
+
+def _failover_and_back(a, b, token, tmp_path, expected, agent):
     group_id = load_group(str(a.root), "db").group_id
     write(a, "wal", 1 * RS, b"wal record 1" * 100, expected)
     write(a, "data", 7 * RS + 3, b"data page 1" * 100, expected)
@@ -112,6 +121,8 @@ def test_planned_failover_of_a_group_and_back(hosts, tmp_path):
     assert not again["changed"]
     adopted = a.call(api.adopt, "db", a.server.url, token)
     assert adopted["changed"] and sorted(adopted["members"]) == MEMBERS
+    assert all(r["left_agent"] for r in adopted["members"].values())
+    assert a.call(api.agent_info)["volumes"] == []
 
     # B: a member alone is refused; the group is promoted whole, with A's group id.
     with pytest.raises(NotPermitted, match="consistency group db"):
