@@ -124,3 +124,23 @@ def test_the_agent_runs_one_group_replicator_and_serves_the_group_whole(volumes,
     volumes["a"][:4] = b"back"
     assert api.replicate("g", wait=True)["members"]["a"]["lag"]["records"] == 0
     assert replica(replica_server, "a") == bytes(volumes["a"])
+
+
+def test_bitmap_mode_makes_the_group_inconsistent_until_its_regions_have_shipped(volumes, replica_server) -> None:
+    from drtool.engine import Engine
+    from drtool.replication import Replicator
+
+    api.group_create("g", ["a", "b"])
+    api.protect("g", replica_server.url, str(replica_server.token_file))
+    assert api.group_status("g")["consistent"] is True
+    for n in range(3):
+        api.write("a", n * RS, b"w" * 100)
+        volumes["a"][n * RS:n * RS + 100] = b"w" * 100
+    with Engine.open(None, "a") as engine:
+        Replicator(engine).overflow()  # the log's records dropped: their regions ship whole, in no order
+    status = api.group_status("g")
+    assert status["consistent"] is False and "bitmap mode on a" in status["consistent_reason"]
+    shipped = api.replicate("g", wait=True)
+    assert shipped["consistent"] is True and shipped["members"]["a"]["lag"]["regions"] == 0
+    assert api.group_status("g")["consistent"] is True
+    assert replica(replica_server, "a") == bytes(volumes["a"])
