@@ -418,7 +418,10 @@ def snapshot(action: str, volume: str, snap: str | None = None, replica_url: str
         validate_name(snap, "snapshot name")
     group = _group_named(volume, root)
     if group is not None and not replica_url:
-        peer = _group_peer(group, root)
+        peer = _protected_peer(group, state_root(root))
+        if peer is None:
+            raise UsageError(f"group {volume} is not protected here: drtool protect {volume} --peer URL, "
+                             "or give --replica-url")
     else:
         peer = _replica_peer(volume, replica_url, token_file, ca, insecure, root, "give --replica-url")
     with make_client(peer) as client:
@@ -515,24 +518,6 @@ def _server_group(name: str, replica_url: str, token_file: str | None, ca: str |
 
     with make_client({"url": replica_url, "token_file": token_file, "ca": ca, "insecure": insecure}) as client:
         return roles.server_group(client, name)
-
-
-def _group_peer(group: Any, root: str | None) -> dict[str, Any]:
-    """The replica server of a group's members (one for all of them)."""
-    from drtool.errors import UsageError
-
-    peers = {}
-    for member in group.members:
-        with Volume.inspect(state_root(root), member) as registered:
-            peer = registered.record.peer
-        if not peer:
-            raise UsageError(f"group {group.name}: member {member} has no peer here: "
-                             f"drtool protect {group.name} --peer URL, or give --replica-url")
-        peers[peer["url"]] = dict(peer)
-    if len(peers) != 1:
-        raise UsageError(f"group {group.name}: its members replicate to {', '.join(sorted(peers))}: "
-                         f"drtool protect {group.name} --peer URL")
-    return next(iter(peers.values()))
 
 
 def _demote_group(group: Any, timeout: float, force: bool, root: str | None) -> dict[str, Any]:
