@@ -316,3 +316,21 @@ def test_the_agent_serving_a_group_demotes_it_whole(tmp_path, state_root, replic
         with pytest.raises(NotPermitted):
             api.write(name, 0, b"refused")
     assert api.group_status("db", probe_peer=False)["role"] == "secondary"
+
+
+def test_a_demotion_that_cannot_drain_changes_nothing(tmp_path, state_root, replica_server, cli):
+    """The replica server is gone: the group is not demoted, every member takes writes again."""
+    for seed, name in enumerate(MEMBERS, start=1):
+        make_image(tmp_path / f"{name}.img", SIZE, seed=seed)
+        api.init_volume(name, str(tmp_path / f"{name}.img"), "64K")
+    api.group_create("db", MEMBERS)
+    api.protect("db", replica_server.url, str(replica_server.token_file))
+    api.write("wal", 0, b"pending")
+    replica_server.stop(kill=True)
+    result = cli("demote", "db", "--timeout", "2")
+    assert result.code != 0
+    assert "group db was not demoted and accepts writes again" in result.err
+    for name in MEMBERS:
+        status = api.status(name, probe_peer=False)[0]
+        assert status["role"] == "primary" and status["demoted"] is None
+        api.write(name, RS, b"accepted")
