@@ -238,8 +238,8 @@ class Agent:
         from drtool.storage.groups import group_of
 
         engine = served.engine
-        if (engine.replicator is None or engine.replicator.group is not None
-                or any(t.is_alive() for t in served.threads)):
+        if (engine.replicator is None or engine.replicator.group is not None or served.stop.is_set()
+                or served.closed or any(t.is_alive() for t in served.threads)):
             return
         if group_of(self.root, engine.name) is not None:
             return  # a member's records go only in its group's transactions (refresh_groups)

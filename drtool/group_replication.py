@@ -36,6 +36,9 @@ from drtool.storage.replog import consistent_cut
 log = logging.getLogger("drtool.replication")
 
 CUT_BYTES = 4 << 20  # a cut every this many bytes appended across the group: transactions of ~4-16 MiB
+# A transaction larger than this (no cut inside: they were lost with a restart) is cut by time
+# instead (see _bounded); well below the server's default --max-body of 256 MiB.
+TXN_BYTES = 64 << 20
 MAX_CUTS = 4096  # beyond this many unshipped cuts, the oldest are merged (bigger transactions)
 SAVE_CUTS_SECONDS = 1.0
 
@@ -168,8 +171,9 @@ class GroupReplicator:
 
     def _send(self, cut: dict[str, int]) -> int:
         batches: list[tuple[str, WireBatch]] = []
+        pending = _bounded({m: self.engines[m].log.pending_through(cut[m]) for m in self.members})
         for member in self.members:
-            entries = self.engines[member].log.pending_through(cut[member])
+            entries = pending[member]
             if not entries:
                 continue
             # A member's mirror and overlay records go as two parts, in the order its first
@@ -201,10 +205,7 @@ class GroupReplicator:
         self.next_txn = txn + 1
         self.shipped_txns += 1
         covered = sum(self.replicators[m].acknowledged(b) for m, b in batches)
-        with self._cuts_lock:
-            if self.cuts and self.cuts[0] is cut:
-                self.cuts.popleft()
-        self.save_cuts()
+        self.save_cuts()  # (a cut fully shipped is dropped by the next _next_cut)
         return covered
 
     @staticmethod
@@ -281,6 +282,32 @@ class GroupReplicator:
 
     def consistency(self) -> tuple[bool, str | None]:
         return group_consistency(self.engines)
+
+
+def _bounded(pending: dict[str, list[Any]], limit: int | None = None) -> dict[str, list[Any]]:
+    """The members' records up to a cut, or, when they outgrow ``limit`` (TXN_BYTES), a prefix of
+    them that is a cut too: every record appended up to one instant T (each record carries the
+    time it was appended, under its log's lock).  A write acknowledged before another was issued
+    was appended before it, so it is at or before the other's time: a time cut holding the later
+    one holds the earlier.  (It relies on the clock not stepping back; it is the fallback for
+    records pending from before a restart that lost the recorded cuts.)"""
+    limit = TXN_BYTES if limit is None else limit
+    if sum(e.size for entries in pending.values() for e in entries) <= limit:
+        return pending
+    used, until = 0, None
+    for stamp, size in sorted((e.stamp, e.size) for entries in pending.values() for e in entries):
+        if used and used + size > limit and stamp != until:
+            break
+        used, until = used + size, stamp
+    bounded: dict[str, list[Any]] = {}
+    for member, entries in pending.items():
+        taken = []
+        for entry in entries:
+            if entry.stamp > until:
+                break
+            taken.append(entry)
+        bounded[member] = taken
+    return bounded
 
 
 def group_consistency(engines: dict[str, Any]) -> tuple[bool, str | None]:

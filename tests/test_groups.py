@@ -144,3 +144,73 @@ def test_bitmap_mode_makes_the_group_inconsistent_until_its_regions_have_shipped
     assert shipped["consistent"] is True and shipped["members"]["a"]["lag"]["regions"] == 0
     assert api.group_status("g")["consistent"] is True
     assert replica(replica_server, "a") == bytes(volumes["a"])
+
+
+def test_records_without_a_cut_between_them_ship_in_time_cuts_of_a_bounded_size(volumes, replica_server,
+                                                                                monkeypatch) -> None:
+    """A restart that lost the recorded cuts leaves one cut over everything pending; more than a
+    transaction may carry goes as time cuts: each a prefix of every member's records by the time
+    they were appended, so B's record n goes with or after A's record n."""
+    from drtool import group_replication
+    from drtool.engine import Engine
+    from drtool.group_replication import GroupReplicator
+    from drtool.replication import Replicator
+    from drtool.storage.groups import load_group
+
+    api.group_create("g", ["a", "b"])
+    api.protect("g", replica_server.url, str(replica_server.token_file))
+    for n in range(1, 9):
+        api.write("a", n * RS, bytes([n]) * RS)
+        api.write("b", n * RS, bytes([n]) * RS)
+    monkeypatch.setattr(group_replication, "TXN_BYTES", 3 * RS)
+    engines = {n: Engine.open(None, n) for n in ("a", "b")}
+    try:
+        for engine in engines.values():
+            Replicator(engine)
+        group = GroupReplicator(load_group(api.state_root(None), "g"), engines)
+        seen: list[dict[str, int]] = []
+        real = group.client.send_group_txn
+
+        def spy(name, txn, parts):
+            seen.append({m: len(chunks) for m, _, _, chunks in parts})
+            return real(name, txn, parts)
+
+        group.client.send_group_txn = spy
+        group.ship()
+        group.detach()
+    finally:
+        for engine in engines.values():
+            engine.close()
+    assert len(seen) >= 5  # 16 records of 64 KiB, at most 3 regions' worth (and ties) a transaction
+    for n in range(1, 9):
+        volumes["a"][n * RS:(n + 1) * RS] = bytes([n]) * RS
+        volumes["b"][n * RS:(n + 1) * RS] = bytes([n]) * RS
+    assert replica(replica_server, "a") == bytes(volumes["a"])
+    assert replica(replica_server, "b") == bytes(volumes["b"])
+
+
+def test_a_time_cut_takes_a_prefix_of_every_member_up_to_one_instant() -> None:
+    from types import SimpleNamespace
+
+    from drtool.group_replication import _bounded
+
+    def entry(stamp: float) -> SimpleNamespace:
+        return SimpleNamespace(stamp=stamp, size=10)
+
+    pending = {"a": [entry(t) for t in (1, 3, 5, 7)], "b": [entry(t) for t in (2, 4, 6, 8)]}
+    assert _bounded(pending, 100) is pending
+    cut = _bounded(pending, 35)
+    assert {m: [e.stamp for e in es] for m, es in cut.items()} == {"a": [1, 3], "b": [2]}
+    tie = _bounded({"a": [entry(1), entry(2)], "b": [entry(2), entry(3)]}, 15)
+    assert {m: [e.stamp for e in es] for m, es in tie.items()} == {"a": [1], "b": []}
+
+
+def test_an_agent_asked_for_one_member_serves_its_whole_group(volumes, start_agent) -> None:
+    api.group_create("g", ["a", "b"])
+    start_agent("a")
+    assert sorted(api.agent_info()["volumes"]) == ["a", "b"]
+    api.detach("a")
+    api.detach("b")
+    assert api.agent_info()["volumes"] == []
+    assert api.attach("b")["changed"]
+    assert sorted(api.agent_info()["volumes"]) == ["a", "b"]

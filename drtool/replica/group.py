@@ -250,6 +250,25 @@ class ReplicaGroup:
                     "applied_seq": v.mirror.applied.watermark} for n, v in volumes.items()}
 
 
+def committed_ends(root: str) -> dict[str, tuple[tuple[int, int], str | None]]:
+    """Read-only (describe_root): each group member's journal end at its group's last commit,
+    with the replica generation it was committed for.  Nothing is repaired."""
+    ends: dict[str, tuple[tuple[int, int], str | None]] = {}
+    directory = os.path.join(root, GROUPS_DIR)
+    if not os.path.isdir(directory):
+        return ends
+    for name in sorted(os.listdir(directory)):
+        if not os.path.exists(os.path.join(directory, name, GROUP_FILE)):
+            continue
+        info = load_json(os.path.join(directory, name, GROUP_FILE), "replica-group", None)
+        commits = CommitLog(os.path.join(directory, name, COMMITS_FILE), info["group_id"]).read(repair=False)
+        if commits:
+            for member, fact in commits[-1].meta["members"].items():
+                if member in info["members"]:
+                    ends[member] = ((int(fact["end"][0]), int(fact["end"][1])), fact.get("generation"))
+    return ends
+
+
 class ReplicaGroups:
     """The groups under a server's root; recovered when the root is opened."""
 

@@ -162,13 +162,15 @@ class Journal:
                 with open(self._segment_path(segment), "rb") as handle:
                     yield segment, start, os.pread(handle.fileno(), size - start, start)
 
-    def seqs_after_checkpoint(self) -> list[int]:
-        """The seqs indexed past the checkpoint (durable here, perhaps not yet in the mirror)."""
+    def seqs_after_checkpoint(self, until: tuple[int, int] | None = None) -> list[int]:
+        """The seqs indexed past the checkpoint (durable here, perhaps not yet in the mirror);
+        ``until``: only those before that position (a group's last commit names it)."""
         if self.checkpoint is None:
             return []
         first, position = self.checkpoint
         return [seq for segment, index in self._index.items() if segment >= first
-                for seq, at in zip(index.seqs, index.positions) if segment > first or at >= position]
+                for seq, at in zip(index.seqs, index.positions) if (segment > first or at >= position)
+                and (until is None or (segment, at) < until)]
 
     def cut(self, segment: int, position: int) -> None:
         """Cut the last segment at ``position`` (a record there is torn: never acknowledged), and

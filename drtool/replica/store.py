@@ -154,10 +154,16 @@ def describe_root(root: str) -> list[dict[str, Any]]:
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise UsageError(f"replica root {root} is not a directory")
+    from drtool.replica.group import committed_ends
+
+    ends = committed_ends(root)
     described = []
     for name in _names(root):
-        volume = ReplicaVolume(os.path.join(root, name), name, _load_meta(root, name), None)
-        described.append(volume.load_readonly().describe())
+        meta = _load_meta(root, name)
+        volume = ReplicaVolume(os.path.join(root, name), name, meta, None)
+        end = ends.get(name)
+        committed = end[0] if end is not None and end[1] in (None, meta.get("generation")) else None
+        described.append(volume.load_readonly(committed).describe())
     return described
 
 

@@ -208,8 +208,10 @@ class ReplicaVolume:
             raise
         return self
 
-    def load_readonly(self) -> ReplicaVolume:
-        """Read every state file without opening images or repairing anything (describe_root)."""
+    def load_readonly(self, committed_end: tuple[int, int] | None = None) -> ReplicaVolume:
+        """Read every state file without opening images or repairing anything (describe_root).
+        ``committed_end``: the journal position its group's last commit names (records after it
+        were never acknowledged: the server cuts them when it opens the root)."""
         self.mirror.load()
         self.overlay.load()
         self.journal.open(writable=False)
@@ -217,7 +219,7 @@ class ReplicaVolume:
         # Records durable in the journal past the mirror's checkpoint are applied (a replay
         # writes them into the mirror when the server opens it).
         self.journal.checkpoint = self.mirror.applied.journal_at
-        self.mirror.applied.mark(self.journal.seqs_after_checkpoint())
+        self.mirror.applied.mark(self.journal.seqs_after_checkpoint(committed_end))
         return self
 
     def checkpoint(self) -> None:

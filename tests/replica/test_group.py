@@ -186,6 +186,9 @@ def test_a_crash_between_the_journal_appends_and_the_commit_is_cut_at_open(tmp_p
     monkeypatch.undo()
     assert root.get("a").journal.records == 2  # txn 2's records are in both journals, uncommitted
     crash(root)
+    # Read-only (status --replica-root): the uncommitted records do not count as applied.
+    from drtool.replica.store import describe_root
+    assert {v["name"]: v["applied_seq"] for v in describe_root(str(tmp_path))} == {"a": 1, "b": 1}
     root = ReplicaRoot(str(tmp_path), journal_limit=64 << 20)
     assert state(root) == before
     assert root.get("a").journal.records == root.get("b").journal.records == 1
