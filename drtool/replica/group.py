@@ -276,6 +276,7 @@ class ReplicaGroups:
         self.replicas = replicas
         self.directory = os.path.join(replicas.root, GROUPS_DIR)
         self._groups: dict[str, ReplicaGroup] = {}
+        self._creating: set[str] = set()
         self._lock = threading.Lock()
 
     # -- opening and recovery ---------------------------------------------------------
@@ -346,6 +347,12 @@ class ReplicaGroups:
             raise GroupNotFound(name, self.replicas.root)
         return group
 
+    def _still(self, group: ReplicaGroup) -> None:
+        """``group`` was not deleted while the caller waited for its lock."""
+        with self._lock:
+            if self._groups.get(group.name) is not group:
+                raise GroupNotFound(group.name, self.replicas.root)
+
     def group_of(self, volume: str) -> ReplicaGroup | None:
         with self._lock:
             for group in self._groups.values():
@@ -387,6 +394,13 @@ class ReplicaGroups:
             group = self._groups.get(name)
             created = group is None
             if group is None:
+                if name in self._creating:
+                    raise Conflict(f"group {name} is being created by another request; send it again")
+                self._creating.add(name)
+            elif group.group_id != group_id:
+                raise Conflict(f"group {name} exists with group id {group.group_id} (asked {group_id})")
+        try:
+            if created:
                 directory = os.path.join(self.directory, name)
                 if os.path.exists(directory):
                     shutil.rmtree(directory)  # a create that crashed before group.json: nothing in it counts
@@ -394,31 +408,36 @@ class ReplicaGroups:
                 group = ReplicaGroup(directory, name, {"group_id": group_id, "members": members,
                                                        "created": time.time()})
                 group.commits.create()
-            elif group.group_id != group_id:
-                raise Conflict(f"group {name} exists with group id {group.group_id} (asked {group_id})")
-        with group.lock, ExitStack() as stack:
-            for volume in volumes.values():
-                stack.enter_context(volume.lock.exclusive())
-            changed = created or sorted(group.members) != sorted(members)
-            if changed:
-                # A commit entry naming every member's journal end now: recovery cuts a member's
-                # journal only past what a commit names, and a new member is named from here on.
-                self._commit(group, group.committed_txn, volumes, [])
-                group.members = members
-                group.save_info()
-                if created:
-                    fsync_dir(self.directory)
-                    with self._lock:
-                        self._groups[name] = group
-            return created, group.describe(volumes)
+            with group.lock, ExitStack() as stack:
+                for volume in volumes.values():
+                    stack.enter_context(volume.lock.exclusive())
+                if created or sorted(group.members) != sorted(members):
+                    # A commit entry naming every member's journal end now, before any transaction
+                    # can be sent (a new group is not visible yet): recovery cuts a member's journal
+                    # only past what a commit names, and a new member is named from here on.
+                    self._commit(group, group.committed_txn, volumes, [])
+                    group.members = members
+                    group.save_info()  # a new group exists from here (group.json is what recovery looks for)
+                    if created:
+                        fsync_dir(self.directory)
+                        with self._lock:
+                            self._groups[name] = group
+                return created, group.describe(volumes)
+        finally:
+            if created:
+                with self._lock:
+                    self._creating.discard(name)
 
     def delete(self, name: str) -> None:
         group = self.get(name)
-        with self._lock, group.lock:
+        with group.lock:  # (not under self._lock: a transaction holding group.lock opens replicas)
+            with self._lock:
+                if self._groups.get(name) is not group:
+                    raise GroupNotFound(name, self.replicas.root)
+                del self._groups[name]
             os.unlink(group.info_path)  # first: a crash after it leaves no group, only a directory
             fsync_dir(group.directory)
             shutil.rmtree(group.directory)
-            del self._groups[name]
 
     def refuse_delete_member(self, volume: str) -> None:
         group = self.group_of(volume)
@@ -446,6 +465,7 @@ class ReplicaGroups:
                 raise UsageError(f"group transaction {txn.txn}: volume {part.volume!r} is not a member of group "
                                  f"{name} ({', '.join(group.members)})")
         with group.lock:
+            self._still(group)
             if group.broken:
                 raise StateError(f"group {name}: {group.broken}; restart the replica server (opening the root "
                                  "recovers the group)")
@@ -541,6 +561,7 @@ class ReplicaGroups:
         group = self.get(name)
         snap = validate_name(snap, "snapshot name")
         with group.lock:
+            self._still(group)
             volumes = self._volumes(group)
             with ExitStack() as stack:
                 for volume in volumes.values():
