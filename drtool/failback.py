@@ -112,7 +112,8 @@ def _copy(engine: FailbackPort, rate: int | None, progress: Callable[[int], None
                 break
         if not batch:
             return copied
-        remote = [r for r in batch if not engine.volume.overlay.test(r)]
+        # (a region the overlay holds in part whose base is bad: its base comes from the replica)
+        remote = [r for r in batch if not engine.volume.overlay.test(r) or engine.partial_base_remote(r)]
         fetched = engine.fetch(remote) if remote else {}
         done_bytes = 0
         for region in batch:
@@ -133,7 +134,8 @@ def _copy_region(engine: FailbackPort, region: int, fetched: tuple[bytes, bytes]
     """Copy one region into the device; returns the bytes written."""
     with engine.holding(region):
         if engine.volume.overlay.test(region):
-            data = engine.read_verified(region)
+            # A partial region is completed from its base (fetched above when remote) first.
+            data = engine.read_verified(region, fetched[0] if fetched is not None else None)
             if data is None:
                 raise DeviceError(f"overlay region {region} fails verification; failback stopped")
             # Written during the incident: the mirror has not seen it yet.

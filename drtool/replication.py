@@ -34,7 +34,7 @@ from drtool.regions import to_runs
 from drtool.storage.maps import RegionBitmap
 from drtool.storage.records import Loss, Replication
 from drtool.storage.replog import LogEntry
-from drtool.wire import FLAG_OVERLAY_HELD, KIND_WRITE, from_overlay_header
+from drtool.wire import FLAG_OVERLAY_HELD, KIND_BASE, KIND_WRITE, from_overlay_header
 
 log = logging.getLogger("drtool.replication")
 
@@ -434,7 +434,8 @@ def _unsuperseded(batch: list[LogEntry], region_length: Callable[[int], int]) ->
     for entry in reversed(batch):
         if entry.region in covered:
             continue
-        if entry.header.length == region_length(entry.region) and entry.patch is None:
+        if (entry.header.length == region_length(entry.region) and entry.patch is None
+                and entry.header.kind != KIND_BASE):  # (a base record names bytes, it writes none)
             covered.add(entry.region)  # a whole region goes on the wire: older records are moot
         kept.append(entry)
     kept.reverse()

@@ -7,7 +7,8 @@ carry **records**; batched region reads are answered with **frames**.
 Record (76-byte header, then ``length`` bytes of data unless the kind is ZERO)::
 
     magic    4s  b"DRTR"
-    kind     H   WRITE=1 (data follows), ZERO=2 (the range reads as zeros)
+    kind     H   WRITE=1 (data follows), ZERO=2 (the range reads as zeros), BASE=4 (overlay, header
+                 only: the digest of the region beneath the partial records that follow)
     flags    H   OVERLAY=1: belongs to the overlay replica, not the mirror
     seq      Q   replication-log sequence number, from 1, strictly increasing
     offset   Q   byte offset in the volume
@@ -71,6 +72,12 @@ KIND_ZERO = 2
 # On the wire only, to the mirror: a whole region whose bytes the overlay replica holds already
 # (its digest is the record's); the server copies them from there.  Header only, no data.
 KIND_FROM_OVERLAY = 3
+# Overlay only, header-only, covering a whole region: the records of this region that follow
+# (partial records, issue 12's sub-region tracking) are written over the region's bytes whose
+# blake3 is ``digest`` (the mirror's, when every earlier mirror record is applied).  A receiver
+# that does not hold the region in its overlay replica fills it from the mirror and checks it
+# against this digest first: never a fill from stale bytes.  Logged (it is a real record).
+KIND_BASE = 4
 FLAG_OVERLAY = 1
 # In the primary's log only: a mirror record of a region the overlay replica was sent during the
 # incident (failback copies it back); it may go on the wire as KIND_FROM_OVERLAY.
@@ -160,7 +167,7 @@ def decode_record_header(buf: bytes | bytearray | memoryview) -> RecordHeader:
         raise WireError(f"bad record magic {magic!r}")
     if zlib.crc32(head) != crc:
         raise WireError("record header checksum mismatch")
-    if kind not in (KIND_WRITE, KIND_ZERO, KIND_FROM_OVERLAY):
+    if kind not in (KIND_WRITE, KIND_ZERO, KIND_FROM_OVERLAY, KIND_BASE):
         raise WireError(f"unknown record kind {kind}")
     if seq == 0 or length == 0:
         raise WireError("record with sequence 0 or length 0")

@@ -414,12 +414,18 @@ def test_later_degraded_writes_into_an_overlay_region_log_and_ship_only_their_by
             engine.write(offset, chunk)
             data[offset:offset + len(chunk)] = chunk
             lengths.append(engine.log.pending()[-1].header.length)
-        assert lengths == [RS, 4096, 4096, 10]
+        # Region 6 is not in the overlay: its writes go in as whole 4 KiB blocks (a write that
+        # covers part of a block reads that block), its base stays on the device (issue 12's
+        # sub-region tracking).  Region 2 is held whole (copy-on-read): the bytes written.
+        assert lengths == [2 * 4096, 2 * 4096, 4096, 4096]
+        assert engine.volume.overlay_blocks.held(6) == [0, 1, 2, 3]
+        assert engine.volume.overlay_blocks.held(2) == []
         assert bytes(engine.read(0, SIZE)) == bytes(data)
         replicator = Replicator(engine)
         replicator.ship()
         shipped = replicator.shipped_bytes
-    assert shipped == 3 * 4096 + 10 + 4 * 76  # the bytes written and the record headers, nothing else
+    # the blocks written and the record headers (one more: region 6's base digest), nothing else
+    assert shipped == 6 * 4096 + 5 * 76
     overlay = replica_server.client().read_range("vol", 0, SIZE, overlay=True)
     for region in (2, 6):
         assert overlay[region * RS:(region + 1) * RS] == bytes(data[region * RS:(region + 1) * RS])
@@ -427,8 +433,8 @@ def test_later_degraded_writes_into_an_overlay_region_log_and_ship_only_their_by
 
 
 def test_a_partial_overlay_record_is_replayed_over_the_overlays_region(protected, state_root):
-    """A crash after partial overlay records: replay writes their bytes into the overlay, which
-    holds the rest of the region, and digests the region from there."""
+    """A crash after partial overlay records: replay writes their bytes into the overlay and
+    puts their blocks back in the overlay's block map (the region's base is on the device)."""
     path, data = protected
     api.recover("vol")
     with Engine.open(None, "vol") as engine:
@@ -437,7 +443,7 @@ def test_a_partial_overlay_record_is_replayed_over_the_overlays_region(protected
         engine.write(5 * RS + 30000, b"second" * 100)
         engine.write(5 * RS + 3, b"third")
         engine.flush()
-        assert [e.header.length for e in engine.log.pending()][-2:] == [600, 5]
+        assert [e.header.length for e in engine.log.pending()][-2:] == [4096, 4096]  # whole blocks
         overlay_path = engine.volume.paths.overlay
         engine.volume.lock.release()  # a crash: no save
         engine.volume.lock = None
@@ -470,9 +476,11 @@ def test_first_overlay_writes_ship_whole_when_the_mirror_cannot_fill_them(protec
         engine.write(9 * RS + 500, b"x" * 4096)
         engine.write(10 * RS + 500, b"y" * 4096)
         entries = {entry.region: entry for entry in engine.log.pending() if entry.header.overlay}
-        assert entries[9].patch is None and entries[10].patch == (10 * RS + 500, 4096)
-        assert [len(chunk) for chunk in engine.log.read_for_shipping([entries[9], entries[10]])] == [
-            76 + RS, 76, 4096]  # region 9 whole; region 10's header and the bytes written
+        # region 9 whole; region 10 (sub-region tracking) its two blocks after a base record
+        assert entries[9].patch is None and entries[9].header.length == RS
+        assert entries[10].patch is None and entries[10].header.length == 2 * 4096
+        shipping = [e for e in engine.log.pending() if e.header.overlay]
+        assert sum(len(chunk) for chunk in engine.log.read_for_shipping(shipping)) == 76 + RS + 76 + 76 + 2 * 4096
         Replicator(engine).ship()
     for region, chunk in ((9, b"x"), (10, b"y")):
         data[region * RS + 500:region * RS + 4596] = chunk * 4096

@@ -35,17 +35,26 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
+import blake3
+
 from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceError
+from drtool.regions import to_runs
 from drtool.storage.device import Device
+from drtool.storage.maps import BLOCK_SIZE
 from drtool.storage.records import Failback
-from drtool.wire import FLAG_OVERLAY, FLAG_OVERLAY_HELD, KIND_WRITE, KIND_ZERO
+from drtool.wire import FLAG_OVERLAY, FLAG_OVERLAY_HELD, KIND_BASE, KIND_WRITE, KIND_ZERO
 
 DEVICE, OVERLAY = "device", "overlay"  # where a change's bytes go
 MIRROR = "mirror"  # a log record for the mirror endpoint (OVERLAY: for the overlay replica)
 #: Reads stop remembering block digests while this many bytes of map pages wait for a checkpoint
 #: (the agent's checkpoint commits them; memory stays bounded between checkpoints).
 BLOCKS_DIRTY_LIMIT = 16 << 20
+
+
+class _BaseLags(Exception):
+    """Internal: a partial region's base must come from the replica, which lacks its latest
+    records; force them (with no stripe held) and try again."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,14 @@ class RegionChange:
     # overlay replica needs when it fills the region from its mirror (storage.replog LogEntry.patch)
     patch: tuple[int, int] | None = None
     held: bool = False
+    # A block write into a region the overlay does not hold whole (issue 12): (first block, the
+    # digests of the blocks the change covers, storage.maps.overlay_block_digest).  The region's
+    # digest does not change (``digest`` None): its base is still the manifest's.
+    overlay_blocks: tuple[int, list[bytes]] | None = None
+    # Log a KIND_BASE record (the manifest's digest of the region) before this one: the first
+    # block write of a region the overlay replica may not hold (it fills it from the mirror,
+    # checked against that digest).
+    base: bool = False
 
 
 class StateChanges:
@@ -100,7 +117,9 @@ class StateChanges:
         start, length = self.geometry.region_bounds(region)
         whole = change.offset == start and change.length == length
         with self.stripes[region % len(self.stripes)]:
-            seq = None
+            seq = base_seq = None
+            if change.base:
+                base_seq = self._append_base(region)
             if change.log is not None:
                 digest = (change.digest or self.volume.manifest[region]) if whole else None
                 seq = self._append(change, digest)
@@ -108,29 +127,40 @@ class StateChanges:
                 if change.target is not None:
                     self._put(self.device if change.target == DEVICE else self.overlay, change, whole)
             except DeviceError:
-                if seq is not None:
-                    self._done(seq)
+                for done in (seq, base_seq):
+                    if done is not None:
+                        self._done(done)
                 raise
             self._commit_maps(region, change.digest, self.record.era, change.target, whole, seq is not None,
-                              change.blocks)
-            if seq is not None:
-                self._done(seq)
+                              change.blocks, change.overlay_blocks)
+            for done in (seq, base_seq):
+                if done is not None:
+                    self._done(done)
         return seq
 
     def _commit_maps(self, region: int, digest: bytes | None, era: int, target: str | None, whole: bool,
-                     logged: bool, blocks: list[bytes] | None = None) -> None:
+                     logged: bool, blocks: list[bytes] | None = None,
+                     overlay_blocks: tuple[int, list[bytes]] | None = None) -> None:
         """The commit routine's map step, the one owner of what a change does to the maps: the
         manifest digest and era (``digest`` None: the content did not change; a new digest
         clears the block digests unless ``blocks`` replace them: storage.maps.Manifest.set), the overlay and
         resync bits (``target`` OVERLAY), the bad/ioerror/overlay/resync bits (the device gets
         the whole region back), the unreplicated bit and, for a whole-region record, the
         norecord bit (``logged``).  Crash replay (core._replay) redoes a record through here too,
-        so a replayed write rebuilds every map the live write set."""
+        so a replayed write rebuilds every map the live write set.  ``overlay_blocks``: a block
+        write into a partial region (its blocks join the overlay's block map; the era moves,
+        the digest stays the base's); a whole region in the overlay or back on the device is
+        not partial any more."""
         volume = self.volume
         with self.meta:
             if digest is not None:
                 volume.manifest.set(region, digest, blocks)
                 volume.eras[region] = era
+            if overlay_blocks is not None:
+                volume.overlay_blocks.add(region, *overlay_blocks)
+                volume.eras[region] = era
+            elif whole and target is not None and volume.overlay_blocks is not None:
+                volume.overlay_blocks.clear(region)
             if target == OVERLAY:
                 volume.overlay.set(region)
                 if modes.resyncing(self.record) and not volume.resync.test(region):
@@ -155,6 +185,14 @@ class StateChanges:
             else:
                 entry = self.log.append(KIND_WRITE, change.offset, change.length, self.record.era,
                                         memoryview(change.data), digest, flags, change.patch)
+            self.inflight.add(entry.seq)
+        return entry.seq
+
+    def _append_base(self, region: int) -> int:
+        start, length = self.geometry.region_bounds(region)
+        with self.seq_lock:
+            entry = self.log.append(KIND_BASE, start, length, self.record.era, digest=self.volume.manifest[region],
+                                    flags=FLAG_OVERLAY)
             self.inflight.add(entry.seq)
         return entry.seq
 
@@ -207,9 +245,18 @@ class StateChanges:
 
     # -- reading a region whole ---------------------------------------------------------------
 
-    def read_verified(self, region: int) -> bytes | None:
+    def read_verified(self, region: int, base: bytes | None = None) -> bytes | None:
         """The region's bytes from where the volume keeps them (the overlay if it holds the
-        region, else the device), verified against the manifest; None when they fail."""
+        region, else the device), verified against the manifest; None when they fail.
+
+        A partial region (the overlay holds some of its blocks) is completed first: its base
+        (``base``: verified bytes the caller fetched, else read and verified here, fetched only
+        when the replica needs no forced replication) with the held blocks over it (each checked
+        against its block digest) is written into the overlay whole and its digest becomes the
+        region's: what failback, relog and verify's repair then copy or ship.  The caller holds
+        the region (:meth:`holding`)."""
+        if self._partial(region):
+            return self._complete(region, base)
         source = self.overlay if self.volume.overlay.test(region) else self.device
         if source is None:
             return None
@@ -220,6 +267,86 @@ class StateChanges:
         except DataUnavailable:
             return None
         return bytes(content)
+
+    def _partial(self, region: int) -> bool:
+        blocks = self.volume.overlay_blocks
+        return blocks is not None and blocks.partial(region)
+
+    def partial_base_remote(self, region: int) -> bool:
+        """Is ``region`` partial with a base only the replica holds (failback fetches it first)?"""
+        return self._partial(region) and (self.volume.bad.test(region) or self.device is None)
+
+    def _complete(self, region: int, base: bytes | None = None) -> bytes | None:
+        """A partial region made whole in the overlay (see :meth:`read_verified`): not a change of
+        the region's content, so not logged.  A crash before a checkpoint claims it leaves the
+        maps on disk partial, which still describe the same bytes (the base is untouched)."""
+        try:
+            content = self._merged(region, base)
+        except (DataUnavailable, _BaseLags):
+            return None
+        digest = blake3.blake3(content).digest()
+        start, _length = self.geometry.region_bounds(region)
+        self.overlay.pwrite(content, start)
+        with self.meta:
+            self.volume.manifest.set(region, digest)
+            self.volume.overlay_blocks.clear(region)
+        return bytes(content)
+
+    def _merged(self, region: int, base: bytes | None = None) -> bytearray:
+        """A partial region's verified content: its base, then the overlay's blocks over it.  The
+        caller holds the region.  Raises DataUnavailable (a held block fails its digest, the base
+        cannot be had) or _BaseLags (the base must come from the replica, which lacks its latest
+        records: force them first, with no stripe held)."""
+        length = self.geometry.region_length(region)
+        if base is not None and not (len(base) == length and self.volume.manifest.matches(
+                region, blake3.blake3(base).digest())):
+            base = None  # fetched before the caller held the region, and not its base: read it here
+        content = bytearray(base) if base is not None else self._base_content(region)
+        self._blocks_over(region, content)
+        return content
+
+    def _base_content(self, region: int) -> bytearray:
+        """The verified bytes of ``region`` the manifest describes, from the device when it holds
+        them, else from the replica.  The caller holds the region's stripe."""
+        content = bytearray(self.geometry.region_length(region))
+        view = memoryview(content)
+        # (requested() is False for any region in the overlay; a partial region's base is remote
+        # when bad: partial regions exist only without a local era, engine.writes._blocks_allowed)
+        volume = self.volume
+        remote = volume.bad.test(region) if volume.overlay.test(region) else self.requested(region)
+        if not remote and self.device is not None:
+            if not self._read_local(self.device, region, 1, region, view):
+                return content
+            # It failed verification and is marked bad now (a self-healing read): fetch it.
+        fetcher = self._fetcher()
+        if fetcher.lagging([region]):  # (a lost region raises here)
+            raise _BaseLags()
+        got = fetcher.fetch([region], prepared=True)
+        fetcher.account(got, store=False)
+        view[:] = got[region][0]
+        return content
+
+    def _blocks_over(self, region: int, content: bytearray) -> None:
+        """Put the overlay's held blocks of ``region`` over ``content`` (its base), each checked
+        against its block digest; DataUnavailable when one fails."""
+        blocks = self.volume.overlay_blocks
+        start, length = self.geometry.region_bounds(region)
+        size = BLOCK_SIZE
+        for first, count in to_runs(blocks.held(region)):
+            lo = first * size
+            hi = min((first + count) * size, length)
+            try:
+                data = self.overlay.pread(hi - lo, start + lo)
+            except DeviceError as exc:
+                raise DataUnavailable(f"volume {self.name}: overlay region {region}: {exc}") from None
+            if len(data) != hi - lo:
+                raise DataUnavailable(f"volume {self.name}: overlay region {region} is short")
+            for index in range(count):
+                part = memoryview(data)[index * size:(index + 1) * size]
+                if not blocks.verify(region, first + index, part):
+                    raise DataUnavailable(f"volume {self.name}: overlay block {first + index} of region "
+                                          f"{region} fails verification")
+            content[lo:hi] = data
 
     def local_bytes(self, region: int) -> bytes | None:
         """The device's bytes of a region, unverified (a journal source patches them); None
@@ -277,8 +404,8 @@ class StateChanges:
         """The device holds this region correctly (a copy-on-read kept it in the overlay too):
         stop keeping it there.  False when the device does not."""
         with self.holding(region):
-            if not self.recheck_region(region):
-                return False
+            if self._partial(region) or not self.recheck_region(region):
+                return False  # (a partial region's device bytes are only its base)
             with self.meta:
                 for bitmap in (self.volume.overlay, self.volume.bad, self.volume.ioerror):
                     bitmap.clear(region)

@@ -24,12 +24,12 @@ from drtool.fetch import RemoteFetcher
 from drtool.regions import Geometry, format_runs, to_runs
 from drtool.storage import overlay as overlay_file
 from drtool.storage.device import Device
-from drtool.storage.maps import RegionBitmap, merge_regions, zero_digest
+from drtool.storage.maps import BLOCK_SIZE, RegionBitmap, merge_regions, overlay_block_digest, zero_digest
 from drtool.storage.paths import state_root
 from drtool.storage.records import Demoted, Failback, Loss, Recovery, Replication
 from drtool.storage.replog import ReplicationLog
 from drtool.storage.volume import Volume
-from drtool.wire import KIND_WRITE
+from drtool.wire import KIND_BASE, KIND_WRITE
 
 log = logging.getLogger("drtool.engine")
 
@@ -258,9 +258,12 @@ class Engine(ReadPath, WritePath, StateChanges):
             return
         log.info("volume %s: replaying %d log records after sequence %d", self.name, len(records), since)
         partial: dict[int, int] = {}  # region -> era of its last partial record: digested at the end
+        blocks = self.volume.overlay_blocks
         for entry in records:
             header = entry.header
             region = entry.region
+            if header.kind == KIND_BASE:
+                continue  # for the overlay replica: the block record after it says what changed here
             target = self._replay_target(header.overlay)
             if target is None:
                 continue
@@ -271,6 +274,17 @@ class Engine(ReadPath, WritePath, StateChanges):
                 target.pwrite(bytes(header.length), header.offset)
             whole = header.length == self.geometry.region_length(region)
             digest = None
+            if (not whole and header.overlay and blocks is not None
+                    and (not self.volume.overlay.test(region) or blocks.partial(region))):
+                # A block write into a region the overlay did not hold whole (engine.writes.
+                # _write_blocks): its blocks join the block map again, their digests taken from
+                # the overlay as the record left it (a record smaller than a block: the rest of
+                # that block was put there by the live write, as for any partial record).
+                partial.pop(region, None)
+                self._commit_maps(region, None, header.era, OVERLAY, False, logged=True,
+                                  overlay_blocks=self._overlay_blocks_of(target, region, header.offset,
+                                                                         header.length))
+                continue
             if whole:
                 digest = header.digest if header.kind == KIND_WRITE else zero_digest(header.length)
                 partial.pop(region, None)
@@ -279,6 +293,8 @@ class Engine(ReadPath, WritePath, StateChanges):
             self._commit_maps(region, digest, header.era, OVERLAY if header.overlay else DEVICE, whole,
                               logged=True)
         for region, era in partial.items():
+            if blocks is not None and blocks.partial(region):
+                continue  # (its digest is its base's; its blocks were digested as replayed)
             target = self.overlay if self.volume.overlay.test(region) else self.device
             start, length = self.geometry.region_bounds(region)
             try:
@@ -291,6 +307,16 @@ class Engine(ReadPath, WritePath, StateChanges):
             self.volume.manifest[region] = digest
             self.volume.eras[region] = era
         self.save()
+
+    def _overlay_blocks_of(self, overlay: Device, region: int, offset: int, length: int) -> tuple[int, list[bytes]]:
+        """(first block, digests) of the blocks of ``region`` that [offset, offset+length) touches,
+        as the overlay holds them now."""
+        start, size = self.geometry.region_bounds(region)
+        lo = (offset - start) // BLOCK_SIZE * BLOCK_SIZE
+        hi = min(-(-(offset + length - start) // BLOCK_SIZE) * BLOCK_SIZE, size)
+        data = memoryview(overlay.pread(hi - lo, start + lo))
+        return lo // BLOCK_SIZE, [overlay_block_digest(data[at:at + BLOCK_SIZE])
+                                  for at in range(0, hi - lo, BLOCK_SIZE)]
 
     def _account_log_damage(self) -> None:
         """The log lost records (damage found at open, storage.replog): never believe them
@@ -308,6 +334,14 @@ class Engine(ReadPath, WritePath, StateChanges):
                 # Lost pending records of unknown regions: every unreplicated region ships whole.
                 volume.norecord.set_runs(volume.unreplicated.runs())
             for region in sorted(damaged.rescan_regions):
+                if self._partial(region) and self.overlay is not None:
+                    # Its held blocks are digested again from the overlay; its base is untouched.
+                    start, length = self.geometry.region_bounds(region)
+                    for block in volume.overlay_blocks.held(region):
+                        volume.overlay_blocks.add(region, *self._overlay_blocks_of(
+                            self.overlay, region, start + block * BLOCK_SIZE, 1))
+                    ship_whole.add(region)
+                    continue
                 target = self.overlay if volume.overlay.test(region) else self.device
                 start, length = self.geometry.region_bounds(region)
                 try:
@@ -443,7 +477,7 @@ class Engine(ReadPath, WritePath, StateChanges):
             if volume.resync.any():
                 left = list(volume.resync)
                 if (not self._finish_refused or len(left) > FINISH_COPY_REGIONS
-                        or not all(volume.overlay.test(r) for r in left)):
+                        or not all(volume.overlay.test(r) and not self.partial_base_remote(r) for r in left)):
                     self._finish_refused = True  # failback's loop copies them, then asks again
                     return False
                 # Asked again and written again meanwhile: copied here, or writes that never

@@ -20,6 +20,7 @@ import blake3
 
 from drtool.buffers import aligned_bytes
 from drtool.engine import modes
+from drtool.engine.changes import _BaseLags
 from drtool.errors import DataUnavailable, DeviceIOError
 from drtool.fetch import RemoteFetcher
 from drtool.regions import to_runs
@@ -33,6 +34,7 @@ READAHEAD_REGIONS = 1024  # look this far ahead for requested regions ...
 READAHEAD_MAX = 256  # ... and fetch at most this many of them with the read
 BLOCK_SHIFT = BLOCK_SIZE.bit_length() - 1
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_PARTIAL_ATTEMPTS = 8  # a partial region's base read waits for its forced replication at most so often
 
 
 @dataclass
@@ -234,6 +236,11 @@ class ReadPath:
         remote = list(plan.remote)
         for run_first, run_count in to_runs(plan.local):
             remote.extend(self._read_local(self.device, run_first, run_count, first, view))
+        partial = [r for r in plan.overlay if self._partial(r)]
+        if partial:
+            plan.overlay = [r for r in plan.overlay if r not in set(partial)]
+            for region in partial:
+                self._read_partial(region, first, view)
         for run_first, run_count in to_runs(plan.overlay):
             failed = self._read_local(self.overlay, run_first, run_count, first, view)
             if failed:
@@ -337,9 +344,12 @@ class ReadPath:
         stripes = sorted({region % len(self.stripes) for region in regions + ahead})
         for stripe in stripes:
             self.stripes[stripe].acquire()
+        later: list[int] = []
         try:
-            # A write may have moved a region into the overlay meanwhile: it is local now.
-            moved = [r for r in regions if self.volume.overlay.test(r)]
+            # A write may have moved a region into the overlay meanwhile: it is local now (its
+            # blocks only, its base still remote: read after these stripes go).
+            later = [r for r in regions if self._partial(r)]
+            moved = [r for r in regions if self.volume.overlay.test(r) and r not in later]
             for run_first, run_count in to_runs(moved):
                 if self._read_local(self.overlay, run_first, run_count, base, view):
                     raise DataUnavailable(f"volume {self.name}: overlay regions fail verification")
@@ -350,6 +360,24 @@ class ReadPath:
         finally:
             for stripe in reversed(stripes):
                 self.stripes[stripe].release()
+        for region in later:
+            self._read_partial(region, base, view)
+
+    def _read_partial(self, region: int, base: int, view: memoryview) -> None:
+        """A region the overlay holds in part: its base (device or replica, verified) with the
+        overlay's blocks over it (each verified), under the region's stripe (a write of a block
+        is not half seen); the replica's latest records forced first when the base needs them."""
+        lo = (region - base) << self.geometry.shift
+        region_view = view[lo:lo + self.geometry.region_length(region)]
+        for _ in range(_PARTIAL_ATTEMPTS):
+            try:
+                with self.stripes[region % len(self.stripes)]:
+                    region_view[:] = self._content_for_write(region)  # whatever the region is now
+                return
+            except _BaseLags:
+                self._fetcher().prepare([region])
+        raise DataUnavailable(f"volume {self.name}: region {region} kept changing while its base "
+                              "waited for its replication; try again")
 
     def _readahead(self, regions: list[int]) -> list[int]:
         """Requested regions just after a remote read, fetched in the same batch (copy-on-read

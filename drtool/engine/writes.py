@@ -18,8 +18,8 @@ import blake3
 
 from drtool.engine import modes
 from drtool.errors import DataUnavailable, DeviceError, DeviceIOError, DrtoolError, NotPermitted
-from drtool.engine.changes import DEVICE, MIRROR, OVERLAY, RegionChange
-from drtool.storage.maps import zero_digest
+from drtool.engine.changes import DEVICE, MIRROR, OVERLAY, RegionChange, _BaseLags
+from drtool.storage.maps import BLOCK_SIZE, overlay_block_digest, zero_digest
 
 log = logging.getLogger("drtool.engine")
 
@@ -128,25 +128,19 @@ class WritePath:
 
     def _content_for_write(self, region: int) -> bytearray:
         """The region's verified bytes, the base of a partial overlay write.  The caller holds the
-        region's stripe, so this takes no other region's lock and never forces replication."""
-        content = bytearray(self.geometry.region_length(region))
-        view = memoryview(content)
+        region's stripe, so this takes no other region's lock and never forces replication.
+        A partial region's are its base with the overlay's blocks over it (changes._merged)."""
         volume = self.volume
         if volume.overlay.test(region):
-            if self._read_local(self.overlay, region, 1, region, view):
+            if self._partial(region):
+                return self._merged(region)
+            content = bytearray(self.geometry.region_length(region))
+            if self._read_local(self.overlay, region, 1, region, memoryview(content)):
                 raise DataUnavailable(f"volume {self.name}: overlay region {region} fails verification")
             return content
-        if not self.requested(region) and self.device is not None:
-            if not self._read_local(self.device, region, 1, region, view):
-                return content
-            # It failed verification and is marked bad now (a self-healing read): fetch it.
-        fetcher = self._fetcher()
-        if fetcher.lagging([region]):  # (a lost region raises here)
-            raise _NeedsForcedReplication()
-        got = fetcher.fetch([region], prepared=True)
-        fetcher.account(got, store=False)  # the write puts the region in the overlay itself
-        view[:] = got[region][0]
-        return content
+        # Not in the overlay: the base is the region's content (the write puts the region in the
+        # overlay itself, so a fetched base is not stored by the fetch).
+        return self._base_content(region)
 
     def _new_content(self, region: int, inner: int, piece: memoryview | None, zero_length: int,
                      base: Callable[[], bytearray]) -> tuple[memoryview | None, bytes, bool]:
@@ -189,9 +183,51 @@ class WritePath:
             self._set_bad([region], io_error=True)
             raise _NeedsOverlay(str(exc)) from None
 
+    def _blocks_allowed(self, region: int) -> bool:
+        """May a partial write of this region go to the overlay as blocks, its base left where it
+        is?  Sub-region tracking needs block maps (regions larger than a block) and a base the
+        overlay replica can fill from its mirror and check: recovery from the mirror at its
+        current point in time (no local era: the base is the manifest's bytes, on the device
+        unless bad), and a region whose mirror copy is not missing records (bitmap mode)."""
+        recovery = self.record.recovery
+        return (self.volume.overlay_blocks is not None and recovery is not None
+                and recovery.source == "mirror" and recovery.local_era is None
+                and not self.volume.norecord.test(region))
+
+    def _write_blocks(self, region: int, inner: int, piece: memoryview | None, zero_length: int,
+                      first: bool) -> None:
+        """A partial write into a region the overlay does not hold whole, as whole blocks: the
+        blocks go to the overlay and its block map, the rest of the region stays the base (read
+        when the region is read, completed when it is failed back).  No base is read unless the
+        write covers part of a block (that block's bytes are read, verified, merged).  ``first``:
+        the overlay holds nothing of the region yet: a KIND_BASE record precedes this one."""
+        start, length = self.geometry.region_bounds(region)
+        size = zero_length if piece is None else len(piece)
+        lo = inner - inner % BLOCK_SIZE
+        end = inner + size
+        hi = min(end + (-end) % BLOCK_SIZE, length)
+        data: memoryview | bytearray | None = piece
+        if lo != inner or hi != end:
+            content = self._content_for_write(region)  # (rare: a write smaller than a block)
+            data = content[lo:hi]
+            data[inner - lo:end - lo] = piece if piece is not None else bytes(size)
+        if data is None:
+            digests = [overlay_block_digest(_ZEROS[:min(BLOCK_SIZE, hi - at)]) for at in range(lo, hi, BLOCK_SIZE)]
+        else:
+            view = memoryview(data)
+            digests = [overlay_block_digest(view[at - lo:at - lo + BLOCK_SIZE]) for at in range(lo, hi, BLOCK_SIZE)]
+        self.commit_region(RegionChange(region, start + lo, hi - lo, data, None, OVERLAY, OVERLAY,
+                                        overlay_blocks=(lo // BLOCK_SIZE, digests), base=first))
+
     def _write_overlay(self, region: int, inner: int, piece: memoryview | None, zero_length: int) -> None:
         start, length = self.geometry.region_bounds(region)
-        held = self.volume.overlay.test(region)
+        in_overlay = self.volume.overlay.test(region)
+        held = in_overlay and not self._partial(region)  # the overlay holds the region whole
+        size = zero_length if piece is None else len(piece)
+        if not held and not (inner == 0 and size == length) and self._blocks_allowed(region):
+            self._write_blocks(region, inner, piece, zero_length, first=not in_overlay)
+            return
+        # A partial region that may not take blocks (bitmap mode since) is written whole below.
         content, digest, whole = self._new_content(
             region, inner, piece, zero_length, lambda: self._content_for_write(region))
         if held and not whole:
@@ -238,8 +274,9 @@ class _NeedsOverlay(Exception):
     """Internal: the device cannot take this write; it must go to the overlay."""
 
 
-class _NeedsForcedReplication(Exception):
-    """Internal: a partial write's base must come from the replica, which lacks its latest bytes."""
+# Internal: a partial write's base must come from the replica, which lacks its latest bytes.
+_NeedsForcedReplication = _BaseLags
+_ZEROS = bytes(BLOCK_SIZE)
 
 
 # A partial write whose region lags is retried after forcing it; only a region rewritten

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import blake3
@@ -33,7 +33,7 @@ from drtool.replica.journal import JournalDamage, iter_segment
 from drtool.replica.volume import ReplicaVolume, Target
 from drtool.storage.device import Device
 from drtool.storage.direct import BLOCK, aligned
-from drtool.wire import (KIND_FROM_OVERLAY, KIND_WRITE, RecordHeader, WireError, encode_record_header, iter_records,
+from drtool.wire import (KIND_BASE, KIND_FROM_OVERLAY, KIND_WRITE, RecordHeader, WireError, encode_record_header, iter_records,
                          zero_digest)
 
 PROMOTED_REFUSES_RECORDS = "it accepts no records (its image is a primary volume now)"
@@ -99,6 +99,9 @@ def parse_batch(volume: ReplicaVolume, body: memoryview, overlay: bool, max_reco
             if geometry.region_of(end - 1) != region:
                 raise UsageError(f"record {index} (seq {header.seq}) at {header.offset}+{header.length} "
                                  f"crosses a region boundary (region size {geometry.region_size})")
+            if header.kind == KIND_BASE and not (overlay and geometry.is_whole_region(header.offset, header.length)):
+                raise UsageError(f"record {index} (seq {header.seq}) names a region's base: it must cover a "
+                                 "whole region, sent to the overlay replica")
             if header.kind == KIND_FROM_OVERLAY and (overlay or not geometry.is_whole_region(header.offset,
                                                                                              header.length)):
                 raise UsageError(f"record {index} (seq {header.seq}) copies from the overlay replica: it must be "
@@ -119,6 +122,10 @@ class Plan:
     overlay: bool
     complete_through: int | None
     todo: list[Record]  # the records not applied yet, overlay copies resolved
+    # KIND_BASE records' regions the overlay replica lacks: {region: (digest, the mirror's bytes,
+    # checked against it; None: zeros)}, filled by prepare(), whose digest they keep unless a
+    # record of the batch changes them (finish())
+    bases: dict[int, tuple[bytes, bytes | None]] = field(default_factory=dict)
 
     @property
     def target(self) -> Target:
@@ -148,14 +155,41 @@ def plan_batch(volume: ReplicaVolume, batch: Batch, complete_through: int | None
         volume.check_accepts_records()  # a resent, already applied batch is still acknowledged
     if todo:
         todo = _resolve_overlay_copies(volume, todo)  # before anything is written: all or nothing
-    return Plan(volume, batch, overlay, complete_through, todo)
+    return Plan(volume, batch, overlay, complete_through, todo, _check_bases(volume, todo) if overlay else {})
+
+
+def _check_bases(volume: ReplicaVolume, todo: list[Record]) -> dict[int, tuple[bytes, bytes | None]]:
+    """The KIND_BASE records of regions the overlay replica lacks, each checked against the
+    mirror's bytes before anything is written: the primary's block writes go over exactly those
+    bytes, so a mirror that is behind it or damaged refuses the batch (Conflict) instead of
+    filling the overlay replica with stale bytes.  A region's first record decides (a base
+    record after another record of its region in the batch is moot)."""
+    overlay, mirror, geometry = volume.overlay, volume.mirror, volume.geometry
+    assert mirror.image is not None
+    bases: dict[int, tuple[bytes, bytes | None]] = {}
+    seen: set[int] = set()
+    for record in todo:
+        region, header = record.region, record.header
+        if region in seen:
+            continue
+        seen.add(region)
+        if header.kind != KIND_BASE or overlay.table.present(region):
+            continue
+        offset, length = geometry.region_bounds(region)
+        data = None if mirror.table.is_zero(region) else mirror.image.pread(length, offset)
+        held = zero_digest(length) if data is None else blake3.blake3(data).digest()
+        if held != header.digest:
+            raise Conflict(f"record seq {header.seq}: the mirror's region {region} is not the base the "
+                           "primary's block writes go over (its digest differs); send the region whole")
+        bases[region] = (held, data)
+    return bases
 
 
 def prepare(plan: Plan) -> None:
     """What must precede any write of the image: the snapshots' copy-on-write (mirror), the
     mirror's bytes under a partial overlay record (overlay)."""
     if plan.overlay:
-        _fill_overlay(plan.volume, plan.todo)
+        _fill_overlay(plan.volume, plan.todo, plan.bases)
     else:
         plan.volume.snapshots.preserve({r.region for r in plan.todo}, plan.volume.mirror.image,
                                        plan.volume.mirror.table)
@@ -180,6 +214,8 @@ def finish(plan: Plan, final: dict[int, bytes | None]) -> dict[str, Any]:
     when the journal has grown a segment's worth; the answer for the primary."""
     volume, target, todo, overlay = plan.volume, plan.target, plan.todo, plan.overlay
     complete_through = plan.complete_through
+    for region, (digest, _data) in plan.bases.items():
+        final.setdefault(region, digest)  # filled from the mirror, and no record of the batch changed it
     if todo:
         _set_digests(volume, target, final)
         if not plan.behind:
@@ -190,7 +226,7 @@ def finish(plan: Plan, final: dict[int, bytes | None]) -> dict[str, Any]:
     before = (applied.watermark, frozenset(applied.ahead))
     if todo:
         applied.note_batch(len(todo), max(r.header.era for r in todo), time.time())
-    applied.mark([r.header.seq for r in todo])
+    applied.mark([r.header.seq for r in todo])  # (base records too: applied, nothing of theirs written)
     marked = applied.watermark
     if complete_through is not None:
         applied.complete_through(complete_through)
@@ -372,6 +408,8 @@ def _write(volume: ReplicaVolume, target: Target, todo: list[Record],
     run_start = run_end = -1
     for record in todo:
         header = record.header
+        if header.kind == KIND_BASE:
+            continue  # (its region was filled from the mirror before: _fill_overlay)
         whole = geometry.is_whole_region(header.offset, header.length)
         is_zero = header.kind != KIND_WRITE or (whole and header.digest == zero_digest(header.length))
         if is_zero or header.offset != run_end:
@@ -428,11 +466,14 @@ def _write_run(image: Device, views: list[memoryview], offset: int, direct: int 
         offset += size
 
 
-def _fill_overlay(volume: ReplicaVolume, todo: list[Record]) -> None:
+def _fill_overlay(volume: ReplicaVolume, todo: list[Record],
+                  bases: dict[int, tuple[bytes, bytes | None]] | None = None) -> None:
     """A partial record into a region the overlay lacks starts from the mirror's bytes.
 
     The primary fills a partial overlay region from its merged read before
     writing it; the mirror holds that content, so the overlay replica does the same.
+    A region a KIND_BASE record names is filled with the mirror's bytes checked against it
+    (``bases``, _check_bases).
     """
     overlay = volume.overlay
     assert overlay.image is not None and volume.mirror.image is not None
@@ -442,9 +483,16 @@ def _fill_overlay(volume: ReplicaVolume, todo: list[Record]) -> None:
         if region in filled or overlay.table.present(region):
             continue
         filled.add(region)
+        offset, length = volume.geometry.region_bounds(region)
+        if bases and region in bases:
+            data = bases[region][1]
+            if data is None:
+                overlay.image.punch_hole(offset, length)
+            else:
+                overlay.image.pwrite(data, offset)
+            continue
         if volume.geometry.is_whole_region(record.header.offset, record.header.length):
             continue
-        offset, length = volume.geometry.region_bounds(region)
         if volume.mirror.table.is_zero(region):
             overlay.image.punch_hole(offset, length)
         else:

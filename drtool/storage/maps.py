@@ -108,7 +108,15 @@ class Layout:
             self.bitmaps[kind] = (position, position + chunks)  # (chunk pages, summary pages)
             position += chunks + _pages_for(chunks, COUNTS_PER_PAGE)
         self.blocks = position
-        position += _pages_for(count * blocks_per_region(region_size), BLOCK_DIGESTS_PER_PAGE)
+        block_count = count * blocks_per_region(region_size)
+        position += _pages_for(block_count, BLOCK_DIGESTS_PER_PAGE)
+        # The overlay's block map (issue 12's sub-region tracking): one bit per block, then one
+        # digest per block.  After the block digests, for the same reason as they are last.
+        block_chunks = _pages_for(block_count, CHUNK_BITS)
+        self.overlay_blocks = (position, position + block_chunks)  # (chunk pages, summary pages)
+        position += block_chunks + _pages_for(block_chunks, COUNTS_PER_PAGE)
+        self.overlay_digests = position
+        position += _pages_for(block_count, BLOCK_DIGESTS_PER_PAGE)
         self.pages = position
 
 
@@ -690,6 +698,74 @@ class BlockDigests:
             if self._pages.page(self._first + page)[low:high] != value:
                 self._pages.page_for_write(self._first + page)[low:high] = value
             slot += count
+
+
+def overlay_block_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The digest the overlay's block map keeps for one block it holds: blake3 of its bytes,
+    truncated as block digests are (unkeyed: the block's bytes are its whole content, whatever
+    the region's digest is, which a partial region does not know yet)."""
+    return blake3.blake3(data).digest(BLOCK_DIGEST_SIZE)
+
+
+class OverlayBlocks:
+    """Sub-region tracking of the overlay (as nbdkit's cow filter tracks blocks): which 4 KiB
+    blocks of a region the overlay holds when it holds only some of them (a *partial* region),
+    and each held block's digest (:func:`overlay_block_digest`).
+
+    A partial region's content is its held blocks over its *base*: the bytes the manifest's
+    digest describes (the manifest is not changed by a block write), which live where they
+    would if the overlay did not hold the region (the device, or the replica when bad).  A
+    region with no bit here and its overlay bit set is held whole, as before.  The bits are a
+    :class:`RegionBitmap` over (region * blocks per region + block), so a volume without
+    partial regions reads only its summary's counts."""
+
+    __slots__ = ("per_region", "bits", "_pages", "_first")
+
+    def __init__(self, count: int, region_size: int, pages: Pages | None = None, bits_page: int = 0,
+                 summary_page: int | None = None, digests_page: int = 0) -> None:
+        self.per_region = blocks_per_region(region_size)
+        self.bits = RegionBitmap(count * self.per_region, pages, bits_page, summary_page)
+        self._pages: Pages = self.bits._pages
+        self._first = digests_page
+
+    def partial(self, region: int) -> bool:
+        """Does the overlay hold only some blocks of this region?"""
+        if not self.bits._total:
+            return False
+        first = region * self.per_region
+        return next(iter(self.bits.set_between(first, first + self.per_region)), None) is not None
+
+    def held(self, region: int) -> list[int]:
+        """The blocks of ``region`` the overlay holds (empty: none, or the region whole)."""
+        if not self.bits._total:
+            return []
+        first = region * self.per_region
+        return [slot - first for slot in self.bits.set_between(first, first + self.per_region)]
+
+    def add(self, region: int, first_block: int, digests: list[bytes]) -> None:
+        """The overlay now holds blocks first_block.. (one digest each) of ``region``."""
+        slot = region * self.per_region + first_block
+        for index, value in enumerate(digests):
+            self.bits.set(slot + index)
+            page, at = divmod(slot + index, BLOCK_DIGESTS_PER_PAGE)
+            at *= BLOCK_DIGEST_SIZE
+            self._pages.page_for_write(self._first + page)[at:at + BLOCK_DIGEST_SIZE] = value
+
+    def clear(self, region: int) -> None:
+        """The region is no longer partial (held whole, or back on the device): forget its blocks.
+        (Their digest slots may keep old values: a slot counts only while its bit is set.)"""
+        if self.bits._total:
+            self.bits.clear_run(region * self.per_region, self.per_region)
+
+    def verify(self, region: int, block: int, data: bytes | bytearray | memoryview) -> bool:
+        """Are ``data`` the bytes the overlay's block ``block`` of ``region`` must hold?"""
+        page, at = divmod(region * self.per_region + block, BLOCK_DIGESTS_PER_PAGE)
+        at *= BLOCK_DIGEST_SIZE
+        return self._pages.page(self._first + page).find(overlay_block_digest(data), at,
+                                                          at + BLOCK_DIGEST_SIZE) == at
+
+    def save_counts(self) -> None:
+        self.bits.save_counts()
 
 
 def merge_regions(*iterators: Iterable[int]) -> Iterator[int]:

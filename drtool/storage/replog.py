@@ -50,7 +50,7 @@ from drtool.errors import CorruptStateFile, StateError
 from drtool.regions import Geometry
 from drtool.storage.atomic import fsync_dir, write_atomic
 from drtool.wire import (
-    KIND_FROM_OVERLAY, KIND_WRITE, NO_DIGEST, RECORD_HEADER_SIZE, RECORD_MAGIC, RecordHeader, WireError, decode_record_header,
+    KIND_BASE, KIND_FROM_OVERLAY, KIND_WRITE, NO_DIGEST, RECORD_HEADER_SIZE, RECORD_MAGIC, RecordHeader, WireError, decode_record_header,
     encode_record_header,
 )
 
@@ -630,6 +630,8 @@ class ReplicationLog:
         if kind == KIND_WRITE:
             assert data is not None and len(data) == length
             digest = digest or blake3.blake3(data).digest()
+        elif kind == KIND_BASE:
+            assert digest is not None and offset == start and length == region_length
         else:
             digest = NO_DIGEST
         with self.lock:

@@ -33,7 +33,7 @@ from drtool.regions import Geometry, validate_region_size
 from drtool.storage import mapfile
 from drtool.storage.device import Device, check_device_path
 from drtool.storage.lock import VolumeLock
-from drtool.storage.maps import EraMap, Layout, Manifest, RegionBitmap, merge_regions
+from drtool.storage.maps import EraMap, Layout, Manifest, OverlayBlocks, RegionBitmap, blocks_per_region, merge_regions
 from drtool.storage.pagestore import PageStore
 from drtool.storage.paths import StatePaths, validate_name
 from drtool.storage.record import FORMAT as RECORD_FORMAT
@@ -76,6 +76,15 @@ class Volume:
         self.eras = EraMap(count, store, layout.eras, layout.era_summary)
         self.manifest = Manifest(count, record.region_size, self.geometry.last_region_length, store,
                                  layout.manifest, layout.blocks)
+        #: which blocks the overlay holds of the regions it holds in part (None: a region is one block)
+        self.overlay_blocks: OverlayBlocks | None = None
+        if blocks_per_region(record.region_size):
+            bits, summary = layout.overlay_blocks
+            try:
+                self.overlay_blocks = OverlayBlocks(count, record.region_size, store, bits, summary,
+                                                    layout.overlay_digests)
+            except ValueError as exc:
+                raise CorruptStateFile(store.path, f"overlay block map: {exc}") from None
         self._saved_record: str | None = None  # volume.json as last read or written
 
     @property
@@ -270,6 +279,8 @@ class Volume:
         Returns the bytes written (0 when nothing changed)."""
         for bitmap in self.bitmaps.values():
             bitmap.save_counts()
+        if self.overlay_blocks is not None:
+            self.overlay_blocks.save_counts()
         covered = self.store.superblock.covered_seq if seq is None else seq
         if not self.store.dirty_bytes and covered == self.store.superblock.covered_seq:
             return 0
