@@ -63,6 +63,8 @@ class VerifyPort(VolumeView, Protocol):
 
     def relog_region(self, region: int) -> int | None: ...
 
+    def complete_partial(self, region: int) -> bool: ...
+
 
 # -- the cursor --------------------------------------------------------------------------------
 
@@ -224,6 +226,9 @@ class _Walker:
             except (KeyError, TypeError, ValueError):
                 raise PeerError(f"the replica server {self.client.url} answered a verify entry {entry!r}") from None
             found.suspect.discard(region)
+            # A region the overlay holds in part has its base's digest in the manifest: made
+            # whole first (its base read and verified), its digest is its content's.
+            self.engine.complete_partial(region)
             if computed is None or computed != stored:
                 found.rot.add(region)
                 found.errors[region] = (entry or {}).get("error") or "the replica's bytes fail its own digest"

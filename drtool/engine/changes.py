@@ -272,6 +272,15 @@ class StateChanges:
         blocks = self.volume.overlay_blocks
         return blocks is not None and blocks.partial(region)
 
+    def complete_partial(self, region: int) -> bool:
+        """Make a partial region whole in the overlay (see :meth:`read_verified`), so that the
+        manifest holds its content's digest (drtool.verify compares the replica with that).
+        False when it stays partial (its base cannot be had now); True otherwise."""
+        if not self._partial(region):
+            return True
+        with self.holding(region):
+            return not self._partial(region) or self.read_verified(region) is not None
+
     def partial_base_remote(self, region: int) -> bool:
         """Is ``region`` partial with a base only the replica holds (failback fetches it first)?"""
         return self._partial(region) and (self.volume.bad.test(region) or self.device is None)
@@ -319,7 +328,13 @@ class StateChanges:
                 return content
             # It failed verification and is marked bad now (a self-healing read): fetch it.
         fetcher = self._fetcher()
-        if fetcher.lagging([region]):  # (a lost region raises here)
+        if volume.overlay.test(region):
+            # A partial region's base: the mirror lacks it only while a mirror record of it is
+            # pending (its own overlay records say nothing of the mirror); the fetch checks it
+            # against the manifest either way.
+            if self.log.has_pending_mirror(region):
+                raise _BaseLags()
+        elif fetcher.lagging([region]):  # (a lost region raises here)
             raise _BaseLags()
         got = fetcher.fetch([region], prepared=True)
         fetcher.account(got, store=False)

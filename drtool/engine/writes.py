@@ -211,6 +211,10 @@ class WritePath:
             content = self._content_for_write(region)  # (rare: a write smaller than a block)
             data = content[lo:hi]
             data[inner - lo:end - lo] = piece if piece is not None else bytes(size)
+            if hi - lo == length:  # its blocks are the whole region: a whole-region write
+                self.commit_region(RegionChange(region, start, length, data, blake3.blake3(data).digest(),
+                                                OVERLAY, OVERLAY))
+                return
         if data is None:
             digests = [overlay_block_digest(_ZEROS[:min(BLOCK_SIZE, hi - at)]) for at in range(lo, hi, BLOCK_SIZE)]
         else:

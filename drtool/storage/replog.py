@@ -811,6 +811,12 @@ class ReplicationLog:
         with self.lock:
             return bool(self.by_region.get(region))
 
+    def has_pending_mirror(self, region: int) -> bool:
+        """Is a record of this region for the mirror (not the overlay replica) pending?"""
+        with self.lock:
+            entries = self.entries
+            return any(not entries[seq].header.overlay for seq in self.by_region.get(region, ()))
+
     def oldest_seq(self) -> int | None:
         with self.lock:
             return next(iter(self.entries), None)

@@ -225,6 +225,9 @@ class Writer(threading.Thread):
         shape = rng.random()
         if shape < 0.25:  # whole regions
             offset, length = region * RS, RS * rng.randint(1, 2)
+        elif shape < 0.45:  # whole 4 KiB blocks (degraded: the overlay's block map, no base read)
+            blocks = rng.randint(1, 3)
+            length, offset = blocks * 4096, region * RS + 4096 * rng.randrange(RS // 4096 - blocks + 1)
         elif shape < 0.8:  # a small piece of a region
             length = rng.choice([512, 4096, rng.randint(1, 12000)])
             offset = region * RS + rng.randrange(RS - length)
