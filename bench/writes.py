@@ -13,9 +13,10 @@ for each server):
     the same volume without a peer (log, write, maps; no shipping) against ``nbdkit file``.
 ``degraded``
     10 % of the regions corrupted, scrubbed and recovered before each run, so every write goes
-    to the overlay (and is shipped to the overlay replica), against ``nbdkit --filter=cow
-    file`` (a fresh process each run: its overlay is a temporary file, no durability: a bound,
-    not a fair peer).  The agent fails back after each run.
+    to the overlay (and is shipped to the overlay replica), against drtool's own normal-mode
+    writes (a second protected volume, in the same rounds: the fair target, >= 0.8x) and
+    ``nbdkit --filter=cow file`` (a fresh process each run: its overlay is a temporary file, no
+    durability: a bound, not a fair peer).  The agent fails back after each run.
 ``wire``
     bytes shipped by replication for the bytes fio wrote (``--wire-ios`` writes, then
     ``drtool replicate --wait``), counted by a byte-counting TCP relay between the agent and
@@ -256,12 +257,15 @@ def normal_row(bench: Bench, protect: bool, runs: int, seconds: float, versions:
 
 
 def degraded_row(bench: Bench, runs: int, seconds: float, versions: dict[str, str]) -> dict:
+    """Degraded writes against drtool's own normal-mode writes (issue 12's target: >= 0.8x) and
+    against nbdkit's cow filter, all alternated in the same rounds."""
     peer_image = bench.peer_image()
-    samples: dict[str, list[dict]] = {label: [] for label in [*versions, "nbdkit --filter=cow"]}
+    normal = {f"{label}, normal mode": source for label, source in versions.items()}
+    samples: dict[str, list[dict]] = {label: [] for label in [*versions, *normal, "nbdkit --filter=cow"]}
     with ExitStack() as stack:
         endpoints: dict[str, Endpoint] = {}
         volumes: dict[str, tuple[str, str]] = {}
-        for label, source in versions.items():
+        for label, source in {**versions, **normal}.items():
             volumes[label] = bench.volume(True, source)
             endpoints[label] = stack.enter_context(agent(*volumes[label], bench.work, source))
 
@@ -274,10 +278,21 @@ def degraded_row(bench: Bench, runs: int, seconds: float, versions: dict[str, st
                                check=True, stdout=subprocess.DEVNULL)
             return run
 
+        def ours_normal(label: str) -> Callable[[int], None]:
+            def run(number: int) -> None:
+                root, name = volumes[label]
+                samples[label].append(fio_write(endpoints[label], bench.size, seconds, seed=number + 1))
+                subprocess.run([*DRTOOL, "replicate", name, "--wait"], env=_env(root, normal[label]),
+                               cwd=bench.work, check=True, stdout=subprocess.DEVNULL)  # no lag left
+            return run
+
         def theirs(number: int) -> None:
             with nbdkit_rw(peer_image, cow=True) as cow:
                 samples["nbdkit --filter=cow"].append(fio_write(cow, bench.size, seconds, seed=number + 1))
-        _rounds(runs, [*(ours(label) for label in versions), theirs])
+        steps = []
+        for label in versions:
+            steps += [ours(label), ours_normal(f"{label}, normal mode")]
+        _rounds(runs, [*steps, theirs])
     for volume in volumes.values():
         bench.drop(*volume)
     os.unlink(peer_image)
@@ -285,7 +300,11 @@ def degraded_row(bench: Bench, runs: int, seconds: float, versions: dict[str, st
     result.update(runs=runs, seconds=seconds)
     for label in versions:
         result[label]["ratio"] = result[label]["iops"] / result["nbdkit --filter=cow"]["iops"]
+        result[label]["ratio_to_normal"] = result[label]["iops"] / result[f"{label}, normal mode"]["iops"]
     _print("randwrite 4k qd32 fsync 32, degraded (10 % bad)", result, "nbdkit --filter=cow")
+    for label in versions:
+        print(row("randwrite 4k qd32 fsync 32, degraded / normal mode", label,
+                  f"ratio {result[label]['ratio_to_normal']:.2f}"), flush=True)
     return result
 
 

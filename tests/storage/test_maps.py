@@ -184,8 +184,30 @@ def test_block_digests_come_after_every_other_map_in_the_layout():
     before, after = Layout(100000, kinds), Layout(100000, kinds, 65536)
     assert (before.manifest, before.eras, before.era_summary, before.bitmaps) == \
         (after.manifest, after.eras, after.era_summary, after.bitmaps)
-    assert after.blocks == before.pages and after.pages == after.blocks + (100000 * 16 + 253) // 254
+    digest_pages = (100000 * 16 + 253) // 254
+    assert after.blocks == before.pages and after.overlay_blocks[0] == after.blocks + digest_pages
+    # then the overlay's block map: a bit per block (chunks, then their counts), a digest per block
+    chunks = (100000 * 16 + 32511) // 32512
+    assert after.overlay_blocks == (after.blocks + digest_pages, after.blocks + digest_pages + chunks)
+    assert after.overlay_digests == after.overlay_blocks[1] + 1
+    assert after.pages == after.overlay_digests + digest_pages
     assert Layout(100, kinds, 4096).pages == Layout(100, kinds).pages  # one block a region: none kept
+
+
+def test_overlay_blocks_say_which_blocks_a_partial_region_holds():
+    from drtool.storage.maps import OverlayBlocks, overlay_block_digest
+
+    blocks = OverlayBlocks(1000, 65536)
+    assert not blocks.partial(7) and blocks.held(7) == []
+    first, second = b"a" * 4096, b"b" * 4096
+    blocks.add(7, 3, [overlay_block_digest(first), overlay_block_digest(second)])
+    blocks.add(8, 15, [overlay_block_digest(first)])
+    assert blocks.partial(7) and blocks.held(7) == [3, 4] and blocks.held(8) == [15]
+    assert not blocks.partial(6) and not blocks.partial(9)
+    assert blocks.verify(7, 3, first) and blocks.verify(7, 4, second)
+    assert not blocks.verify(7, 3, second) and not blocks.verify(7, 5, first)
+    blocks.clear(7)
+    assert not blocks.partial(7) and blocks.held(8) == [15]
 
 
 def test_matches_run_compares_a_run_of_digests_across_pages():
