@@ -282,7 +282,7 @@ class Replicator:
         self.shipped_bytes += sum(len(c) for c in wire_batch.chunks)
         self.logged_bytes += sum(e.size for e in batch)
         self.engine.acknowledge([e.seq for e in batch])
-        return sum(e.header.length for e in batch)
+        return sum(e.header.length for e in batch if e.header.kind != KIND_BASE)  # (a base record names bytes)
 
     def _wire_chunks(self, entries: list[LogEntry], copies: bool) -> list[bytes]:
         """The records as they go on the wire: as logged, or (``copies``) a failback's copy of an

@@ -63,7 +63,7 @@ class VerifyPort(VolumeView, Protocol):
 
     def relog_region(self, region: int) -> int | None: ...
 
-    def complete_partial(self, region: int) -> bool: ...
+    def partial_matches(self, region: int, digest: bytes) -> bool: ...
 
 
 # -- the cursor --------------------------------------------------------------------------------
@@ -226,13 +226,12 @@ class _Walker:
             except (KeyError, TypeError, ValueError):
                 raise PeerError(f"the replica server {self.client.url} answered a verify entry {entry!r}") from None
             found.suspect.discard(region)
-            # A region the overlay holds in part has its base's digest in the manifest: made
-            # whole first (its base read and verified), its digest is its content's.
-            self.engine.complete_partial(region)
             if computed is None or computed != stored:
                 found.rot.add(region)
                 found.errors[region] = (entry or {}).get("error") or "the replica's bytes fail its own digest"
-            elif volume.manifest.matches(region, computed):
+            elif volume.manifest.matches(region, computed) or self.engine.partial_matches(region, computed):
+                # (a region the overlay holds in part has its base's digest in the manifest: its
+                # content's digest is that of its base with the overlay's blocks over it)
                 found.equal += 1
             elif volume.unreplicated.test(region):
                 found.pending.add(region)

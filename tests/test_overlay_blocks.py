@@ -127,3 +127,19 @@ def test_the_overlay_replica_refuses_a_base_its_mirror_does_not_hold(degraded, r
     client.send_records("vol", chunks, overlay=True)
     overlay = client.read_range("vol", 11 * RS, RS, overlay=True)
     assert overlay == mirror[:4096] + b"w" * 4096 + mirror[8192:]
+
+
+def test_verify_compares_a_partial_regions_merged_content(degraded, replica_server):
+    path, data = degraded
+    with Engine.open(None, "vol") as engine:
+        for region in (3, 5):
+            engine.write(region * RS + 4096, b"v" * 4096)
+        Replicator(engine).ship()
+    report = api.verify_volume("vol", cursor=False)
+    assert report["source"] == "overlay" and report["result"] == "equal", report
+    with Engine.open(None, "vol") as engine:  # verify changed nothing: the regions are still partial
+        assert engine.volume.overlay_blocks.held(3) == [1] and engine.volume.overlay_blocks.held(5) == [1]
+    # The overlay replica's region 5 rots: its merged digest no longer matches.
+    [replica_image] = replica_server.root.rglob("overlay.img")
+    corrupt(replica_image, 5 * RS + 4096 + 7, b"\x00\xff")
+    assert api.verify_volume("vol", cursor=False)["result"] != "equal"

@@ -272,14 +272,18 @@ class StateChanges:
         blocks = self.volume.overlay_blocks
         return blocks is not None and blocks.partial(region)
 
-    def complete_partial(self, region: int) -> bool:
-        """Make a partial region whole in the overlay (see :meth:`read_verified`), so that the
-        manifest holds its content's digest (drtool.verify compares the replica with that).
-        False when it stays partial (its base cannot be had now); True otherwise."""
+    def partial_matches(self, region: int, digest: bytes) -> bool:
+        """Is ``digest`` the digest of this partial region's content (its base, read and verified,
+        with the overlay's verified blocks over it)?  False for a region that is not partial, or
+        whose base cannot be had now.  Changes nothing (drtool.verify asks it)."""
         if not self._partial(region):
-            return True
+            return False
         with self.holding(region):
-            return not self._partial(region) or self.read_verified(region) is not None
+            try:
+                content = self._merged(region) if self._partial(region) else None
+            except (DataUnavailable, _BaseLags):
+                return False
+        return content is not None and blake3.blake3(content).digest() == digest
 
     def partial_base_remote(self, region: int) -> bool:
         """Is ``region`` partial with a base only the replica holds (failback fetches it first)?"""
