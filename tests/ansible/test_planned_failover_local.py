@@ -58,14 +58,18 @@ def daemon_paths(base: Path) -> list[str]:
     return paths
 
 
-def test_planned_failover_and_back_on_the_local_inventory(tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["volumes", "group"])
+def test_planned_failover_and_back_on_the_local_inventory(tmp_path, grouped):
+    """Each volume alone, and (-e drtool_local_group=true) both as the consistency group `app`,
+    which then moves as one: defined on the new primary with the same identity."""
     require_tool("qemu-img", "qemu-io")
     from drtool import api
 
     base = tmp_path / "base"
     replica_port, nbd_port = free_port("127.0.0.2"), free_port("127.0.0.3")
     extra = {"drtool_base": str(base), "drtool_replica_port": replica_port, "drtool_nbd_port": nbd_port,
-             "drtool_install_method": "existing", "drtool_install_python": sys.executable}
+             "drtool_install_method": "existing", "drtool_install_python": sys.executable,
+             "drtool_local_group": grouped}
     images = base / "primary" / "images"
     images.mkdir(parents=True)
     expected = {name: make_image(images / f"{name}.img", SIZE, seed=seed) for seed, name in enumerate(VOLUMES, 31)}
@@ -73,6 +77,12 @@ def test_planned_failover_and_back_on_the_local_inventory(tmp_path):
     before = places()
     try:
         assert_ok(run_playbook("site.yml", base, extra), changed=True)
+        assert_ok(run_playbook("site.yml", base, extra), changed=False)
+        groups = api.group_status(None, root=primary_root, probe_peer=False)
+        assert [(g["group"], sorted(g["members"]), g["role"]) for g in groups] == (
+            [("app", list(VOLUMES), "primary")] if grouped else []), groups
+        if grouped:
+            assert groups[0]["peer"] == f"http://127.0.0.2:{replica_port}" and groups[0]["consistent"] is True, groups
         # A write the replication has not been asked to wait for: the swap's drain ships it.
         api.write("vol-a", 5 * 65536 + 3, b"written just before the swap", root=primary_root)
         data = bytearray(expected["vol-a"])
@@ -92,6 +102,11 @@ def test_planned_failover_and_back_on_the_local_inventory(tmp_path):
             assert old[name]["role"] == "secondary"
             assert old[name]["demoted"]["adopted"]["url"] == f"http://127.0.0.3:{replica_port}"
             nbd_equals("127.0.0.2", nbd_port, name, expected[name], tmp_path)
+        if grouped:
+            moved = api.group_status("app", root=secondary_root, probe_peer=False)
+            assert (sorted(moved["members"]), moved["role"], moved["group_id"]) == (
+                list(VOLUMES), "primary", groups[0]["group_id"]), moved
+            assert moved["peer"] == f"http://127.0.0.3:{replica_port}", moved
         assert not (base / "primary/run/agent.pid").exists() or not api.status(
             None, root=primary_root, probe_peer=False)[0]["agent"]["running"]
 
@@ -104,6 +119,10 @@ def test_planned_failover_and_back_on_the_local_inventory(tmp_path):
             assert status["role"] == "primary" and status["agent"]["running"]
             assert status["peer"]["url"] == f"http://127.0.0.2:{replica_port}"
             nbd_equals("127.0.0.3", nbd_port, name, expected[name], tmp_path)
+        if grouped:
+            home = api.group_status("app", root=primary_root, probe_peer=False)
+            assert (home["role"], home["group_id"], home["peer"]) == (
+                "primary", groups[0]["group_id"], f"http://127.0.0.2:{replica_port}"), home
 
         running = daemon_paths(base)
         assert running and all(Path(p).is_relative_to(base) or p == sys.executable for p in running), running
