@@ -1,10 +1,7 @@
-"""drtool_group in-process: created, members changed, protected as a group, deleted; check mode,
-diff and a second run that changes nothing.
-
-The volumes are real (drtool's API registers them, a real replica server pairs them).  The group
-calls go to drtool.api's group functions when it has them; until then to a stand-in with the same
-names and signatures (docs/ansible.md: the module only parses, calls and renders), backed by the
-real group records of drtool.storage.groups, whose protect(GROUP) pairs each member.
+"""drtool_group in-process against drtool's API (real volumes, a real replica server): created,
+members changed, protected as a group, deleted; check mode, diff and a second run that changes
+nothing.  drtool_status_info's groups.  drtool_role with a group's members, against a stand-in that
+records what it asks (tests/ansible/test_role_module.py swaps a group with drtool's real API).
 """
 
 from __future__ import annotations
@@ -19,99 +16,10 @@ from tests.ansible.conftest import MODULE_UTILS_NAME, load_module
 from tests.conftest import make_image, state_files
 
 SIZE = 1 << 20
-GROUP_API = ("group_status", "group_create", "group_add", "group_remove", "group_delete")
-
-
-class GroupsStandIn:
-    """drtool.api with the group functions GROUPS.md names, for as long as drtool.api lacks them."""
-
-    def __init__(self) -> None:
-        from drtool import api
-
-        self.real = api
-        self.calls: list[tuple[str, str]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    def _root(self, root: str | None) -> str:
-        from drtool.storage.paths import state_root
-
-        return state_root(root)
-
-    def _registered(self, root: str | None, volumes: list[str]) -> None:
-        for volume in volumes:
-            self.real.status(volume, root=root, probe_peer=False)  # VolumeNotFound when it is not
-
-    def group_status(self, name: str | None = None, root: str | None = None,
-                     probe_peer: bool = True) -> dict[str, Any]:
-        from drtool.storage.groups import load_group, load_groups
-
-        if name is None:
-            return [{"group": g.name, "group_id": g.group_id, "members": list(g.members)}
-                    for g in load_groups(self._root(root))]
-        group = load_group(self._root(root), name)
-        return {"group": name, "group_id": group.group_id, "members": list(group.members)}
-
-    def group_create(self, name: str, members: list[str], root: str | None = None) -> dict[str, Any]:
-        from drtool.storage.groups import create_group
-
-        self.calls.append(("group_create", name))
-        self._registered(root, members)
-        group = create_group(self._root(root), name, members)
-        return {"group": name, "members": group.members, "changed": True}
-
-    def group_add(self, name: str, volumes: list[str], root: str | None = None) -> dict[str, Any]:
-        from drtool.storage.groups import add_members
-
-        self.calls.append(("group_add", name))
-        self._registered(root, volumes)
-        group, new = add_members(self._root(root), name, volumes)
-        return {"group": name, "members": group.members, "changed": bool(new)}
-
-    def group_remove(self, name: str, volumes: list[str], root: str | None = None) -> dict[str, Any]:
-        from drtool.storage.groups import remove_members
-
-        self.calls.append(("group_remove", name))
-        group, gone = remove_members(self._root(root), name, volumes)
-        return {"group": name, "members": group.members, "changed": bool(gone)}
-
-    def group_delete(self, name: str, root: str | None = None) -> dict[str, Any]:
-        from drtool.storage.groups import delete_group
-
-        self.calls.append(("group_delete", name))
-        return {"group": name, "changed": delete_group(self._root(root), name)}
-
-    def protect(self, name: str, peer: str, token_file: str | None = None, ca: str | None = None,
-                root: str | None = None, insecure: bool = False, **kwargs: Any) -> dict[str, Any]:
-        from drtool.storage.groups import list_groups, load_group
-
-        self.calls.append(("protect", name))
-        if name not in list_groups(self._root(root)):
-            return self.real.protect(name, peer, token_file, ca, root=root, insecure=insecure, **kwargs)
-        members = load_group(self._root(root), name).members
-        done = {m: self.real.protect(m, peer, token_file, ca, root=root, insecure=insecure, **kwargs)
-                for m in members}
-        return {"group": name, "peer": peer, "members": done, "changed": any(r["changed"] for r in done.values())}
 
 
 @pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch):
-    """The API the module calls: drtool.api once it has the group functions, else the stand-in."""
-    import sys
-
-    from drtool import api as real
-
-    load_module("drtool_group")  # registers the module_utils
-    if all(hasattr(real, name) for name in GROUP_API):
-        return SimpleNamespace(calls=None)
-    stand_in = GroupsStandIn()
-    monkeypatch.setattr(sys.modules[MODULE_UTILS_NAME], "drtool_api", stand_in)
-    return stand_in
-
-
-@pytest.fixture
-def site(tmp_path: Path, replica_server, run_module, api) -> SimpleNamespace:
+def site(tmp_path: Path, replica_server, run_module) -> SimpleNamespace:
     """Three volumes registered under one state root, not paired."""
     root = str(tmp_path / "state")
     for seed, name in enumerate(("db-wal", "db-data", "logs")):
@@ -119,7 +27,7 @@ def site(tmp_path: Path, replica_server, run_module, api) -> SimpleNamespace:
         result = run_module("drtool_volume", {"name": name, "device": str(tmp_path / f"{name}.img"), "state_root": root})
         assert result.changed, result.data
     return SimpleNamespace(root=root, base=tmp_path, peer=replica_server.url,
-                           token_file=str(replica_server.token_file), api=api)
+                           token_file=str(replica_server.token_file))
 
 
 def group_args(site: SimpleNamespace, **extra: Any) -> dict[str, Any]:
@@ -147,8 +55,11 @@ def test_group_is_created_protected_then_unchanged(run_module, site):
     assert first["diff"]["after"] == check["diff"]["after"]
     # Protected as a group: every member paired with the peer; the volume outside the group is not.
     assert peers(site) == {"db-wal": site.peer, "db-data": site.peer, "logs": None}
-    if site.api.calls is not None:
-        assert site.api.calls == [("group_create", "db"), ("protect", "db")]
+    # The replica server keeps the group with both members: their writes come as group transactions.
+    from drtool import api
+
+    status = api.group_status("db", root=site.root)
+    assert (status["consistent"], sorted((status["server"] or {}).get("members", []))) == (True, ["db-data", "db-wal"]), status
 
     again = run_module("drtool_group", args)
     assert not again.changed and again["actions"] == [], again.data

@@ -147,3 +147,82 @@ def test_bad_arguments_fail_clearly(run_module, pair):
     # The option is state, like every other module's: the old name is refused, not taken silently.
     old_name = run_module("drtool_role", dict(a.args(), role="secondary"))
     assert old_name.failed and old_name["msg"] == "missing required arguments: state"
+
+
+# -- a consistency group: its members change roles together -------------------------------------
+
+MEMBERS = ["g-wal", "g-data"]
+
+
+@pytest.fixture
+def group_pair(tmp_path: Path):
+    """Host a: the primary of g-wal and g-data, the group grp, protected to b's replica server."""
+    token = tmp_path / "token"
+    token.write_text("role-module-token-" + "g" * 20 + "\n")
+    token.chmod(0o600)
+    hosts = [Host(tmp_path / f"{n}-state", ReplicaServer(tmp_path / f"{n}-replicas", token).start()) for n in "ab"]
+    a, b = hosts
+    for seed, name in enumerate(MEMBERS, 20):
+        make_image(tmp_path / f"{name}.img", SIZE, seed=seed)
+        api.init_volume(name, str(tmp_path / f"{name}.img"), "64K", root=str(a.root))
+    api.group_create("grp", MEMBERS, root=str(a.root))
+    api.protect("grp", b.server.url, str(token), root=str(a.root))
+    yield a, b
+    for host in hosts:
+        host.server.stop(kill=True)
+
+
+def roles_of(host: Host) -> dict:
+    return {s["volume"]: s["role"] for s in api.status(None, root=str(host.root), probe_peer=False)}
+
+
+def test_group_planned_swap_moves_every_member_at_once(run_module, group_pair):
+    a, b = group_pair
+    api.write("g-wal", 2 * RS, b"wal record" * 10, root=str(a.root))
+    api.write("g-data", 4 * RS, b"data page" * 10, root=str(a.root))
+    group = {"name": "grp", "members": MEMBERS}
+    # A member alone is refused by drtool, naming its group; nothing changes.
+    alone = run_module("drtool_role", a.args(name="g-wal", state="secondary"))
+    assert alone.failed and "in consistency group grp" in alone["msg"], alone.data
+    before = state_files(a.root)
+    check = run_module("drtool_role", a.args(**group, state="secondary", replica_url=a.server.url), check=True,
+                       diff=True)
+    assert check.changed and check["actions"] == ["demoted", "adopted"], check.data
+    assert check["diff"]["after"] == {"roles": {"g-data": "secondary", "g-wal": "secondary"}}
+    assert state_files(a.root) == before and roles_of(a) == {"g-wal": "primary", "g-data": "primary"}
+
+    down = run_module("drtool_role", a.args(**group, state="secondary", replica_url=a.server.url))
+    assert down.changed and down["actions"] == ["demoted", "adopted"], down.data
+    assert {m: (v["role"], v["lost"]["records"]) for m, v in down["members"].items()} == {
+        "g-wal": ("secondary", 0), "g-data": ("secondary", 0)}
+    assert all(v["demoted"]["adopted"]["url"] == a.server.url for v in down["members"].values())
+    assert not run_module("drtool_role", a.args(**group, state="secondary", replica_url=a.server.url)).changed
+
+    check = run_module("drtool_role", b.args(**group, state="primary", replica_url=b.server.url), check=True)
+    assert check.changed and {m: r["state"] for m, r in check["replica"].items()} == {
+        "g-wal": "released", "g-data": "released"}, check.data
+    assert not (b.root / "g-wal").exists()
+    up = run_module("drtool_role", b.args(**group, state="primary", replica_url=b.server.url))
+    assert up.changed and up["actions"] == ["promoted"], up.data
+    assert roles_of(b) == {"g-wal": "primary", "g-data": "primary"}
+    assert api.group_status("grp", root=str(b.root), probe_peer=False)["group_id"] == \
+        api.group_status("grp", root=str(a.root), probe_peer=False)["group_id"]
+    assert api.read("g-wal", 2 * RS, 100, root=str(b.root)) == b"wal record" * 10
+    assert api.read("g-data", 4 * RS, 90, root=str(b.root)) == b"data page" * 10
+    assert not run_module("drtool_role", b.args(**group, state="primary", replica_url=b.server.url)).changed
+
+
+def test_group_takeover_and_the_forced_demotion_count_the_loss_per_member(run_module, group_pair):
+    a, b = group_pair
+    api.write("g-wal", 5 * RS, b"lost" * 256, root=str(a.root))  # never shipped
+    group = {"name": "grp", "members": MEMBERS}
+    refused = run_module("drtool_role", b.args(**group, state="primary", replica_url=b.server.url))
+    assert refused.failed and not (b.root / "g-wal").exists(), refused.data
+    taken = run_module("drtool_role", b.args(**group, state="primary", replica_url=b.server.url, force=True))
+    assert taken.changed and all(v["promoted"]["takeover"] for v in taken["members"].values()), taken.data
+    assert not run_module("drtool_role", b.args(**group, state="primary", replica_url=b.server.url,
+                                                force=True)).changed
+    stepped = run_module("drtool_role", a.args(**group, state="secondary", force=True, replica_url=a.server.url))
+    assert stepped["actions"] == ["demoted", "adopted"], stepped.data
+    lost = {m: (v["lost"]["records"], v["lost"]["bytes"]) for m, v in stepped["members"].items()}
+    assert lost == {"g-wal": (1, 1024), "g-data": (0, 0)}, stepped["members"]
