@@ -29,6 +29,7 @@ from drtool.storage.atomic import write_atomic
 from drtool.storage.maps import RegionBitmap
 from drtool.storage.paths import state_root
 from drtool.storage.records import Adopted, Demoted, Loss, Promoted
+from drtool.storage.replog import ReplicationLog
 from drtool.storage.volume import Volume
 from drtool.wire import encode_manifest_entries
 
@@ -279,7 +280,9 @@ def promote(root: str | None, name: str, replica_url: str, token_file: str | Non
             released=info.get("released"), last_record_at=info.get("last_record_at"), lost=None,
             overlay_regions_merged=info.get("overlay_regions_merged", 0))
         record.history.append({"event": "promoted", "time": time.time(), "takeover": takeover})
-        # The new primary's log continues after the last sequence it applied.
+        # The new primary's log continues after the last sequence it applied (log/start first:
+        # maps that cover records the log never held would otherwise read as lost records).
+        ReplicationLog.begin(volume.paths.log_dir, record.volume_id_bytes, volume.geometry, applied + 1)
         volume.save_all(seq=applied)
         return {"volume": name, "changed": True, "role": "primary", "device": info["image"],
                 "promoted": record.promoted.to_json()}

@@ -4,6 +4,7 @@ Each host is a state root plus its own replica server; the lab tests (tests/lab/
 same story over SSH between isolated namespaces.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def test_planned_failover_then_swap_back_moves_only_changed_regions(hosts, tmp_p
     promoted = b.call(api.promote, "vol", b.server.url, token)
     assert promoted["changed"] and not promoted["promoted"]["takeover"]
     assert b.call(api.read, "vol", 0, SIZE) == bytes(expected)
+    # The new primary's log begins after what it applied: no record reads as lost.
+    history = [event["event"] for event in json.loads((b.root / "vol" / "volume.json").read_text())["history"]]
+    assert "promoted" in history and "log-damage" not in history, history
     plan = b.call(api.protect, "vol", a.server.url, token, plan_only=True)["plan"]
     assert plan == {"mode": "incremental", "regions": 0, "bytes": 0, "divergent": 0, "lost": {"records": 0, "bytes": 0, "regions": 0}}
     b.call(api.protect, "vol", a.server.url, token)

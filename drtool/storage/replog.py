@@ -318,6 +318,17 @@ class ReplicationLog:
             raise
         return log
 
+    @classmethod
+    def begin(cls, directory: str, volume_id: bytes, geometry: Geometry, first_seq: int) -> None:
+        """Make ``directory`` an empty log whose records begin at ``first_seq`` (``log/start``):
+        a promoted replica continues the sequence it applied, and its maps cover everything
+        before it.  Without this, the first open finds maps covering records the log never
+        held and reports them lost.  Refused over a log that already holds segments."""
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if any(n.startswith("seg-") for n in os.listdir(directory)):
+            raise StateError(f"the replication log {directory} is not empty: it cannot begin again at {first_seq}")
+        cls(directory, volume_id, geometry)._write_start(first_seq, [])
+
     def _open(self, last_seq: int, covered: int | None, done: int | None, ahead: frozenset[int],
               report_damage: bool, accept_loss: bool) -> None:
         for entry in os.listdir(self.directory):
