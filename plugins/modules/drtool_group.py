@@ -151,6 +151,16 @@ protect:
   description: What C(drtool protect GROUP) returned.
   returned: when the group was protected by this task
   type: dict
+plan:
+  description:
+    - What protecting the group copies (or would copy, in check mode) to each member's replica, by member, as drtool
+      plans it before it starts, as M(drtool.drtool.drtool_volume) returns it for a volume. After a role swap, the
+      fast failback's regions. V(in sync) for a member with nothing to copy.
+    - In check mode it is known only for a group that exists already (the replica server is asked); null when the
+      replica server could not tell (a warning says why).
+  returned: when the group was protected by this task (or would be, in check mode)
+  type: dict
+  sample: {"db-wal": {"mode": "incremental", "regions": 3, "bytes": 196608, "divergent": 2}, "db-data": {"mode": "in sync"}}
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -206,6 +216,22 @@ def _view(members, pairing):
         return {"exists": False, "members": [], "peer": None}
     peers = {pairing[m][0] for m in members if m in pairing}
     return {"exists": True, "members": list(members), "peer": peers.pop() if len(peers) == 1 else None}
+
+
+def _plans(protected):
+    """{member: plan} from what C(drtool protect GROUP) returned (or planned)."""
+    return dict((member, (found or {}).get("plan")) for member, found in (protected.get("members") or {}).items())
+
+
+def _plan(module, api, name, peer, token_file, ca, root, insecure):
+    """drtool's plan for protecting the group with ``peer`` (check mode); None if the peer cannot tell."""
+    from drtool.errors import DrtoolError
+
+    try:
+        return _plans(api.protect(name, peer, token_file, ca, root=root, plan_only=True, insecure=insecure))
+    except DrtoolError as exc:
+        module.warn("group %s: cannot tell what protecting it with %s would copy: %s" % (name, peer, exc))
+        return None
 
 
 def main():
@@ -269,8 +295,13 @@ def main():
             if not module.check_mode:
                 result["protect"] = call(module, api.protect, name, peer, p["token_file"], p["ca"], root=root,
                                          insecure=p["insecure"])
+                result["plan"] = _plans(result["protect"])
                 pairing = _pairing(module, name, wanted, root)
             else:
+                if group is not None and not (added or removed):
+                    # What the sync would copy, as drtool plans it (the replica server is asked;
+                    # nothing is copied): after a role swap, the fast failback's regions.
+                    result["plan"] = _plan(module, api, name, peer, p["token_file"], p["ca"], root, p["insecure"])
                 pairing = dict((m, (peer, True, p["insecure"])) for m in wanted)
         if module.check_mode or not actions:
             after = _view(wanted, pairing)
@@ -280,8 +311,9 @@ def main():
 
     output = dict(changed=bool(actions), group=name, actions=actions, added=added, removed=removed,
                   exists=after["exists"], members=after["members"], peer=after["peer"])
-    if "protect" in result:
-        output["protect"] = result["protect"]
+    for key in ("protect", "plan"):
+        if key in result:
+            output[key] = result[key]
     if module._diff:
         output["diff"] = dict(before=before, after=after, before_header="group %s" % name,
                               after_header="group %s" % name)

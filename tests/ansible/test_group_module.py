@@ -53,6 +53,8 @@ def test_group_is_created_protected_then_unchanged(run_module, site):
     assert first.changed and first["actions"] == ["created", "protected"], first.data
     assert (first["exists"], first["members"], first["peer"]) == (True, ["db-data", "db-wal"], site.peer)
     assert first["diff"]["after"] == check["diff"]["after"]
+    assert {m: (plan["mode"], plan["regions"]) for m, plan in first["plan"].items()} == {
+        "db-wal": ("full", 16), "db-data": ("full", 16)}, first["plan"]
     # Protected as a group: every member paired with the peer; the volume outside the group is not.
     assert peers(site) == {"db-wal": site.peer, "db-data": site.peer, "logs": None}
     # The replica server keeps the group with both members: their writes come as group transactions.
@@ -64,6 +66,19 @@ def test_group_is_created_protected_then_unchanged(run_module, site):
     again = run_module("drtool_group", args)
     assert not again.changed and again["actions"] == [], again.data
     assert run_module("drtool_group", args, check=True).changed is False
+
+
+def test_group_protection_is_planned_in_check_mode_before_anything_is_copied(run_module, site, replica_server):
+    assert run_module("drtool_group", group_args(site)).changed  # defined, not protected
+    args = group_args(site, peer=site.peer, token_file=site.token_file)
+    check = run_module("drtool_group", args, check=True)
+    assert check.changed and check["actions"] == ["protected"], check.data
+    assert {m: (plan["mode"], plan["regions"]) for m, plan in check["plan"].items()} == {
+        "db-wal": ("full", 16), "db-data": ("full", 16)}, check["plan"]
+    assert peers(site) == {"db-wal": None, "db-data": None, "logs": None}
+    done = run_module("drtool_group", args)
+    assert done["plan"] == check["plan"] and done["actions"] == ["protected"]
+    assert "plan" not in run_module("drtool_group", args).data  # protected: nothing to plan
 
 
 def test_group_members_follow_the_list(run_module, site):

@@ -25,7 +25,7 @@ from tests.conftest import require_tool
 from tests.lab.drtool_lab import REGION, VOLUMES, DrtoolLab
 from tests.lab.fixtures import require_lab_tools
 from tests.lab.lab import running_lab
-from tests.lab.test_failover import Story, assert_serves_expected, failed_task, run_twice
+from tests.lab.test_failover import Story, assert_plan_shown, assert_serves_expected, failed_task, run_twice
 from tests.lab.test_lab import assert_gone, snapshot_processes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -115,7 +115,12 @@ def test_planned_failover_moves_the_whole_group(d: DrtoolLab) -> None:
     d.write(A, "vol-a", [(5 * REGION, 4096, 0x41)])
     d.write(A, "vol-b", [(6 * REGION + 512, 1024, 0x42)])
     before = d.group_status(A, GROUP)
-    run_twice(d, "planned_failover.yml", drtool_failover_from=A, drtool_failover_to=B, confirm="yes")
+    run = run_twice(d, "planned_failover.yml", drtool_failover_from=A, drtool_failover_to=B, confirm="yes")
+    # The reverse replication's plan, member by member, was shown before the copying: A's replica server
+    # adopted both members in place, so nothing is to copy.
+    for volume in VOLUMES:
+        assert_plan_shown(run, f"{volume} (group {GROUP}): incremental sync to {d.replica_url(A)}: 0 regions (0 bytes) to copy",
+                          f"{volume} (group {GROUP}): incremental sync to {d.replica_url(A)} done: 0 regions copied")
     # Both members changed roles together: promoted on B, demoted (and adopted) on A, nothing lost.
     for volume in VOLUMES:
         new, old = d.status(B, volume), d.status(A, volume)
