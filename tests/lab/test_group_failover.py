@@ -5,7 +5,8 @@ One story on a lab of its own (built at the start, torn down at the end), as tes
 tells the volumes' one: the inventory groups vol-a and vol-b as `app` (`drtool_primary_groups`);
 site.yml defines the group and protects it as one; planned_failover.yml moves the whole group (both
 members promoted together on the other host, the bytes exact on both); a member named alone is refused
-before anything changes; then a dependent-write workload on the new primary (record n written to vol-a,
+before anything changes; a bad region of one member degrades that member only
+(incident_recovery.yml, failback.yml); then a dependent-write workload on the new primary (record n written to vol-a,
 and only once that write is acknowledged, to vol-b), the primary cut off with records it never shipped,
 and takeover.yml promotes the group on the other host: there, for every n, vol-b holds n only if vol-a
 holds n, and what it holds is a prefix of the records; reintegrate.yml brings the old primary back
@@ -142,6 +143,23 @@ def test_planned_failover_moves_the_whole_group(d: DrtoolLab) -> None:
     assert report.rc == 0 and report.changed == 0, f"{report}"
     said = " ".join(report.output.split())
     assert f"group {GROUP} (vol-a, vol-b): primary on {B}" in said, report
+
+
+def test_recovery_stays_per_volume_in_a_group(d: DrtoolLab) -> None:
+    # A region of one member's device on the new primary goes bad: that member alone is degraded and
+    # serves it from the replica on A (over the lab's network); the other member is not touched.
+    device = d.status(B, "vol-b")["device"]
+    d.ssh(B, f"dd if=/dev/urandom of={device} bs={REGION} seek=17 count=1 conv=notrunc status=none", check=True)
+    run_twice(d, "incident_recovery.yml")
+    status = d.status(B, "vol-b")
+    assert status["mode"] == "degraded" and status["bad_regions"] == [[17, 1]], status
+    assert d.status(B, "vol-a")["mode"] == "normal"
+    assert_serves_expected(d, B)
+    run_twice(d, "failback.yml")
+    assert {volume: d.status(B, volume)["mode"] for volume in VOLUMES} == {v: "normal" for v in VOLUMES}
+    group = d.group_status(B, GROUP)
+    assert (group["role"], group["consistent"], group["health"]) == ("primary", True, "ONLINE"), group
+    assert_serves_expected(d, B)
 
 
 def start_writer(d: DrtoolLab, host: str, first: int, total: int) -> None:
