@@ -43,6 +43,8 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -248,6 +250,19 @@ class ReplicaGroup:
         """What a commit entry says of each member: its journal end and its replica's identity."""
         return {n: {"end": list(v.journal.end()), "generation": v.meta.get("generation"),
                     "applied_seq": v.mirror.applied.watermark} for n, v in volumes.items()}
+
+
+_MEMBERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="drtool-group")
+
+
+def _together(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` side by side (one alone runs here); their results in order, once every one
+    has ended; the first exception is raised then (none is left running behind it)."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    futures = [_MEMBERS.submit(call) for call in calls]
+    wait(futures)
+    return [future.result() for future in futures]
 
 
 def committed_ends(root: str) -> dict[str, tuple[tuple[int, int], str | None]]:
@@ -464,6 +479,9 @@ class ReplicaGroups:
             if part.volume not in group.members:
                 raise UsageError(f"group transaction {txn.txn}: volume {part.volume!r} is not a member of group "
                                  f"{name} ({', '.join(group.members)})")
+        # Every record checked (digests hashed) before any lock is taken, the members side by side.
+        batches = _together([lambda part=part: apply.parse_batch(self.replicas.get(part.volume), part.body,
+                                                                 part.overlay, max_records) for part in txn.parts])
         with group.lock:
             self._still(group)
             if group.broken:
@@ -474,11 +492,10 @@ class ReplicaGroups:
                 for volume in volumes.values():
                     stack.enter_context(volume.lock.exclusive())
                 plans = []
-                for part in txn.parts:
+                for part, batch in zip(txn.parts, batches):
                     volume = volumes[part.volume]
                     if volume.journal.disabled:
                         raise Conflict(f"volume {part.volume} keeps no journal: it cannot be in a group")
-                    batch = apply.parse_batch(volume, part.body, part.overlay, max_records)
                     plans.append(apply.plan_batch(volume, batch, part.complete_through or None, part.overlay))
                 results = self._apply(group, txn.txn, volumes, plans)
                 answer = group.describe(volumes)
@@ -491,23 +508,35 @@ class ReplicaGroups:
         mirror = [p for p in plans if not p.overlay and p.todo]
         overlay = [p for p in plans if p.overlay and p.todo]
         if mirror or overlay:
-            for plan in mirror + overlay:
-                apply.prepare(plan)  # copy-on-write into snapshots, overlay fills: harmless if no commit
+            for plan in mirror:
+                apply.prepare(plan)  # copy-on-write into snapshots (harmless if no commit follows)
             before = {n: v.journal.end() for n, v in volumes.items()}
             try:
-                for plan in mirror:
-                    apply.append_journal(plan)
+                _together([lambda plan=plan: apply.append_journal(plan) for plan in mirror])  # one wait
                 self._commit(group, txn, volumes, overlay)
             except BaseException as exc:
                 self._undo(group, volumes, before, exc)
                 raise
             group.committed_txn = max(group.committed_txn, txn)
-        results = []
+        # The images, behind the commit: members side by side, each member's parts in order (an
+        # overlay part's partial regions start from the mirror as this transaction left it).
+        by_volume: dict[str, list[apply.Plan]] = {}
         for plan in plans:
-            final: dict[int, bytes | None] = {}
-            if plan.todo:
-                final = apply.write_behind(plan) if not plan.overlay else apply.write_durably(plan)
-            results.append(apply.finish(plan, final))
+            by_volume.setdefault(plan.volume.name, []).append(plan)
+        finals: dict[int, dict[int, bytes | None]] = {}
+
+        def write(member_plans: list[apply.Plan]) -> None:
+            for plan in member_plans:
+                if not plan.todo:
+                    continue
+                if plan.overlay:
+                    apply.prepare(plan)
+                    finals[id(plan)] = apply.write_durably(plan)
+                else:
+                    finals[id(plan)] = apply.write_behind(plan)
+
+        _together([lambda each=each: write(each) for each in by_volume.values()])
+        results = [apply.finish(plan, finals.get(id(plan), {})) for plan in plans]
         if group.commits.size > COMPACT_BYTES and group.last is not None:
             group.commits.compact(group.last)
         return results
