@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
+from itertools import islice
 from typing import Any
 
 from drtool.errors import Conflict, DrtoolError, PeerError, UsageError
@@ -41,6 +43,8 @@ CUT_BYTES = 4 << 20  # a cut every this many bytes appended across the group: tr
 TXN_BYTES = 64 << 20
 MAX_CUTS = 4096  # beyond this many unshipped cuts, the oldest are merged (bigger transactions)
 SAVE_CUTS_SECONDS = 1.0
+MERGE_BYTES = 16 << 20  # consecutive cuts are joined into one transaction up to this size
+MERGE_CUTS = 64  # (at most this many cuts are looked at for it)
 
 
 class GroupReplicator:
@@ -138,15 +142,43 @@ class GroupReplicator:
         group_store.save_cuts(self.root, self.name, self.group_id, cuts)
 
     def _next_cut(self) -> dict[str, int] | None:
-        """The oldest queued cut that still has a pending record (older ones are shipped)."""
+        """The cut the next transaction ships up to: the oldest queued cut that still has a
+        pending record (older ones are shipped), or a later one while the records up to it stay
+        within MERGE_BYTES (any recorded cut is a consistent boundary: skipping one only joins two
+        transactions; a backlog written with cuts every 4 MiB ships in fewer, larger requests)."""
         oldest = {m: self.engines[m].log.oldest_seq() for m in self.members}
         with self._cuts_lock:
             while self.cuts:
                 cut = self.cuts[0]
                 if any(oldest[m] is not None and oldest[m] <= cut[m] for m in self.members):
-                    return cut
+                    break
                 self.cuts.popleft()
-        return None
+            else:
+                return None
+            candidates = list(islice(self.cuts, MERGE_CUTS))
+        furthest = candidates[-1]
+        prefix: dict[str, tuple[list[int], list[int]]] = {}
+        for member in self.members:
+            seqs, sizes, total = [], [], 0
+            for entry in self.engines[member].log.pending_through(furthest[member]):
+                total += entry.size
+                seqs.append(entry.seq)
+                sizes.append(total)
+            prefix[member] = (seqs, sizes)
+
+        def size_through(cut: dict[str, int]) -> int:
+            total = 0
+            for member, (seqs, sizes) in prefix.items():
+                at = bisect_right(seqs, cut[member])
+                total += sizes[at - 1] if at else 0
+            return total
+
+        chosen = candidates[0]
+        for cut in candidates[1:]:
+            if size_through(cut) > MERGE_BYTES:
+                break
+            chosen = cut
+        return chosen
 
     # -- shipping ---------------------------------------------------------------------
 
