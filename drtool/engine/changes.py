@@ -133,6 +133,11 @@ class StateChanges:
                 raise
             self._commit_maps(region, change.digest, self.record.era, change.target, whole, seq is not None,
                               change.blocks, change.overlay_blocks)
+            if seq is not None:
+                # The record may have shipped and been acknowledged between its append and the
+                # unreplicated bit just set (the acknowledgement found the bit clear then): with
+                # nothing of the region pending any more, the bit would stay set for ever.
+                self._acknowledged([region])
             for done in (seq, base_seq):
                 if done is not None:
                     self._done(done)
