@@ -214,3 +214,28 @@ def test_an_agent_asked_for_one_member_serves_its_whole_group(volumes, start_age
     assert api.agent_info()["volumes"] == []
     assert api.attach("b")["changed"]
     assert sorted(api.agent_info()["volumes"]) == ["a", "b"]
+
+
+def test_a_group_created_and_protected_under_a_running_agent_replicates_as_one(volumes, replica_server,
+                                                                              start_agent) -> None:
+    agent = start_agent("a", "b")
+    api.protect("a", replica_server.url, str(replica_server.token_file))  # alone first: its own thread
+    api.write("a", 0, b"alone")
+    volumes["a"][:5] = b"alone"
+    assert api.replicate("a", wait=True)["lag"]["records"] == 0
+    created = api.group_create("g", ["a", "b"])
+    assert not created["protected"]  # b has no peer yet
+    result = api.protect("g", replica_server.url, str(replica_server.token_file))
+    assert result["members"]["a"]["plan"]["mode"] == "in sync" and result["members"]["b"]["changed"]
+    for n in range(1, 4):
+        api.write("a", n * RS, bytes([n]) * 10)
+        api.write("b", n * RS, bytes([n]) * 10)
+        volumes["a"][n * RS:n * RS + 10] = bytes([n]) * 10
+        volumes["b"][n * RS:n * RS + 10] = bytes([n]) * 10
+    shipped = api.replicate("g", wait=True)
+    assert shipped["consistent"]
+    assert replica(replica_server, "a") == bytes(volumes["a"])
+    assert replica(replica_server, "b") == bytes(volumes["b"])
+    with make_client({"url": replica_server.url, "token_file": str(replica_server.token_file)}) as client:
+        assert client.group_info("g")["committed_txn"] >= 1
+    assert "group g: replicating a, b as one" in agent.log.read_text()
