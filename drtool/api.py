@@ -701,8 +701,9 @@ def group_create(name: str, members: list[str], root: str | None = None) -> dict
 
     root = state_root(root)
     members = _check_members(root, name, members)
+    # Members replicating to different servers are refused before anything is written.
+    peer = _protected_peer(groups.GroupRecord(name, "", list(members)), root)
     record = groups.create_group(root, name, members)
-    peer = _protected_peer(record, root)
     if peer is not None:
         _set_server_group(record, peer, record.members)
     _notify_agent(root)

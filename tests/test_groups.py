@@ -239,3 +239,18 @@ def test_a_group_created_and_protected_under_a_running_agent_replicates_as_one(v
     with make_client({"url": replica_server.url, "token_file": str(replica_server.token_file)}) as client:
         assert client.group_info("g")["committed_txn"] >= 1
     assert "group g: replicating a, b as one" in agent.log.read_text()
+
+
+def test_members_replicating_to_different_servers_make_no_group(volumes, replica_server, tmp_path) -> None:
+    from tests.conftest import ReplicaServer
+
+    other = ReplicaServer(tmp_path / "other-root", replica_server.token_file).start()
+    try:
+        api.protect("a", replica_server.url, str(replica_server.token_file))
+        api.protect("b", other.url, str(other.token_file))
+        from drtool.errors import UsageError
+        with pytest.raises(UsageError, match="different servers"):
+            api.group_create("g", ["a", "b"])
+        assert not api.is_group("g")
+    finally:
+        other.stop(kill=True)
