@@ -233,6 +233,12 @@ class GroupReplicator:
             for member in self.members:
                 self.replicators[member].failed(exc)
             raise
+        except DrtoolError as exc:
+            # Refused (a member the server's group lacks: a membership change that did not reach
+            # it): the next round sets the server's group to these members again (idempotent).
+            self.last_error = str(exc)
+            self.next_txn = None
+            raise
         self.last_error = None
         self.next_txn = txn + 1
         self.shipped_txns += 1

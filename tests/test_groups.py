@@ -254,3 +254,34 @@ def test_members_replicating_to_different_servers_make_no_group(volumes, replica
         assert not api.is_group("g")
     finally:
         other.stop(kill=True)
+
+
+def test_a_membership_change_that_missed_the_server_is_repaired_by_the_next_round(volumes, replica_server) -> None:
+    from drtool.engine import Engine
+    from drtool.errors import UsageError
+    from drtool.group_replication import GroupReplicator
+    from drtool.replication import Replicator
+    from drtool.storage.groups import load_group
+
+    api.group_create("g", ["a", "b", "c"])
+    api.protect("g", replica_server.url, str(replica_server.token_file))
+    engines = {n: Engine.open(None, n) for n in ("a", "b", "c")}
+    try:
+        for engine in engines.values():
+            Replicator(engine)
+        group = GroupReplicator(load_group(api.state_root(None), "g"), engines)
+        engines["a"].write(0, b"a" * 10)
+        assert group.ship_txn()  # the server's committed transaction learnt
+        with make_client({"url": replica_server.url, "token_file": str(replica_server.token_file)}) as client:
+            client.ensure_group("g", client.group_info("g")["group_id"], ["a", "b"])  # c's PUT lost
+            engines["c"].write(0, b"c" * 10)
+            with pytest.raises(UsageError, match="not a member of group g"):
+                group.ship_txn()
+            assert group.ship_txn()  # the next round puts c back into the server's group, then ships
+            assert client.group_info("g")["members"] == ["a", "b", "c"]
+        group.detach()
+    finally:
+        for engine in engines.values():
+            engine.close()
+    volumes["c"][:10] = b"c" * 10
+    assert replica(replica_server, "c") == bytes(volumes["c"])
