@@ -159,14 +159,9 @@ def replicate(name: str, wait: bool = False, regions: str | None = None, timeout
 
             raise UsageError(f"{name} is a group: force regions of one of its volumes ({', '.join(group.members)})")
         return _replicate_group(group, wait, timeout, root)
-    from drtool.storage.groups import group_of
-
-    owner = group_of(state_root(root), validate_name(name))
-    if owner is not None and not agent_socket(name, root):
-        # A member ships only in its group's transactions: open the whole group here.
-        group = _group_named(owner, root)
-        if _protected_peer(group, state_root(root)) is not None:
-            return _replicate_member(group, name, args, root)
+    group = _shipping_group(name, root)
+    if group is not None:  # a member ships only in its group's transactions: open the whole group here
+        return {**_run_member(group, name, "replicate", args, root), "group": group.name}
     return _run(name, root, "replicate", args)
 
 
@@ -185,8 +180,15 @@ def verify_volume(name: str, regions: str | None = None, repair: bool = False, r
             from drtool.errors import UsageError
             raise UsageError(f"{name} is a group: verify its members' regions one volume at a time "
                              f"(drtool verify MEMBER --regions ...)")
-        return _verify_group(group.name, {member: _run(member, root, "verify", args, progress)
+        return _verify_group(group.name, {member: _verify_one(member, args, root, progress)
                                           for member in group.members})
+    return _verify_one(name, args, root, progress)
+
+
+def _verify_one(name: str, args: dict[str, Any], root: str | None, progress: Progress | None) -> dict[str, Any]:
+    group = _shipping_group(name, root) if args["repair"] else None
+    if group is not None:  # the repair ships: through the member's group, opened here
+        return _run_member(group, name, "verify", args, root, progress)
     return _run(name, root, "verify", args, progress)
 
 
@@ -823,9 +825,11 @@ def _protect_group(group: Any, args: dict[str, Any], root: str | None, progress:
     return {"group": group.name, "peer": peer["url"], "changed": changed, "members": results}
 
 
-def _replicate_member(group: Any, name: str, args: dict[str, Any], root: str | None) -> dict[str, Any]:
-    """replicate of one member without an agent: its group's members opened here, its own
-    replicator shipping through the group (forced regions: whole transactions up to a cut)."""
+def _run_member(group: Any, name: str, op: str, args: dict[str, Any], root: str | None,
+                progress: Progress | None = None) -> Any:
+    """An operation that ships (replicate, verify's repair) on one member without an agent: its
+    group's members opened here, its own replicator shipping through the group (forced regions:
+    whole transactions up to a cut), never alone (the server refuses a member's own records)."""
     from contextlib import ExitStack
 
     from drtool.group_replication import GroupReplicator
@@ -834,9 +838,21 @@ def _replicate_member(group: Any, name: str, args: dict[str, Any], root: str | N
         engines = {m: stack.enter_context(_open(root, m)) for m in group.members}
         replicator = GroupReplicator(group, engines, root=state_root(root))
         try:
-            return {**ops.replicate(engines[name], **args), "group": group.name}
+            return ops.run(engines[name], op, args, progress)
         finally:
             replicator.detach()
+
+
+def _shipping_group(name: str, root: str | None) -> Any:
+    """The protected group of member ``name`` when no agent serves it (its shipping must then go
+    through the group opened here), else None."""
+    from drtool.storage.groups import group_of
+
+    owner = group_of(state_root(root), validate_name(name))
+    if owner is None or agent_socket(name, root):
+        return None
+    group = _group_named(owner, root)
+    return group if _protected_peer(group, state_root(root)) is not None else None
 
 
 def _replicate_group(group: Any, wait: bool, timeout: float, root: str | None) -> dict[str, Any]:

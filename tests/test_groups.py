@@ -285,3 +285,21 @@ def test_a_membership_change_that_missed_the_server_is_repaired_by_the_next_roun
             engine.close()
     volumes["c"][:10] = b"c" * 10
     assert replica(replica_server, "c") == bytes(volumes["c"])
+
+
+def test_verify_repair_of_a_member_ships_through_its_group(volumes, replica_server) -> None:
+    """Without an agent, a member's repair re-logs the rotten region and ships it in a group
+    transaction (the server refuses a member's records sent alone)."""
+    api.group_create("g", ["a", "b"])
+    api.protect("g", replica_server.url, str(replica_server.token_file))
+    image = replica_server.root / "a" / "mirror.img"
+    with open(image, "r+b") as handle:
+        handle.seek(3 * RS + 10)
+        handle.write(b"rotten")
+    found = api.verify_volume("a")
+    assert found["replica_rot"] == [[3, 1]] and found["result"] == "differ"
+    repaired = api.verify_volume("a", repair=True)
+    assert repaired["repair"]["relogged"] == [[3, 1]] and repaired["result"] == "equal"
+    assert replica(replica_server, "a") == bytes(volumes["a"])
+    whole = api.verify_volume("g", repair=True)
+    assert whole["result"] == "equal"
