@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from drtool import control, metrics, ops, roles
+from drtool import control, metrics, ops, roles, status
 from drtool.engine import Engine
 from drtool.errors import DrtoolError, ExportBusy, StateError, UsageError
 from drtool.export import EngineExport
@@ -207,7 +207,7 @@ class Agent:
             self._thread("checkpoint", self._checkpoint_loop)
             if self.metrics_listen is not None:
                 self.metrics = metrics.MetricsServer(self.metrics_listen, metrics.AgentCollector(
-                    self._metric_facts, self.started, self._metric_groups)).start()
+                    self._metric_facts, self.started, self._metric_groups, status.group_status)).start()
         except BaseException:
             self.shutdown()
             raise

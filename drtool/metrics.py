@@ -336,12 +336,15 @@ class AgentCollector:
     """The agent's volumes: states from their status objects, counters from :class:`VolumeStats`."""
 
     def __init__(self, volumes: Callable[[], list[VolumeFacts]], started: float,
-                 groups: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+                 groups: Callable[[], list[dict[str, Any]]] | None = None,
+                 group_status: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.volumes = volumes
         self.started = started
         #: the consistency groups defined (storage.groups, ``to_json``): their states are
-        #: composed from the same member status objects as the volumes' (drtool.status)
+        #: composed from the same member status objects as the volumes' by ``group_status``
+        #: (drtool.status.group_status, given by the agent: this module imports no status code)
         self.groups = groups
+        self.group_status = group_status
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -464,9 +467,7 @@ class AgentCollector:
     def _groups(self, statuses: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         """The consistency groups whose members this agent serves: their recovery point and
         whether their replica is write-order consistent, from the members' status objects."""
-        from drtool.status import group_status
-
-        if self.groups is None:
+        if self.groups is None or self.group_status is None:
             return
         g = {
             "lag": _gauge("drtool_group_lag_seconds", "age of the oldest write not acknowledged on any member "
@@ -489,7 +490,7 @@ class AgentCollector:
             if not all(m in statuses for m in group["members"]):
                 continue  # not served (wholly) here: this agent cannot say
             # No probe of the replica server: a scrape must stay cheap (drtool status asks it).
-            s = group_status(group, {m: statuses[m] for m in group["members"]})
+            s = self.group_status(group, {m: statuses[m] for m in group["members"]})
             name = group["name"]
             if s["role"] != "primary":
                 continue

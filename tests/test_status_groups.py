@@ -9,7 +9,7 @@ import io
 import pytest
 from rich.console import Console
 
-from drtool import api, report
+from drtool import api, report, status
 from drtool.engine import Engine
 from drtool.engine.lag import group_lag
 from drtool.replication import Replicator
@@ -176,7 +176,7 @@ def test_metrics_carry_the_groups_lag_and_consistency(pair):
     facts = [metrics.VolumeFacts(name, lambda n=name: api.status(n, probe_peer=False)[0], None,
                                  metrics.VolumeStats()) for name in ("data", "wal")]
     collector = metrics.AgentCollector(lambda: facts, 0.0,
-                                       lambda: [g.to_json() for g in load_groups(str(pair))])
+                                       lambda: [g.to_json() for g in load_groups(str(pair))], status.group_status)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in collector.collect() for s in family.samples}
     group = api.group_status("db", probe_peer=False)
