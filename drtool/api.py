@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from drtool import control, detect, ops, roles
@@ -874,3 +875,72 @@ def _replicate_group(group: Any, wait: bool, timeout: float, root: str | None) -
             return {"group": group.name, **ops.replicate_group(replicator, wait, timeout)}
         finally:
             replicator.detach()
+
+
+# -- the long-running services (drtool agent, drtool serve) -------------------------------------
+
+
+def run_agent(names: list[str], root: str | None, nbd_socket: str | None, listen: str | None,
+              tls: dict[str, str | None], metrics: dict[str, Any], service: dict[str, Any],
+              render: Callable[[dict[str, Any]], str], out: Callable[[str], None],
+              setup_logging: Callable[[], None] = lambda: None) -> int:
+    """Serve ``names`` over NBD until SIGTERM/SIGINT (drtool.agent).  Everything is checked (TLS
+    keys loaded, metrics flags) before a daemon detaches (``service``: detach, pid_file,
+    log_file), so a mistake fails at once; once the listeners are bound the announcement
+    (``render`` of the addresses) goes to the waiting parent or systemd, then to ``out``."""
+    from drtool import agent, daemon
+    from drtool.errors import DrtoolError
+    from drtool.metrics import metrics_listen
+
+    nbd_tcp = agent.nbd_tcp(listen, tls.get("cert"), tls.get("key"), tls.get("ca"))
+    metrics_at = metrics_listen(**metrics)
+    if nbd_socket and nbd_socket != "none":
+        nbd_socket = os.path.abspath(nbd_socket)
+    notify = daemon.start_service(service.get("detach", False), service.get("pid_file"), service.get("log_file"))
+    setup_logging()
+
+    def announce(addresses: dict[str, Any]) -> None:
+        text = render(addresses)
+        daemon.ready(notify, text)
+        out(text)
+
+    try:
+        return agent.run(root, names, nbd_socket, nbd_tcp, announce, metrics_at)
+    except DrtoolError as exc:
+        if notify:
+            notify(False, str(exc), int(exc.exit_code))
+        raise
+
+
+def run_replica_server(root: str, listen: str, token_file: str | None, tls: dict[str, str | None],
+                       limits: dict[str, Any], journal_limit: int | None, insecure: bool,
+                       metrics: dict[str, Any], service: dict[str, Any],
+                       render: Callable[[dict[str, Any]], str], out: Callable[[str], None],
+                       setup_logging: Callable[[], None] = lambda: None) -> int:
+    """Serve replicas under ``root`` until SIGTERM/SIGINT (drtool.replica.server), as a service
+    like :func:`run_agent`; ``render`` gets ``{"address", "metrics"}``.  ``journal_limit``: None
+    for the default."""
+    from drtool import daemon
+    from drtool.errors import DrtoolError
+    from drtool.metrics import metrics_listen
+    from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT
+    from drtool.replica.server import Limits, serve
+
+    metrics_at = metrics_listen(**metrics)
+    notify = daemon.start_service(service.get("detach", False), service.get("pid_file"), service.get("log_file"))
+    setup_logging()
+
+    def announce(address: str, metrics_url: str | None = None) -> None:
+        text = render({"address": address, "metrics": metrics_url})
+        daemon.ready(notify, text)
+        out(text)
+
+    try:
+        return serve(root=root, listen=listen, token_file=token_file, tls_cert=tls.get("cert"),
+                     tls_key=tls.get("key"), announce=announce, limits=Limits(**limits),
+                     journal_limit=DEFAULT_JOURNAL_LIMIT if journal_limit is None else journal_limit,
+                     insecure=insecure, metrics_listen=metrics_at)
+    except DrtoolError as exc:
+        if notify:
+            notify(False, str(exc), int(exc.exit_code))
+        raise

@@ -557,57 +557,32 @@ def _setup_logging(debug: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def _maybe_daemonize(ctx: Context):
-    """With --daemon: detach; returns a function that tells the waiting parent we are ready.
-    In the foreground, --log-file takes standard error.  Either way SIGHUP reopens the log
-    file (logrotate), and is harmless without one."""
-    from drtool import daemon
-
-    a = ctx.args
-    if not a.daemon:
-        daemon.reopen_on_sighup(daemon.LogFile(a.log_file) if a.log_file else None)
-        return None
-    if not a.pid_file or not a.log_file:
-        raise UsageError("--daemon needs --pid-file and --log-file")
-    return daemon.daemonize(os.path.abspath(a.pid_file), os.path.abspath(a.log_file))
+def _service(a: argparse.Namespace) -> dict[str, Any]:
+    return {"detach": a.daemon, "pid_file": a.pid_file, "log_file": a.log_file}
 
 
-def _ready(notify, text: str) -> None:
-    """The listeners are up: tell whoever waits (the daemon's parent, systemd), and print."""
-    from drtool.daemon import sd_notify
-
-    if notify:
-        notify(True, text)
-    sd_notify("READY=1\nSTATUS=" + text.splitlines()[0])
+def _metrics(a: argparse.Namespace) -> dict[str, Any]:
+    return {"listen": a.metrics_listen, "tls_cert": a.metrics_tls_cert, "tls_key": a.metrics_tls_key,
+            "tls_ca": a.metrics_tls_ca, "insecure": a.metrics_insecure}
 
 
-def _metrics_listen(a: argparse.Namespace) -> Any:
-    from drtool.metrics import metrics_listen
-
-    return metrics_listen(a.metrics_listen, a.metrics_tls_cert, a.metrics_tls_key, a.metrics_tls_ca,
-                          a.metrics_insecure)
+def _print_plain(ctx: Context) -> Any:
+    def out(text: str) -> None:
+        ctx.stdout.write(text)  # plain text: scripts parse it, rich would wrap it
+        ctx.stdout.flush()
+    return out
 
 
 def cmd_serve(ctx: Context) -> int:
-    from drtool.replica.server import serve
-
     a = ctx.args
-    metrics_listen = _metrics_listen(a)  # checked before detaching
-    notify = _maybe_daemonize(ctx)
-    _setup_logging(a.debug)
 
-    def announce(address: str, metrics_url: str | None = None) -> None:
-        line = f"drtool replica server listening on {address}"
-        if metrics_url:
-            line += f"\n  metrics: {metrics_url}"
-        _ready(notify, line + "\n")
-        ctx.stdout.write(line + "\n")  # plain text: scripts parse it, rich would wrap it
-        ctx.stdout.flush()
+    def render(listening: dict) -> str:
+        line = f"drtool replica server listening on {listening['address']}"
+        if listening.get("metrics"):
+            line += f"\n  metrics: {listening['metrics']}"
+        return line + "\n"
 
-    from drtool.replica.journal import DEFAULT_JOURNAL_LIMIT
-    from drtool.replica.server import Limits
-
-    limits = {}
+    limits: dict[str, Any] = {}
     if a.max_body:
         limits["max_body"] = parse_size(a.max_body, "--max-body")
     if a.request_timeout:
@@ -616,45 +591,26 @@ def cmd_serve(ctx: Context) -> int:
         limits["max_connections"] = a.max_connections
     if a.header_timeout:
         limits["header_timeout"] = a.header_timeout
-    journal = DEFAULT_JOURNAL_LIMIT if a.journal_limit is None else parse_size(a.journal_limit, "--journal-limit")
-    try:
-        return serve(root=a.root, listen=a.listen, token_file=a.token_file, tls_cert=a.tls_cert,
-                     tls_key=a.tls_key, announce=announce, limits=Limits(**limits), journal_limit=journal,
-                     insecure=a.insecure, metrics_listen=metrics_listen)
-    except DrtoolError as exc:
-        if notify:
-            notify(False, str(exc), int(exc.exit_code))
-        raise
+    journal = None if a.journal_limit is None else parse_size(a.journal_limit, "--journal-limit")
+    return api.run_replica_server(a.root, a.listen, a.token_file, {"cert": a.tls_cert, "key": a.tls_key},
+                                  limits, journal, a.insecure, _metrics(a), _service(a), render,
+                                  _print_plain(ctx), lambda: _setup_logging(a.debug))
 
 
 def cmd_agent(ctx: Context) -> int:
-    from drtool import agent
-
     a = ctx.args
-    # Checked (and the TLS key loaded) before detaching, so a mistake fails at once.
-    listen = agent.nbd_tcp(a.listen, a.tls_cert, a.tls_key, a.tls_ca)
-    metrics_listen = _metrics_listen(a)
-    nbd_socket = os.path.abspath(a.nbd_socket) if a.nbd_socket and a.nbd_socket != "none" else a.nbd_socket
-    notify = _maybe_daemonize(ctx)
-    _setup_logging(a.debug)
 
-    def announce(addresses: dict) -> None:
+    def render(addresses: dict) -> str:
         lines = [f"drtool agent (pid {addresses['pid']}) serving"]
         for name, uris in addresses["uris"].items():
             lines.append(f"  {name}: " + "  ".join(uris))
         if addresses.get("metrics"):
             lines.append(f"  metrics: {addresses['metrics']}")
-        text = "\n".join(lines) + "\n"
-        _ready(notify, text)
-        ctx.stdout.write(text)
-        ctx.stdout.flush()
+        return "\n".join(lines) + "\n"
 
-    try:
-        return agent.run(ctx.root, a.names, nbd_socket, listen, announce, metrics_listen)
-    except DrtoolError as exc:
-        if notify:
-            notify(False, str(exc), int(exc.exit_code))
-        raise
+    tls = {"cert": a.tls_cert, "key": a.tls_key, "ca": a.tls_ca}
+    return api.run_agent(a.names, ctx.root, a.nbd_socket, a.listen, tls, _metrics(a), _service(a), render,
+                         _print_plain(ctx), lambda: _setup_logging(a.debug))
 
 
 # -- parser -----------------------------------------------------------------------------

@@ -194,3 +194,25 @@ def sd_notify(state: str) -> bool:
         log.warning("cannot notify the service manager at %s: %s", address, exc.strerror or exc)
         return False
     return True
+
+
+def start_service(detach: bool, pid_file: str | None, log_file: str | None) -> Notify | None:
+    """Start a long-running command as a service: with ``detach`` (--daemon) fork into the
+    background and return the function that tells the waiting parent it is ready; in the
+    foreground, ``log_file`` takes standard error.  Either way SIGHUP reopens the log file
+    (logrotate), and is harmless without one."""
+    if not detach:
+        reopen_on_sighup(LogFile(log_file) if log_file else None)
+        return None
+    if not pid_file or not log_file:
+        from drtool.errors import UsageError
+
+        raise UsageError("--daemon needs --pid-file and --log-file")
+    return daemonize(os.path.abspath(pid_file), os.path.abspath(log_file))
+
+
+def ready(notify: Notify | None, text: str) -> None:
+    """The listeners are up: tell whoever waits (the daemon's parent, systemd)."""
+    if notify:
+        notify(True, text)
+    sd_notify("READY=1\nSTATUS=" + text.splitlines()[0])
