@@ -56,11 +56,16 @@ def direct_io_pays(directory: str) -> bool:
         return False
     if int.from_bytes(buf.raw[:8], sys.byteorder) == _TMPFS_MAGIC:
         return False
-    probe = os.path.join(directory, f".direct-probe.{os.getpid()}")
+    # A name of this thread's own: a group transaction probes its members' directories from
+    # several threads at once, and two probes of one name unlinked each other's file.
+    probe = os.path.join(directory, f".direct-probe.{os.getpid()}.{threading.get_ident()}")
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT | os.O_CLOEXEC, 0o600)
     except OSError:
         return False
     os.close(fd)
-    os.unlink(probe)
+    try:
+        os.unlink(probe)
+    except FileNotFoundError:
+        pass
     return True
