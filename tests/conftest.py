@@ -331,3 +331,32 @@ def faulty_device(tmp_path: Path):
     yield make
     for device in made:
         device.stop()
+
+
+@dataclass
+class Host:
+    """One of two "hosts" on this machine: a state root and its own replica server (a real
+    `drtool serve` subprocess); role swaps run between two of them (tests/test_roles*.py)."""
+
+    name: str
+    root: Path
+    server: ReplicaServer
+
+    def call(self, fn, *args, **kw):
+        return fn(*args, root=str(self.root), **kw)
+
+
+@pytest.fixture
+def hosts(tmp_path, monkeypatch):
+    """Hosts a and b sharing one token file: (a, b, token path)."""
+    token = tmp_path / "token"
+    token.write_text("shared-token-" + "y" * 20)
+    token.chmod(0o600)
+    made = {}
+    for name in ("a", "b"):
+        server = ReplicaServer(tmp_path / f"{name}-replicas", token).start()
+        made[name] = Host(name, tmp_path / f"{name}-state", server)
+    monkeypatch.delenv("DRTOOL_STATE_ROOT", raising=False)
+    yield made["a"], made["b"], str(token)
+    for host in made.values():
+        host.server.stop(kill=True)

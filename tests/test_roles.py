@@ -5,44 +5,18 @@ same story over SSH between isolated namespaces.
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from drtool import api
 from drtool.errors import NotPermitted
-from tests.conftest import ReplicaServer, make_image
+from tests.conftest import make_image
 
 pytestmark = pytest.mark.slow
 
 RS = 65536
 SIZE = 64 * RS
-
-
-@dataclass
-class Host:
-    name: str
-    root: Path
-    server: ReplicaServer
-
-    def call(self, fn, *args, **kw):
-        return fn(*args, root=str(self.root), **kw)
-
-
-@pytest.fixture
-def hosts(tmp_path, monkeypatch):
-    token = tmp_path / "token"
-    token.write_text("shared-token-" + "y" * 20)
-    token.chmod(0o600)
-    made = {}
-    for name in ("a", "b"):
-        server = ReplicaServer(tmp_path / f"{name}-replicas", token).start()
-        made[name] = Host(name, tmp_path / f"{name}-state", server)
-    monkeypatch.delenv("DRTOOL_STATE_ROOT", raising=False)
-    yield made["a"], made["b"], str(token)
-    for host in made.values():
-        host.server.stop(kill=True)
 
 
 def write(host, offset, data, expected):

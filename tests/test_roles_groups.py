@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,36 +16,11 @@ import pytest
 from drtool import api
 from drtool.errors import NotPermitted
 from drtool.storage.groups import load_group
-from tests.conftest import AgentProcess, ReplicaServer, make_image
+from tests.conftest import AgentProcess, Host, make_image
 
 RS = 65536
 SIZE = 32 * RS
 MEMBERS = ["data", "wal"]
-
-
-@dataclass
-class Host:
-    name: str
-    root: Path
-    server: ReplicaServer
-
-    def call(self, fn, *args, **kw):
-        return fn(*args, root=str(self.root), **kw)
-
-
-@pytest.fixture
-def hosts(tmp_path, monkeypatch):
-    token = tmp_path / "token"
-    token.write_text("shared-token-" + "y" * 20)
-    token.chmod(0o600)
-    made = {}
-    for name in ("a", "b"):
-        server = ReplicaServer(tmp_path / f"{name}-replicas", token).start()
-        made[name] = Host(name, tmp_path / f"{name}-state", server)
-    monkeypatch.delenv("DRTOOL_STATE_ROOT", raising=False)
-    yield made["a"], made["b"], str(token)
-    for host in made.values():
-        host.server.stop(kill=True)
 
 
 def grouped(a: Host, b: Host, token: str, tmp_path: Path) -> dict[str, bytearray]:
