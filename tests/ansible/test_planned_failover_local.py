@@ -58,10 +58,13 @@ def daemon_paths(base: Path) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["volumes", "group"])
+# With -e drtool_local_group=true the same play moves vol-a and vol-b as the group `app`; that
+# variant ran here too (55 s) and was dropped to keep the suite under 20 minutes: the lab
+# (tests/lab/test_group_failover.py) runs the same playbooks with a group between two hosts.
+@pytest.mark.parametrize("grouped", [False], ids=["volumes"])
 def test_planned_failover_and_back_on_the_local_inventory(tmp_path, grouped):
-    """Each volume alone, and (-e drtool_local_group=true) both as the consistency group `app`,
-    which then moves as one: defined on the new primary with the same identity."""
+    """Each volume alone (the shipped inventory's default); the group code path stays here,
+    parametrised, for a run with [True] added."""
     require_tool("qemu-img", "qemu-io")
     from drtool import api
 
