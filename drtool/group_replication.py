@@ -30,7 +30,7 @@ from itertools import islice
 from typing import Any
 
 from drtool.errors import Conflict, DrtoolError, PeerError, UsageError
-from drtool.replication import GATHER_SECONDS, RECHECK_SECONDS, SMALL_BATCH_BYTES, Replicator, WireBatch
+from drtool.replication import RECHECK_SECONDS, Replicator, WireBatch, shipping_loop
 from drtool.storage import groups as group_store
 from drtool.storage.groups import GroupRecord
 from drtool.storage.replog import consistent_cut
@@ -289,30 +289,14 @@ class GroupReplicator:
 
     def run(self, stop: threading.Event, interval: float = 0.2,
             on_error: Callable[[Exception], None] | None = None, recheck: float = RECHECK_SECONDS) -> None:
-        """Background loop for the agent (as Replicator.run, for the whole group)."""
-        backoff = interval
+        """Background loop for the agent (replication.shipping_loop, for the whole group)."""
+
+        def idle() -> None:
+            for replicator in self.replicators.values():
+                replicator.idle(recheck)
+
         try:
-            while not stop.is_set():
-                try:
-                    sent = self.ship_txn()
-                    backoff = interval
-                    if sent:
-                        if sent < SMALL_BATCH_BYTES:
-                            stop.wait(GATHER_SECONDS)
-                        continue
-                    for replicator in self.replicators.values():
-                        if replicator.verified and time.monotonic() - replicator.checked_at > recheck:
-                            replicator.verified = False
-                except DrtoolError as exc:
-                    if on_error:
-                        on_error(exc)
-                    backoff = min(backoff * 2, 5.0)
-                except Exception as exc:  # a bug: keep replicating, log it with its traceback
-                    log.exception("group %s: replication error", self.name)
-                    if on_error:
-                        on_error(exc)
-                    backoff = min(backoff * 2, 5.0)
-                stop.wait(backoff)
+            shipping_loop(stop, self.ship_txn, idle, f"group {self.name}", interval, on_error)
         finally:
             self.save_cuts(force=True)
 

@@ -378,27 +378,42 @@ class Replicator:
             recheck: float = RECHECK_SECONDS) -> None:
         """Background loop for the agent: ship whenever something is pending; when idle, check
         every ``recheck`` seconds that the server still holds the replica this volume filled."""
-        backoff = interval
-        while not stop.is_set():
-            try:
-                sent = self.ship_batch()
-                backoff = interval
-                if sent:
-                    if sent < SMALL_BATCH_BYTES:
-                        stop.wait(GATHER_SECONDS)
-                    continue
-                if self.verified and time.monotonic() - self.checked_at > recheck:
-                    self.verified = False  # the next batch (the next turn, idle) asks the server
-            except DrtoolError as exc:  # unreachable, refused (released or promoted peer), ...
-                if on_error:
-                    on_error(exc)
-                backoff = min(backoff * 2, 5.0)
-            except Exception as exc:  # a bug: keep replicating, log it with its traceback
-                log.exception("volume %s: replication error", self.engine.name)
-                if on_error:
-                    on_error(exc)
-                backoff = min(backoff * 2, 5.0)
-            stop.wait(backoff)
+        shipping_loop(stop, self.ship_batch, lambda: self.idle(recheck), f"volume {self.engine.name}",
+                      interval, on_error)
+
+    def idle(self, recheck: float) -> None:
+        """Nothing was pending: after ``recheck`` seconds, the next turn asks the server again
+        whether its replica is the one this volume filled."""
+        if self.verified and time.monotonic() - self.checked_at > recheck:
+            self.verified = False
+
+
+def shipping_loop(stop: threading.Event, ship: Callable[[], int], idle: Callable[[], None], what: str,
+                  interval: float = 0.2, on_error: Callable[[Exception], None] | None = None) -> None:
+    """The agent's background replication (a volume's Replicator, a group's GroupReplicator):
+    ``ship`` one batch whenever something is pending (the volume bytes it covered, 0 when
+    nothing was); after a small batch wait GATHER_SECONDS so the next gathers more; ``idle`` when
+    nothing was pending; after an error back off, doubling up to 5 s, and keep going."""
+    backoff = interval
+    while not stop.is_set():
+        try:
+            sent = ship()
+            backoff = interval
+            if sent:
+                if sent < SMALL_BATCH_BYTES:
+                    stop.wait(GATHER_SECONDS)
+                continue
+            idle()
+        except DrtoolError as exc:  # unreachable, refused (released or promoted peer), ...
+            if on_error:
+                on_error(exc)
+            backoff = min(backoff * 2, 5.0)
+        except Exception as exc:  # a bug: keep replicating, log it with its traceback
+            log.exception("%s: replication error", what)
+            if on_error:
+                on_error(exc)
+            backoff = min(backoff * 2, 5.0)
+        stop.wait(backoff)
 
 
 class _OverlayCopy(bytes):
