@@ -269,12 +269,7 @@ def _status_rows(status: dict[str, Any]) -> list[tuple[str, Text | str]]:
             reason = ""  # the status line below says it: once is enough
         rows.append(("protection", Text.assemble((state or "n/a", PROTECTION_STYLE.get(state or "", "")),
                                                  f" ({reason})" if reason and state != "PROTECTED" else "")))
-    if status.get("status"):
-        rows.append(("status", Text(status["status"], style="yellow")))
-    if status.get("action"):
-        rows.append(("action", Text(status["action"], style="bold")))
-    for extra in (status.get("problems") or [])[1:]:
-        rows.append(("also", extra["status"] + (f"; action: {extra['action']}" if extra.get("action") else "")))
+    rows += _problem_rows(status)
     rows.append(("mode", Text(status["mode"], style=MODE_STYLE.get(status["mode"], ""))))
     rows.append(("role", status.get("role", "primary")))
     if status.get("group"):
@@ -646,12 +641,7 @@ def _group_rows(group: dict[str, Any]) -> list[tuple[str, Text | str]]:
         rows.append(("recovery point", "every acknowledged write is on the replica" if not rpo else
                      f"{format_duration(rpo)} behind (the oldest write not acknowledged)"))
         rows.append(("replication", _group_lag_text(group)))
-    if group.get("status"):
-        rows.append(("status", Text(group["status"], style="yellow")))
-    if group.get("action"):
-        rows.append(("action", Text(group["action"], style="bold")))
-    for extra in (group.get("problems") or [])[1:]:
-        rows.append(("also", extra["status"] + (f"; action: {extra['action']}" if extra.get("action") else "")))
+    rows += _problem_rows(group)
     rows.append(("role", group.get("role") or "n/a"))
     if group.get("peer"):
         rows.append(("replica server", group["peer"]))
@@ -719,3 +709,16 @@ def render_groups(console: Console, groups: list[dict[str, Any]]) -> None:
                      ", ".join(group["members"]), group.get("role") or ""])
     _fit_table(console, "drtool consistency groups", columns, rows)
     _problem_lines(console, [(f"group {group['group']}", group) for group in groups])
+
+
+def _problem_rows(state: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What a volume's or a group's status object says is wrong and what to do: its first
+    problem (status, action), then the others, one "also" row each."""
+    rows: list[tuple[str, Any]] = []
+    if state.get("status"):
+        rows.append(("status", Text(state["status"], style="yellow")))
+    if state.get("action"):
+        rows.append(("action", Text(state["action"], style="bold")))
+    for extra in (state.get("problems") or [])[1:]:
+        rows.append(("also", extra["status"] + (f"; action: {extra['action']}" if extra.get("action") else "")))
+    return rows
